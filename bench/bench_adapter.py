@@ -1,0 +1,98 @@
+"""Bottleneck adapter: eager `x + s * up(act(down(x)))` vs torch.compile of it vs peftkern.
+
+Ideal bytes per step (es = element size, W = weights and biases):
+  inference  read x, write out                                   2*T*d*es + W
+  forward    + write the pre-activation z (saved for backward)   2*T*d*es + T*r*es + W
+  backward   read grad_out and x, write dx, read z, write dW     3*T*d*es + T*r*es + 2W
+  full       forward + backward
+"""
+
+import itertools
+
+import torch
+from torch import nn
+
+import peftkern
+
+from .harness import Case, Work, input_sets_for
+
+FAMILY = "adapter"
+TARGET = dict(tokens=16384, d=4096, r=64)  # the issue's target shape (bf16)
+
+
+class EagerAdapter(nn.Module):
+    def __init__(self, d, r, scale):
+        super().__init__()
+        self.down, self.up, self.act, self.scale = nn.Linear(d, r), nn.Linear(r, d), nn.GELU(), scale
+
+    def forward(self, x):
+        return x + self.scale * self.up(self.act(self.down(x)))
+
+
+def _modules(d, r, dtype, scale=0.5):
+    eager = EagerAdapter(d, r, scale).to("cuda", dtype)
+    with torch.no_grad():  # random non-zero weights (an adapter mid-training, not at init)
+        for p in eager.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    fused = peftkern.nn.Adapter(d, r, scale=scale).to("cuda", dtype)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def _work(provider, mode, T, d, r, dtype):
+    def make():
+        torch.manual_seed(0)
+        eager, fused = _modules(d, r, dtype)
+        module = {"eager": eager, "compile": torch.compile(eager), "peftkern": fused}[provider]
+        es = torch.finfo(dtype).bits // 8
+        n = input_sets_for(2 * T * d * es)
+        train = mode != "inference"
+        xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, d, device="cuda", dtype=dtype)
+        state = {}
+
+        def clear(i):  # fresh gradients each step, as after zero_grad(set_to_none=True)
+            xs[i].grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        if mode == "inference":
+            def step(i):
+                with torch.no_grad():
+                    return module(xs[i])
+            return Work(step, None, n)
+        if mode == "forward":
+            return Work(lambda i: module(xs[i]), clear, n)
+        if mode == "full":
+            return Work(lambda i: module(xs[i]).backward(grad), clear, n)
+
+        def prepare(i):  # backward: the forward runs untimed
+            clear(i)
+            state["out"] = module(xs[i])
+        return Work(lambda i: state.pop("out").backward(grad), prepare, n)
+    return make
+
+
+def _ideal(mode, T, d, r, es):
+    w = (2 * d * r + d + r) * es
+    fwd = 2 * T * d * es + T * r * es + w
+    bwd = 3 * T * d * es + T * r * es + 2 * w
+    return {"inference": 2 * T * d * es + w, "forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _flops(mode, T, d, r):
+    return {"inference": 4, "forward": 4, "backward": 8, "full": 12}[mode] * T * d * r
+
+
+def cases(quick=False):
+    if quick:
+        shapes = [(TARGET["tokens"], TARGET["d"], TARGET["r"], torch.bfloat16),
+                  (4096, 768, 16, torch.bfloat16), (16384, 4096, 64, torch.float32)]
+    else:
+        shapes = [(T, d, r, dt) for dt, T, d, r in itertools.product(
+            (torch.bfloat16, torch.float32), (4096, 16384, 65536), (768, 4096), (16, 64, 256))]
+    for (T, d, r, dtype), mode, provider in itertools.product(
+            shapes, ("forward", "backward", "full", "inference"), ("eager", "compile", "peftkern")):
+        es = torch.finfo(dtype).bits // 8
+        yield Case(FAMILY, dict(tokens=T, d=d, r=r), dtype, mode, provider, _work(provider, mode, T, d, r, dtype),
+                   _ideal(mode, T, d, r, es), _flops(mode, T, d, r))

@@ -1,0 +1,217 @@
+"""Shared benchmark machinery: CUDA-event timing, peak memory, achieved bandwidth, result files.
+
+A bench file (bench/bench_<family>.py) exposes ``cases(quick: bool) -> Iterable[Case]``. Each Case
+names a family, shape, dtype, mode (forward | backward | full | inference) and provider (eager |
+compile | peftkern | a peer library), and knows how to build its work (``make``) and the bytes and
+flops an ideal kernel must move for it. ``run_cases`` times them and returns rows; ``write_results``
+stores JSON, CSV and a Markdown table under bench/results/, named by GPU and date.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODES = ("forward", "backward", "full", "inference")
+
+# An Op runs one timed step; for mode "backward", `prepare` runs untimed before each step.
+@dataclass
+class Work:
+    step: Callable[[int], object]          # step(i): run on input set i
+    prepare: Optional[Callable[[int], object]] = None  # untimed, before step(i) (backward: forward)
+    n_sets: int = 1
+
+
+@dataclass
+class Case:
+    family: str
+    shape: dict
+    dtype: torch.dtype
+    mode: str
+    provider: str
+    make: Callable[[], Work]               # builds inputs/modules; may raise Skip
+    ideal_bytes: float                     # bytes an ideal kernel must move for one step
+    flops: float = 0.0
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def shape_str(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+class Skip(Exception):
+    """Raised by Case.make when a provider is unavailable (library missing, shape unsupported)."""
+
+
+def input_sets_for(bytes_per_set: float, l2_bytes: Optional[int] = None, cap: int = 8) -> int:
+    """Enough distinct input sets that cycling through them keeps the working set out of L2."""
+    if l2_bytes is None:
+        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(cap, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
+
+
+def measure_copy_bandwidth(n_bytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n_bytes / statistics.median(times)
+
+
+def _percentile(sorted_vals: List[float], q: float) -> float:
+    idx = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
+    return sorted_vals[idx]
+
+
+def time_work(work: Work, warmup: int = 5, reps: int = 30, min_time_s: float = 0.25) -> dict:
+    """Median, p20 and p80 of one step in milliseconds (CUDA events around each step)."""
+    for i in range(warmup):
+        if work.prepare:
+            work.prepare(i % work.n_sets)
+        work.step(i % work.n_sets)
+    torch.cuda.synchronize()
+    times: List[float] = []
+    total, i = 0.0, 0
+    while i < reps or total < min_time_s:
+        k = i % work.n_sets
+        if work.prepare:
+            work.prepare(k)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work.step(k)
+        end.record()
+        end.synchronize()
+        t = start.elapsed_time(end)
+        times.append(t)
+        total += t / 1e3
+        i += 1
+        if i >= 50 * reps:
+            break
+    times.sort()
+    return {"median_ms": statistics.median(times), "p20_ms": _percentile(times, 0.2),
+            "p80_ms": _percentile(times, 0.8), "reps": len(times)}
+
+
+def peak_memory_bytes(work: Work) -> int:
+    """Peak memory allocated during one step, above what was allocated before it."""
+    if work.prepare:
+        work.prepare(0)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    work.step(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
+    rows = []
+    for case in cases:
+        row = {"family": case.family, "shape": case.shape_str, "dtype": str(case.dtype).replace("torch.", ""),
+               "mode": case.mode, "provider": case.provider, **case.tags}
+        try:
+            work = case.make()
+            row.update(time_work(work))
+            row["peak_mem_mb"] = peak_memory_bytes(work) / 2**20
+            secs = row["median_ms"] / 1e3
+            row["ideal_mb"] = case.ideal_bytes / 2**20
+            row["gbps"] = case.ideal_bytes / secs / 1e9
+            row["frac_copy_bw"] = case.ideal_bytes / secs / copy_bw
+            row["tflops"] = case.flops / secs / 1e12 if case.flops else None
+        except Skip as e:
+            row["skipped"] = str(e)
+        except torch.cuda.OutOfMemoryError as e:  # large shapes on smaller cards
+            row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
+        finally:
+            work = None
+            torch.cuda.empty_cache()
+        log(format_row(row))
+        rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: List[dict]) -> None:
+    """speedup = eager median / this provider's median, for the same family, shape, dtype and mode."""
+    key = lambda r: (r["family"], r["shape"], r["dtype"], r["mode"], r.get("variant", ""))  # noqa: E731
+    eager = {key(r): r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and key(r) in eager:
+            r["speedup_vs_eager"] = eager[key(r)] / r["median_ms"]
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['family']:8s} {r['shape']:34s} {r['dtype']:8s} {r['mode']:9s} {r['provider']:10s}"
+    if "skipped" in r:
+        return f"{head} skipped: {r['skipped']}"
+    return (f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "
+            f"{r['peak_mem_mb']:9.1f} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)")
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name(0)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def markdown_table(rows: List[dict], meta: dict) -> str:
+    lines = [f"# peftkern benchmarks: {meta['gpu']} ({meta['date']})", "",
+             f"torch {meta['torch']}, CUDA {meta['cuda']}, peftkern build {meta['build']}. "
+             f"Measured device-to-device copy bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
+             "Times are CUDA-event medians [p20, p80]; bandwidth is the bytes an ideal kernel must move "
+             "over the median time; speedup is eager time / this time, same run.", "",
+             "| family | shape | dtype | mode | provider | median ms | p20 | p80 | peak MB | GB/s | % copy BW | speedup vs eager |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} "
+                         f"| skipped: {r['skipped']} | | | | | | |")
+            continue
+        sp = r.get("speedup_vs_eager")
+        lines.append(f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+                     f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {r['peak_mem_mb']:.1f} | "
+                     f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: List[dict], meta: dict, out_dir: str = RESULTS_DIR, tag: str = "") -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{meta['gpu_slug']}_{meta['date']}{('_' + tag) if tag else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    keys = sorted({k for r in rows for k in r})
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_table(rows, meta))
+    return [stem + ext for ext in (".json", ".csv", ".md")]
+
+
+def run_meta(copy_bw: float) -> dict:
+    import peftkern
+
+    return {"gpu": torch.cuda.get_device_name(0), "gpu_slug": gpu_slug(),
+            "date": _dt.date.today().isoformat(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "build": peftkern.build_info(), "copy_bw_gbps": copy_bw / 1e9}

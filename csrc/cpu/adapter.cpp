@@ -1,0 +1,79 @@
+#include "cpu/adapter.h"
+
+#include <ATen/ATen.h>
+
+namespace peftkern::cpu {
+namespace {
+
+at::ScalarType math_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor activate(const at::Tensor& z, Activation a) {
+  switch (a) {
+    case Activation::kGelu: return at::gelu(z, "none");
+    case Activation::kGeluTanh: return at::gelu(z, "tanh");
+    case Activation::kRelu: return at::relu(z);
+    case Activation::kSilu: return at::silu(z);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
+// grad * act'(z)
+at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activation a) {
+  switch (a) {
+    case Activation::kGelu: return at::gelu_backward(grad, z, "none");
+    case Activation::kGeluTanh: return at::gelu_backward(grad, z, "tanh");
+    case Activation::kRelu: return at::threshold_backward(grad, z, 0);
+    case Activation::kSilu: return at::silu_backward(grad, z);
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at::Tensor& w_down,
+                                                   const c10::optional<at::Tensor>& b_down,
+                                                   const at::Tensor& w_up,
+                                                   const c10::optional<at::Tensor>& b_up,
+                                                   const c10::optional<at::Tensor>& residual,
+                                                   Activation activation, double scale, bool save_z) {
+  const auto mt = math_dtype(x.scalar_type());
+  const at::Tensor xm = x.to(mt);
+  at::Tensor z = at::matmul(xm, w_down.to(mt).t());
+  if (b_down) z.add_(b_down->to(mt));
+  at::Tensor y = at::matmul(activate(z, activation), w_up.to(mt).t());
+  if (b_up) y.add_(b_up->to(mt));
+  const at::Tensor res = residual ? residual->to(mt) : xm;
+  at::Tensor out = res.add(y, scale).to(x.scalar_type());
+  return {out, save_z ? z.to(x.scalar_type()) : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx,
+    std::array<bool, 5> mask) {
+  const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu] = mask;
+  const auto dt = x.scalar_type();
+  const auto mt = math_dtype(dt);
+  const at::Tensor g = grad_out.to(mt);
+  const at::Tensor zm = z.to(mt);
+  at::Tensor dx, dwd, dbd, dwu, dbu;
+
+  if (need_dwu) dwu = at::matmul(g.t(), activate(zm, activation)).mul_(scale).to(dt);
+  if (need_dbu) dbu = g.sum(0).mul_(scale).to(dt);
+  if (need_dx || need_dwd || need_dbd) {
+    const at::Tensor dh = at::matmul(g, w_up.to(mt)).mul_(scale);
+    const at::Tensor dz = activate_backward(dh, zm, activation);
+    if (need_dx) {
+      at::Tensor dxm = at::matmul(dz, w_down.to(mt));
+      if (grad_out_into_dx) dxm.add_(g);
+      dx = dxm.to(dt);
+    }
+    if (need_dwd) dwd = at::matmul(dz.t(), x.to(mt)).to(dt);
+    if (need_dbd) dbd = dz.sum(0).to(dt);
+  }
+  return {dx, dwd, dbd, dwu, dbu};
+}
+
+}  // namespace peftkern::cpu

@@ -1,0 +1,167 @@
+// Fused bottleneck-adapter forward: one kernel, one 64-row block per CTA.
+//   phase 1  z = x_blk @ w_down^T + b_down   (x streamed through a 3-stage cp.async pipeline)
+//            h = act(z) kept in shared memory (z also stored when the backward needs it)
+//   phase 2  for each 64-wide (32 for fp32 at r > 128) column chunk of d:
+//            out = res + scale * (h @ w_up_chunk^T + b_up), w_up and residual chunks prefetched
+#include "adapter.h"
+#include "adapter_tiles.cuh"
+
+namespace peftkern::kernels {
+namespace {
+
+using namespace peftkern::cuda;
+
+template <typename T, int RP> struct FwdCfg {
+  using Stream = StreamCfg<T, RP>;
+  static constexpr int kBN = (sizeof(T) == 4 && RP == 256) ? 32 : 64;
+  static constexpr int kLdH = RP + kSmemPad<T>;  // h tile and w_up chunk rows
+  static constexpr int kLdRes = kBN + kSmemPad<T>;
+  static constexpr int kLdScr = kBN + 4;  // float32 scratch rows
+  static constexpr int kUpStageElems = kBN * kLdH + kRowBlock * kLdRes;
+  static constexpr int kHBytes = align_up(kRowBlock * kLdH * int(sizeof(T)), 128);
+  static constexpr int kUpBytes = 2 * align_up(kUpStageElems * int(sizeof(T)), 128);
+  // Phase 1's stages and phase 2's chunks share one region.
+  static constexpr int kUnionBytes = Stream::kBytes > kUpBytes ? Stream::kBytes : kUpBytes;
+  static constexpr int kUpStageStride = kUpBytes / 2 / int(sizeof(T));
+  static constexpr int kScrBytes = kRowWarps * 16 * kLdScr * 4;
+  static constexpr int kSmemBytes = kHBytes + kUnionBytes + kScrBytes;
+  static_assert(kSmemBytes <= 227 * 1024, "adapter forward: shared memory over the sm_80/90 limit");
+  static_assert(kLdScr >= 16, "scratch holds a 16x16 fragment");
+};
+
+struct FwdVec {  // which operands allow 16-byte accesses
+  bool x, res, out, w_down, w_up;
+};
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kRowThreads)
+    adapter_forward_kernel(const AdapterForwardArgs a, const FwdVec vec) {
+  using C = FwdCfg<T, RP>;
+  using M = Mma<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* h_s = reinterpret_cast<T*>(smem);
+  T* shared_region = reinterpret_cast<T*>(smem + C::kHBytes);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* scr = reinterpret_cast<float*>(smem + C::kHBytes + C::kUnionBytes) + warp * 16 * C::kLdScr;
+
+  const int64_t rows = a.rows;
+  const int d = a.d, r = a.r;
+  const int64_t m0 = int64_t(blockIdx.x) * kRowBlock;
+  const int wrow = warp * 16;
+  const T* x = static_cast<const T*>(a.x);
+  const T* w_down = static_cast<const T*>(a.w_down);
+  const T* b_down = static_cast<const T*>(a.b_down);
+  const T* w_up = static_cast<const T*>(a.w_up);
+  const T* b_up = static_cast<const T*>(a.b_up);
+  const T* res = a.residual ? static_cast<const T*>(a.residual) : x;
+  T* out = static_cast<T*>(a.out);
+  T* z_out = static_cast<T*>(a.z);
+
+  // ---- phase 1: down-projection of this block's rows
+  typename M::Acc acc[RP / 16];
+  stream_rows_times_weight<T, RP, true>(acc, x, rows, d, m0, w_down, r, shared_region, vec.x,
+                                        vec.w_down);
+
+  // bias + activation, fragment by fragment through this warp's scratch
+  {
+    const int rr = lane >> 1, c0 = (lane & 1) * 8;
+    const int64_t grow = m0 + wrow + rr;
+#pragma unroll
+    for (int j = 0; j < RP / 16; ++j) {
+      wmma::store_matrix_sync(scr, acc[j], C::kLdScr, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int col = j * 16 + c0 + e;
+        const bool valid = col < r;
+        const float z = scr[rr * C::kLdScr + c0 + e] + ((b_down && valid) ? to_float(b_down[col]) : 0.f);
+        if (z_out && valid && grow < rows) z_out[grow * r + col] = from_float<T>(z);
+        h_s[(wrow + rr) * C::kLdH + col] = from_float<T>(valid ? activation_fn(a.activation, z) : 0.f);
+      }
+      __syncwarp();
+    }
+  }
+
+  // ---- phase 2: up-projection, scale, bias and residual, one column chunk at a time
+  auto wu_stage = [&](int s) { return shared_region + s * C::kUpStageStride; };
+  auto res_stage = [&](int s) { return shared_region + s * C::kUpStageStride + C::kBN * C::kLdH; };
+  auto load_chunk = [&](int nc, int s) {
+    const int64_t n0 = int64_t(nc) * C::kBN;
+    load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, n0, 0, d, r, vec.w_up);
+    load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, d, m0, n0, rows, d,
+                                                            vec.res);
+  };
+  const int nn = (d + C::kBN - 1) / C::kBN;
+  load_chunk(0, 0);
+  cp_async_commit();
+  for (int nc = 0; nc < nn; ++nc) {
+    if (nc + 1 < nn) load_chunk(nc + 1, (nc + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // chunk nc landed (and this warp's h rows are visible to all its lanes)
+    const int s = nc & 1;
+
+    typename M::Acc acc2[C::kBN / 16];
+#pragma unroll
+    for (int f = 0; f < C::kBN / 16; ++f) wmma::fill_fragment(acc2[f], 0.f);
+#pragma unroll
+    for (int k = 0; k < RP; k += M::kK) {
+      typename M::template A<wmma::row_major> fa;
+      fa.load(h_s + a_at<wmma::row_major>(wrow, k, C::kLdH), C::kLdH);
+#pragma unroll
+      for (int f = 0; f < C::kBN / 16; ++f) {
+        typename M::template B<wmma::col_major> fb;  // B(k, n) = w_up[n0 + n][k]
+        fb.load(wu_stage(s) + b_at<wmma::col_major>(k, f * 16, C::kLdH), C::kLdH);
+        M::mma(acc2[f], fa, fb);
+      }
+    }
+#pragma unroll
+    for (int f = 0; f < C::kBN / 16; ++f)
+      wmma::store_matrix_sync(scr + f * 16, acc2[f], C::kLdScr, wmma::mem_row_major);
+    __syncwarp();
+
+    const int64_t n0 = int64_t(nc) * C::kBN;
+    constexpr int kVecsPerRow = C::kBN / 8;
+    for (int i = lane; i < 16 * kVecsPerRow; i += 32) {
+      const int rr = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
+      const int64_t grow = m0 + wrow + rr;
+      const int64_t left = d - (n0 + c);
+      const int valid = left < 8 ? static_cast<int>(left) : 8;
+      if (grow >= rows || valid <= 0) continue;
+      const T* rs = res_stage(s) + (wrow + rr) * C::kLdRes + c;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float bias = (b_up && e < valid) ? to_float(b_up[n0 + c + e]) : 0.f;
+        v[e] = to_float(rs[e]) + a.scale * (scr[rr * C::kLdScr + c + e] + bias);
+      }
+      store8<T>(out + grow * d + n0 + c, v, vec.out, valid);
+    }
+    __syncthreads();  // everyone is done with stage s before it is refilled
+  }
+}
+
+}  // namespace
+
+cudaError_t adapter_forward(const AdapterForwardArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  if (a.r < 1 || a.r > kAdapterMaxFusedRank || a.d < 1) return cudaErrorInvalidValue;
+  return dispatch_dtype_rank(a.dtype, a.r, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    constexpr int RP = decltype(tag)::rank;
+    using C = FwdCfg<T, RP>;
+    const bool d_vec = a.d % kVec<T> == 0;
+    const FwdVec vec{d_vec && is_aligned16(a.x), d_vec && is_aligned16(a.residual ? a.residual : a.x),
+                     d_vec && is_aligned16(a.out), d_vec && is_aligned16(a.w_down),
+                     a.r % kVec<T> == 0 && is_aligned16(a.w_up)};
+    auto kernel = adapter_forward_kernel<T, RP>;
+    cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace peftkern::kernels

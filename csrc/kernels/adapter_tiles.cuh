@@ -1,0 +1,130 @@
+// Building blocks of the adapter kernels: the row-block geometry, the rank padding, and the
+// pipelined product of a 64-row block of a [rows, K] matrix with a rank-r weight.
+#pragma once
+
+#include <algorithm>
+
+#include "common.cuh"
+
+namespace peftkern::cuda {
+
+// Row-block kernels: 4 warps, each owning 16 of the block's 64 rows.
+constexpr int kRowWarps = 4;
+constexpr int kRowThreads = kRowWarps * 32;
+constexpr int kRowBlock = kRowWarps * 16;
+
+// r is padded on chip to one of these (zero rows/columns), so each size has one compiled kernel.
+constexpr int padded_rank(int r) {
+  return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256;
+}
+
+template <typename T, int RP> struct Tag {
+  using type = T;
+  static constexpr int rank = RP;
+};
+
+// Calls f(Tag<T, RP>{}) for the dtype and the padded rank of r (r <= 256).
+template <typename T, typename F> cudaError_t dispatch_rank(int r, F&& f) {
+  switch (padded_rank(r)) {
+    case 16: return f(Tag<T, 16>{});
+    case 32: return f(Tag<T, 32>{});
+    case 64: return f(Tag<T, 64>{});
+    case 128: return f(Tag<T, 128>{});
+    default: return f(Tag<T, 256>{});
+  }
+}
+template <typename F> cudaError_t dispatch_dtype_rank(DType dtype, int r, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return dispatch_rank<float>(r, f);
+    case DType::kFloat16: return dispatch_rank<__half>(r, f);
+    case DType::kBFloat16: return dispatch_rank<__nv_bfloat16>(r, f);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Kernel>
+cudaError_t set_smem_limit(Kernel kernel, int bytes) {
+  return bytes > 48 * 1024
+             ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+             : cudaSuccess;
+}
+
+// Per-warp float32 scratch where an accumulator fragment is stored for its element-wise epilogue.
+constexpr int kScratchLd = 20;  // 16 columns + 4 floats: 16-byte rows, fewer bank conflicts
+constexpr int kScratchBytes = kRowWarps * 16 * kScratchLd * 4;
+
+// Shared-memory staging of stream_rows_times_weight: kStages x (A chunk + weight chunk).
+template <typename T, int RP> struct StreamCfg {
+  static constexpr int kBK = 32;  // K per stage
+  static constexpr int kStages = 3;
+  static constexpr int kLdA = kBK + kSmemPad<T>;
+  static constexpr int kLdWrk = kBK + kSmemPad<T>;  // weight chunk stored [RP][kBK] (W is [r, K])
+  static constexpr int kLdWkr = RP + kSmemPad<T>;   // weight chunk stored [kBK][RP] (W is [K, r])
+  static constexpr int kStageElems =
+      kRowBlock * kLdA + (RP * kLdWrk > kBK * kLdWkr ? RP * kLdWrk : kBK * kLdWkr);
+  static constexpr int kBytes = kStages * align_up(kStageElems * int(sizeof(T)), 128);
+  static constexpr int kStageStride = kBytes / kStages / int(sizeof(T));
+};
+
+// acc[j] = A[m0 .. m0+64) x W^T restricted to this warp's 16 rows and rank columns 16j..16j+16.
+// A is [rows, K] (x or grad_out). kWeightIsRK: W is [r, K] (w_down); else W is [K, r] (w_up).
+// Rows past `rows` and rank columns past r read as zero. Ends with smem free for reuse.
+template <typename T, int RP, bool kWeightIsRK>
+__device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16],
+                                                         const T* A, int64_t rows, int K,
+                                                         int64_t m0, const T* W, int r, T* smem,
+                                                         bool vec_a, bool vec_w) {
+  using C = StreamCfg<T, RP>;
+  using M = Mma<T>;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < RP / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+
+  const int nk = (K + C::kBK - 1) / C::kBK;
+  auto a_stage = [&](int s) { return smem + s * C::kStageStride; };
+  auto w_stage = [&](int s) { return smem + s * C::kStageStride + kRowBlock * C::kLdA; };
+  auto load = [&](int kc, int s) {
+    const int64_t k0 = int64_t(kc) * C::kBK;
+    load_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(s), A, K, m0, k0, rows, K, vec_a);
+    if constexpr (kWeightIsRK)
+      load_tile<T, RP, C::kBK, C::kLdWrk, kRowThreads>(w_stage(s), W, K, 0, k0, r, K, vec_w);
+    else
+      load_tile<T, C::kBK, RP, C::kLdWkr, kRowThreads>(w_stage(s), W, r, k0, 0, K, r, vec_w);
+  };
+
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < nk) load(s, s);
+    cp_async_commit();
+  }
+  for (int kc = 0; kc < nk; ++kc) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // stage kc landed for everyone; stage kc-1 is free for the prefetch
+    const int pf = kc + C::kStages - 1;
+    if (pf < nk) load(pf, pf % C::kStages);
+    cp_async_commit();
+
+    const T* a = a_stage(kc % C::kStages) + warp * 16 * C::kLdA;
+    const T* w = w_stage(kc % C::kStages);
+#pragma unroll
+    for (int k = 0; k < C::kBK; k += M::kK) {
+      typename M::template A<wmma::row_major> fa;
+      fa.load(a + k, C::kLdA);
+#pragma unroll
+      for (int j = 0; j < RP / 16; ++j) {
+        if constexpr (kWeightIsRK) {
+          typename M::template B<wmma::col_major> fb;
+          fb.load(w + b_at<wmma::col_major>(k, j * 16, C::kLdWrk), C::kLdWrk);
+          M::mma(acc[j], fa, fb);
+        } else {
+          typename M::template B<wmma::row_major> fb;
+          fb.load(w + b_at<wmma::row_major>(k, j * 16, C::kLdWkr), C::kLdWkr);
+          M::mma(acc[j], fa, fb);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+}  // namespace peftkern::cuda

@@ -1,0 +1,203 @@
+// Device helpers shared by peftkern's kernels: element conversion, activations, cp.async tile loads
+// and a warp-level tensor-core MMA that covers fp16, bf16 and float32 with one interface.
+// Included only by .cu files; no torch header.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kernel_types.h"
+
+namespace peftkern::cuda {
+
+namespace wmma = nvcuda::wmma;
+
+// ------------------------------------------------------------------ element conversion
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements per 16-byte vector.
+template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+inline bool is_aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ------------------------------------------------------------------ activations (float32 math)
+
+__device__ __forceinline__ float activation_fn(Activation a, float z) {
+  switch (a) {
+    case Activation::kGelu: return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+    case Activation::kGeluTanh: {
+      const float u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+      return 0.5f * z * (1.f + tanhf(u));
+    }
+    case Activation::kRelu: return z > 0.f ? z : 0.f;
+    case Activation::kSilu: return z / (1.f + expf(-z));
+  }
+  return z;
+}
+
+__device__ __forceinline__ float activation_grad(Activation a, float z) {
+  switch (a) {
+    case Activation::kGelu:
+      return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
+             z * 0.39894228040143268f * expf(-0.5f * z * z);
+    case Activation::kGeluTanh: {
+      const float k = 0.79788456080286536f;
+      const float t = tanhf(k * (z + 0.044715f * z * z * z));
+      return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * k * (1.f + 3.f * 0.044715f * z * z);
+    }
+    case Activation::kRelu: return z > 0.f ? 1.f : 0.f;
+    case Activation::kSilu: {
+      const float s = 1.f / (1.f + expf(-z));
+      return s * (1.f + z * (1.f - s));
+    }
+  }
+  return 1.f;
+}
+
+// ------------------------------------------------------------------ cp.async
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = pred ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies the ROWS x COLS tile at (row0, col0) of a row-major global matrix [nrows x ncols, row
+// stride ld] into shared memory (row stride SLD), zero-filling what lies outside the matrix.
+// vec: 16-byte cp.async, allowed when the base and ld are 16-byte aligned (so ncols, a multiple of
+// the vector, never splits a vector). Otherwise a synchronous element-wise copy (any d or r).
+template <typename T, int ROWS, int COLS, int SLD, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, int64_t row0,
+                                          int64_t col0, int64_t nrows, int64_t ncols, bool vec) {
+  if (vec) {
+    constexpr int V = kVec<T>;
+    static_assert(COLS % V == 0, "tile width must be a whole number of 16-byte vectors");
+    constexpr int kPerRow = COLS / V;
+    for (int i = threadIdx.x; i < ROWS * kPerRow; i += NTHREADS) {
+      const int r = i / kPerRow, c = (i % kPerRow) * V;
+      const bool ok = row0 + r < nrows && col0 + c < ncols;
+      const T* src = ok ? base + (row0 + r) * ld + col0 + c : base;
+      cp_async_16(smem + r * SLD + c, src, ok);
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * COLS; i += NTHREADS) {
+      const int r = i / COLS, c = i % COLS;
+      const bool ok = row0 + r < nrows && col0 + c < ncols;
+      smem[r * SLD + c] = ok ? base[(row0 + r) * ld + col0 + c] : from_float<T>(0.f);
+    }
+  }
+}
+
+// Writes 8 consecutive values (float32 math) to dst as T; one or two 16-byte stores when vec.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float (&v)[8], bool vec, int valid) {
+  if (vec && valid >= 8) {
+    if constexpr (std::is_same_v<T, float>) {
+      reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      union { uint4 u; T e[8]; } pack;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) pack.e[e] = from_float<T>(v[e]);
+      *reinterpret_cast<uint4*>(dst) = pack.u;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (e < valid) dst[e] = from_float<T>(v[e]);
+  }
+}
+
+// ------------------------------------------------------------------ warp-level tensor-core MMA
+// acc(16x16, float32) += A(16 x kK) * B(kK x 16). fp16/bf16: one m16n16k16 HMMA step. float32:
+// m16n16k8 TF32 with operands split into hi + lo parts (3 products, "3xTF32"), which keeps the
+// result at float32 accuracy (error ~1e-6 relative, against ~1e-3 for plain TF32).
+// Fragment pointers must be 32-byte aligned and ld a multiple of 16 bytes (wmma's rules).
+
+template <typename T> struct Mma {
+  static constexpr int kK = 16;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  template <typename Layout> struct A {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, Layout> f;
+    __device__ __forceinline__ void load(const T* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  };
+  template <typename Layout> struct B {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout> f;
+    __device__ __forceinline__ void load(const T* p, int ld) { wmma::load_matrix_sync(f, p, ld); }
+  };
+  template <typename LA, typename LB>
+  __device__ __forceinline__ static void mma(Acc& acc, const A<LA>& a, const B<LB>& b) {
+    wmma::mma_sync(acc, a.f, b.f, acc);
+  }
+};
+
+template <> struct Mma<float> {
+  static constexpr int kK = 8;
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+  template <typename F> __device__ __forceinline__ static void split(F& hi, F& lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; ++i) {
+      const float v = hi.x[i];
+      const float h = wmma::__float_to_tf32(v);
+      hi.x[i] = h;
+      lo.x[i] = wmma::__float_to_tf32(v - h);
+    }
+  }
+  template <typename Layout> struct A {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, Layout> hi, lo;
+    __device__ __forceinline__ void load(const float* p, int ld) {
+      wmma::load_matrix_sync(hi, p, ld);
+      split(hi, lo);
+    }
+  };
+  template <typename Layout> struct B {
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, Layout> hi, lo;
+    __device__ __forceinline__ void load(const float* p, int ld) {
+      wmma::load_matrix_sync(hi, p, ld);
+      split(hi, lo);
+    }
+  };
+  template <typename LA, typename LB>
+  __device__ __forceinline__ static void mma(Acc& acc, const A<LA>& a, const B<LB>& b) {
+    wmma::mma_sync(acc, a.lo, b.hi, acc);  // small terms first
+    wmma::mma_sync(acc, a.hi, b.lo, acc);
+    wmma::mma_sync(acc, a.hi, b.hi, acc);
+  }
+};
+
+// Offset of element (i, k) of A, or (k, j) of B, in a buffer of the given layout and ld.
+template <typename Layout> __device__ __forceinline__ int a_at(int i, int k, int ld) {
+  return std::is_same_v<Layout, wmma::row_major> ? i * ld + k : k * ld + i;
+}
+template <typename Layout> __device__ __forceinline__ int b_at(int k, int j, int ld) {
+  return std::is_same_v<Layout, wmma::row_major> ? k * ld + j : j * ld + k;
+}
+
+// Row padding that keeps 16-byte rows and spreads 8-row fragment loads over all banks.
+template <typename T> constexpr int kSmemPad = kVec<T>;
+
+constexpr int align_up(int v, int a) { return (v + a - 1) / a * a; }
+
+}  // namespace peftkern::cuda

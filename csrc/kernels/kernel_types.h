@@ -1,0 +1,15 @@
+// Types shared by the CUDA launchers, the CPU path and the torch glue. No torch, no CUDA header.
+#pragma once
+
+namespace peftkern {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Bottleneck activations. The CUDA kernels and the CPU path implement the same formulas:
+//   gelu       0.5 z (1 + erf(z / sqrt 2))
+//   gelu_tanh  0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))
+//   relu       max(z, 0), gradient 0 at z = 0
+//   silu       z sigmoid(z)
+enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
+
+}  // namespace peftkern

@@ -1,0 +1,249 @@
+// peftkern::adapter_forward / adapter_backward: checks, then the CPU path or the CUDA kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "cpu/adapter.h"
+#include "ops/checks.h"
+
+#ifdef PEFTKERN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/adapter.h"
+#endif
+
+namespace peftkern::ops {
+namespace {
+
+constexpr const char* kOp = "adapter";
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, kOp, ": activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '",
+                    name, "'");
+}
+
+struct Dims {
+  int64_t rows, d, r;
+};
+
+Dims check_forward(const at::Tensor& x, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
+                   const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
+                   const c10::optional<at::Tensor>& residual) {
+  check_floating(x, kOp, "x");
+  check_like(w_down, kOp, "w_down", x, "x");
+  check_like(b_down, kOp, "b_down", x, "x");
+  check_like(w_up, kOp, "w_up", x, "x");
+  check_like(b_up, kOp, "b_up", x, "x");
+  check_like(residual, kOp, "residual", x, "x");
+
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, kOp,
+                    ": x must have shape [..., d] with d >= 1; got ", x.sizes());
+  const int64_t d = x.size(-1);
+  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == d, kOp, ": w_down must have shape [r, d] with d = ",
+                    d, " (x's last dimension); got ", w_down.sizes());
+  const int64_t r = w_down.size(0);
+  TORCH_CHECK_VALUE(r >= 1, kOp, ": the bottleneck size r = w_down.shape[0] must be at least 1; got ",
+                    w_down.sizes());
+  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == r, kOp,
+                    ": w_up must have shape [d, r] = [", d, ", ", r, "]; got ", w_up.sizes());
+  TORCH_CHECK_VALUE(!b_down || (b_down->dim() == 1 && b_down->size(0) == r), kOp,
+                    ": b_down must have shape [r] = [", r, "]; got ", b_down ? b_down->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!b_up || (b_up->dim() == 1 && b_up->size(0) == d), kOp,
+                    ": b_up must have shape [d] = [", d, "]; got ", b_up ? b_up->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!residual || residual->sizes() == x.sizes(), kOp,
+                    ": residual must have x's shape ", x.sizes(), "; got ",
+                    residual ? residual->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(d <= INT32_MAX && r <= INT32_MAX, kOp, ": d and r must fit in 32 bits");
+  return {x.numel() / d, d, r};
+}
+
+void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                    const at::Tensor& w_down, const at::Tensor& w_up) {
+  const Dims dims = check_forward(x, w_down, c10::nullopt, w_up, c10::nullopt, c10::nullopt);
+  check_like(grad_out, "adapter_backward", "grad_out", x, "x");
+  check_like(z, "adapter_backward", "bottleneck", x, "x");
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "adapter_backward: grad_out must have x's shape ",
+                    x.sizes(), "; got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(z.numel() == dims.rows * dims.r, "adapter_backward: bottleneck must hold [rows, r] = [",
+                    dims.rows, ", ", dims.r, "] values (the forward ran with save_bottleneck=False?); got ",
+                    z.sizes());
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
+  std::vector<int64_t> s(shape.begin(), shape.end());
+  s.back() = last;
+  return s;
+}
+
+using Grads = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                         c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
+
+c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
+                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const c10::optional<at::Tensor>& b_up,
+                                                     const c10::optional<at::Tensor>& residual, Activation act,
+                                                     double scale, bool save) {
+  c10::optional<at::Tensor> res2;
+  if (residual) res2 = residual->reshape({dims.rows, dims.d});
+  auto [out, z] = cpu::adapter_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act,
+                                       scale, save);
+  return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
+}
+
+Grads backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
+                         const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
+                         bool residual_is_x, std::array<bool, 5> mask) {
+  auto [dx, dwd, dbd, dwu, dbu] = cpu::adapter_backward(
+      grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}), z.reshape({dims.rows, dims.r}),
+      w_down, w_up, act, scale, residual_is_x, mask);
+  return {dx.defined() ? c10::optional<at::Tensor>(dx.view(x.sizes())) : c10::nullopt, defined_or_none(dwd),
+          defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
+}
+
+// ------------------------------------------------------------------ CPU
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
+                                                       const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                       const c10::optional<at::Tensor>& b_up,
+                                                       const c10::optional<at::Tensor>& residual,
+                                                       c10::string_view activation, double scale, bool save) {
+  const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
+  return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, parse_activation(activation), scale, save);
+}
+
+Grads adapter_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                           const at::Tensor& w_down, const at::Tensor& w_up, c10::string_view activation,
+                           double scale, bool residual_is_x, std::array<bool, 5> mask) {
+  check_backward(grad_out, x, z, w_down, w_up);
+  const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
+  return backward_composite(grad_out, x, z, dims, w_down, w_up, parse_activation(activation), scale, residual_is_x,
+                            mask);
+}
+
+// ------------------------------------------------------------------ CUDA
+
+#ifdef PEFTKERN_WITH_CUDA
+
+// The fused kernels cover float32/float16/bfloat16 and r <= 256; the rest takes the composite.
+bool fused(const at::Tensor& x, int64_t r) {
+  return x.scalar_type() != at::kDouble && r <= kernels::kAdapterMaxFusedRank;
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(const at::Tensor& x, const at::Tensor& w_down,
+                                                        const c10::optional<at::Tensor>& b_down,
+                                                        const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
+                                                        const c10::optional<at::Tensor>& residual,
+                                                        c10::string_view activation, double scale, bool save) {
+  const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
+  const Activation act = parse_activation(activation);
+  if (!fused(x, dims.r))
+    return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
+  const at::Tensor wd = w_down.contiguous(), wu = w_up.contiguous();
+  const c10::optional<at::Tensor> bd = b_down ? c10::optional<at::Tensor>(b_down->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> bu = b_up ? c10::optional<at::Tensor>(b_up->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> res =
+      residual ? c10::optional<at::Tensor>(residual->reshape({dims.rows, dims.d}).contiguous()) : c10::nullopt;
+  at::Tensor out = at::empty({dims.rows, dims.d}, x.options());
+  at::Tensor z = save ? at::empty({dims.rows, dims.r}, x.options()) : at::empty({0}, x.options());
+
+  const kernels::AdapterForwardArgs args{kernel_dtype(x.scalar_type()),
+                                         act,
+                                         static_cast<float>(scale),
+                                         dims.rows,
+                                         static_cast<int>(dims.d),
+                                         static_cast<int>(dims.r),
+                                         x2.data_ptr(),
+                                         wd.data_ptr(),
+                                         data_or_null(bd),
+                                         wu.data_ptr(),
+                                         data_or_null(bu),
+                                         data_or_null(res),
+                                         out.data_ptr(),
+                                         save ? z.data_ptr() : nullptr};
+  C10_CUDA_CHECK(kernels::adapter_forward(args, at::cuda::getCurrentCUDAStream()));
+  return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
+}
+
+Grads adapter_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
+                            const at::Tensor& w_down, const at::Tensor& w_up, c10::string_view activation,
+                            double scale, bool residual_is_x, std::array<bool, 5> mask) {
+  check_backward(grad_out, x, z, w_down, w_up);
+  const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
+  const Activation act = parse_activation(activation);
+  if (!fused(x, dims.r))
+    return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor g = grad_out.reshape({dims.rows, dims.d}).contiguous();
+  const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
+  const at::Tensor z2 = z.reshape({dims.rows, dims.r}).contiguous();
+  const at::Tensor wd = w_down.contiguous(), wu = w_up.contiguous();
+  const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu] = mask;
+  const auto opts = x.options();
+  at::Tensor dx = need_dx ? at::empty({dims.rows, dims.d}, opts) : at::Tensor();
+  at::Tensor dwd = need_dwd ? at::empty({dims.r, dims.d}, opts) : at::Tensor();
+  at::Tensor dbd = need_dbd ? at::empty({dims.r}, opts) : at::Tensor();
+  at::Tensor dwu = need_dwu ? at::empty({dims.d, dims.r}, opts) : at::Tensor();
+  at::Tensor dbu = need_dbu ? at::empty({dims.d}, opts) : at::Tensor();
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+
+  kernels::AdapterBackwardArgs args{kernel_dtype(x.scalar_type()),
+                                    act,
+                                    static_cast<float>(scale),
+                                    dims.rows,
+                                    static_cast<int>(dims.d),
+                                    static_cast<int>(dims.r),
+                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                    g.data_ptr(),
+                                    x2.data_ptr(),
+                                    z2.data_ptr(),
+                                    wd.data_ptr(),
+                                    wu.data_ptr(),
+                                    residual_is_x,
+                                    ptr(dx),
+                                    ptr(dwd),
+                                    ptr(dbd),
+                                    ptr(dwu),
+                                    ptr(dbu),
+                                    nullptr,
+                                    0};
+  args.workspace_bytes = kernels::adapter_backward_workspace_bytes(args);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes)}, opts.dtype(at::kByte));
+  args.workspace = args.workspace_bytes ? workspace.data_ptr() : nullptr;
+  C10_CUDA_CHECK(kernels::adapter_backward(args, at::cuda::getCurrentCUDAStream()));
+  return {need_dx ? c10::optional<at::Tensor>(dx.view(x.sizes())) : c10::nullopt, defined_or_none(dwd),
+          defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
+}
+
+#endif  // PEFTKERN_WITH_CUDA
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
+  m.impl("adapter_forward", &adapter_forward_cpu);
+  m.impl("adapter_backward", &adapter_backward_cpu);
+}
+
+#ifdef PEFTKERN_WITH_CUDA
+TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+  m.impl("adapter_forward", &adapter_forward_cuda);
+  m.impl("adapter_backward", &adapter_backward_cuda);
+}
+#endif
+
+}  // namespace peftkern::ops

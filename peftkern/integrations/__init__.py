@@ -1,0 +1,1 @@
+"""Model surgery and interop with other libraries."""

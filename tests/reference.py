@@ -1,0 +1,21 @@
+"""The reference for every op: the plain eager formula, written once, evaluated in float64."""
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": lambda z: F.gelu(z),
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def f64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0, residual=None):
+    """x + scale * up(act(down(x))), as a user writes it (float64 leaves in, float64 out)."""
+    h = ACTIVATIONS[activation](F.linear(x, w_down, b_down))
+    return (x if residual is None else residual) + scale * F.linear(h, w_up, b_up)
