@@ -17,6 +17,7 @@ $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja cmake pybind11 setuptools wheel
+	$(PY) -m pip install peft transformers  # interop tests and the peft benchmark provider
 	touch $@
 
 build: venv

@@ -32,6 +32,32 @@ def assert_close(out, ref, dtype, what="output", tol=None):
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} ({dtype})"
 
 
+def check_against_reference(fn, ref_fn, inputs, names, dtype, tol=None):
+    """fn(*inputs) and every gradient it gives the inputs that require one, against ref_fn run in
+    float64 on the same values. Returns the output.
+
+    The upstream gradient has the op's dtype (the reference gets the same values) and a nonzero
+    mean, as real losses give: gradient sums over rows then grow with the row count instead of
+    cancelling to a small random value, so the relative tolerance measures the kernel rather than
+    the conditioning of a random-sign sum (a 1-element bias gradient at r=1, say)."""
+    from .reference import f64
+
+    out = fn(*inputs)
+    assert out.dtype == dtype and out.device == inputs[0].device
+    leaves = [f64(t) for t in inputs]
+    expected = ref_fn(*leaves)
+    assert_close(out, expected, dtype, "out", tol)
+    grad = torch.randn_like(out) + 0.5
+    out.backward(grad)
+    expected.backward(grad.double())
+    for name, t, t64 in zip(names, inputs, leaves):
+        if t is not None and t.requires_grad:
+            assert t.grad is not None, f"no gradient for {name}"
+            assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
+            assert_close(t.grad, t64.grad, dtype, f"grad {name}", tol)
+    return out
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     return t.requires_grad_(requires_grad)

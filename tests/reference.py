@@ -19,3 +19,9 @@ def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0, residua
     """x + scale * up(act(down(x))), as a user writes it (float64 leaves in, float64 out)."""
     h = ACTIVATIONS[activation](F.linear(x, w_down, b_down))
     return (x if residual is None else residual) + scale * F.linear(h, w_up, b_up)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None):
+    """peft's LoRA forward: base(x) + scaling * lora_B(lora_A(dropout(x))); mask = dropout factors."""
+    dropped = x if mask is None else x * mask
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)

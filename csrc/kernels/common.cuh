@@ -49,6 +49,7 @@ __device__ __forceinline__ float activation_fn(Activation a, float z) {
     }
     case Activation::kRelu: return z > 0.f ? z : 0.f;
     case Activation::kSilu: return z / (1.f + expf(-z));
+    case Activation::kIdentity: return z;
   }
   return z;
 }
@@ -68,6 +69,7 @@ __device__ __forceinline__ float activation_grad(Activation a, float z) {
       const float s = 1.f / (1.f + expf(-z));
       return s * (1.f + z * (1.f - s));
     }
+    case Activation::kIdentity: return 1.f;
   }
   return 1.f;
 }

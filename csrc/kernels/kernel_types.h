@@ -10,6 +10,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   gelu_tanh  0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))
 //   relu       max(z, 0), gradient 0 at z = 0
 //   silu       z sigmoid(z)
-enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
+//   identity   z (LoRA)
+enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3, kIdentity = 4 };
 
 }  // namespace peftkern

@@ -5,7 +5,7 @@
 #include <array>
 #include <vector>
 
-#include "cpu/adapter.h"
+#include "cpu/lowrank.h"
 #include "ops/checks.h"
 
 #ifdef PEFTKERN_WITH_CUDA
@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "kernels/adapter.h"
+#include "kernels/lowrank.h"
 #endif
 
 namespace peftkern::ops {
@@ -34,9 +34,9 @@ struct Dims {
   int64_t rows, d, r;
 };
 
-Dims check_forward(const at::Tensor& x, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
-                   const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                   const c10::optional<at::Tensor>& residual) {
+Dims check_forward(const at::Tensor& x, const at::Tensor& w_down, const std::optional<at::Tensor>& b_down,
+                   const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+                   const std::optional<at::Tensor>& residual) {
   check_floating(x, kOp, "x");
   check_like(w_down, kOp, "w_down", x, "x");
   check_like(b_down, kOp, "b_down", x, "x");
@@ -67,7 +67,7 @@ Dims check_forward(const at::Tensor& x, const at::Tensor& w_down, const c10::opt
 
 void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
                     const at::Tensor& w_down, const at::Tensor& w_up) {
-  const Dims dims = check_forward(x, w_down, c10::nullopt, w_up, c10::nullopt, c10::nullopt);
+  const Dims dims = check_forward(x, w_down, std::nullopt, w_up, std::nullopt, std::nullopt);
   check_like(grad_out, "adapter_backward", "grad_out", x, "x");
   check_like(z, "adapter_backward", "bottleneck", x, "x");
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "adapter_backward: grad_out must have x's shape ",
@@ -83,21 +83,21 @@ std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
   return s;
 }
 
-using Grads = std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                         c10::optional<at::Tensor>, c10::optional<at::Tensor>>;
+using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
-                                                     const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-                                                     const c10::optional<at::Tensor>& b_up,
-                                                     const c10::optional<at::Tensor>& residual, Activation act,
+                                                     const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                     const std::optional<at::Tensor>& b_up,
+                                                     const std::optional<at::Tensor>& residual, Activation act,
                                                      double scale, bool save) {
-  c10::optional<at::Tensor> res2;
+  std::optional<at::Tensor> res2;
   if (residual) res2 = residual->reshape({dims.rows, dims.d});
-  auto [out, z] = cpu::adapter_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act,
+  auto [out, z] = cpu::lowrank_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act,
                                        scale, save);
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
@@ -105,19 +105,19 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const 
 Grads backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
                          const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
                          bool residual_is_x, std::array<bool, 5> mask) {
-  auto [dx, dwd, dbd, dwu, dbu] = cpu::adapter_backward(
+  auto [dx, dwd, dbd, dwu, dbu] = cpu::lowrank_backward(
       grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}), z.reshape({dims.rows, dims.r}),
       w_down, w_up, act, scale, residual_is_x, mask);
-  return {dx.defined() ? c10::optional<at::Tensor>(dx.view(x.sizes())) : c10::nullopt, defined_or_none(dwd),
+  return {dx.defined() ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dwd),
           defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
 }
 
 // ------------------------------------------------------------------ CPU
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
-                                                       const c10::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-                                                       const c10::optional<at::Tensor>& b_up,
-                                                       const c10::optional<at::Tensor>& residual,
+                                                       const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                       const std::optional<at::Tensor>& b_up,
+                                                       const std::optional<at::Tensor>& residual,
                                                        c10::string_view activation, double scale, bool save) {
   const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
   return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, parse_activation(activation), scale, save);
@@ -138,13 +138,13 @@ Grads adapter_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, cons
 
 // The fused kernels cover float32/float16/bfloat16 and r <= 256; the rest takes the composite.
 bool fused(const at::Tensor& x, int64_t r) {
-  return x.scalar_type() != at::kDouble && r <= kernels::kAdapterMaxFusedRank;
+  return x.scalar_type() != at::kDouble && r <= kernels::kLowRankMaxFusedRank;
 }
 
 std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(const at::Tensor& x, const at::Tensor& w_down,
-                                                        const c10::optional<at::Tensor>& b_down,
-                                                        const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                                                        const c10::optional<at::Tensor>& residual,
+                                                        const std::optional<at::Tensor>& b_down,
+                                                        const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
+                                                        const std::optional<at::Tensor>& residual,
                                                         c10::string_view activation, double scale, bool save) {
   const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
   const Activation act = parse_activation(activation);
@@ -154,28 +154,29 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(const at::Tensor& x, con
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
   const at::Tensor wd = w_down.contiguous(), wu = w_up.contiguous();
-  const c10::optional<at::Tensor> bd = b_down ? c10::optional<at::Tensor>(b_down->contiguous()) : c10::nullopt;
-  const c10::optional<at::Tensor> bu = b_up ? c10::optional<at::Tensor>(b_up->contiguous()) : c10::nullopt;
-  const c10::optional<at::Tensor> res =
-      residual ? c10::optional<at::Tensor>(residual->reshape({dims.rows, dims.d}).contiguous()) : c10::nullopt;
+  const std::optional<at::Tensor> bd = b_down ? std::optional<at::Tensor>(b_down->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bu = b_up ? std::optional<at::Tensor>(b_up->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> res =
+      residual ? std::optional<at::Tensor>(residual->reshape({dims.rows, dims.d}).contiguous()) : std::nullopt;
   at::Tensor out = at::empty({dims.rows, dims.d}, x.options());
   at::Tensor z = save ? at::empty({dims.rows, dims.r}, x.options()) : at::empty({0}, x.options());
 
-  const kernels::AdapterForwardArgs args{kernel_dtype(x.scalar_type()),
-                                         act,
-                                         static_cast<float>(scale),
-                                         dims.rows,
-                                         static_cast<int>(dims.d),
-                                         static_cast<int>(dims.r),
-                                         x2.data_ptr(),
-                                         wd.data_ptr(),
-                                         data_or_null(bd),
-                                         wu.data_ptr(),
-                                         data_or_null(bu),
-                                         data_or_null(res),
-                                         out.data_ptr(),
-                                         save ? z.data_ptr() : nullptr};
-  C10_CUDA_CHECK(kernels::adapter_forward(args, at::cuda::getCurrentCUDAStream()));
+  kernels::LowRankForwardArgs args{};
+  args.dtype = kernel_dtype(x.scalar_type());
+  args.activation = act;
+  args.scale = static_cast<float>(scale);
+  args.rows = dims.rows;
+  args.n_in = args.n_out = static_cast<int>(dims.d);
+  args.r = static_cast<int>(dims.r);
+  args.x = x2.data_ptr();
+  args.w_down = wd.data_ptr();
+  args.b_down = data_or_null(bd);
+  args.w_up = wu.data_ptr();
+  args.b_up = data_or_null(bu);
+  args.res = res ? res->data_ptr() : x2.data_ptr();
+  args.y = out.data_ptr();
+  args.z = save ? z.data_ptr() : nullptr;
+  C10_CUDA_CHECK(kernels::lowrank_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
@@ -202,31 +203,30 @@ Grads adapter_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
   at::Tensor dbu = need_dbu ? at::empty({dims.d}, opts) : at::Tensor();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
 
-  kernels::AdapterBackwardArgs args{kernel_dtype(x.scalar_type()),
-                                    act,
-                                    static_cast<float>(scale),
-                                    dims.rows,
-                                    static_cast<int>(dims.d),
-                                    static_cast<int>(dims.r),
-                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                                    g.data_ptr(),
-                                    x2.data_ptr(),
-                                    z2.data_ptr(),
-                                    wd.data_ptr(),
-                                    wu.data_ptr(),
-                                    residual_is_x,
-                                    ptr(dx),
-                                    ptr(dwd),
-                                    ptr(dbd),
-                                    ptr(dwu),
-                                    ptr(dbu),
-                                    nullptr,
-                                    0};
-  args.workspace_bytes = kernels::adapter_backward_workspace_bytes(args);
+  kernels::LowRankBackwardArgs args{};
+  args.dtype = kernel_dtype(x.scalar_type());
+  args.activation = act;
+  args.scale = static_cast<float>(scale);
+  args.rows = dims.rows;
+  args.n_in = args.n_out = static_cast<int>(dims.d);
+  args.r = static_cast<int>(dims.r);
+  args.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  args.grad_out = g.data_ptr();
+  args.x = x2.data_ptr();
+  args.z = z2.data_ptr();
+  args.w_down = wd.data_ptr();
+  args.w_up = wu.data_ptr();
+  args.dx_mode = residual_is_x ? kernels::DxMode::kWritePlusGradOut : kernels::DxMode::kWrite;
+  args.dx = ptr(dx);
+  args.dw_down = ptr(dwd);
+  args.db_down = ptr(dbd);
+  args.dw_up = ptr(dwu);
+  args.db_up = ptr(dbu);
+  args.workspace_bytes = kernels::lowrank_backward_workspace_bytes(args);
   const at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes)}, opts.dtype(at::kByte));
   args.workspace = args.workspace_bytes ? workspace.data_ptr() : nullptr;
-  C10_CUDA_CHECK(kernels::adapter_backward(args, at::cuda::getCurrentCUDAStream()));
-  return {need_dx ? c10::optional<at::Tensor>(dx.view(x.sizes())) : c10::nullopt, defined_or_none(dwd),
+  C10_CUDA_CHECK(kernels::lowrank_backward(args, at::cuda::getCurrentCUDAStream()));
+  return {need_dx ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dwd),
           defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
 }
 

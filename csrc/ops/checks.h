@@ -4,7 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 #include "kernels/kernel_types.h"
 
@@ -26,7 +26,7 @@ inline void check_like(const at::Tensor& t, const char* op, const char* name, co
                     ref_name, " is on ", ref.device(), "; all inputs must be on one device");
 }
 
-inline void check_like(const c10::optional<at::Tensor>& t, const char* op, const char* name,
+inline void check_like(const std::optional<at::Tensor>& t, const char* op, const char* name,
                        const at::Tensor& ref, const char* ref_name) {
   if (t) check_like(*t, op, name, ref, ref_name);
 }
@@ -40,7 +40,7 @@ inline DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-inline const void* data_or_null(const c10::optional<at::Tensor>& t) {
+inline const void* data_or_null(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr() : nullptr;
 }
 

@@ -9,7 +9,7 @@
 #ifdef PEFTKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
 
-#include "kernels/adapter.h"
+#include "kernels/lowrank.h"
 #include "kernels/build_info.h"
 #endif
 
@@ -30,7 +30,7 @@ py::dict build_info() {
     }
   info["cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
-  info["adapter_fused_max_rank"] = peftkern::kernels::kAdapterMaxFusedRank;
+  info["lowrank_fused_max_rank"] = peftkern::kernels::kLowRankMaxFusedRank;
 #else
   info["cuda"] = false;
   info["cuda_version"] = py::none();

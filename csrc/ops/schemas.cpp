@@ -14,4 +14,19 @@ TORCH_LIBRARY(peftkern, m) {
       "adapter_backward(Tensor grad_out, Tensor x, Tensor bottleneck, Tensor w_down, Tensor w_up, "
       "str activation, float scale, bool residual_is_x, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // LoRA: out = x @ weight^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T, dropout only
+  // when training. Outputs: out, the rank-r hidden u = dropout(x) @ lora_A^T [..., r] when
+  // save_for_backward (else empty), and the dropout's (seed, offset) int64 [2] (empty without dropout).
+  m.def(
+      "lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+      "float dropout_p, bool training, bool save_for_backward) -> (Tensor, Tensor, Tensor)");
+  // Gradients (x, weight, bias, lora_A, lora_B) for the entries set in output_mask. dropout_p is the
+  // one the forward applied (0 in eval); seed_offset its mask's.
+  m.def(
+      "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor lora_hidden, Tensor seed_offset, float scaling, float dropout_p, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The dropout factors (0 or 1/(1-p), float32, x's shape) that lora_linear applied for seed_offset.
+  m.def("dropout_mask(Tensor x, Tensor seed_offset, float p) -> Tensor");
 }

@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules built on peftkern.ops."""
 
 from .adapter import Adapter
+from .lora import LoRALinear
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "LoRALinear"]

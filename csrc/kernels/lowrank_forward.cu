@@ -1,10 +1,12 @@
-// Fused bottleneck-adapter forward: one kernel, one 64-row block per CTA.
-//   phase 1  z = x_blk @ w_down^T + b_down   (x streamed through a 3-stage cp.async pipeline)
-//            h = act(z) kept in shared memory (z also stored when the backward needs it)
-//   phase 2  for each 64-wide (32 for fp32 at r > 128) column chunk of d:
-//            out = res + scale * (h @ w_up_chunk^T + b_up), w_up and residual chunks prefetched
-#include "adapter.h"
-#include "adapter_tiles.cuh"
+// Fused low-rank update forward (adapter, LoRA): one kernel, one 64-row block per CTA.
+//   phase 1  z = drop(x_blk) @ w_down^T + b_down   (x streamed through a 3-stage cp.async pipeline,
+//            dropout applied on chip); h = act(z) kept in shared memory, z stored when saved
+//   phase 2  for each 64-wide (32 for fp32 at r > 128) column chunk of y:
+//            y = res + scale * (h @ w_up_chunk^T + b_up), w_up and res chunks prefetched
+// res may be y itself (LoRA adds into the base product): each element is read before it is
+// written, by the same block.
+#include "lowrank.h"
+#include "lowrank_tiles.cuh"
 
 namespace peftkern::kernels {
 namespace {
@@ -25,17 +27,17 @@ template <typename T, int RP> struct FwdCfg {
   static constexpr int kUpStageStride = kUpBytes / 2 / int(sizeof(T));
   static constexpr int kScrBytes = kRowWarps * 16 * kLdScr * 4;
   static constexpr int kSmemBytes = kHBytes + kUnionBytes + kScrBytes;
-  static_assert(kSmemBytes <= 227 * 1024, "adapter forward: shared memory over the sm_80/90 limit");
+  static_assert(kSmemBytes <= 227 * 1024, "low-rank forward: shared memory over the sm_80/90 limit");
   static_assert(kLdScr >= 16, "scratch holds a 16x16 fragment");
 };
 
 struct FwdVec {  // which operands allow 16-byte accesses
-  bool x, res, out, w_down, w_up;
+  bool x, res, y, w_down, w_up;
 };
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kRowThreads)
-    adapter_forward_kernel(const AdapterForwardArgs a, const FwdVec vec) {
+    lowrank_forward_kernel(const LowRankForwardArgs a, const FwdVec vec) {
   using C = FwdCfg<T, RP>;
   using M = Mma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -45,22 +47,30 @@ __global__ void __launch_bounds__(kRowThreads)
   float* scr = reinterpret_cast<float*>(smem + C::kHBytes + C::kUnionBytes) + warp * 16 * C::kLdScr;
 
   const int64_t rows = a.rows;
-  const int d = a.d, r = a.r;
+  const int n_in = a.n_in, n_out = a.n_out, r = a.r;
   const int64_t m0 = int64_t(blockIdx.x) * kRowBlock;
   const int wrow = warp * 16;
-  const T* x = static_cast<const T*>(a.x);
-  const T* w_down = static_cast<const T*>(a.w_down);
   const T* b_down = static_cast<const T*>(a.b_down);
   const T* w_up = static_cast<const T*>(a.w_up);
   const T* b_up = static_cast<const T*>(a.b_up);
-  const T* res = a.residual ? static_cast<const T*>(a.residual) : x;
-  T* out = static_cast<T*>(a.out);
+  const T* res = static_cast<const T*>(a.res);
+  T* y = static_cast<T*>(a.y);
   T* z_out = static_cast<T*>(a.z);
+
+  SeedOffset so{0, 0};
+  if (a.dropout.p > 0.f) {
+    so = resolve_seed_offset(a.dropout);
+    if (a.dropout.seed_offset_out && blockIdx.x == 0 && threadIdx.x == 0) {
+      a.dropout.seed_offset_out[0] = int64_t(so.seed);
+      a.dropout.seed_offset_out[1] = int64_t(so.offset);
+    }
+  }
 
   // ---- phase 1: down-projection of this block's rows
   typename M::Acc acc[RP / 16];
-  stream_rows_times_weight<T, RP, true>(acc, x, rows, d, m0, w_down, r, shared_region, vec.x,
-                                        vec.w_down);
+  stream_rows_times_weight<T, RP, true>(acc, static_cast<const T*>(a.x), rows, n_in, m0,
+                                        static_cast<const T*>(a.w_down), r, shared_region, vec.x,
+                                        vec.w_down, a.dropout.p, so);
 
   // bias + activation, fragment by fragment through this warp's scratch
   {
@@ -87,11 +97,11 @@ __global__ void __launch_bounds__(kRowThreads)
   auto res_stage = [&](int s) { return shared_region + s * C::kUpStageStride + C::kBN * C::kLdH; };
   auto load_chunk = [&](int nc, int s) {
     const int64_t n0 = int64_t(nc) * C::kBN;
-    load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, n0, 0, d, r, vec.w_up);
-    load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, d, m0, n0, rows, d,
+    load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, n0, 0, n_out, r, vec.w_up);
+    load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, n_out, m0, n0, rows, n_out,
                                                             vec.res);
   };
-  const int nn = (d + C::kBN - 1) / C::kBN;
+  const int nn = (n_out + C::kBN - 1) / C::kBN;
   load_chunk(0, 0);
   cp_async_commit();
   for (int nc = 0; nc < nn; ++nc) {
@@ -125,9 +135,9 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = lane; i < 16 * kVecsPerRow; i += 32) {
       const int rr = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
       const int64_t grow = m0 + wrow + rr;
-      const int64_t left = d - (n0 + c);
+      const int64_t left = n_out - (n0 + c);
+      if (grow >= rows || left <= 0) continue;
       const int valid = left < 8 ? static_cast<int>(left) : 8;
-      if (grow >= rows || valid <= 0) continue;
       const T* rs = res_stage(s) + (wrow + rr) * C::kLdRes + c;
       float v[8];
 #pragma unroll
@@ -135,7 +145,7 @@ __global__ void __launch_bounds__(kRowThreads)
         const float bias = (b_up && e < valid) ? to_float(b_up[n0 + c + e]) : 0.f;
         v[e] = to_float(rs[e]) + a.scale * (scr[rr * C::kLdScr + c + e] + bias);
       }
-      store8<T>(out + grow * d + n0 + c, v, vec.out, valid);
+      store8<T>(y + grow * n_out + n0 + c, v, vec.y, valid);
     }
     __syncthreads();  // everyone is done with stage s before it is refilled
   }
@@ -143,18 +153,19 @@ __global__ void __launch_bounds__(kRowThreads)
 
 }  // namespace
 
-cudaError_t adapter_forward(const AdapterForwardArgs& a, cudaStream_t stream) {
+cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
-  if (a.r < 1 || a.r > kAdapterMaxFusedRank || a.d < 1) return cudaErrorInvalidValue;
+  if (a.r < 1 || a.r > kLowRankMaxFusedRank || a.n_in < 1 || a.n_out < 1 || !a.res || !a.y)
+    return cudaErrorInvalidValue;
   return dispatch_dtype_rank(a.dtype, a.r, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int RP = decltype(tag)::rank;
     using C = FwdCfg<T, RP>;
-    const bool d_vec = a.d % kVec<T> == 0;
-    const FwdVec vec{d_vec && is_aligned16(a.x), d_vec && is_aligned16(a.residual ? a.residual : a.x),
-                     d_vec && is_aligned16(a.out), d_vec && is_aligned16(a.w_down),
-                     a.r % kVec<T> == 0 && is_aligned16(a.w_up)};
-    auto kernel = adapter_forward_kernel<T, RP>;
+    constexpr int V = kVec<T>;
+    const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
+    const FwdVec vec{in_vec && is_aligned16(a.x), out_vec && is_aligned16(a.res), out_vec && is_aligned16(a.y),
+                     in_vec && is_aligned16(a.w_down), a.r % V == 0 && is_aligned16(a.w_up)};
+    auto kernel = lowrank_forward_kernel<T, RP>;
     cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
     if (err != cudaSuccess) return err;
     const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;

@@ -1,5 +1,6 @@
-// Drives the adapter launchers directly (no torch): float32 and bfloat16 forward, float32 backward,
-// each against a float64 reference on the host. Exit 0 pass, 1 fail, 77 no GPU (CTest: skipped).
+// Drives the low-rank launchers directly (no torch): the adapter (gelu, residual x) in float32 and
+// bfloat16, forward and backward, against a float64 reference on the host.
+// Exit 0 pass, 1 fail, 77 no GPU (CTest: skipped).
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
@@ -10,7 +11,7 @@
 #include <random>
 #include <vector>
 
-#include "kernels/adapter.h"
+#include "kernels/lowrank.h"
 
 using peftkern::Activation;
 using peftkern::DType;
@@ -153,9 +154,21 @@ bool run_case(DType dtype, int rows, int d, int r, bool backward, double tol, st
   const Reference ref = reference(p);
   Device<T> x(p.x), wd(p.wd), bd(p.bd), wu(p.wu), bu(p.bu), g(p.g);
   Device<T> out{size_t(rows) * d}, z{size_t(rows) * r};
-  const k::AdapterForwardArgs fa{dtype, Activation::kGelu, p.scale, rows, d, r, x.ptr, wd.ptr, bd.ptr,
-                                 wu.ptr, bu.ptr, nullptr, out.ptr, z.ptr};
-  CHECK_CUDA(k::adapter_forward(fa, nullptr));
+  k::LowRankForwardArgs fa{};
+  fa.dtype = dtype;
+  fa.activation = Activation::kGelu;
+  fa.scale = p.scale;
+  fa.rows = rows;
+  fa.n_in = fa.n_out = d;
+  fa.r = r;
+  fa.x = fa.res = x.ptr;
+  fa.w_down = wd.ptr;
+  fa.b_down = bd.ptr;
+  fa.w_up = wu.ptr;
+  fa.b_up = bu.ptr;
+  fa.y = out.ptr;
+  fa.z = z.ptr;
+  CHECK_CUDA(k::lowrank_forward(fa, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   char label[96];
   std::snprintf(label, sizeof label, "%s rows=%d d=%d r=%d", dtype == DType::kFloat32 ? "f32" : "bf16", rows, d, r);
@@ -164,11 +177,28 @@ bool run_case(DType dtype, int rows, int d, int r, bool backward, double tol, st
   if (!backward) return ok;
 
   Device<T> dx{size_t(rows) * d}, dwd{size_t(r) * d}, dbd{size_t(r)}, dwu{size_t(d) * r}, dbu{size_t(d)};
-  k::AdapterBackwardArgs ba{dtype, Activation::kGelu, p.scale, rows, d, r, 132, g.ptr, x.ptr, z.ptr, wd.ptr,
-                            wu.ptr, true, dx.ptr, dwd.ptr, dbd.ptr, dwu.ptr, dbu.ptr, nullptr, 0};
-  ba.workspace_bytes = k::adapter_backward_workspace_bytes(ba);
+  k::LowRankBackwardArgs ba{};
+  ba.dtype = dtype;
+  ba.activation = Activation::kGelu;
+  ba.scale = p.scale;
+  ba.rows = rows;
+  ba.n_in = ba.n_out = d;
+  ba.r = r;
+  ba.num_sms = 132;
+  ba.grad_out = g.ptr;
+  ba.x = x.ptr;
+  ba.z = z.ptr;
+  ba.w_down = wd.ptr;
+  ba.w_up = wu.ptr;
+  ba.dx_mode = k::DxMode::kWritePlusGradOut;
+  ba.dx = dx.ptr;
+  ba.dw_down = dwd.ptr;
+  ba.db_down = dbd.ptr;
+  ba.dw_up = dwu.ptr;
+  ba.db_up = dbu.ptr;
+  ba.workspace_bytes = k::lowrank_backward_workspace_bytes(ba);
   CHECK_CUDA(cudaMalloc(&ba.workspace, ba.workspace_bytes));
-  CHECK_CUDA(k::adapter_backward(ba, nullptr));
+  CHECK_CUDA(k::lowrank_backward(ba, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaFree(ba.workspace));
   ok &= close((std::string(label) + " dx").c_str(), dx.host(), ref.dx, tol);

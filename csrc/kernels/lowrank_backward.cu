@@ -1,15 +1,15 @@
-// Fused bottleneck-adapter backward (see adapter.h for the passes).
+// Fused low-rank update backward (see lowrank.h for the passes).
 //   rows kernel    per 64-row block: dz = scale * (grad_out @ w_up) * act'(z), h = act(z); both
 //                  written [rows, RP] (zero-padded) to the workspace
-//   columns kernel per (BN-column block of d, row split): for each 32-row tile
-//                    dx        = dz @ w_down[:, cols] (+ grad_out)
-//                    dW_up^T  += grad_out^T h          (partial, float32, in registers)
-//                    dW_down^T+= x^T dz
-//                    bias sums of grad_out and dz
+//   columns kernel per (BN-wide column block, row split), for each 32-row tile:
+//                    columns of n_in:  dx         = mask * (dz @ w_down[:, cols]) (+ grad_out | + dx)
+//                                      dW_down^T += drop(x)^T dz       (float32 partial, registers)
+//                    columns of n_out: dW_up    += grad_out^T h        (float32 partial, registers)
+//                                      bias sums of grad_out (and of dz in column block 0)
 //   reduce kernel  sums the row splits' partials in a fixed order (deterministic), applies scale,
 //                  casts, and writes dw_up, dw_down (transposed back), db_up, db_down
-#include "adapter.h"
-#include "adapter_tiles.cuh"
+#include "lowrank.h"
+#include "lowrank_tiles.cuh"
 
 namespace peftkern::kernels {
 namespace {
@@ -29,7 +29,7 @@ constexpr int cols_block_n(int rp) { return rp <= 32 ? 128 : 4096 / rp; }
 
 struct Plan {
   int rp, bn, splits;
-  int64_t d_pad, tiles, tiles_per_split;
+  int64_t col_blocks, n_pad, tiles, tiles_per_split;
   bool need_dz, need_h;
   size_t dz, h, ws_dwu, ws_dwd, ws_dbu, ws_dbd, total;  // byte offsets; total = size
 };
@@ -37,16 +37,16 @@ struct Plan {
 size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
-Plan make_plan(const AdapterBackwardArgs& a) {
+Plan make_plan(const LowRankBackwardArgs& a) {
   Plan p{};
   p.rp = padded_rank(a.r);
   p.bn = cols_block_n(p.rp);
-  const int64_t col_blocks = (int64_t(a.d) + p.bn - 1) / p.bn;
-  p.d_pad = col_blocks * p.bn;
+  p.col_blocks = (int64_t(std::max(a.n_in, a.n_out)) + p.bn - 1) / p.bn;
+  p.n_pad = p.col_blocks * p.bn;
   p.tiles = (a.rows + kColsBM - 1) / kColsBM;
   // Enough row splits for about two CTAs per SM; each split adds one partial to reduce.
-  const int64_t want = (2 * int64_t(a.num_sms > 0 ? a.num_sms : 1) + col_blocks - 1) / col_blocks;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, p.tiles, 65535}));
+  const int64_t want = (2 * int64_t(a.num_sms > 0 ? a.num_sms : 1) + p.col_blocks - 1) / p.col_blocks;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, p.tiles, 65535}));
   p.tiles_per_split = (p.tiles + splits - 1) / splits;
   p.splits = static_cast<int>(std::max<int64_t>(1, (p.tiles + p.tiles_per_split - 1) / p.tiles_per_split));
   p.need_dz = a.dx || a.dw_down || a.db_down;
@@ -54,7 +54,7 @@ Plan make_plan(const AdapterBackwardArgs& a) {
 
   const size_t es = elem_size(a.dtype);
   const size_t rank_buf = round_up(size_t(a.rows) * p.rp * es);
-  const size_t w_part = round_up(size_t(p.splits) * p.d_pad * p.rp * 4);
+  const size_t w_part = round_up(size_t(p.splits) * p.n_pad * p.rp * 4);
   size_t off = 0;
   auto take = [&](bool need, size_t bytes) {
     const size_t at = off;
@@ -65,7 +65,7 @@ Plan make_plan(const AdapterBackwardArgs& a) {
   p.h = take(p.need_h, rank_buf);
   p.ws_dwu = take(a.dw_up, w_part);
   p.ws_dwd = take(a.dw_down, w_part);
-  p.ws_dbu = take(a.db_up, round_up(size_t(p.splits) * p.d_pad * 4));
+  p.ws_dbu = take(a.db_up, round_up(size_t(p.splits) * p.n_pad * 4));
   p.ws_dbd = take(a.db_down, round_up(size_t(p.splits) * p.rp * 4));
   p.total = off;
   return p;
@@ -77,7 +77,7 @@ struct RowsArgs {
   Activation activation;
   float scale;
   int64_t rows;
-  int d, r;
+  int n_out, r;
   const void* grad_out;
   const void* z;
   const void* w_up;
@@ -91,7 +91,7 @@ template <typename T, int RP> constexpr int rows_smem_bytes() {
 }
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kRowThreads) adapter_backward_rows_kernel(const RowsArgs a) {
+__global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(const RowsArgs a) {
   using M = Mma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -103,9 +103,9 @@ __global__ void __launch_bounds__(kRowThreads) adapter_backward_rows_kernel(cons
 
   typename M::Acc acc[RP / 16];
   if (dz_out)
-    stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), a.rows, a.d, m0,
-                                           static_cast<const T*>(a.w_up), a.r,
-                                           reinterpret_cast<T*>(smem), a.vec_g, a.vec_wu);
+    stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), a.rows, a.n_out, m0,
+                                           static_cast<const T*>(a.w_up), a.r, reinterpret_cast<T*>(smem),
+                                           a.vec_g, a.vec_wu, 0.f, SeedOffset{0, 0});
 
   const int rr = lane >> 1, c0 = (lane & 1) * 8;
   const int64_t grow = m0 + warp * 16 + rr;
@@ -139,19 +139,21 @@ __global__ void __launch_bounds__(kRowThreads) adapter_backward_rows_kernel(cons
 
 struct ColsArgs {
   int64_t rows;
-  int d, r;
-  int64_t tiles, tiles_per_split, d_pad;
+  int n_in, n_out, r;
+  int64_t tiles, tiles_per_split, n_pad;
   const void* grad_out;
   const void* x;
   const void* dz;  // [rows, RP]
   const void* h;   // [rows, RP]
   const void* w_down;
   void* dx;
-  bool grad_out_into_dx;
-  float* ws_dwu;   // [splits, d_pad, RP] partial grad_out^T h, or null
-  float* ws_dwd;   // [splits, d_pad, RP] partial x^T dz (dW_down transposed), or null
-  float* ws_dbu;   // [splits, d_pad], or null
-  float* ws_dbd;   // [splits, RP], or null
+  DxMode dx_mode;
+  float drop_p;
+  const int64_t* seed_offset;
+  float* ws_dwu;  // [splits, n_pad, RP] partial grad_out^T h, or null
+  float* ws_dwd;  // [splits, n_pad, RP] partial drop(x)^T dz (dW_down transposed), or null
+  float* ws_dbu;  // [splits, n_pad], or null
+  float* ws_dbd;  // [splits, RP], or null
   bool vec_g, vec_x, vec_dx, vec_wd;
 };
 
@@ -171,11 +173,11 @@ template <typename T, int RP> struct ColsCfg {
   static constexpr int kWgFragsPerWarp = kWgFrags / kColsWarps;
   static constexpr int kDxFrags = (kColsBM / 16) * (kBN / 16);
   static_assert(kWgFrags % kColsWarps == 0, "weight-gradient fragments split evenly over warps");
-  static_assert(kSmemBytes <= 227 * 1024, "adapter backward: shared memory over the sm_80/90 limit");
+  static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_80/90 limit");
 };
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(const ColsArgs a) {
+__global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(const ColsArgs a) {
   using C = ColsCfg<T, RP>;
   using M = Mma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -194,31 +196,35 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
   const T* dz = static_cast<const T*>(a.dz);
   const T* h = static_cast<const T*>(a.h);
   T* dx = static_cast<T*>(a.dx);
+  const bool in_cols = n0 < a.n_in, out_cols = n0 < a.n_out;
+  const SeedOffset so = a.drop_p > 0.f ? SeedOffset{uint64_t(a.seed_offset[0]), uint64_t(a.seed_offset[1])}
+                                       : SeedOffset{0, 0};
 
-  const bool need_dx = dx != nullptr;
-  const bool need_dwu = a.ws_dwu != nullptr, need_dwd = a.ws_dwd != nullptr;
-  const bool need_dbu = a.ws_dbu != nullptr, need_dbd = a.ws_dbd != nullptr && blockIdx.x == 0;
-  const bool need_g = need_dwu || need_dbu || (need_dx && a.grad_out_into_dx);
+  const bool need_dx = dx != nullptr && in_cols;
+  const bool need_dwd = a.ws_dwd != nullptr && in_cols;
+  const bool need_dwu = a.ws_dwu != nullptr && out_cols;
+  const bool need_dbu = a.ws_dbu != nullptr && out_cols;
+  const bool need_dbd = a.ws_dbd != nullptr && blockIdx.x == 0;
+  const bool plus_g = a.dx_mode == DxMode::kWritePlusGradOut;
+  const bool need_g = need_dwu || need_dbu || (need_dx && plus_g);
   const bool need_dz = need_dx || need_dwd || need_dbd;
 
   if (need_dx)
-    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.d, 0,
-                                                    n0, a.r, a.d, a.vec_wd);
+    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.n_in, 0, n0,
+                                                    a.r, a.n_in, a.vec_wd);
   auto load_stage = [&](int64_t t, int s) {
     const int64_t row0 = t * kColsBM;
     T* st = stage(s);
     if (need_g)
-      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kGOff, g, a.d, row0, n0, a.rows,
-                                                           a.d, a.vec_g);
+      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kGOff, g, a.n_out, row0, n0, a.rows,
+                                                           a.n_out, a.vec_g);
     if (need_dwd)
-      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kXOff, x, a.d, row0, n0, a.rows,
-                                                           a.d, a.vec_x);
+      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kXOff, x, a.n_in, row0, n0, a.rows,
+                                                           a.n_in, a.vec_x);
     if (need_dz)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, row0, 0, a.rows, RP,
-                                                       true);
+      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, row0, 0, a.rows, RP, true);
     if (need_dwu)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, row0, 0, a.rows, RP,
-                                                       true);
+      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, row0, 0, a.rows, RP, true);
   };
 
   typename M::Acc acc_u[C::kWgFragsPerWarp], acc_d[C::kWgFragsPerWarp];
@@ -227,7 +233,7 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
     wmma::fill_fragment(acc_u[q], 0.f);
     wmma::fill_fragment(acc_d[q], 0.f);
   }
-  float dbu_sum = 0.f;                                    // column n0 + threadIdx.x
+  float dbu_sum = 0.f;                                         // column n0 + threadIdx.x
   float dbd_sum[(RP + kColsThreads - 1) / kColsThreads] = {};  // columns threadIdx.x + i * 128
 
   for (int s = 0; s < C::kStages - 1; ++s) {
@@ -240,11 +246,15 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
     __syncthreads();
     if (t + C::kStages - 1 < t1) load_stage(t + C::kStages - 1, (i + C::kStages - 1) % C::kStages);
     cp_async_commit();
-    const T* st = stage(i % C::kStages);
+    T* st = stage(i % C::kStages);
     const T* g_s = st + C::kGOff;
-    const T* x_s = st + C::kXOff;
+    T* x_s = st + C::kXOff;
     const T* dz_s = st + C::kDzOff;
     const T* h_s = st + C::kHOff;
+    if (need_dwd && a.drop_p > 0.f) {
+      dropout_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(x_s, t * kColsBM, n0, so, a.drop_p);
+      __syncthreads();
+    }
 
     if (need_dx) {
       for (int f = warp; f < C::kDxFrags; f += kColsWarps) {
@@ -264,14 +274,33 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
         const int rr = lane >> 1, c0 = (lane & 1) * 8;
         const int64_t grow = t * kColsBM + mi * 16 + rr;
         const int64_t gcol = n0 + ni * 16 + c0;
-        const int64_t left = a.d - gcol;
+        const int64_t left = a.n_in - gcol;
         if (grow < a.rows && left > 0) {
+          const int valid = left < 8 ? int(left) : 8;
+          float f8[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) f8[e] = 1.f;
+          if (a.drop_p > 0.f) {
+            float f4[4];
+            dropout_factors4(so.seed, so.offset, grow, gcol / 4, a.drop_p, f4);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f8[e] = f4[e];
+            dropout_factors4(so.seed, so.offset, grow, gcol / 4 + 1, a.drop_p, f4);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f8[4 + e] = f4[e];
+          }
+          T* dst = dx + grow * a.n_in + gcol;
           float v[8];
 #pragma unroll
-          for (int e = 0; e < 8; ++e)
-            v[e] = scr[rr * kScratchLd + c0 + e] +
-                   (a.grad_out_into_dx ? to_float(g_s[(mi * 16 + rr) * C::kLdN + ni * 16 + c0 + e]) : 0.f);
-          store8<T>(dx + grow * a.d + gcol, v, a.vec_dx, left < 8 ? int(left) : 8);
+          for (int e = 0; e < 8; ++e) {
+            float base = 0.f;
+            if (e < valid) {
+              if (plus_g) base = to_float(g_s[(mi * 16 + rr) * C::kLdN + ni * 16 + c0 + e]);
+              else if (a.dx_mode == DxMode::kAccumulate) base = to_float(dst[e]);
+            }
+            v[e] = base + f8[e] * scr[rr * kScratchLd + c0 + e];
+          }
+          store8<T>(dst, v, a.vec_dx, valid);
         }
         __syncwarp();
       }
@@ -314,8 +343,8 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
   }
   cp_async_wait<0>();
 
-  // Partials of this split; rows of the padded last column block hold zeros and are ignored.
-  const int64_t w_off = int64_t(split) * a.d_pad * RP;
+  // Partials of this split; rows past n_in / n_out hold zeros and are ignored by the reduction.
+  const int64_t w_off = int64_t(split) * a.n_pad * RP;
 #pragma unroll
   for (int q = 0; q < C::kWgFragsPerWarp; ++q) {
     const int f = warp * C::kWgFragsPerWarp + q;
@@ -324,7 +353,7 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
     if (need_dwu) wmma::store_matrix_sync(a.ws_dwu + at, acc_u[q], RP, wmma::mem_row_major);
     if (need_dwd) wmma::store_matrix_sync(a.ws_dwd + at, acc_d[q], RP, wmma::mem_row_major);
   }
-  if (need_dbu && threadIdx.x < C::kBN) a.ws_dbu[int64_t(split) * a.d_pad + n0 + threadIdx.x] = dbu_sum;
+  if (need_dbu && threadIdx.x < C::kBN) a.ws_dbu[int64_t(split) * a.n_pad + n0 + threadIdx.x] = dbu_sum;
   if (need_dbd) {
 #pragma unroll
     for (int q = 0; q < (RP + kColsThreads - 1) / kColsThreads; ++q) {
@@ -337,55 +366,48 @@ __global__ void __launch_bounds__(kColsThreads) adapter_backward_cols_kernel(con
 // ------------------------------------------------------------------ reduce kernel
 
 struct ReduceArgs {
-  int d, r, rp, splits;
-  int64_t d_pad;
+  int n_in, n_out, r, rp, splits;
+  int64_t n_pad;
   float scale;
   const float *ws_dwu, *ws_dwd, *ws_dbu, *ws_dbd;
   void *dw_up, *dw_down, *db_up, *db_down;
 };
 
-template <typename T> __global__ void adapter_backward_reduce_kernel(const ReduceArgs a) {
-  const int64_t n_w = int64_t(a.d) * a.r;
-  const int64_t total = n_w + a.d + a.r;
-  const int64_t split_w = a.d_pad * a.rp;
+template <typename T> __global__ void lowrank_backward_reduce_kernel(const ReduceArgs a) {
+  const int64_t n_wu = int64_t(a.n_out) * a.r, n_wd = int64_t(a.n_in) * a.r;
+  const int64_t total = n_wu + n_wd + a.n_out + a.r;
+  const int64_t split_w = a.n_pad * a.rp;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    if (i < n_w) {
-      const int64_t n = i / a.r;
-      const int k = static_cast<int>(i % a.r);
-      const int64_t at = n * a.rp + k;
-      if (a.dw_up) {
-        float s = 0.f;
-        for (int p = 0; p < a.splits; ++p) s += a.ws_dwu[p * split_w + at];
-        static_cast<T*>(a.dw_up)[n * a.r + k] = from_float<T>(a.scale * s);
-      }
-      if (a.dw_down) {
-        float s = 0.f;
-        for (int p = 0; p < a.splits; ++p) s += a.ws_dwd[p * split_w + at];
-        static_cast<T*>(a.dw_down)[int64_t(k) * a.d + n] = from_float<T>(s);
-      }
-    } else if (i < n_w + a.d) {
-      const int64_t n = i - n_w;
-      if (a.db_up) {
-        float s = 0.f;
-        for (int p = 0; p < a.splits; ++p) s += a.ws_dbu[p * a.d_pad + n];
-        static_cast<T*>(a.db_up)[n] = from_float<T>(a.scale * s);
-      }
+    float s = 0.f;
+    if (i < n_wu) {  // dw_up[n][k] = scale * sum_p ws_dwu[p][n][k]
+      if (!a.dw_up) continue;
+      const int64_t n = i / a.r, k = i % a.r;
+      for (int p = 0; p < a.splits; ++p) s += a.ws_dwu[p * split_w + n * a.rp + k];
+      static_cast<T*>(a.dw_up)[i] = from_float<T>(a.scale * s);
+    } else if (i < n_wu + n_wd) {  // dw_down[k][n] = sum_p ws_dwd[p][n][k]
+      if (!a.dw_down) continue;
+      const int64_t j = i - n_wu, n = j / a.r, k = j % a.r;
+      for (int p = 0; p < a.splits; ++p) s += a.ws_dwd[p * split_w + n * a.rp + k];
+      static_cast<T*>(a.dw_down)[k * a.n_in + n] = from_float<T>(s);
+    } else if (i < n_wu + n_wd + a.n_out) {
+      if (!a.db_up) continue;
+      const int64_t n = i - n_wu - n_wd;
+      for (int p = 0; p < a.splits; ++p) s += a.ws_dbu[p * a.n_pad + n];
+      static_cast<T*>(a.db_up)[n] = from_float<T>(a.scale * s);
     } else {
-      const int k = static_cast<int>(i - n_w - a.d);
-      if (a.db_down) {
-        float s = 0.f;
-        for (int p = 0; p < a.splits; ++p) s += a.ws_dbd[int64_t(p) * a.rp + k];
-        static_cast<T*>(a.db_down)[k] = from_float<T>(s);
-      }
+      if (!a.db_down) continue;
+      const int64_t k = i - n_wu - n_wd - a.n_out;
+      for (int p = 0; p < a.splits; ++p) s += a.ws_dbd[int64_t(p) * a.rp + k];
+      static_cast<T*>(a.db_down)[k] = from_float<T>(s);
     }
   }
 }
 
-cudaError_t zero_weight_grads(const AdapterBackwardArgs& a, cudaStream_t stream) {
+cudaError_t zero_weight_grads(const LowRankBackwardArgs& a, cudaStream_t stream) {
   const size_t es = elem_size(a.dtype);
-  const std::pair<void*, size_t> outs[] = {{a.dw_down, size_t(a.r) * a.d}, {a.db_down, size_t(a.r)},
-                                           {a.dw_up, size_t(a.d) * a.r}, {a.db_up, size_t(a.d)}};
+  const std::pair<void*, size_t> outs[] = {{a.dw_down, size_t(a.r) * a.n_in}, {a.db_down, size_t(a.r)},
+                                           {a.dw_up, size_t(a.n_out) * a.r}, {a.db_up, size_t(a.n_out)}};
   for (const auto& [ptr, n] : outs)
     if (ptr) {
       const cudaError_t err = cudaMemsetAsync(ptr, 0, n * es, stream);
@@ -394,14 +416,34 @@ cudaError_t zero_weight_grads(const AdapterBackwardArgs& a, cudaStream_t stream)
   return cudaSuccess;
 }
 
+// ------------------------------------------------------------------ dropout mask (tests)
+
+__global__ void dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArgs d, float* out) {
+  const SeedOffset so = resolve_seed_offset(d);
+  if (d.seed_offset_out && blockIdx.x == 0 && threadIdx.x == 0) {
+    d.seed_offset_out[0] = int64_t(so.seed);
+    d.seed_offset_out[1] = int64_t(so.offset);
+  }
+  const int64_t groups = (cols + 3) / 4;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / groups, q = i % groups;
+    float f[4];
+    dropout_factors4(so.seed, so.offset, row, q, d.p, f);
+    for (int e = 0; e < 4 && q * 4 + e < cols; ++e) out[row * cols + q * 4 + e] = f[e];
+  }
+}
+
 }  // namespace
 
-size_t adapter_backward_workspace_bytes(const AdapterBackwardArgs& a) {
+size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& a) {
   return a.rows == 0 ? 0 : make_plan(a).total;
 }
 
-cudaError_t adapter_backward(const AdapterBackwardArgs& a, cudaStream_t stream) {
-  if (a.r < 1 || a.r > kAdapterMaxFusedRank || a.d < 1) return cudaErrorInvalidValue;
+cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) {
+  if (a.r < 1 || a.r > kLowRankMaxFusedRank || a.n_in < 1 || a.n_out < 1) return cudaErrorInvalidValue;
+  if (a.dx_mode == DxMode::kWritePlusGradOut && a.n_in != a.n_out) return cudaErrorInvalidValue;
+  if (a.dropout.p > 0.f && !a.dropout.seed_offset) return cudaErrorInvalidValue;
   if (a.rows == 0) return zero_weight_grads(a, stream);  // empty batch: zero weight gradients
   const Plan p = make_plan(a);
   if (a.workspace_bytes < p.total || (p.total > 0 && a.workspace == nullptr)) return cudaErrorInvalidValue;
@@ -413,14 +455,14 @@ cudaError_t adapter_backward(const AdapterBackwardArgs& a, cudaStream_t stream) 
     using T = typename decltype(tag)::type;
     constexpr int RP = decltype(tag)::rank;
     constexpr int V = kVec<T>;
-    const bool d_vec = a.d % V == 0;
+    const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
     cudaError_t err;
 
     if (p.need_dz || p.need_h) {
-      const RowsArgs ra{a.activation, a.scale, a.rows, a.d, a.r, a.grad_out, a.z, a.w_up,
+      const RowsArgs ra{a.activation, a.scale, a.rows, a.n_out, a.r, a.grad_out, a.z, a.w_up,
                         p.need_dz ? ws + p.dz : nullptr, p.need_h ? ws + p.h : nullptr,
-                        d_vec && is_aligned16(a.grad_out), a.r % V == 0 && is_aligned16(a.w_up)};
-      auto kernel = adapter_backward_rows_kernel<T, RP>;
+                        out_vec && is_aligned16(a.grad_out), a.r % V == 0 && is_aligned16(a.w_up)};
+      auto kernel = lowrank_backward_rows_kernel<T, RP>;
       constexpr int smem_bytes = rows_smem_bytes<T, RP>();
       if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
       const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
@@ -429,35 +471,46 @@ cudaError_t adapter_backward(const AdapterBackwardArgs& a, cudaStream_t stream) 
     }
 
     using C = ColsCfg<T, RP>;
-    const ColsArgs ca{a.rows, a.d, a.r, p.tiles, p.tiles_per_split, p.d_pad,
-                      a.grad_out, a.x, ws + p.dz, ws + p.h, a.w_down, a.dx, a.grad_out_into_dx,
+    const ColsArgs ca{a.rows, a.n_in, a.n_out, a.r, p.tiles, p.tiles_per_split, p.n_pad,
+                      a.grad_out, a.x, ws + p.dz, ws + p.h, a.w_down, a.dx, a.dx_mode,
+                      a.dropout.p, a.dropout.seed_offset,
                       a.dw_up ? reinterpret_cast<float*>(ws + p.ws_dwu) : nullptr,
                       a.dw_down ? reinterpret_cast<float*>(ws + p.ws_dwd) : nullptr,
                       a.db_up ? reinterpret_cast<float*>(ws + p.ws_dbu) : nullptr,
                       a.db_down ? reinterpret_cast<float*>(ws + p.ws_dbd) : nullptr,
-                      d_vec && is_aligned16(a.grad_out), d_vec && is_aligned16(a.x),
-                      d_vec && is_aligned16(a.dx), d_vec && is_aligned16(a.w_down)};
-    auto cols = adapter_backward_cols_kernel<T, RP>;
+                      out_vec && is_aligned16(a.grad_out), in_vec && is_aligned16(a.x),
+                      in_vec && is_aligned16(a.dx), in_vec && is_aligned16(a.w_down)};
+    auto cols = lowrank_backward_cols_kernel<T, RP>;
     if ((err = set_smem_limit(cols, C::kSmemBytes)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(p.d_pad / C::kBN), static_cast<unsigned>(p.splits));
+    const dim3 grid(static_cast<unsigned>(p.col_blocks), static_cast<unsigned>(p.splits));
     cols<<<grid, kColsThreads, C::kSmemBytes, stream>>>(ca);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     if (any_weight_grad) {
-      const ReduceArgs ra{a.d, a.r, p.rp, p.splits, p.d_pad, a.scale,
+      const ReduceArgs ra{a.n_in, a.n_out, a.r, p.rp, p.splits, p.n_pad, a.scale,
                           reinterpret_cast<const float*>(ws + p.ws_dwu),
                           reinterpret_cast<const float*>(ws + p.ws_dwd),
                           reinterpret_cast<const float*>(ws + p.ws_dbu),
                           reinterpret_cast<const float*>(ws + p.ws_dbd),
                           a.dw_up, a.dw_down, a.db_up, a.db_down};
-      const int64_t total = int64_t(a.d) * a.r + a.d + a.r;
+      const int64_t total = int64_t(a.n_in + a.n_out) * a.r + a.n_out + a.r;
       const int threads = 256;
-      const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
-      adapter_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
+      const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads,
+                                               8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
+      lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     return cudaSuccess;
   });
+}
+
+cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
+                         cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  const int64_t groups = rows * ((cols + 3) / 4);
+  const int64_t blocks = std::min<int64_t>((groups + 255) / 256, 65535);
+  dropout_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rows, cols, dropout, out);
+  return cudaGetLastError();
 }
 
 }  // namespace peftkern::kernels

@@ -1,4 +1,4 @@
-#include "cpu/adapter.h"
+#include "cpu/lowrank.h"
 
 #include <ATen/ATen.h>
 
@@ -15,6 +15,7 @@ at::Tensor activate(const at::Tensor& z, Activation a) {
     case Activation::kGeluTanh: return at::gelu(z, "tanh");
     case Activation::kRelu: return at::relu(z);
     case Activation::kSilu: return at::silu(z);
+    case Activation::kIdentity: return z;
   }
   TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }
@@ -26,17 +27,18 @@ at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activa
     case Activation::kGeluTanh: return at::gelu_backward(grad, z, "tanh");
     case Activation::kRelu: return at::threshold_backward(grad, z, 0);
     case Activation::kSilu: return at::silu_backward(grad, z);
+    case Activation::kIdentity: return grad;
   }
   TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at::Tensor& w_down,
-                                                   const c10::optional<at::Tensor>& b_down,
+std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
+                                                   const std::optional<at::Tensor>& b_down,
                                                    const at::Tensor& w_up,
-                                                   const c10::optional<at::Tensor>& b_up,
-                                                   const c10::optional<at::Tensor>& residual,
+                                                   const std::optional<at::Tensor>& b_up,
+                                                   const std::optional<at::Tensor>& residual,
                                                    Activation activation, double scale, bool save_z) {
   const auto mt = math_dtype(x.scalar_type());
   const at::Tensor xm = x.to(mt);
@@ -49,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at
   return {out, save_z ? z.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adapter_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
     const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx,
     std::array<bool, 5> mask) {

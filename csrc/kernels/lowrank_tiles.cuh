@@ -1,10 +1,12 @@
-// Building blocks of the adapter kernels: the row-block geometry, the rank padding, and the
-// pipelined product of a 64-row block of a [rows, K] matrix with a rank-r weight.
+// Building blocks of the low-rank kernels: the row-block geometry, the rank padding, in-kernel
+// dropout, and the pipelined product of a 64-row block of a [rows, K] matrix with a rank-r weight.
 #pragma once
 
 #include <algorithm>
 
 #include "common.cuh"
+#include "lowrank.h"
+#include "philox.h"
 
 namespace peftkern::cuda {
 
@@ -53,6 +55,38 @@ cudaError_t set_smem_limit(Kernel kernel, int bytes) {
 constexpr int kScratchLd = 20;  // 16 columns + 4 floats: 16-byte rows, fewer bank conflicts
 constexpr int kScratchBytes = kRowWarps * 16 * kScratchLd * 4;
 
+// ------------------------------------------------------------------ dropout
+
+struct SeedOffset {
+  uint64_t seed, offset;
+};
+
+// The launch's Philox seed and offset: the forward's saved pair, or the generator's state (read
+// from device memory when the launch was captured in a CUDA graph).
+__device__ __forceinline__ SeedOffset resolve_seed_offset(const kernels::DropoutArgs& d) {
+  if (d.seed_offset) return {uint64_t(d.seed_offset[0]), uint64_t(d.seed_offset[1])};
+  const kernels::PhiloxArgs& p = d.philox;
+  if (p.captured) return {uint64_t(*p.seed_ptr), uint64_t(*p.offset_ptr) + p.offset_intragraph};
+  return {p.seed, p.offset};
+}
+
+// Multiplies a ROWS x COLS shared tile holding x[row0.., col0..] by its dropout factors
+// (col0 % 4 == 0). Elements outside x are zero and stay zero.
+template <typename T, int ROWS, int COLS, int SLD, int NTHREADS>
+__device__ __forceinline__ void dropout_tile(T* tile, int64_t row0, int64_t col0, SeedOffset so, float p) {
+  static_assert(COLS % 4 == 0, "dropout groups four columns");
+  constexpr int kGroups = COLS / 4;
+  for (int i = threadIdx.x; i < ROWS * kGroups; i += NTHREADS) {
+    const int r = i / kGroups, c = (i % kGroups) * 4;
+    float f[4];
+    dropout_factors4(so.seed, so.offset, row0 + r, (col0 + c) / 4, p, f);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) tile[r * SLD + c + e] = from_float<T>(to_float(tile[r * SLD + c + e]) * f[e]);
+  }
+}
+
+// ------------------------------------------------------------------ row-block streamed product
+
 // Shared-memory staging of stream_rows_times_weight: kStages x (A chunk + weight chunk).
 template <typename T, int RP> struct StreamCfg {
   static constexpr int kBK = 32;  // K per stage
@@ -66,14 +100,16 @@ template <typename T, int RP> struct StreamCfg {
   static constexpr int kStageStride = kBytes / kStages / int(sizeof(T));
 };
 
-// acc[j] = A[m0 .. m0+64) x W^T restricted to this warp's 16 rows and rank columns 16j..16j+16.
-// A is [rows, K] (x or grad_out). kWeightIsRK: W is [r, K] (w_down); else W is [K, r] (w_up).
-// Rows past `rows` and rank columns past r read as zero. Ends with smem free for reuse.
+// acc[j] = drop(A)[m0 .. m0+64) x W^T restricted to this warp's 16 rows and rank columns
+// 16j..16j+16. A is [rows, K] (x or grad_out); kWeightIsRK: W is [r, K] (w_down), else [K, r]
+// (w_up). Rows past `rows` and rank columns past r read as zero; drop_p > 0 applies dropout to A.
+// Ends with smem free for reuse.
 template <typename T, int RP, bool kWeightIsRK>
 __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16],
                                                          const T* A, int64_t rows, int K,
                                                          int64_t m0, const T* W, int r, T* smem,
-                                                         bool vec_a, bool vec_w) {
+                                                         bool vec_a, bool vec_w, float drop_p,
+                                                         SeedOffset so) {
   using C = StreamCfg<T, RP>;
   using M = Mma<T>;
   const int warp = threadIdx.x >> 5;
@@ -102,6 +138,11 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
     const int pf = kc + C::kStages - 1;
     if (pf < nk) load(pf, pf % C::kStages);
     cp_async_commit();
+    if (drop_p > 0.f) {
+      dropout_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(kc % C::kStages), m0,
+                                                               int64_t(kc) * C::kBK, so, drop_p);
+      __syncthreads();
+    }
 
     const T* a = a_stage(kc % C::kStages) + warp * 16 * C::kLdA;
     const T* w = w_stage(kc % C::kStages);

@@ -1,0 +1,33 @@
+// The low-rank update of csrc/kernels/lowrank.h as an ATen composite (no dropout: callers pass
+// x already dropped): peftkern's CPU path for the adapter and LoRA, and on CUDA the slow path for
+// what the fused kernels do not cover (r > 256, float64). Inputs are 2-D and already checked;
+// math runs in float32 (float64 for float64) and results take x's dtype.
+//   z = x @ w_down^T + b_down,  out = res + scale * (act(z) @ w_up^T + b_up)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include <array>
+#include <tuple>
+
+#include "kernels/kernel_types.h"
+
+namespace peftkern::cpu {
+
+// Returns (out [rows, n_out], z [rows, r] or an empty tensor when save_z is false). res defaults to x.
+std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
+                                                   const std::optional<at::Tensor>& b_down,
+                                                   const at::Tensor& w_up,
+                                                   const std::optional<at::Tensor>& b_up,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   Activation activation, double scale, bool save_z);
+
+// Returns (dx, dw_down, db_down, dw_up, db_up); entries whose mask bit is false are undefined.
+// grad_out_into_dx: dx also gets grad_out (the residual was x).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx,
+    std::array<bool, 5> mask);
+
+}  // namespace peftkern::cpu

@@ -1,0 +1,112 @@
+// Launchers of the low-rank update kernels shared by the bottleneck adapter and LoRA. Raw
+// pointers, sizes and a stream; no torch.
+//
+//   z = drop(x) @ w_down^T + b_down              [rows, r]      x [rows, n_in], w_down [r, n_in]
+//   y = res + scale * (act(z) @ w_up^T + b_up)   [rows, n_out]  w_up [n_out, r]
+//
+// Adapter: n_in = n_out = d; res = x or the residual; act = gelu/relu/silu; no dropout.
+// LoRA:    w_down = lora_A, w_up = lora_B, act = identity, scale = scaling, res = y = the base
+//          product x @ W^T + b (updated in place), dropout on x.
+// Matrices are dense row-major; biases may be null. Launchers enqueue no work for rows == 0 (the
+// backward then zeroes the requested weight gradients) and allocate nothing.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernel_types.h"
+
+namespace peftkern::kernels {
+
+// The fused kernels handle r = 1..kLowRankMaxFusedRank (padded on chip to 16, 32, 64, 128 or 256).
+constexpr int kLowRankMaxFusedRank = 256;
+
+// Where a launch takes its Philox seed and offset: values, or device pointers inside a CUDA graph
+// capture (a torch-free mirror of at::PhiloxCudaState).
+struct PhiloxArgs {
+  uint64_t seed = 0, offset = 0;
+  const int64_t* seed_ptr = nullptr;
+  const int64_t* offset_ptr = nullptr;
+  uint64_t offset_intragraph = 0;
+  bool captured = false;
+};
+
+// Dropout on x (see philox.h for the mask). p == 0: none.
+struct DropoutArgs {
+  float p = 0.f;
+  PhiloxArgs philox;                     // forward: drawn from the generator
+  int64_t* seed_offset_out = nullptr;    // forward: receives the (seed, offset) used, device [2]
+  const int64_t* seed_offset = nullptr;  // backward and mask: the forward's (seed, offset), device [2]
+};
+
+struct LowRankForwardArgs {
+  DType dtype;
+  Activation activation;
+  float scale;
+  int64_t rows;
+  int n_in, n_out, r;
+  const void* x;
+  const void* w_down;
+  const void* b_down;  // [r] or null
+  const void* w_up;
+  const void* b_up;    // [n_out] or null
+  const void* res;     // [rows, n_out]; may be y itself
+  void* y;             // [rows, n_out]
+  void* z;             // [rows, r] pre-activation, saved for the backward; null in inference
+  DropoutArgs dropout;
+};
+
+// One kernel: each 64-row block reads its rows of x once (dropout applied on chip), keeps act(z)
+// in shared memory, and writes its rows of y once; res is read once (L2-resident when it is x).
+cudaError_t lowrank_forward(const LowRankForwardArgs& args, cudaStream_t stream);
+
+enum class DxMode : int {
+  kWrite = 0,           // dx  = mask * (dz @ w_down)
+  kWritePlusGradOut,    // dx  = mask * (dz @ w_down) + grad_out   (the residual was x; n_in == n_out)
+  kAccumulate,          // dx += mask * (dz @ w_down)              (dx already holds another term)
+};
+
+struct LowRankBackwardArgs {
+  DType dtype;
+  Activation activation;
+  float scale;
+  int64_t rows;
+  int n_in, n_out, r;
+  int num_sms;  // of the device, to size the weight-gradient split
+  const void* grad_out;  // [rows, n_out]
+  const void* x;         // [rows, n_in]
+  const void* z;         // the forward's saved pre-activation [rows, r]
+  const void* w_down;
+  const void* w_up;
+  DxMode dx_mode;
+  // Outputs; null = not requested, and then not computed.
+  void* dx;       // [rows, n_in]
+  void* dw_down;  // [r, n_in]
+  void* db_down;  // [r]
+  void* dw_up;    // [n_out, r]
+  void* db_up;    // [n_out]
+  DropoutArgs dropout;  // p and seed_offset of the forward
+  void* workspace;
+  size_t workspace_bytes;
+};
+
+// Bytes of scratch lowrank_backward needs for these args.
+size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& args);
+
+// Passes over the [rows, n_in/n_out] tensors: grad_out read twice, x read once, dx written once
+// (and read once in kAccumulate mode).
+//   1. per row block: dz = scale * (grad_out @ w_up) * act'(z), h = act(z)   (rank-r scratch)
+//   2. per (column block, row split): dx from dz @ w_down; partial sums of grad_out^T h,
+//      drop(x)^T dz and the bias sums, all from the same tiles
+//   3. a deterministic reduction of the partials into dw_up, dw_down, db_up, db_down
+cudaError_t lowrank_backward(const LowRankBackwardArgs& args, cudaStream_t stream);
+
+// The dropout factors (0 or 1/(1-p)) the kernels apply to x [rows, cols], written as float32,
+// for the seed and offset of `dropout` (a saved pair, or the generator's; then also written to
+// dropout.seed_offset_out when set).
+cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
+                         cudaStream_t stream);
+
+}  // namespace peftkern::kernels

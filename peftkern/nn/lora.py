@@ -1,0 +1,115 @@
+"""peftkern.nn.LoRALinear: a LoRA linear layer on the fused op."""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.lora import lora_linear
+
+
+class LoRALinear(nn.Module):
+    """``out = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x)))`` with a frozen base.
+
+    Parameters (the names Hugging Face peft's layers expose): ``weight [out, in]`` and ``bias`` (the
+    base, frozen), ``lora_A [r, in]`` (Kaiming-uniform, a = sqrt(5)) and ``lora_B [out, r]`` (zeros),
+    so the layer starts as the base layer. ``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)``
+    with ``use_rslora``; ``lora_alpha`` defaults to r (scaling 1). ``lora_dropout`` applies to the
+    LoRA branch in training mode only.
+
+    ``merge()`` folds the update into ``weight`` (delta computed in float32, then cast) so the
+    forward is a plain linear; ``unmerge()`` takes it out again. Under autocast the layer computes
+    in the autocast dtype, as nn.Linear would.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, *, lora_alpha: Optional[float] = None,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False, device=None, dtype=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1 or r < 1:
+            raise ValueError(f"LoRALinear: in_features, out_features and r must be >= 1; got {in_features}, "
+                             f"{out_features}, {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.use_rslora = use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        self._merged = False
+        self.reset_parameters()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def reset_parameters(self) -> None:
+        """Base as nn.Linear initialises it; LoRA as peft: A Kaiming-uniform(a=sqrt(5)), B zero."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        self._merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, **kwargs) -> "LoRALinear":
+        """Wraps an existing nn.Linear: its weight and bias Parameters are shared (not copied) and
+        frozen; the LoRA factors take the weight's device and dtype."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
+                    device="meta", **kwargs)
+        layer.weight = w.requires_grad_(False)
+        layer.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
+        layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
+        layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
+        layer.reset_lora_parameters()
+        return layer
+
+    def _delta(self) -> Tensor:
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """weight += scaling * lora_B @ lora_A (in float32, then cast); forward becomes a plain linear."""
+        if self._merged:
+            return
+        self.weight.copy_((self.weight.float() + self._delta()).to(self.weight.dtype))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self._merged:
+            return
+        self.weight.copy_((self.weight.float() - self._delta()).to(self.weight.dtype))
+        self._merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        tensors = [x, self.weight, self.bias, self.lora_A, self.lora_B]
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            tensors = [None if t is None else t.to(dt) for t in tensors]
+        x, weight, bias, lora_A, lora_B = tensors
+        if self._merged:
+            return nn.functional.linear(x, weight, bias)
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling=self.scaling, dropout_p=self.lora_dropout,
+                           training=self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
+                f"bias={self.bias is not None}, merged={self._merged}")

@@ -1,0 +1,340 @@
+"""peftkern.ops.lora_linear, peftkern.nn.LoRALinear and the peft interop against eager formulas."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peftkern.nn import LoRALinear
+from peftkern.ops import dropout_mask, lora_linear
+
+from . import reference as ref
+from .conftest import DEVICES, assert_close, check_against_reference, poison_cuda_cache, randn
+from .test_adapter import dtypes_for
+
+NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+def make_inputs(lead, n_in, n_out, r, dtype, device, bias=True, grad=("x", "lora_A", "lora_B")):
+    t = dict(
+        x=randn(*lead, n_in, dtype=dtype, device=device),
+        weight=randn(n_out, n_in, dtype=dtype, device=device, scale=n_in**-0.5),
+        bias=randn(n_out, dtype=dtype, device=device, scale=0.1) if bias else None,
+        lora_A=randn(r, n_in, dtype=dtype, device=device, scale=n_in**-0.5),
+        lora_B=randn(n_out, r, dtype=dtype, device=device, scale=r**-0.5),
+    )
+    for name in grad:
+        if t[name] is not None:
+            t[name].requires_grad_()
+    return tuple(t[n] for n in NAMES)
+
+
+def seeded_mask(inputs, scaling, p, seed):
+    """The dropout mask lora_linear draws after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    detached = [None if t is None else t.detach() for t in inputs]
+    _, _, seed_offset = torch.ops.peftkern.lora_linear_forward(*detached, scaling, p, True, False)
+    return dropout_mask(inputs[0], seed_offset, p)
+
+
+def check_lora(inputs, dtype, scaling=2.0, p=0.0, seed=0):
+    mask = seeded_mask(inputs, scaling, p, seed) if p > 0 else None
+
+    def fn(*ts):
+        torch.manual_seed(seed)
+        return lora_linear(*ts, scaling=scaling, dropout_p=p, training=True)
+
+    def ref_fn(*ts):
+        return ref.lora_linear(*ts, scaling, None if mask is None else mask.to(device="cpu", dtype=torch.float64))
+
+    return check_against_reference(fn, ref_fn, inputs, NAMES, dtype)
+
+
+# ---------------------------------------------------------------- forward and every gradient
+
+SHAPES = [  # (leading, in, out, r)
+    ((1,), 33, 17, 1),
+    ((7,), 33, 65, 8),
+    ((1000,), 96, 40, 64),
+    ((4, 250), 64, 128, 200),
+    ((2, 3, 7), 768, 768, 16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,n_in,n_out,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_forward_and_gradients(device, lead, n_in, n_out, r, p):
+    for dtype in dtypes_for(device):
+        inputs = make_inputs(lead, n_in, n_out, r, dtype, device, grad=NAMES)
+        check_lora(inputs, dtype, scaling=0.5, p=p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_bias_and_frozen_base(device):
+    for dtype in dtypes_for(device):
+        inputs = make_inputs((3, 21), 48, 56, 8, dtype, device, bias=False)
+        check_lora(inputs, dtype, p=0.1)
+        assert inputs[1].grad is None  # frozen weight: no gradient
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_requested_gradients_are_computed(device):
+    x, w, b, A, B = make_inputs((9,), 24, 40, 4, torch.float32, device, grad=())
+    u = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 1.0, 0.0, True, True)[1]
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    grads = torch.ops.peftkern.lora_linear_backward(torch.randn(9, 40, device=device), x, w, A, B, u, empty,
+                                                    1.0, 0.0, [False, False, False, True, False])
+    assert [g is None for g in grads] == [True, True, True, False, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_zero_and_eval_are_exact(device):
+    x, w, b, A, B = make_inputs((50,), 32, 24, 8, torch.float32, device, grad=())
+    plain = lora_linear(x, w, b, A, B, scaling=1.5, dropout_p=0.0)
+    assert torch.equal(lora_linear(x, w, b, A, B, scaling=1.5, dropout_p=0.4, training=False), plain)
+    assert_close(plain, ref.lora_linear(*(ref.f64(t) for t in (x, w, b, A, B)), 1.5), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_follows_manual_seed(device):
+    x, w, b, A, B = make_inputs((64,), 40, 24, 8, torch.float32, device, grad=())
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(lora_linear(x, w, b, A, B, scaling=1.0, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_statistics(device):
+    p = 0.3
+    x = torch.empty(512, 1001, device=device)
+    torch.manual_seed(5)
+    w, A, B = torch.randn(8, 1001, device=device), torch.randn(4, 1001, device=device), torch.randn(8, 4, device=device)
+    _, _, seed_offset = torch.ops.peftkern.lora_linear_forward(x, w, None, A, B, 1.0, p, True, False)
+    m = dropout_mask(x, seed_offset, p)
+    assert m.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
+    kept = (m > 0).double().mean().item()
+    n = m.numel()
+    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma
+    # independent across rows and columns: no row or column is all kept or all dropped
+    assert 0 < (m > 0).double().mean(0).min() and (m > 0).double().mean(0).max() < 1
+    assert 0 < (m > 0).double().mean(1).min() and (m > 0).double().mean(1).max() < 1
+
+
+def test_gradcheck_float64():
+    for p in (0.0, 0.3):
+        inputs = make_inputs((2, 3), 6, 5, 3, torch.float64, "cpu", grad=NAMES)
+
+        def fn(*ts):
+            torch.manual_seed(0)  # the same mask at every evaluation
+            return lora_linear(*ts, scaling=0.7, dropout_p=p)
+
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for p in (0.0, 0.2):
+            x, w, b, A, B = make_inputs((3, 5), 24, 16, 8, dtype, device, grad=NAMES)
+            torch.library.opcheck(torch.ops.peftkern.lora_linear_forward.default, (x, w, b, A, B, 0.5, p, True, True))
+            _, u, so = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 0.5, p, True, True)
+            g = torch.randn(3, 5, 16, dtype=dtype, device=device)
+            args = (g, x.detach(), w.detach(), A.detach(), B.detach(), u.detach(), so, 0.5, p,
+                    [True, False, False, True, True])
+            torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default, args)
+            if p > 0:
+                torch.library.opcheck(torch.ops.peftkern.dropout_mask.default, (x.detach(), so, p))
+
+
+# ---------------------------------------------------------------- bad input
+
+def call(**kw):
+    x, w, b, A, B = make_inputs((4,), 32, 16, 8, torch.float32, "cpu", grad=())
+    args = dict(x=x, weight=w, bias=b, lora_A=A, lora_B=B)
+    opts = dict(scaling=1.0)
+    for k, v in kw.items():
+        (opts if k in ("scaling", "dropout_p", "training") else args)[k] = v
+    return lora_linear(*(args[n] for n in NAMES), **opts)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(lora_B=torch.randn(16, 7)), ValueError, r"lora_B must have shape \[out_features, r\] = \[16, 8\]"),
+    (dict(lora_A=torch.randn(8, 31)), ValueError, r"lora_A must have shape \[r, in_features\] with r >= 1 and in_features = 32"),
+    (dict(weight=torch.randn(16, 31)), ValueError, r"weight must have shape \[out_features, in_features\] with in_features = 32"),
+    (dict(weight=torch.randn(15, 32), bias=None), ValueError, r"lora_B must have shape \[out_features, r\] = \[15, 8\]"),
+    (dict(bias=torch.randn(17)), ValueError, r"bias must have shape \[out_features\] = \[16\]"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\); got -0.1"),
+    (dict(dropout_p=1.5, training=False), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(lora_A=torch.randn(8, 32, dtype=torch.float64)), TypeError, r"lora_A has dtype Double but x has dtype Float"),
+    (dict(x=torch.randint(0, 3, (4, 32))), TypeError, r"x must be a floating-point tensor"),
+])
+def test_bad_input(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        call(**kwargs)
+
+
+@pytest.mark.cuda
+def test_bad_input_wrong_device():
+    x, w, b, A, B = make_inputs((4,), 32, 16, 8, torch.float32, "cuda", grad=())
+    with pytest.raises(ValueError, match=r"lora_A is on cpu but x is on cuda:0"):
+        lora_linear(x, w, b, A.cpu(), B, scaling=1.0)
+    with pytest.raises(ValueError, match=r"weight is on cpu but x is on cuda:0"):
+        lora_linear(x, w.cpu(), b, A, B, scaling=1.0)
+
+
+# ---------------------------------------------------------------- CUDA specifics
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lead,n_in,n_out,r", [
+    ((1,), 4096, 4096, 16), ((130,), 4096, 14336, 8), ((257,), 520, 72, 64), ((64,), 36, 1000, 256),
+    ((33,), 100, 100, 33), ((3, 100), 768, 512, 128),
+])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_kernel_shapes(lead, n_in, n_out, r, p):
+    for dtype in dtypes_for("cuda"):
+        inputs = make_inputs(lead, n_in, n_out, r, dtype, "cuda", grad=("x", "lora_A", "lora_B"))
+        poison_cuda_cache()
+        check_lora(inputs, dtype, scaling=0.5, p=p, seed=3)
+
+
+@pytest.mark.cuda
+def test_cuda_same_mask_as_cpu():
+    """The CPU and CUDA paths generate one mask from one (seed, offset)."""
+    x = torch.randn(37, 70)
+    so = torch.tensor([123456789, 8], dtype=torch.int64)
+    assert torch.equal(dropout_mask(x, so, 0.4), dropout_mask(x.cuda(), so.cuda(), 0.4).cpu())
+
+
+@pytest.mark.cuda
+def test_cuda_addmm_update_matches_fused(monkeypatch):
+    inputs = make_inputs((300,), 256, 384, 16, torch.bfloat16, "cuda", grad=())
+    fused = lora_linear(*inputs, scaling=2.0)
+    monkeypatch.setenv("PEFTKERN_LORA_UPDATE", "addmm")
+    assert_close(lora_linear(*inputs, scaling=2.0), fused.double(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_dropout():
+    """Inside a CUDA graph every replay draws a new mask (seed/offset read on device)."""
+    x, w, b, A, B = make_inputs((128,), 64, 64, 8, torch.float32, "cuda", grad=())
+    lora_linear(x, w, b, A, B, scaling=1.0, dropout_p=0.5)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lora_linear(x, w, b, A, B, scaling=1.0, dropout_p=0.5)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)
+
+
+# ---------------------------------------------------------------- the module
+
+def test_module_init_is_base_linear():
+    torch.manual_seed(0)
+    m = LoRALinear(64, 32, 8, lora_alpha=16)
+    assert m.scaling == 2.0 and torch.count_nonzero(m.lora_B) == 0
+    assert not m.weight.requires_grad and not m.bias.requires_grad and m.lora_A.requires_grad
+    bound = 1 / math.sqrt(64)
+    assert m.lora_A.abs().max() <= bound and m.lora_A.std() > bound / 3
+    x = torch.randn(5, 64)
+    assert torch.allclose(m(x), nn.functional.linear(x, m.weight, m.bias), atol=1e-6)
+    assert LoRALinear(64, 32, 16, lora_alpha=8, use_rslora=True).scaling == 8 / 4
+
+
+def test_module_from_linear_shares_weight():
+    linear = nn.Linear(20, 12)
+    m = LoRALinear.from_linear(linear, 4, lora_alpha=8, lora_dropout=0.1)
+    assert m.weight is linear.weight and m.bias is linear.bias and not linear.weight.requires_grad
+    assert m.lora_A.shape == (4, 20) and m.lora_B.shape == (12, 4) and m.lora_A.dtype == linear.weight.dtype
+    assert set(m.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_module_trains_and_freezes_base():
+    torch.manual_seed(0)
+    m = LoRALinear(24, 16, 4, lora_alpha=8)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(10, 24, requires_grad=True)
+    out = m(x)
+    leaves = [ref.f64(t) for t in (x, m.weight, m.bias, m.lora_A, m.lora_B)]
+    expected = ref.lora_linear(*leaves, m.scaling)
+    assert_close(out, expected, torch.float32)
+    out.sum().backward()
+    expected.sum().backward()
+    assert m.weight.grad is None and m.bias.grad is None
+    assert_close(m.lora_A.grad, leaves[3].grad, torch.float32, "grad lora_A")
+    assert_close(x.grad, leaves[0].grad, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_module_merge_unmerge_round_trip(dtype, tol):
+    torch.manual_seed(0)
+    m = LoRALinear(32, 24, 8, lora_alpha=16, dtype=dtype).eval()
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    x = torch.randn(6, 32, dtype=dtype)
+    w0 = m.weight.detach().clone()
+    y = m(x)
+    m.merge()
+    assert m.merged
+    assert_close(m(x), y.double(), dtype, "merged forward", tol=max(tol, 1e-5))
+    m.merge()  # idempotent
+    m.unmerge()
+    assert not m.merged
+    assert_close(m.weight, w0.double(), dtype, "weight after unmerge", tol=tol)
+    assert_close(m(x), y.double(), dtype, "unmerged forward", tol=max(tol, 1e-5))
+
+
+def test_module_repr_dropout_and_bad_args():
+    m = LoRALinear(8, 4, 2, lora_dropout=0.5, bias=False)
+    assert "in_features=8, out_features=4, r=2" in repr(m) and "merged=False" in repr(m)
+    m.train()
+    x = torch.randn(200, 8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    a = m(x)
+    m.eval()
+    assert not torch.equal(a, m(x))  # dropout only in training
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        LoRALinear(8, 4, 2, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        LoRALinear(8, 4, 0)
+
+
+def test_module_state_dict_round_trip():
+    m = LoRALinear(16, 8, 4)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    m2 = LoRALinear(16, 8, 4)
+    m2.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    x = torch.randn(3, 16)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_compiles_fullgraph(device):
+    torch._dynamo.reset()
+    m = LoRALinear(40, 24, 8, lora_dropout=0.0).to(device)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+    x = torch.randn(3, 7, 40, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, out_c = m(x), compiled(x2)
+    assert torch.allclose(out, out_c, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    ga = m.lora_A.grad.clone()
+    m.zero_grad()
+    out_c.square().sum().backward()
+    assert torch.allclose(m.lora_A.grad, ga, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
