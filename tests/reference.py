@@ -25,3 +25,14 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None):
     """peft's LoRA forward: base(x) + scaling * lora_B(lora_A(dropout(x))); mask = dropout factors."""
     dropped = x if mask is None else x * mask
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+
+
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
+    """A per-token loop over single-adapter LoRA: the definition of the multi-adapter op."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = []
+    for t, i in enumerate(adapter_ids.tolist()):
+        xt = x2[t:t + 1]
+        rows.append(F.linear(xt, weight, bias) if i < 0 else
+                    lora_linear(xt, weight, bias, lora_A[i], lora_B[i], float(scalings[i])))
+    return torch.cat(rows).reshape(*x.shape[:-1], weight.shape[0])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftkern.nn import LoRALinear
-from peftkern.ops import dropout_mask, lora_linear
+from peftkern.ops import dropout_mask, lora_linear, lora_linear_multi
 
 from . import reference as ref
 from .conftest import DEVICES, assert_close, check_against_reference, poison_cuda_cache, randn
@@ -338,3 +338,109 @@ def test_module_compiles_fullgraph(device):
     out_c.square().sum().backward()
     assert torch.allclose(m.lora_A.grad, ga, rtol=1e-5, atol=1e-6)
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- multi-adapter batches
+
+def make_multi(lead, n_in, n_out, r, L, dtype, device, none_fraction=0.2):
+    x = randn(*lead, n_in, dtype=dtype, device=device, requires_grad=True)
+    w = randn(n_out, n_in, dtype=dtype, device=device, scale=n_in**-0.5)
+    b = randn(n_out, dtype=dtype, device=device, scale=0.1)
+    A = randn(L, r, n_in, dtype=dtype, device=device, scale=n_in**-0.5, requires_grad=True)
+    B = randn(L, n_out, r, dtype=dtype, device=device, scale=r**-0.5, requires_grad=True)
+    tokens = x.numel() // n_in
+    ids = torch.randint(0, L, (tokens,), device=device)
+    ids[torch.rand(tokens, device=device) < none_fraction] = -1
+    scalings = (torch.rand(L, device=device) + 0.5)
+    return (x, w, b, A, B), ids, scalings
+
+
+def check_multi(inputs, ids, scalings, dtype):
+    def fn(x, w, b, A, B):
+        return lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)
+
+    def ref_fn(x, w, b, A, B):
+        return ref.lora_linear_multi(x, w, b, A, B, ids, scalings.double())
+
+    return check_against_reference(fn, ref_fn, inputs, NAMES, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,L,r", [((1,), 1, 4), ((7,), 3, 8), ((200,), 8, 16), ((2, 50), 5, 1)])
+def test_multi_matches_per_token_loop(device, lead, L, r):
+    for dtype in dtypes_for(device):
+        inputs, ids, scalings = make_multi(lead, 40, 24, r, L, dtype, device)
+        check_multi(inputs, ids, scalings, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_no_adapter_is_the_base_linear(device):
+    (x, w, b, A, B), ids, scalings = make_multi((30,), 16, 12, 4, 3, torch.float32, device)
+    ids = torch.full_like(ids, -1)
+    assert torch.equal(lora_linear_multi(x, w, b, A, B, ids, scalings=scalings), nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_with_one_adapter_is_lora_linear(device):
+    (x, w, b, A, B), ids, _ = make_multi((33,), 16, 12, 4, 1, torch.float32, device, none_fraction=0.0)
+    multi = lora_linear_multi(x, w, b, A, B, ids, scalings=[0.75])
+    assert torch.allclose(multi, lora_linear(x, w, b, A[0], B[0], scaling=0.75), rtol=1e-5, atol=1e-6)
+
+
+def test_multi_gradcheck_float64():
+    (x, w, b, A, B), ids, scalings = make_multi((6,), 5, 4, 2, 3, torch.float64, "cpu")
+    w.requires_grad_()
+    fn = lambda x, w, b, A, B: lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, A, B))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_opcheck(device):
+    (x, w, b, A, B), ids, scalings = make_multi((9,), 16, 8, 4, 3, torch.float32, device)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_multi_forward.default, (x, w, b, A, B, ids, scalings))
+    g = torch.randn(9, 8, device=device)
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_multi_backward.default,
+                          (g, x.detach(), w, A.detach(), B.detach(), ids, scalings, [True, False, False, True, True]))
+
+
+def test_multi_bad_input():
+    (x, w, b, A, B), ids, scalings = make_multi((6,), 8, 4, 2, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-1, 3\]"):
+        lora_linear_multi(x, w, b, A, B, torch.tensor([0, 1, 2, 3, -1, 0]), scalings=scalings)
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-2, 1\]"):
+        lora_linear_multi(x, w, b, A, B, torch.tensor([0, 1, -2, 1, -1, 0]), scalings=scalings)
+    with pytest.raises(TypeError, match=r"adapter_ids must be an int32 or int64 tensor; got Float"):
+        lora_linear_multi(x, w, b, A, B, ids.float(), scalings=scalings)
+    with pytest.raises(ValueError, match=r"adapter_ids must have shape \[tokens\] = \[6\]"):
+        lora_linear_multi(x, w, b, A, B, ids[:5], scalings=scalings)
+    with pytest.raises(ValueError, match=r"scalings must have shape \[L\] = \[3\]"):
+        lora_linear_multi(x, w, b, A, B, ids, scalings=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[L, out_features, r\] = \[3, 4, 2\]"):
+        lora_linear_multi(x, w, b, A, B[:2], ids, scalings=scalings)
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[L, r, in_features\] with in_features = 8"):
+        lora_linear_multi(x, w, b, A[0], B, ids, scalings=scalings)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens,L,r", [(16, 1, 16), (256, 8, 16), (4096, 64, 16), (1000, 7, 200), (130, 3, 33)])
+def test_cuda_multi_kernel(tokens, L, r):
+    for dtype in dtypes_for("cuda"):
+        inputs, ids, scalings = make_multi((tokens,), 256, 136, r, L, dtype, "cuda")
+        poison_cuda_cache()
+        out = lora_linear_multi(*inputs, ids, scalings=scalings)
+        expected = ref.lora_linear_multi(*(ref.f64(t) for t in inputs), ids, scalings.double())
+        assert_close(out, expected, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_multi_in_graph_capture():
+    inputs, ids, scalings = make_multi((300,), 64, 64, 8, 4, torch.float16, "cuda")
+    x, w, b, A, B = (t.detach() for t in inputs)
+    lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)
+    ids.copy_(torch.randint(-1, 4, ids.shape, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, ref.lora_linear_multi(*(ref.f64(t) for t in (x, w, b, A, B)), ids, scalings.double()), torch.float16)

@@ -86,28 +86,41 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Copies the ROWS x COLS tile at (row0, col0) of a row-major global matrix [nrows x ncols, row
-// stride ld] into shared memory (row stride SLD), zero-filling what lies outside the matrix.
-// vec: 16-byte cp.async, allowed when the base and ld are 16-byte aligned (so ncols, a multiple of
-// the vector, never splits a vector). Otherwise a synchronous element-wise copy (any d or r).
-template <typename T, int ROWS, int COLS, int SLD, int NTHREADS>
-__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, int64_t row0,
-                                          int64_t col0, int64_t nrows, int64_t ncols, bool vec) {
+// Which global rows a tile's local rows 0.. are; -1 = none (the row is zero-filled).
+struct RowRange {  // rows row0, row0 + 1, ... of a matrix with nrows rows
+  int64_t row0, nrows;
+  __device__ __forceinline__ int64_t operator()(int i) const { return row0 + i < nrows ? row0 + i : -1; }
+};
+struct RowList {  // local row i is rows[i] (a list in shared memory)
+  const int64_t* rows;
+  __device__ __forceinline__ int64_t operator()(int i) const { return rows[i]; }
+};
+
+// Copies a ROWS x COLS tile of a row-major global matrix [.., ncols, row stride ld] into shared
+// memory (row stride SLD): local row i from global row rows(i), columns col0.., zero-filling rows
+// mapped to -1 and columns past ncols. vec: 16-byte cp.async, allowed when the base and ld are
+// 16-byte aligned (so ncols, a multiple of the vector, never splits one). Otherwise a synchronous
+// element-wise copy (any shape).
+template <typename T, int ROWS, int COLS, int SLD, int NTHREADS, typename RowMap>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, RowMap rows, int64_t col0,
+                                          int64_t ncols, bool vec) {
   if (vec) {
     constexpr int V = kVec<T>;
     static_assert(COLS % V == 0, "tile width must be a whole number of 16-byte vectors");
     constexpr int kPerRow = COLS / V;
     for (int i = threadIdx.x; i < ROWS * kPerRow; i += NTHREADS) {
       const int r = i / kPerRow, c = (i % kPerRow) * V;
-      const bool ok = row0 + r < nrows && col0 + c < ncols;
-      const T* src = ok ? base + (row0 + r) * ld + col0 + c : base;
+      const int64_t row = rows(r);
+      const bool ok = row >= 0 && col0 + c < ncols;
+      const T* src = ok ? base + row * ld + col0 + c : base;
       cp_async_16(smem + r * SLD + c, src, ok);
     }
   } else {
     for (int i = threadIdx.x; i < ROWS * COLS; i += NTHREADS) {
       const int r = i / COLS, c = i % COLS;
-      const bool ok = row0 + r < nrows && col0 + c < ncols;
-      smem[r * SLD + c] = ok ? base[(row0 + r) * ld + col0 + c] : from_float<T>(0.f);
+      const int64_t row = rows(r);
+      const bool ok = row >= 0 && col0 + c < ncols;
+      smem[r * SLD + c] = ok ? base[row * ld + col0 + c] : from_float<T>(0.f);
     }
   }
 }

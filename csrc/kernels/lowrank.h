@@ -22,6 +22,8 @@ namespace peftkern::kernels {
 
 // The fused kernels handle r = 1..kLowRankMaxFusedRank (padded on chip to 16, 32, 64, 128 or 256).
 constexpr int kLowRankMaxFusedRank = 256;
+// Rows per block of the forward kernel (multi-adapter segments are cut into blocks of this size).
+constexpr int kLowRankRowsPerBlock = 64;
 
 // Where a launch takes its Philox seed and offset: values, or device pointers inside a CUDA graph
 // capture (a torch-free mirror of at::PhiloxCudaState).
@@ -41,6 +43,19 @@ struct DropoutArgs {
   const int64_t* seed_offset = nullptr;  // backward and mask: the forward's (seed, offset), device [2]
 };
 
+// Multi-adapter batches (one base, many LoRA adapters, each row its own): rows grouped by adapter
+// on the device (no host sync). Adapter l owns positions seg_start[l] .. seg_start[l+1] of `order`
+// and blocks block_start[l] .. block_start[l+1] of the grid (64 rows per block), so each block
+// reads one adapter's weights once. Rows of no adapter sit past seg_start[L] and are not touched.
+struct AdapterSegments {
+  int num_adapters = 0;                  // L; 0 = one adapter for every row
+  const int64_t* order = nullptr;        // [rows] row indices, grouped by adapter
+  const int64_t* seg_start = nullptr;    // [L + 1]
+  const int64_t* block_start = nullptr;  // [L + 1]: exclusive prefix sum of ceil(count_l / 64)
+  int64_t w_down_stride = 0, w_up_stride = 0;  // elements between consecutive adapters' weights
+  const float* scales = nullptr;         // [L], replaces `scale`
+};
+
 struct LowRankForwardArgs {
   DType dtype;
   Activation activation;
@@ -56,6 +71,7 @@ struct LowRankForwardArgs {
   void* y;             // [rows, n_out]
   void* z;             // [rows, r] pre-activation, saved for the backward; null in inference
   DropoutArgs dropout;
+  AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z must be null
 };
 
 // One kernel: each 64-row block reads its rows of x once (dropout applied on chip), keeps act(z)

@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(cons
 
   typename M::Acc acc[RP / 16];
   if (dz_out)
-    stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), a.rows, a.n_out, m0,
+    stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), RowRange{m0, a.rows}, a.n_out,
                                            static_cast<const T*>(a.w_up), a.r, reinterpret_cast<T*>(smem),
                                            a.vec_g, a.vec_wu, 0.f, SeedOffset{0, 0});
 
@@ -210,21 +210,19 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
   const bool need_dz = need_dx || need_dwd || need_dbd;
 
   if (need_dx)
-    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.n_in, 0, n0,
-                                                    a.r, a.n_in, a.vec_wd);
+    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.n_in,
+                                                    RowRange{0, a.r}, n0, a.n_in, a.vec_wd);
   auto load_stage = [&](int64_t t, int s) {
-    const int64_t row0 = t * kColsBM;
+    const RowRange rows{t * kColsBM, a.rows};
     T* st = stage(s);
     if (need_g)
-      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kGOff, g, a.n_out, row0, n0, a.rows,
-                                                           a.n_out, a.vec_g);
+      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kGOff, g, a.n_out, rows, n0, a.n_out, a.vec_g);
     if (need_dwd)
-      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kXOff, x, a.n_in, row0, n0, a.rows,
-                                                           a.n_in, a.vec_x);
+      load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kXOff, x, a.n_in, rows, n0, a.n_in, a.vec_x);
     if (need_dz)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, row0, 0, a.rows, RP, true);
+      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, rows, 0, RP, true);
     if (need_dwu)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, row0, 0, a.rows, RP, true);
+      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, rows, 0, RP, true);
   };
 
   typename M::Acc acc_u[C::kWgFragsPerWarp], acc_d[C::kWgFragsPerWarp];
@@ -252,7 +250,7 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
     const T* dz_s = st + C::kDzOff;
     const T* h_s = st + C::kHOff;
     if (need_dwd && a.drop_p > 0.f) {
-      dropout_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(x_s, t * kColsBM, n0, so, a.drop_p);
+      dropout_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(x_s, RowRange{t * kColsBM, a.rows}, n0, so, a.drop_p);
       __syncthreads();
     }
 

@@ -4,7 +4,8 @@
 //   phase 2  for each 64-wide (32 for fp32 at r > 128) column chunk of y:
 //            y = res + scale * (h @ w_up_chunk^T + b_up), w_up and res chunks prefetched
 // res may be y itself (LoRA adds into the base product): each element is read before it is
-// written, by the same block.
+// written, by the same block. A block's 64 rows are a list in shared memory: consecutive rows, or
+// in a multi-adapter batch one adapter's rows gathered (AdapterSegments).
 #include "lowrank.h"
 #include "lowrank_tiles.cuh"
 
@@ -46,16 +47,47 @@ __global__ void __launch_bounds__(kRowThreads)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* scr = reinterpret_cast<float*>(smem + C::kHBytes + C::kUnionBytes) + warp * 16 * C::kLdScr;
 
-  const int64_t rows = a.rows;
   const int n_in = a.n_in, n_out = a.n_out, r = a.r;
-  const int64_t m0 = int64_t(blockIdx.x) * kRowBlock;
   const int wrow = warp * 16;
+  const T* w_down = static_cast<const T*>(a.w_down);
   const T* b_down = static_cast<const T*>(a.b_down);
   const T* w_up = static_cast<const T*>(a.w_up);
   const T* b_up = static_cast<const T*>(a.b_up);
   const T* res = static_cast<const T*>(a.res);
   T* y = static_cast<T*>(a.y);
   T* z_out = static_cast<T*>(a.z);
+  float scale = a.scale;
+
+  // The block's rows, as a list: rows m0.. or, in a multi-adapter batch, one adapter's rows.
+  __shared__ int64_t rows_s[kRowBlock];
+  __shared__ int adapter_s;
+  const AdapterSegments& seg = a.segments;
+  if (seg.num_adapters > 0) {
+    const int64_t b = blockIdx.x;
+    if (threadIdx.x == 0) {  // the last adapter l with block_start[l] <= b; L = past the end
+      int lo = 0, hi = seg.num_adapters;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (seg.block_start[mid] <= b) lo = mid;
+        else hi = mid - 1;
+      }
+      adapter_s = lo;
+    }
+    __syncthreads();
+    const int l = adapter_s;
+    if (l >= seg.num_adapters) return;  // an idle block of the grid's upper bound
+    const int64_t start = seg.seg_start[l] + (b - seg.block_start[l]) * kRowBlock;
+    const int64_t count = seg.seg_start[l + 1] - start;
+    if (threadIdx.x < kRowBlock) rows_s[threadIdx.x] = threadIdx.x < count ? seg.order[start + threadIdx.x] : -1;
+    w_down += l * seg.w_down_stride;
+    w_up += l * seg.w_up_stride;
+    scale = seg.scales[l];
+  } else if (threadIdx.x < kRowBlock) {
+    const int64_t row = int64_t(blockIdx.x) * kRowBlock + threadIdx.x;
+    rows_s[threadIdx.x] = row < a.rows ? row : -1;
+  }
+  __syncthreads();
+  const RowList rows{rows_s};
 
   SeedOffset so{0, 0};
   if (a.dropout.p > 0.f) {
@@ -68,14 +100,13 @@ __global__ void __launch_bounds__(kRowThreads)
 
   // ---- phase 1: down-projection of this block's rows
   typename M::Acc acc[RP / 16];
-  stream_rows_times_weight<T, RP, true>(acc, static_cast<const T*>(a.x), rows, n_in, m0,
-                                        static_cast<const T*>(a.w_down), r, shared_region, vec.x,
-                                        vec.w_down, a.dropout.p, so);
+  stream_rows_times_weight<T, RP, true>(acc, static_cast<const T*>(a.x), rows, n_in, w_down, r, shared_region,
+                                        vec.x, vec.w_down, a.dropout.p, so);
 
   // bias + activation, fragment by fragment through this warp's scratch
   {
     const int rr = lane >> 1, c0 = (lane & 1) * 8;
-    const int64_t grow = m0 + wrow + rr;
+    const int64_t grow = rows(wrow + rr);
 #pragma unroll
     for (int j = 0; j < RP / 16; ++j) {
       wmma::store_matrix_sync(scr, acc[j], C::kLdScr, wmma::mem_row_major);
@@ -85,7 +116,7 @@ __global__ void __launch_bounds__(kRowThreads)
         const int col = j * 16 + c0 + e;
         const bool valid = col < r;
         const float z = scr[rr * C::kLdScr + c0 + e] + ((b_down && valid) ? to_float(b_down[col]) : 0.f);
-        if (z_out && valid && grow < rows) z_out[grow * r + col] = from_float<T>(z);
+        if (z_out && valid && grow >= 0) z_out[grow * r + col] = from_float<T>(z);
         h_s[(wrow + rr) * C::kLdH + col] = from_float<T>(valid ? activation_fn(a.activation, z) : 0.f);
       }
       __syncwarp();
@@ -97,9 +128,8 @@ __global__ void __launch_bounds__(kRowThreads)
   auto res_stage = [&](int s) { return shared_region + s * C::kUpStageStride + C::kBN * C::kLdH; };
   auto load_chunk = [&](int nc, int s) {
     const int64_t n0 = int64_t(nc) * C::kBN;
-    load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, n0, 0, n_out, r, vec.w_up);
-    load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, n_out, m0, n0, rows, n_out,
-                                                            vec.res);
+    load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, RowRange{n0, n_out}, 0, r, vec.w_up);
+    load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, n_out, rows, n0, n_out, vec.res);
   };
   const int nn = (n_out + C::kBN - 1) / C::kBN;
   load_chunk(0, 0);
@@ -134,16 +164,16 @@ __global__ void __launch_bounds__(kRowThreads)
     constexpr int kVecsPerRow = C::kBN / 8;
     for (int i = lane; i < 16 * kVecsPerRow; i += 32) {
       const int rr = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
-      const int64_t grow = m0 + wrow + rr;
+      const int64_t grow = rows(wrow + rr);
       const int64_t left = n_out - (n0 + c);
-      if (grow >= rows || left <= 0) continue;
+      if (grow < 0 || left <= 0) continue;
       const int valid = left < 8 ? static_cast<int>(left) : 8;
       const T* rs = res_stage(s) + (wrow + rr) * C::kLdRes + c;
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float bias = (b_up && e < valid) ? to_float(b_up[n0 + c + e]) : 0.f;
-        v[e] = to_float(rs[e]) + a.scale * (scr[rr * C::kLdScr + c + e] + bias);
+        v[e] = to_float(rs[e]) + scale * (scr[rr * C::kLdScr + c + e] + bias);
       }
       store8<T>(y + grow * n_out + n0 + c, v, vec.y, valid);
     }
@@ -157,6 +187,9 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   if (a.r < 1 || a.r > kLowRankMaxFusedRank || a.n_in < 1 || a.n_out < 1 || !a.res || !a.y)
     return cudaErrorInvalidValue;
+  const AdapterSegments& seg = a.segments;
+  if (seg.num_adapters > 0 && (!seg.order || !seg.seg_start || !seg.block_start || !seg.scales || a.z))
+    return cudaErrorInvalidValue;
   return dispatch_dtype_rank(a.dtype, a.r, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int RP = decltype(tag)::rank;
@@ -168,7 +201,8 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
     auto kernel = lowrank_forward_kernel<T, RP>;
     cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
     if (err != cudaSuccess) return err;
-    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+    // Multi-adapter: sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks; the spare ones exit.
+    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock + seg.num_adapters;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
     return cudaGetLastError();

@@ -14,6 +14,7 @@ namespace peftkern::cuda {
 constexpr int kRowWarps = 4;
 constexpr int kRowThreads = kRowWarps * 32;
 constexpr int kRowBlock = kRowWarps * 16;
+static_assert(kRowBlock == kernels::kLowRankRowsPerBlock, "lowrank.h promises 64-row blocks");
 
 // r is padded on chip to one of these (zero rows/columns), so each size has one compiled kernel.
 constexpr int padded_rank(int r) {
@@ -70,16 +71,18 @@ __device__ __forceinline__ SeedOffset resolve_seed_offset(const kernels::Dropout
   return {p.seed, p.offset};
 }
 
-// Multiplies a ROWS x COLS shared tile holding x[row0.., col0..] by its dropout factors
+// Multiplies a ROWS x COLS shared tile holding x[rows(i), col0..] by its dropout factors
 // (col0 % 4 == 0). Elements outside x are zero and stay zero.
-template <typename T, int ROWS, int COLS, int SLD, int NTHREADS>
-__device__ __forceinline__ void dropout_tile(T* tile, int64_t row0, int64_t col0, SeedOffset so, float p) {
+template <typename T, int ROWS, int COLS, int SLD, int NTHREADS, typename RowMap>
+__device__ __forceinline__ void dropout_tile(T* tile, RowMap rows, int64_t col0, SeedOffset so, float p) {
   static_assert(COLS % 4 == 0, "dropout groups four columns");
   constexpr int kGroups = COLS / 4;
   for (int i = threadIdx.x; i < ROWS * kGroups; i += NTHREADS) {
     const int r = i / kGroups, c = (i % kGroups) * 4;
+    const int64_t row = rows(r);
+    if (row < 0) continue;
     float f[4];
-    dropout_factors4(so.seed, so.offset, row0 + r, (col0 + c) / 4, p, f);
+    dropout_factors4(so.seed, so.offset, row, (col0 + c) / 4, p, f);
 #pragma unroll
     for (int e = 0; e < 4; ++e) tile[r * SLD + c + e] = from_float<T>(to_float(tile[r * SLD + c + e]) * f[e]);
   }
@@ -100,16 +103,15 @@ template <typename T, int RP> struct StreamCfg {
   static constexpr int kStageStride = kBytes / kStages / int(sizeof(T));
 };
 
-// acc[j] = drop(A)[m0 .. m0+64) x W^T restricted to this warp's 16 rows and rank columns
-// 16j..16j+16. A is [rows, K] (x or grad_out); kWeightIsRK: W is [r, K] (w_down), else [K, r]
-// (w_up). Rows past `rows` and rank columns past r read as zero; drop_p > 0 applies dropout to A.
-// Ends with smem free for reuse.
-template <typename T, int RP, bool kWeightIsRK>
+// acc[j] = drop(A)[rows(0..63)] x W^T restricted to this warp's 16 rows and rank columns
+// 16j..16j+16. A is [.., K] (x or grad_out), its block rows given by the row map; kWeightIsRK: W
+// is [r, K] (w_down), else [K, r] (w_up). Rows mapped to -1 and rank columns past r read as zero;
+// drop_p > 0 applies dropout to A. Ends with smem free for reuse.
+template <typename T, int RP, bool kWeightIsRK, typename RowMap>
 __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16],
-                                                         const T* A, int64_t rows, int K,
-                                                         int64_t m0, const T* W, int r, T* smem,
-                                                         bool vec_a, bool vec_w, float drop_p,
-                                                         SeedOffset so) {
+                                                         const T* A, RowMap rows, int K, const T* W,
+                                                         int r, T* smem, bool vec_a, bool vec_w,
+                                                         float drop_p, SeedOffset so) {
   using C = StreamCfg<T, RP>;
   using M = Mma<T>;
   const int warp = threadIdx.x >> 5;
@@ -121,11 +123,11 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
   auto w_stage = [&](int s) { return smem + s * C::kStageStride + kRowBlock * C::kLdA; };
   auto load = [&](int kc, int s) {
     const int64_t k0 = int64_t(kc) * C::kBK;
-    load_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(s), A, K, m0, k0, rows, K, vec_a);
+    load_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(s), A, K, rows, k0, K, vec_a);
     if constexpr (kWeightIsRK)
-      load_tile<T, RP, C::kBK, C::kLdWrk, kRowThreads>(w_stage(s), W, K, 0, k0, r, K, vec_w);
+      load_tile<T, RP, C::kBK, C::kLdWrk, kRowThreads>(w_stage(s), W, K, RowRange{0, r}, k0, K, vec_w);
     else
-      load_tile<T, C::kBK, RP, C::kLdWkr, kRowThreads>(w_stage(s), W, r, k0, 0, K, r, vec_w);
+      load_tile<T, C::kBK, RP, C::kLdWkr, kRowThreads>(w_stage(s), W, r, RowRange{k0, K}, 0, r, vec_w);
   };
 
   for (int s = 0; s < C::kStages - 1; ++s) {
@@ -139,7 +141,7 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
     if (pf < nk) load(pf, pf % C::kStages);
     cp_async_commit();
     if (drop_p > 0.f) {
-      dropout_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(kc % C::kStages), m0,
+      dropout_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(kc % C::kStages), rows,
                                                                int64_t(kc) * C::kBK, so, drop_p);
       __syncthreads();
     }

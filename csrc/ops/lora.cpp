@@ -16,6 +16,7 @@
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/lowrank.h"
@@ -321,6 +322,196 @@ TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
   m.impl("lora_linear_forward", &lora_forward_cuda);
   m.impl("lora_linear_backward", &lora_backward_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
+}
+#endif
+
+}  // namespace peftkern::ops
+
+// ====================================================================== multi-adapter batches
+// out[t] = base(x[t]) + scalings[i] * (x[t] @ lora_A[i]^T) @ lora_B[i]^T with i = adapter_ids[t]
+// (i = -1: base only). CUDA forward: tokens grouped by adapter on the device, then the fused
+// low-rank kernel with one adapter per 64-token block. CPU, the backward, and CUDA float64 or
+// r > 256: a per-adapter composite (it reads the per-adapter token counts on the host).
+
+namespace peftkern::ops {
+namespace {
+
+constexpr const char* kMultiOp = "lora_linear_multi";
+
+struct MultiDims {
+  int64_t rows, n_in, n_out, r, adapters;
+};
+
+bool stream_capturing(const at::Tensor& t) {
+#ifdef PEFTKERN_WITH_CUDA
+  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  return false;
+#endif
+}
+
+MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                      const at::Tensor& scalings) {
+  check_floating(x, kMultiOp, "x");
+  check_like(weight, kMultiOp, "weight", x, "x");
+  check_like(bias, kMultiOp, "bias", x, "x");
+  check_like(lora_A, kMultiOp, "lora_A", x, "x");
+  check_like(lora_B, kMultiOp, "lora_B", x, "x");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, kMultiOp,
+                   ": adapter_ids must be an int32 or int64 tensor; got ", ids.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(scalings.scalar_type()), kMultiOp, ": scalings must be a floating-point tensor; got ",
+                   scalings.scalar_type());
+  TORCH_CHECK_VALUE(ids.device() == x.device(), kMultiOp, ": adapter_ids is on ", ids.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(scalings.device() == x.device(), kMultiOp, ": scalings is on ", scalings.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, kMultiOp, ": x must have shape [..., in_features]; got ", x.sizes());
+  const int64_t n_in = x.size(-1), rows = x.numel() / n_in;
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == n_in && weight.size(0) >= 1, kMultiOp,
+                    ": weight must have shape [out_features, in_features] with in_features = ", n_in, "; got ",
+                    weight.sizes());
+  const int64_t n_out = weight.size(0);
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == n_out), kMultiOp,
+                    ": bias must have shape [out_features] = [", n_out, "]; got ", bias ? bias->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == n_in, kMultiOp,
+                    ": lora_A must have shape [L, r, in_features] with in_features = ", n_in, "; got ", lora_A.sizes());
+  const int64_t L = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == L && lora_B.size(1) == n_out && lora_B.size(2) == r, kMultiOp,
+                    ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ", lora_B.sizes());
+  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == rows, kMultiOp, ": adapter_ids must have shape [tokens] = [", rows,
+                    "] (one id per row of x); got ", ids.sizes());
+  TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
+                    "]; got ", scalings.sizes());
+  // The range check reads two numbers on the host; inside a CUDA graph capture it cannot, and the
+  // kernel then treats ids >= L like -1 (base only).
+  if (rows > 0 && !stream_capturing(ids)) {
+    const auto [lo, hi] = at::aminmax(ids);
+    const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(mn >= -1 && mx < L, kMultiOp, ": adapter_ids must be in [-1, L) = [-1, ", L, "); got values in [",
+                      mn, ", ", mx, "]");
+  }
+  return {rows, n_in, n_out, r, L};
+}
+
+// Tokens grouped by adapter: key = id (L for -1 and out-of-range ids), order = stable argsort.
+std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_t L) {
+  const at::Tensor id64 = ids.to(at::kLong);
+  const at::Tensor key = at::where((id64 < 0).logical_or(id64 >= L), at::scalar_tensor(L, id64.options()), id64);
+  const at::Tensor order = at::argsort(key, /*stable=*/true);
+  const at::Tensor counts = at::zeros({L + 1}, id64.options()).scatter_add_(0, key, at::ones_like(key));
+  return {order, counts};
+}
+
+at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                   const at::Tensor& ids, const at::Tensor& scalings) {
+  const int64_t L = lora_A.size(0);
+  const auto mt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto [order, counts] = group_by_adapter(ids, L);
+  const at::Tensor n = counts.cpu();
+  const at::Tensor s = scalings.to(mt);
+  int64_t start = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t count = n[l].item<int64_t>();
+    if (count == 0) continue;
+    const at::Tensor idx = order.narrow(0, start, count);
+    start += count;
+    const at::Tensor u = x2.index_select(0, idx).to(mt).mm(lora_A[l].to(mt).t());
+    out.index_add_(0, idx, (u.mm(lora_B[l].to(mt).t()) * s[l]).to(out.scalar_type()));
+  }
+  return out;
+}
+
+at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                              const at::Tensor& scalings) {
+  const MultiDims dims = check_multi(x, weight, bias, lora_A, lora_B, ids, scalings);
+  const at::Tensor x2 = x.reshape({dims.rows, dims.n_in}).contiguous();
+  at::Tensor out = base_product(x2, weight, bias);
+#ifdef PEFTKERN_WITH_CUDA
+  if (x.is_cuda() && fused(x, dims.r) && dims.rows > 0) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t L = dims.adapters;
+    const auto [order, counts] = group_by_adapter(ids, L);
+    const at::Tensor zero = at::zeros({1}, counts.options());
+    const at::Tensor seg_start = at::cat({zero, counts.cumsum(0)}).narrow(0, 0, L + 1).contiguous();
+    const at::Tensor blocks = (counts.narrow(0, 0, L) + (kernels::kLowRankRowsPerBlock - 1))
+                                  .div(kernels::kLowRankRowsPerBlock, "floor");
+    const at::Tensor block_start = at::cat({zero, blocks.cumsum(0)}).contiguous();
+    const at::Tensor scales = scalings.to(at::kFloat).contiguous();
+    const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
+    kernels::LowRankForwardArgs args{};
+    args.dtype = kernel_dtype(x.scalar_type());
+    args.activation = Activation::kIdentity;
+    args.scale = 1.f;
+    args.rows = dims.rows;
+    args.n_in = static_cast<int>(dims.n_in);
+    args.n_out = static_cast<int>(dims.n_out);
+    args.r = static_cast<int>(dims.r);
+    args.x = x2.data_ptr();
+    args.w_down = a.data_ptr();
+    args.w_up = b.data_ptr();
+    args.res = args.y = out.data_ptr();
+    args.segments.num_adapters = static_cast<int>(L);
+    args.segments.order = order.data_ptr<int64_t>();
+    args.segments.seg_start = seg_start.data_ptr<int64_t>();
+    args.segments.block_start = block_start.data_ptr<int64_t>();
+    args.segments.w_down_stride = dims.r * dims.n_in;
+    args.segments.w_up_stride = dims.n_out * dims.r;
+    args.segments.scales = scales.data_ptr<float>();
+    C10_CUDA_CHECK(kernels::lowrank_forward(args, at::cuda::getCurrentCUDAStream()));
+    return out.view(with_last(x.sizes(), dims.n_out));
+  }
+#endif
+  return multi_composite_forward(x2, out, lora_A, lora_B, ids, scalings).view(with_last(x.sizes(), dims.n_out));
+}
+
+Grads lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                          const at::Tensor& scalings, std::array<bool, 5> need) {
+  const MultiDims dims = check_multi(x, weight, std::nullopt, lora_A, lora_B, ids, scalings);
+  const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
+  const auto dt = x.scalar_type();
+  const auto mt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g2 = grad_out.reshape({dims.rows, dims.n_out}).to(mt);
+  const at::Tensor x2 = x.reshape({dims.rows, dims.n_in});
+  at::Tensor dx = need_dx ? g2.mm(weight.to(mt)) : at::Tensor();
+  at::Tensor dw = need_dw ? g2.t().mm(x2.to(mt)).to(dt) : at::Tensor();
+  at::Tensor db = need_db ? g2.sum(0).to(dt) : at::Tensor();
+  at::Tensor dA = need_dA ? at::zeros(lora_A.sizes(), lora_A.options().dtype(mt)) : at::Tensor();
+  at::Tensor dB = need_dB ? at::zeros(lora_B.sizes(), lora_B.options().dtype(mt)) : at::Tensor();
+  if (need_dx || need_dA || need_dB) {
+    const auto [order, counts] = group_by_adapter(ids, dims.adapters);
+    const at::Tensor n = counts.cpu();
+    const at::Tensor s = scalings.to(mt);
+    int64_t start = 0;
+    for (int64_t l = 0; l < dims.adapters; ++l) {
+      const int64_t count = n[l].item<int64_t>();
+      if (count == 0) continue;
+      const at::Tensor idx = order.narrow(0, start, count);
+      start += count;
+      const at::Tensor xl = x2.index_select(0, idx).to(mt), gl = g2.index_select(0, idx);
+      const at::Tensor a = lora_A[l].to(mt), b = lora_B[l].to(mt);
+      const at::Tensor v = gl.mm(b) * s[l];  // scaling * grad_out @ lora_B   [count, r]
+      if (need_dx) dx.index_add_(0, idx, v.mm(a));
+      if (need_dA) dA[l].copy_(v.t().mm(xl));
+      if (need_dB) dB[l].copy_(gl.t().mm(xl.mm(a.t())) * s[l]);
+    }
+  }
+  auto cast = [dt](const at::Tensor& t) { return t.defined() ? t.to(dt) : t; };
+  return finish_backward(x, cast(dx), dw, db, cast(dA), cast(dB));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
+  m.impl("lora_linear_multi_forward", &lora_multi_forward);
+  m.impl("lora_linear_multi_backward", &lora_multi_backward);
+}
+
+#ifdef PEFTKERN_WITH_CUDA
+TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+  m.impl("lora_linear_multi_forward", &lora_multi_forward);
+  m.impl("lora_linear_multi_backward", &lora_multi_backward);
 }
 #endif
 

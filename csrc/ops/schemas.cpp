@@ -29,4 +29,13 @@ TORCH_LIBRARY(peftkern, m) {
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   // The dropout factors (0 or 1/(1-p), float32, x's shape) that lora_linear applied for seed_offset.
   m.def("dropout_mask(Tensor x, Tensor seed_offset, float p) -> Tensor");
+
+  // Multi-adapter LoRA (one base, L adapters, each token its own): out[t] = x[t] @ weight^T + bias
+  // + scalings[i] * (x[t] @ lora_A[i]^T) @ lora_B[i]^T with i = adapter_ids[t], -1 = base only.
+  m.def(
+      "lora_linear_multi_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor adapter_ids, Tensor scalings) -> Tensor");
+  m.def(
+      "lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+      "Tensor adapter_ids, Tensor scalings, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

@@ -1,6 +1,6 @@
 """peftkern's autograd ops: one public function per op (see each docstring for the exact math)."""
 
 from .adapter import ADAPTER_ACTIVATIONS, adapter
-from .lora import dropout_mask, lora_linear
+from .lora import dropout_mask, lora_linear, lora_linear_multi
 
-__all__ = ["adapter", "ADAPTER_ACTIVATIONS", "lora_linear", "dropout_mask"]
+__all__ = ["adapter", "ADAPTER_ACTIVATIONS", "lora_linear", "lora_linear_multi", "dropout_mask"]

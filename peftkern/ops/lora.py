@@ -90,3 +90,64 @@ def _lora_backward(ctx, grad_out, _grad_u, _grad_seed):
 
 
 torch.library.register_autograd("peftkern::lora_linear_forward", _lora_backward, setup_context=_lora_setup_context)
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    adapter_ids: Tensor,
+    *,
+    scalings,
+) -> Tensor:
+    """One base layer, L LoRA adapters, each token its own (the serving case of Punica / S-LoRA)::
+
+        out[t] = x[t] @ weight.T + bias + scalings[i] * (x[t] @ lora_A[i].T) @ lora_B[i].T,  i = adapter_ids[t]
+
+    x ``[..., in]`` (tokens = x.numel() / in); lora_A ``[L, r, in]``; lora_B ``[L, out, r]``;
+    adapter_ids ``[tokens]`` int32/int64 in [-1, L), -1 = no adapter (base only); scalings ``[L]``
+    (a tensor or a sequence of floats). No dropout (inference).
+
+    CUDA forward: tokens are grouped by adapter on the device (no host sync), then one fused
+    kernel adds each 64-token block's update, reading that adapter's weights once per block.
+    The ids' range is checked with one host read (skipped inside CUDA graph capture, where ids
+    out of range act as -1). The backward (to x, weight, bias and the adapters) and the CPU path
+    are a slower per-adapter composite.
+    """
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor(scalings, dtype=torch.float32, device=x.device)
+    return torch.ops.peftkern.lora_linear_multi_forward(x, weight, bias, lora_A, lora_B, adapter_ids, scalings)
+
+
+@torch.library.register_fake("peftkern::lora_linear_multi_forward")
+def _lora_multi_forward_fake(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("peftkern::lora_linear_multi_backward")
+def _lora_multi_backward_fake(grad_out, x, weight, lora_A, lora_B, adapter_ids, scalings, output_mask):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, output_mask))
+
+
+def _lora_multi_setup_context(ctx, inputs, output):
+    x, weight, _bias, lora_A, lora_B, adapter_ids, scalings = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, adapter_ids, scalings)
+
+
+def _lora_multi_backward(ctx, grad_out):
+    x, weight, lora_A, lora_B, adapter_ids, scalings = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = (None,) * 5
+    if any(mask):
+        grads = torch.ops.peftkern.lora_linear_multi_backward(
+            grad_out, x, weight, lora_A, lora_B, adapter_ids, scalings, mask
+        )
+    return (*grads, None, None)
+
+
+torch.library.register_autograd(
+    "peftkern::lora_linear_multi_forward", _lora_multi_backward, setup_context=_lora_multi_setup_context
+)
