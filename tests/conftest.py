@@ -55,7 +55,10 @@ def check_against_reference(fn, ref_fn, inputs, names, dtype, tol=None):
             assert t.grad is not None, f"no gradient for {name}"
             assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
             expected_grad = torch.zeros_like(t64) if t64.grad is None else t64.grad  # unused by the reference
-            assert_close(t.grad, expected_grad, dtype, f"grad {name}", tol)
+            # a gradient stored in a coarser dtype than the op's (float32 scores of a float64 op) is
+            # held to that dtype's bound
+            coarser = max(dtype, t.dtype, key=lambda d: REL_TOL[d])
+            assert_close(t.grad, expected_grad, coarser, f"grad {name}", tol)
     return out
 
 

@@ -36,3 +36,31 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
         rows.append(F.linear(xt, weight, bias) if i < 0 else
                     lora_linear(xt, weight, bias, lora_A[i], lora_B[i], float(scalings[i])))
     return torch.cat(rows).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Binarizer(torch.autograd.Function):
+    """The papers' straight-through binarizer: forward scores > threshold (in float32, strict),
+    backward passes the gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx, scores, threshold):
+        return (scores.to(torch.float32) > threshold).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def masked_linear(x, weight, bias, scores, threshold):
+    return F.linear(x, weight * Binarizer.apply(scores, threshold).to(weight.dtype), bias)
+
+
+def mask_bits(keep):
+    """Bit-by-bit packing of a bool [rows, cols] mask, written independently of the op:
+    bit j of int32 word w of row n is element (n, 32 w + j)."""
+    rows, cols = keep.shape
+    words = (cols + 31) // 32
+    out = torch.zeros(rows, words, dtype=torch.int64)
+    for c in range(cols):
+        out[:, c // 32] |= keep[:, c].to(torch.int64) << (c % 32)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)

@@ -125,6 +125,26 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, Ro
   }
 }
 
+// Reads 8 consecutive values of src as float32 (zeros past `valid`); one or two 16-byte loads when
+// vec (src 16-byte aligned and valid == 8).
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, float (&v)[8], bool vec, int valid) {
+  if (vec && valid >= 8) {
+    if constexpr (std::is_same_v<T, float>) {
+      const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+      union { uint4 u; T e[8]; } pack;
+      pack.u = *reinterpret_cast<const uint4*>(src);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = to_float(pack.e[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = e < valid ? to_float(src[e]) : 0.f;
+  }
+}
+
 // Writes 8 consecutive values (float32 math) to dst as T; one or two 16-byte stores when vec.
 template <typename T>
 __device__ __forceinline__ void store8(T* dst, const float (&v)[8], bool vec, int valid) {

@@ -1,6 +1,13 @@
 // Types shared by the CUDA launchers, the CPU path and the torch glue. No torch, no CUDA header.
 #pragma once
 
+// Functions shared by host code and CUDA kernels.
+#if defined(__CUDACC__)
+#define PEFTKERN_HD __host__ __device__ __forceinline__
+#else
+#define PEFTKERN_HD inline
+#endif
+
 namespace peftkern {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PEFTKERN_HD __host__ __device__ __forceinline__
-#else
-#define PEFTKERN_HD inline
-#endif
+#include "kernel_types.h"
 
 namespace peftkern {
 

@@ -38,4 +38,20 @@ TORCH_LIBRARY(peftkern, m) {
   m.def(
       "lora_linear_multi_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor adapter_ids, Tensor scalings, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // Mask tuning: out = x @ (weight * m)^T + bias, m = float32(scores) > threshold. Outputs: out and,
+  // when save_for_backward, the mask as packed bits (int32 [out, ceil(in / 32)]), else empty.
+  m.def(
+      "masked_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor scores, float threshold, "
+      "bool save_for_backward) -> (Tensor, Tensor)");
+  // Gradients (x, weight, bias, scores) for the entries set in output_mask; scores straight through:
+  // d scores = (grad_out^T @ x) * weight.
+  m.def(
+      "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scores, Tensor mask_bits, "
+      "bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+  m.def("pack_mask(Tensor scores, float threshold) -> Tensor");
+  m.def("unpack_mask(Tensor bits, int[] shape) -> Tensor");
+  m.def("masked_linear_packed(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits) -> Tensor");
+  // Each row t of x uses mask_bits_stack[task_ids[t]] (-1: the unmasked weight).
+  m.def("masked_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits_stack, Tensor task_ids) -> Tensor");
 }

@@ -2,5 +2,6 @@
 
 from .adapter import Adapter
 from .lora import LoRALinear
+from .mask import MaskedLinear
 
-__all__ = ["Adapter", "LoRALinear"]
+__all__ = ["Adapter", "LoRALinear", "MaskedLinear"]
