@@ -64,3 +64,22 @@ def mask_bits(keep):
     for c in range(cols):
         out[:, c // 32] |= keep[:, c].to(torch.int64) << (c % 32)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, causal=False, scale=None):
+    """torch.cat of the (expanded or per-sample) prefix in front of k/v, then SDPA; GQA by
+    repeating kv heads; causal = the prefix always visible, sequence key j when j <= i + (S - L)."""
+    B, H, L, _ = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    if prefix_ids is None:
+        pk, pv = prefix_k.expand(B, *prefix_k.shape), prefix_v.expand(B, *prefix_v.shape)
+    else:
+        pk, pv = prefix_k[prefix_ids], prefix_v[prefix_ids]
+    keys = torch.cat([pk, k], 2).repeat_interleave(H // Hkv, 1)
+    values = torch.cat([pv, v], 2).repeat_interleave(H // Hkv, 1)
+    mask = None
+    if causal:
+        i = torch.arange(L, device=q.device)[:, None]
+        j = torch.arange(P + S, device=q.device)[None]
+        mask = (j < P) | (j - P <= i + (S - L))
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)

@@ -230,6 +230,13 @@ template <typename Layout> __device__ __forceinline__ int b_at(int k, int j, int
   return std::is_same_v<Layout, wmma::row_major> ? k * ld + j : j * ld + k;
 }
 
+// Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
+template <typename Kernel>
+cudaError_t set_smem_limit(Kernel kernel, int bytes) {
+  return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+                           : cudaSuccess;
+}
+
 // Row padding that keeps 16-byte rows and spreads 8-row fragment loads over all banks.
 template <typename T> constexpr int kSmemPad = kVec<T>;
 

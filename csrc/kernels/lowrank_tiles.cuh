@@ -45,13 +45,6 @@ template <typename F> cudaError_t dispatch_dtype_rank(DType dtype, int r, F&& f)
   return cudaErrorInvalidValue;
 }
 
-template <typename Kernel>
-cudaError_t set_smem_limit(Kernel kernel, int bytes) {
-  return bytes > 48 * 1024
-             ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
-             : cudaSuccess;
-}
-
 // Per-warp float32 scratch where an accumulator fragment is stored for its element-wise epilogue.
 constexpr int kScratchLd = 20;  // 16 columns + 4 floats: 16-byte rows, fewer bank conflicts
 constexpr int kScratchBytes = kRowWarps * 16 * kScratchLd * 4;

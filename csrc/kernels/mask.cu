@@ -184,12 +184,6 @@ __global__ void __launch_bounds__(kMvWarps * 32) masked_matvec_kernel(const Mask
   }
 }
 
-template <typename Kernel>
-cudaError_t set_dynamic_smem(Kernel kernel, int bytes) {
-  return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
-                           : cudaSuccess;
-}
-
 }  // namespace
 
 cudaError_t mask_apply(const MaskApplyArgs& a, cudaStream_t stream) {
@@ -226,11 +220,11 @@ cudaError_t masked_matvec(const MaskedMatvecArgs& a, cudaStream_t stream) {
     cudaError_t err;
     if (a.scores) {
       auto kernel = masked_matvec_kernel<T, TS, false>;
-      if ((err = set_dynamic_smem(kernel, smem_bytes)) != cudaSuccess) return err;
+      if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
       kernel<<<blocks, kMvWarps * 32, smem_bytes, stream>>>(a, vec_w);
     } else {
       auto kernel = masked_matvec_kernel<T, T, true>;
-      if ((err = set_dynamic_smem(kernel, smem_bytes)) != cudaSuccess) return err;
+      if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
       kernel<<<blocks, kMvWarps * 32, smem_bytes, stream>>>(a, vec_w);
     }
     return cudaGetLastError();

@@ -54,4 +54,16 @@ TORCH_LIBRARY(peftkern, m) {
   m.def("masked_linear_packed(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits) -> Tensor");
   // Each row t of x uses mask_bits_stack[task_ids[t]] (-1: the unmasked weight).
   m.def("masked_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits_stack, Tensor task_ids) -> Tensor");
+
+  // Prefix attention: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] without building the
+  // concatenation. Outputs out [B, H, L, D] and lse [B, H, L] (float32, for the backward).
+  m.def(
+      "prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_ids, "
+      "bool causal, float scale) -> (Tensor, Tensor)");
+  // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask; prefix gradients
+  // summed over the samples that use each prefix.
+  m.def(
+      "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? prefix_ids, Tensor out, Tensor lse, bool causal, float scale, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }
