@@ -14,7 +14,7 @@ from torch import nn
 
 import peftkern
 
-from .harness import Case, Work, input_sets_for
+from .harness import Case, input_sets_for, mode_work
 
 FAMILY = "adapter"
 TARGET = dict(tokens=16384, d=4096, r=64)  # the target shape (bf16)
@@ -49,27 +49,7 @@ def _work(provider, mode, T, d, r, dtype):
         train = mode != "inference"
         xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, d, device="cuda", dtype=dtype)
-        state = {}
-
-        def clear(i):  # fresh gradients each step, as after zero_grad(set_to_none=True)
-            xs[i].grad = None
-            for p in module.parameters():
-                p.grad = None
-
-        if mode == "inference":
-            def step(i):
-                with torch.no_grad():
-                    return module(xs[i])
-            return Work(step, None, n)
-        if mode == "forward":
-            return Work(lambda i: module(xs[i]), clear, n)
-        if mode == "full":
-            return Work(lambda i: module(xs[i]).backward(grad), clear, n)
-
-        def prepare(i):  # backward: the forward runs untimed
-            clear(i)
-            state["out"] = module(xs[i])
-        return Work(lambda i: state.pop("out").backward(grad), prepare, n)
+        return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
     return make
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 import peftkern
 
-from .harness import Case, Skip, Work, input_sets_for
+from .harness import Case, Skip, Work, input_sets_for, mode_work
 
 FAMILY = "lora"
 
@@ -123,27 +123,7 @@ def _work(provider, mode, T, n_in, n_out, r, p, dtype):
         train = mode != "inference"
         xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
-        state = {}
-
-        def clear(i):
-            xs[i].grad = None
-            for q in module.parameters():
-                q.grad = None
-
-        if mode == "inference":
-            def step(i):
-                with torch.no_grad():
-                    return module(xs[i])
-            return Work(step, None, n)
-        if mode == "forward":
-            return Work(lambda i: module(xs[i]), clear, n)
-        if mode == "full":
-            return Work(lambda i: module(xs[i]).backward(grad), clear, n)
-
-        def prepare(i):
-            clear(i)
-            state["out"] = module(xs[i])
-        return Work(lambda i: state.pop("out").backward(grad), prepare, n)
+        return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
     return make
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import peftkern
 
-from .harness import Case, Work, input_sets_for
+from .harness import Case, Work, input_sets_for, mode_work
 
 FAMILY = "mask"
 THRESHOLD = 0.0
@@ -59,26 +59,7 @@ def _work(provider, mode, T, n_in, n_out, dtype):
         train = mode != "inference"
         xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
-        state = {}
-
-        def clear(i):
-            xs[i].grad = None
-            s.grad = None
-
-        if mode == "inference":
-            def step(i):
-                with torch.no_grad():
-                    return fn(xs[i], w, b, s)
-            return Work(step, None, n)
-        if mode == "forward":
-            return Work(lambda i: fn(xs[i], w, b, s), clear, n)
-        if mode == "full":
-            return Work(lambda i: fn(xs[i], w, b, s).backward(grad), clear, n)
-
-        def prepare(i):
-            clear(i)
-            state["out"] = fn(xs[i], w, b, s)
-        return Work(lambda i: state.pop("out").backward(grad), prepare, n)
+        return mode_work(mode, lambda i: fn(xs[i], w, b, s), grad, lambda i: (xs[i], s), n)
     return make
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import peftkern
 
-from .harness import Case, Work, input_sets_for
+from .harness import Case, input_sets_for, mode_work
 
 FAMILY = "prefix"
 
@@ -75,29 +75,7 @@ def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype):
         pk = torch.randn(Hkv, P, D, device="cuda", dtype=dtype).requires_grad_(train)
         pv = torch.randn(Hkv, P, D, device="cuda", dtype=dtype).requires_grad_(train)
         grad = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
-        state = {}
-
-        def clear(i):
-            for t in (*sets[i], pk, pv):
-                t.grad = None
-
-        def run(i):
-            return fn(*sets[i], pk, pv, causal)
-
-        if not train:
-            def step(i):
-                with torch.no_grad():
-                    return run(i)
-            return Work(step, None, n)
-        if mode == "forward":
-            return Work(run, clear, n)
-        if mode == "full":
-            return Work(lambda i: run(i).backward(grad), clear, n)
-
-        def prepare(i):
-            clear(i)
-            state["out"] = run(i)
-        return Work(lambda i: state.pop("out").backward(grad), prepare, n)
+        return mode_work(mode, lambda i: fn(*sets[i], pk, pv, causal), grad, lambda i: (*sets[i], pk, pv), n)
     return make
 
 

@@ -32,6 +32,35 @@ class Work:
     n_sets: int = 1
 
 
+def mode_work(mode: str, run: Callable[[int], torch.Tensor], grad: Optional[torch.Tensor],
+              grad_holders: Callable[[int], Iterable[torch.Tensor]], n_sets: int) -> Work:
+    """The timed step of one mode, given run(i) (the forward on input set i) and the tensors whose
+    .grad must start empty before each step (as after zero_grad(set_to_none=True)):
+      inference  run under no_grad            forward   the training forward
+      full       forward + backward           backward  the backward alone (forward untimed)"""
+    def clear(i):
+        for t in grad_holders(i):
+            t.grad = None
+
+    if mode in ("inference", "decode"):
+        def step(i):
+            with torch.no_grad():
+                return run(i)
+        return Work(step, None, n_sets)
+    if mode == "forward":
+        return Work(run, clear, n_sets)
+    if mode == "full":
+        return Work(lambda i: run(i).backward(grad), clear, n_sets)
+    if mode != "backward":
+        raise ValueError(f"unknown mode {mode!r}")
+    state = {}
+
+    def prepare(i):
+        clear(i)
+        state["out"] = run(i)
+    return Work(lambda i: state.pop("out").backward(grad), prepare, n_sets)
+
+
 @dataclass
 class Case:
     family: str
@@ -206,7 +235,44 @@ def write_results(rows: List[dict], meta: dict, out_dir: str = RESULTS_DIR, tag:
         w.writerows(rows)
     with open(stem + ".md", "w") as f:
         f.write(markdown_table(rows, meta))
-    return [stem + ext for ext in (".json", ".csv", ".md")]
+    paths = [stem + ext for ext in (".json", ".csv", ".md")]
+    if plot_speedups(rows, meta, stem + ".png"):
+        paths.append(stem + ".png")
+    return paths
+
+
+def plot_speedups(rows: List[dict], meta: dict, path: str) -> bool:
+    """Bar chart of speedup vs eager per case and provider (log scale); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    measured = [r for r in rows if "speedup_vs_eager" in r and r["provider"] != "eager"]
+    if not measured:
+        return False
+    labels = sorted({(r["family"], r["shape"], r["dtype"], r["mode"]) for r in measured})
+    providers = sorted({r["provider"] for r in measured})
+    index = {lab: i for i, lab in enumerate(labels)}
+    width = 0.8 / len(providers)
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(labels) * len(providers)), 6))
+    for k, prov in enumerate(providers):
+        pts = [(index[(r["family"], r["shape"], r["dtype"], r["mode"])], r["speedup_vs_eager"])
+               for r in measured if r["provider"] == prov]
+        ax.bar([i + k * width for i, _ in pts], [v for _, v in pts], width, label=prov)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup vs eager (same run)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{f} {m}\n{s}\n{d}" for f, s, d, m in labels], rotation=90, fontsize=6)
+    ax.set_title(f"peftkern vs eager, {meta['gpu']} ({meta['date']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def run_meta(copy_bw: float) -> dict:

@@ -80,6 +80,50 @@ __device__ __forceinline__ void block_times_tile_t(float* scratch, const T* rows
   for (int f = 0; f < 4; ++f) wmma::store_matrix_sync(scratch + f * 16, acc[f], C::kLdS, wmma::mem_row_major);
 }
 
+// acc[16 x D] += p[16 x 64] (a warp's P or dS, row stride kLdP) @ tile[64 x D] (row stride kLd).
+template <typename T, int D>
+__device__ __forceinline__ void p_times_tile(typename Mma<T>::Acc (&acc)[D / 16], const T* p, const T* tile) {
+  using C = Cfg<T, D>;
+  using M = Mma<T>;
+#pragma unroll
+  for (int k = 0; k < kBlk; k += 16) {
+    typename M::template A<wmma::row_major> fa;
+    fa.load(p + k, C::kLdP);
+#pragma unroll
+    for (int f = 0; f < C::kDF; ++f) {
+      typename M::template B<wmma::row_major> fb;  // B(k, d) = tile[k][d]
+      fb.load(tile + k * C::kLd + f * 16, C::kLd);
+      M::mma(acc[f], fa, fb);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulators (times scale) through its scratch: row r goes to row_ptr(r)
+// (float32 or T; null = skip), 8 columns per store.
+template <typename T, int D, typename RowPtr>
+__device__ __forceinline__ void write_rows(typename Mma<T>::Acc (&acc)[D / 16], float scale, float* scratch, int lane,
+                                           RowPtr row_ptr) {
+  using C = Cfg<T, D>;
+#pragma unroll
+  for (int f = 0; f < C::kDF; ++f) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[f].x[e] *= scale;
+    wmma::store_matrix_sync(scratch + f * 16, acc[f], C::kLdS, wmma::mem_row_major);
+  }
+  __syncwarp();
+  constexpr int kVecs = D / 8;
+  for (int idx = lane; idx < 16 * kVecs; idx += 32) {
+    const int r = idx / kVecs, c = (idx % kVecs) * 8;
+    auto* dst = row_ptr(r);
+    if (dst == nullptr) continue;
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = scratch[r * C::kLdS + c + e];
+    store8(dst + c, v, true, 8);
+  }
+  __syncwarp();
+}
+
 // The keys of key block kb of sample b for kv head hk: the prefix's blocks first, then the sequence's.
 template <typename T> struct KeySource {
   const T* k;
@@ -223,48 +267,29 @@ __global__ void __launch_bounds__(kThreads)
     for (int f = 0; f < C::kDF; ++f)
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[f].x[e] *= stat[32 + rows.r[e]];
-#pragma unroll
-    for (int k = 0; k < kBlk; k += 16) {
-      typename M::template A<wmma::row_major> fa;
-      fa.load(p_w + k, C::kLdP);
-#pragma unroll
-      for (int f = 0; f < C::kDF; ++f) {
-        typename M::template B<wmma::row_major> fb;  // B(key, d) = V[key][d]
-        fb.load(v_s + k * C::kLd + f * 16, C::kLd);
-        M::mma(o[f], fa, fb);
-      }
-    }
+    p_times_tile<T, D>(o, p_w, v_s);
     __syncthreads();  // the stage is refilled by the next iteration's prefetch
   }
   cp_async_wait<0>();
 
   // out = O / l, lse = m + log l (natural log); rows that saw nothing: 0 and -inf
 #pragma unroll
-  for (int f = 0; f < C::kDF; ++f) {
+  for (int f = 0; f < C::kDF; ++f)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const float l = stat[16 + rows.r[e]];
       o[f].x[e] = l > 0.f ? o[f].x[e] / l : 0.f;
     }
-    wmma::store_matrix_sync(scr + f * 16, o[f], C::kLdS, wmma::mem_row_major);
-  }
-  __syncwarp();
   const int64_t row_base = (int64_t(b) * a.H + h) * a.L;
   if (lane < 16) {
     const int64_t i = q0 + wrow + lane;
     const float l = stat[16 + lane];
     if (i < a.L) lse_out[row_base + i] = l > 0.f ? (stat[lane] + log2f(l)) * kLn2 : kNegInf;
   }
-  constexpr int kVecs = D / 8;
-  for (int idx = lane; idx < 16 * kVecs; idx += 32) {
-    const int r = idx / kVecs, c = (idx % kVecs) * 8;
+  write_rows<T, D>(o, 1.f, scr, lane, [&](int r) -> T* {
     const int64_t i = q0 + wrow + r;
-    if (i >= a.L) continue;
-    float v[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = scr[r * C::kLdS + c + e];
-    store8<T>(out + (row_base + i) * D + c, v, true, 8);
-  }
+    return i < a.L ? out + (row_base + i) * D : nullptr;
+  });
 }
 
 // ------------------------------------------------------------------ backward: delta
@@ -401,70 +426,38 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncwarp();
-    // dV += P^T dO
-#pragma unroll
-    for (int k = 0; k < kBlk; k += 16) {
-      typename M::template A<wmma::row_major> fa;
-      fa.load(p_w + k, C::kLdP);
-#pragma unroll
-      for (int f = 0; f < C::kDF; ++f) {
-        typename M::template B<wmma::row_major> fb;  // B(query, d) = dO[query][d]
-        fb.load(do_s + k * C::kLd + f * 16, C::kLd);
-        M::mma(dv[f], fa, fb);
-      }
-    }
+    p_times_tile<T, D>(dv, p_w, do_s);  // dV += P^T dO
     __syncwarp();
     for (int idx = lane; idx < 16 * kBlk; idx += 32) {
       const int r = idx / kBlk, c = idx % kBlk;
       p_w[r * C::kLdP + c] = from_float<T>(scr_p[r * C::kLdS + c]);
     }
     __syncwarp();
-    // dK += dS^T Q (scaled at the end)
-#pragma unroll
-    for (int k = 0; k < kBlk; k += 16) {
-      typename M::template A<wmma::row_major> fa;
-      fa.load(p_w + k, C::kLdP);
-#pragma unroll
-      for (int f = 0; f < C::kDF; ++f) {
-        typename M::template B<wmma::row_major> fb;  // B(query, d) = Q[query][d]
-        fb.load(q_s + k * C::kLd + f * 16, C::kLd);
-        M::mma(dk[f], fa, fb);
-      }
-    }
+    p_times_tile<T, D>(dk, p_w, q_s);  // dK += dS^T Q (scaled at the end)
     __syncthreads();
   }
   cp_async_wait<0>();
 
-  // Write this warp's 16 keys: sequence keys to dk/dv, prefix keys to the sample's partials.
-  // (Unrolled, so `which` selects dk or dv at compile time and both stay in registers.)
-#pragma unroll
-  for (int which = 0; which < 2; ++which) {
-#pragma unroll
-    for (int f = 0; f < C::kDF; ++f) {
-      if (which == 0) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dk[f].x[e] *= a.scale;
-      }
-      wmma::store_matrix_sync(scr_p + f * 16, which == 0 ? dk[f] : dv[f], C::kLdS, wmma::mem_row_major);
-    }
-    __syncwarp();
-    constexpr int kVecs = D / 8;
-    for (int idx = lane; idx < 16 * kVecs; idx += 32) {
-      const int r = idx / kVecs, c = (idx % kVecs) * 8;
-      const int64_t j = src.key0 + wkey + r;
-      if (j >= src.nvalid) continue;
-      float v[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = scr_p[r * C::kLdS + c + e];
-      if (src.prefix) {
-        float* ws = which == 0 ? g.ws_prefix_k : g.ws_prefix_v;
-        if (ws) store8<float>(ws + ((int64_t(b) * a.Hkv + hk) * a.P + j) * D + c, v, true, 8);
-      } else {
-        T* dst = static_cast<T*>(which == 0 ? g.dk : g.dv);
-        if (dst) store8<T>(dst + ((int64_t(b) * a.Hkv + hk) * a.S + j) * D + c, v, true, 8);
-      }
-    }
-    __syncwarp();
+  // This warp's 16 keys: sequence keys to dk/dv, prefix keys to the sample's float32 partials.
+  const int64_t kv_row = int64_t(b) * a.Hkv + hk;
+  if (src.prefix) {
+    auto partial = [&](float* ws) {
+      return [&, ws](int r) -> float* {
+        const int64_t j = src.key0 + wkey + r;
+        return ws && j < src.nvalid ? ws + (kv_row * a.P + j) * D : nullptr;
+      };
+    };
+    write_rows<T, D>(dk, a.scale, scr_p, lane, partial(g.ws_prefix_k));
+    write_rows<T, D>(dv, 1.f, scr_p, lane, partial(g.ws_prefix_v));
+  } else {
+    auto rows_of = [&](void* dst) {
+      return [&, dst](int r) -> T* {
+        const int64_t j = src.key0 + wkey + r;
+        return dst && j < src.nvalid ? static_cast<T*>(dst) + (kv_row * a.S + j) * D : nullptr;
+      };
+    };
+    write_rows<T, D>(dk, a.scale, scr_p, lane, rows_of(g.dk));
+    write_rows<T, D>(dv, 1.f, scr_p, lane, rows_of(g.dv));
   }
 }
 
@@ -546,39 +539,15 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     __syncwarp();
-    // dQ += dS K (scaled at the end)
-#pragma unroll
-    for (int k = 0; k < kBlk; k += 16) {
-      typename M::template A<wmma::row_major> fa;
-      fa.load(p_w + k, C::kLdP);
-#pragma unroll
-      for (int f = 0; f < C::kDF; ++f) {
-        typename M::template B<wmma::row_major> fb;  // B(key, d) = K[key][d]
-        fb.load(k_s + k * C::kLd + f * 16, C::kLd);
-        M::mma(acc[f], fa, fb);
-      }
-    }
+    p_times_tile<T, D>(acc, p_w, k_s);  // dQ += dS K (scaled at the end)
     __syncthreads();
   }
   cp_async_wait<0>();
 
-#pragma unroll
-  for (int f = 0; f < C::kDF; ++f) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[f].x[e] *= a.scale;
-    wmma::store_matrix_sync(scr_p + f * 16, acc[f], C::kLdS, wmma::mem_row_major);
-  }
-  __syncwarp();
-  constexpr int kVecs = D / 8;
-  for (int idx = lane; idx < 16 * kVecs; idx += 32) {
-    const int r = idx / kVecs, c = (idx % kVecs) * 8;
+  write_rows<T, D>(acc, a.scale, scr_p, lane, [&](int r) -> T* {
     const int64_t i = q0 + wrow + r;
-    if (i >= a.L) continue;
-    float v[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = scr_p[r * C::kLdS + c + e];
-    store8<T>(dq + (row_base + i) * D + c, v, true, 8);
-  }
+    return i < a.L ? dq + (row_base + i) * D : nullptr;
+  });
 }
 
 // ------------------------------------------------------------------ backward: prefix sums

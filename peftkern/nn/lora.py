@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._frozen_base import init_like_linear_, share_frozen_base
 from ..ops.lora import lora_linear
 
 
@@ -53,11 +54,7 @@ class LoRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Base as nn.Linear initialises it; LoRA as peft: A Kaiming-uniform(a=sqrt(5)), B zero."""
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear_(self.weight, self.bias)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -73,8 +70,7 @@ class LoRALinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
                     device="meta", **kwargs)
-        layer.weight = w.requires_grad_(False)
-        layer.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
+        share_frozen_base(layer, linear)
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
         layer.reset_lora_parameters()

@@ -1,10 +1,9 @@
 """peftkern.nn.MaskedLinear: mask tuning of a frozen linear layer on the fused op."""
 
-import math
-
 import torch
 from torch import Tensor, nn
 
+from ._frozen_base import init_like_linear_, share_frozen_base
 from ..ops.mask import masked_linear, pack_mask
 
 # Piggyback (Mallya et al. 2018) initialises the real-valued mask at 1e-2 and binarises it at
@@ -44,11 +43,7 @@ class MaskedLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Weight and bias as nn.Linear initialises them; every score at score_init."""
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear_(self.weight, self.bias)
         self.reset_scores()
 
     def reset_scores(self) -> None:
@@ -61,8 +56,7 @@ class MaskedLinear(nn.Module):
         frozen; the scores go on the weight's device."""
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
-        layer.weight = w.requires_grad_(False)
-        layer.bias = None if linear.bias is None else linear.bias.requires_grad_(False)
+        share_frozen_base(layer, linear)
         layer.scores = nn.Parameter(torch.empty(w.shape, device=w.device, dtype=layer.scores.dtype))
         layer.reset_scores()
         return layer
