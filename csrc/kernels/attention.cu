@@ -164,6 +164,15 @@ struct VecFlags {
   bool q, k, v, prefix;
 };
 
+// A key block's K and V tiles into dst and dst + kTile (rows past the source zero-filled).
+template <typename T, int D>
+__device__ __forceinline__ void load_key_block(T* dst, const KeySource<T>& src, const VecFlags& vec) {
+  using C = Cfg<T, D>;
+  const RowRange rows{src.key0, src.nvalid};
+  load_tile<T, kBlk, D, C::kLd, kThreads>(dst, src.k, src.k_stride, rows, 0, D, src.prefix ? vec.prefix : vec.k);
+  load_tile<T, kBlk, D, C::kLd, kThreads>(dst + C::kTile, src.v, src.v_stride, rows, 0, D, src.prefix ? vec.prefix : vec.v);
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename T, int D> constexpr int forward_smem_bytes() {
@@ -194,12 +203,7 @@ __global__ void __launch_bounds__(kThreads)
   const float scale_log2 = a.scale * kLog2e;
 
   auto load_keys = [&](int kb, int stage) {
-    const KeySource<T> src = key_source<T>(a, b, hk, kb, n_prefix);
-    T* k_s = kv_s + stage * 2 * C::kTile;
-    load_tile<T, kBlk, D, C::kLd, kThreads>(k_s, src.k, src.k_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                            src.prefix ? vec.prefix : vec.k);
-    load_tile<T, kBlk, D, C::kLd, kThreads>(k_s + C::kTile, src.v, src.v_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                            src.prefix ? vec.prefix : vec.v);
+    load_key_block<T, D>(kv_s + stage * 2 * C::kTile, key_source<T>(a, b, hk, kb, n_prefix), vec);
   };
 
   load_tile<T, kBlk, D, C::kLd, kThreads>(q_s, q, a.q.stride_row, RowRange{q0, a.L}, 0, D, vec.q);
@@ -363,10 +367,7 @@ __global__ void __launch_bounds__(kThreads)
   const float scale_log2 = a.scale * kLog2e;
   const T* dout = static_cast<const T*>(g.grad_out);
 
-  load_tile<T, kBlk, D, C::kLd, kThreads>(k_s, src.k, src.k_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                          src.prefix ? vec.prefix : vec.k);
-  load_tile<T, kBlk, D, C::kLd, kThreads>(v_s, src.v, src.v_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                          src.prefix ? vec.prefix : vec.v);
+  load_key_block<T, D>(k_s, src, vec);  // K then V (v_s follows k_s)
   // Queries that can see this block: all for the prefix; i >= key0 - (S - L) for causal sequence keys.
   int qb_start = 0;
   if (!src.prefix && a.causal) {
@@ -495,12 +496,7 @@ __global__ void __launch_bounds__(kThreads)
   const float scale_log2 = a.scale * kLog2e;
 
   auto load_keys = [&](int kb, int stage) {
-    const KeySource<T> src = key_source<T>(a, b, hk, kb, n_prefix);
-    T* k_s = kv_s + stage * 2 * C::kTile;
-    load_tile<T, kBlk, D, C::kLd, kThreads>(k_s, src.k, src.k_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                            src.prefix ? vec.prefix : vec.k);
-    load_tile<T, kBlk, D, C::kLd, kThreads>(k_s + C::kTile, src.v, src.v_stride, RowRange{src.key0, src.nvalid}, 0, D,
-                                            src.prefix ? vec.prefix : vec.v);
+    load_key_block<T, D>(kv_s + stage * 2 * C::kTile, key_source<T>(a, b, hk, kb, n_prefix), vec);
   };
   const T* q = static_cast<const T*>(a.q.ptr) + b * a.q.stride_b + h * a.q.stride_h;
   load_tile<T, kBlk, D, C::kLd, kThreads>(q_s, q, a.q.stride_row, RowRange{q0, a.L}, 0, D, vec.q);

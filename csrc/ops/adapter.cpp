@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "cpu/lowrank.h"
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -77,18 +77,8 @@ void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     z.sizes());
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> s(shape.begin(), shape.end());
-  s.back() = last;
-  return s;
-}
-
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
                                                      const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,

@@ -7,12 +7,11 @@
 #include <array>
 
 #include "cpu/attention.h"
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/attention.h"
@@ -54,24 +53,7 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     " task prefixes [T, Hkv, P, D]; prefix_ids [B] must say which one each sample uses");
   TORCH_CHECK_VALUE(per_task || !prefix_ids, kOp,
                     ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
-  if (prefix_ids) {
-    const at::Tensor& ids = *prefix_ids;
-    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, kOp,
-                     ": prefix_ids must be an int32 or int64 tensor; got ", ids.scalar_type());
-    TORCH_CHECK_VALUE(ids.device() == q.device(), kOp, ": prefix_ids is on ", ids.device(), " but q is on ", q.device());
-    TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == B, kOp, ": prefix_ids must have shape [B] = [", B, "]; got ",
-                      ids.sizes());
-    bool capturing = false;
-#ifdef PEFTKERN_WITH_CUDA
-    capturing = ids.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#endif
-    if (B > 0 && !capturing) {  // one host read; skipped inside CUDA graph capture
-      const auto [lo, hi] = at::aminmax(ids);
-      const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-      TORCH_CHECK_VALUE(mn >= 0 && mx < tasks, kOp, ": prefix_ids must be in [0, T) = [0, ", tasks,
-                        "); got values in [", mn, ", ", mx, "]");
-    }
-  }
+  if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)");
   TORCH_CHECK_VALUE(L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp, ": sequence lengths must fit in 32 bits");
   return {B, H, Hkv, L, S, P, D, tasks};
 }
@@ -79,13 +61,11 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
-
 #ifdef PEFTKERN_WITH_CUDA
 
 bool fused(const at::Tensor& q, const Dims& d) {
   return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         kernels::attention_head_dim_supported(static_cast<int>(d.D));
+         kernels::attention_head_dim_supported(static_cast<int>(d.D)) && d.B <= 65535 && d.H <= 65535;  // grid y, z
 }
 
 // D-contiguous view, copied only if needed.

@@ -11,12 +11,11 @@
 
 #include "cpu/dropout.h"
 #include "cpu/lowrank.h"
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/lowrank.h"
@@ -62,14 +61,6 @@ Dims check_lora(const at::Tensor& x, const at::Tensor& weight, const std::option
   return {rows, n_in, n_out, r};
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> s(shape.begin(), shape.end());
-  s.back() = last;
-  return s;
-}
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
-
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
@@ -99,10 +90,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_backward(const at::Tens
       {need_dx, need_dA, false, need_dB, false});
   if (dxd.defined() && mask.defined()) dxd = dxd * mask;  // d dropout(x) / dx
   return {dxd, dA, dB};
-}
-
-at::Tensor base_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  return bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
 
 Forward finish_forward(const at::Tensor& x, const Dims& dims, const at::Tensor& out, const at::Tensor& u, bool save,
@@ -342,14 +329,6 @@ struct MultiDims {
   int64_t rows, n_in, n_out, r, adapters;
 };
 
-bool stream_capturing(const at::Tensor& t) {
-#ifdef PEFTKERN_WITH_CUDA
-  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#else
-  return false;
-#endif
-}
-
 MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
                       const at::Tensor& scalings) {
@@ -358,11 +337,8 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
   check_like(bias, kMultiOp, "bias", x, "x");
   check_like(lora_A, kMultiOp, "lora_A", x, "x");
   check_like(lora_B, kMultiOp, "lora_B", x, "x");
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, kMultiOp,
-                   ": adapter_ids must be an int32 or int64 tensor; got ", ids.scalar_type());
   TORCH_CHECK_TYPE(at::isFloatingType(scalings.scalar_type()), kMultiOp, ": scalings must be a floating-point tensor; got ",
                    scalings.scalar_type());
-  TORCH_CHECK_VALUE(ids.device() == x.device(), kMultiOp, ": adapter_ids is on ", ids.device(), " but x is on ", x.device());
   TORCH_CHECK_VALUE(scalings.device() == x.device(), kMultiOp, ": scalings is on ", scalings.device(), " but x is on ",
                     x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, kMultiOp, ": x must have shape [..., in_features]; got ", x.sizes());
@@ -378,18 +354,9 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
   const int64_t L = lora_A.size(0), r = lora_A.size(1);
   TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == L && lora_B.size(1) == n_out && lora_B.size(2) == r, kMultiOp,
                     ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ", lora_B.sizes());
-  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == rows, kMultiOp, ": adapter_ids must have shape [tokens] = [", rows,
-                    "] (one id per row of x); got ", ids.sizes());
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
                     "]; got ", scalings.sizes());
-  // The range check reads two numbers on the host; inside a CUDA graph capture it cannot, and the
-  // kernel then treats ids >= L like -1 (base only).
-  if (rows > 0 && !stream_capturing(ids)) {
-    const auto [lo, hi] = at::aminmax(ids);
-    const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(mn >= -1 && mx < L, kMultiOp, ": adapter_ids must be in [-1, L) = [-1, ", L, "); got values in [",
-                      mn, ", ", mx, "]");
-  }
+  check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)");  // in capture: ids >= L act as -1
   return {rows, n_in, n_out, r, L};
 }
 

@@ -8,12 +8,11 @@
 #include <vector>
 
 #include "cpu/mask.h"
-#include "ops/checks.h"
+#include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/mask.h"
@@ -29,12 +28,6 @@ struct Dims {
 };
 
 int64_t words_for(int64_t cols) { return (cols + 31) / 32; }
-
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> s(shape.begin(), shape.end());
-  s.back() = last;
-  return s;
-}
 
 // x [..., in], weight [out, in], bias [out]: the linear part every masked op shares.
 Dims check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -74,14 +67,6 @@ void check_bits(const char* op, const char* name, const at::Tensor& bits, at::In
   want.push_back(words_for(n_in));
   TORCH_CHECK_VALUE(bits.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ", at::IntArrayRef(want),
                     " ([.., out_features, ceil(in_features / 32)] words); got ", bits.sizes());
-}
-
-at::Tensor base_product(const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  return bias ? at::addmm(*bias, x2, w.t()) : at::mm(x2, w.t());
-}
-
-std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
@@ -305,14 +290,6 @@ at::Tensor masked_packed(const at::Tensor& x, const at::Tensor& weight, const st
   return base_product(x2, unpack_apply(weight, bits), bias).view(out_shape);
 }
 
-bool capturing(const at::Tensor& t) {
-#ifdef PEFTKERN_WITH_CUDA
-  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#else
-  return false;
-#endif
-}
-
 at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& bits, const at::Tensor& task_ids) {
   const char* op = "masked_linear_multi";
@@ -321,17 +298,7 @@ at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std
                     bits.sizes());
   const int64_t tasks = bits.size(0);
   check_bits(op, "mask_bits_stack", bits, {tasks}, dims.n_out, dims.n_in, x.device());
-  TORCH_CHECK_TYPE(task_ids.scalar_type() == at::kLong || task_ids.scalar_type() == at::kInt, op,
-                   ": task_ids must be an int32 or int64 tensor; got ", task_ids.scalar_type());
-  TORCH_CHECK_VALUE(task_ids.device() == x.device(), op, ": task_ids is on ", task_ids.device(), " but x is on ", x.device());
-  TORCH_CHECK_VALUE(task_ids.dim() == 1 && task_ids.size(0) == dims.rows, op, ": task_ids must have shape [tokens] = [",
-                    dims.rows, "] (one id per row of x); got ", task_ids.sizes());
-  if (dims.rows > 0 && !capturing(task_ids)) {  // one host read; skipped inside CUDA graph capture
-    const auto [lo, hi] = at::aminmax(task_ids);
-    const int64_t mn = lo.item<int64_t>(), mx = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(mn >= -1 && mx < tasks, op, ": task_ids must be in [-1, tasks) = [-1, ", tasks, "); got values in [",
-                      mn, ", ", mx, "]");
-  }
+  check_ids(op, "task_ids", task_ids, dims.rows, "tokens", x, "x", -1, tasks, "[-1, tasks)");  // capture: out of range acts as -1
   const at::Tensor x2 = x.reshape({dims.rows, dims.n_in});
   const auto out_shape = with_last(x.sizes(), dims.n_out);
 #ifdef PEFTKERN_WITH_CUDA

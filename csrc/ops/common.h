@@ -1,0 +1,98 @@
+// Shared by the ops: argument checks (every failure is a Python exception naming the op and the
+// argument: TypeError for dtypes, ValueError for shapes, values and devices) and small helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+#ifdef PEFTKERN_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
+#include "kernels/kernel_types.h"
+
+namespace peftkern::ops {
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor (float32, float16, bfloat16 or float64); got ",
+                   t.scalar_type());
+}
+
+// t must have ref's dtype and device (ref is the op's first input, named ref_name).
+inline void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+                   "; all floating-point inputs must share one dtype");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+                    ref_name, " is on ", ref.device(), "; all inputs must be on one device");
+}
+
+inline void check_like(const std::optional<at::Tensor>& t, const char* op, const char* name,
+                       const at::Tensor& ref, const char* ref_name) {
+  if (t) check_like(*t, op, name, ref, ref_name);
+}
+
+inline DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "peftkern: no CUDA kernel for dtype ", t);
+  }
+}
+
+inline const void* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr() : nullptr;
+}
+
+inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// shape with its last dimension replaced
+inline std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
+  std::vector<int64_t> s(shape.begin(), shape.end());
+  s.back() = last;
+  return s;
+}
+
+// x2 @ weight^T + bias (cuBLAS on CUDA)
+inline at::Tensor base_product(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+}
+
+// True while t's stream is being captured into a CUDA graph (no host reads allowed then).
+inline bool capturing(const at::Tensor& t) {
+#ifdef PEFTKERN_WITH_CUDA
+  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+// ids: int32/int64, on ref's device, shape [n] (named n_name), values in [lo, hi). The range check
+// reads two numbers on the host, so it is skipped inside CUDA graph capture (each op documents what
+// its kernel then does with an out-of-range id).
+inline void check_ids(const char* op, const char* name, const at::Tensor& ids, int64_t n, const char* n_name,
+                      const at::Tensor& ref, const char* ref_name, int64_t lo, int64_t hi, const char* range) {
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op, ": ", name,
+                   " must be an int32 or int64 tensor; got ", ids.scalar_type());
+  TORCH_CHECK_VALUE(ids.device() == ref.device(), op, ": ", name, " is on ", ids.device(), " but ", ref_name, " is on ",
+                    ref.device());
+  TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == n, op, ": ", name, " must have shape [", n_name, "] = [", n,
+                    "]; got ", ids.sizes());
+  if (n > 0 && !capturing(ids)) {
+    const auto [mn_t, mx_t] = at::aminmax(ids);
+    const int64_t mn = mn_t.item<int64_t>(), mx = mx_t.item<int64_t>();
+    TORCH_CHECK_VALUE(mn >= lo && mx < hi, op, ": ", name, " must be in ", range, " = [", lo, ", ", hi,
+                      "); got values in [", mn, ", ", mx, "]");
+  }
+}
+
+}  // namespace peftkern::ops
