@@ -26,8 +26,9 @@ struct Dims {
   int64_t B, H, Hkv, L, S, P, D, tasks;  // tasks = 0: one prefix shared by the batch
 };
 
+// check_id_values: read prefix_ids' range on the host (the forward); the backward skips that sync.
 Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-                     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids) {
+                     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids, bool check_id_values) {
   check_floating(q, kOp, "q");
   check_like(k, kOp, "k", q, "q");
   check_like(v, kOp, "v", q, "q");
@@ -53,7 +54,7 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     " task prefixes [T, Hkv, P, D]; prefix_ids [B] must say which one each sample uses");
   TORCH_CHECK_VALUE(per_task || !prefix_ids, kOp,
                     ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
-  if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)");
+  if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)", check_id_values);
   TORCH_CHECK_VALUE(L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp, ": sequence lengths must fit in 32 bits");
   return {B, H, Hkv, L, S, P, D, tasks};
 }
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                      const std::optional<at::Tensor>& prefix_ids, bool causal,
                                                      double scale) {
-  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids);
+  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, true);
 #ifdef PEFTKERN_WITH_CUDA
   if (q.is_cuda() && fused(q, d)) {
     const c10::cuda::CUDAGuard guard(q.device());
@@ -126,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& prefix_k, const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids,
                          const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, std::array<bool, 5> need) {
-  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids);
+  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, false);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out and out must have q's shape");
 #ifdef PEFTKERN_WITH_CUDA
   if (q.is_cuda() && fused(q, d)) {

@@ -77,17 +77,19 @@ inline bool capturing(const at::Tensor& t) {
 }
 
 // ids: int32/int64, on ref's device, shape [n] (named n_name), values in [lo, hi). The range check
-// reads two numbers on the host, so it is skipped inside CUDA graph capture (each op documents what
-// its kernel then does with an out-of-range id).
+// reads two numbers on the host (a device sync), so it is skipped inside CUDA graph capture (each op
+// documents what its kernel then does with an out-of-range id) and when check_values is false (a
+// backward, whose forward already checked the same ids).
 inline void check_ids(const char* op, const char* name, const at::Tensor& ids, int64_t n, const char* n_name,
-                      const at::Tensor& ref, const char* ref_name, int64_t lo, int64_t hi, const char* range) {
+                      const at::Tensor& ref, const char* ref_name, int64_t lo, int64_t hi, const char* range,
+                      bool check_values = true) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op, ": ", name,
                    " must be an int32 or int64 tensor; got ", ids.scalar_type());
   TORCH_CHECK_VALUE(ids.device() == ref.device(), op, ": ", name, " is on ", ids.device(), " but ", ref_name, " is on ",
                     ref.device());
   TORCH_CHECK_VALUE(ids.dim() == 1 && ids.size(0) == n, op, ": ", name, " must have shape [", n_name, "] = [", n,
                     "]; got ", ids.sizes());
-  if (n > 0 && !capturing(ids)) {
+  if (check_values && n > 0 && !capturing(ids)) {
     const auto [mn_t, mx_t] = at::aminmax(ids);
     const int64_t mn = mn_t.item<int64_t>(), mx = mx_t.item<int64_t>();
     TORCH_CHECK_VALUE(mn >= lo && mx < hi, op, ": ", name, " must be in ", range, " = [", lo, ", ", hi,

@@ -331,7 +331,7 @@ struct MultiDims {
 
 MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
-                      const at::Tensor& scalings) {
+                      const at::Tensor& scalings, bool check_id_values) {
   check_floating(x, kMultiOp, "x");
   check_like(weight, kMultiOp, "weight", x, "x");
   check_like(bias, kMultiOp, "bias", x, "x");
@@ -356,7 +356,8 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
                     ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ", lora_B.sizes());
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
                     "]; got ", scalings.sizes());
-  check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)");  // in capture: ids >= L act as -1
+  // In capture, ids >= L act as -1; the backward skips the host read its forward already did.
+  check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)", check_id_values);
   return {rows, n_in, n_out, r, L};
 }
 
@@ -391,7 +392,7 @@ at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const a
 at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
                               const at::Tensor& scalings) {
-  const MultiDims dims = check_multi(x, weight, bias, lora_A, lora_B, ids, scalings);
+  const MultiDims dims = check_multi(x, weight, bias, lora_A, lora_B, ids, scalings, true);
   const at::Tensor x2 = x.reshape({dims.rows, dims.n_in}).contiguous();
   at::Tensor out = base_product(x2, weight, bias);
 #ifdef PEFTKERN_WITH_CUDA
@@ -435,7 +436,7 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
 Grads lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
                           const at::Tensor& scalings, std::array<bool, 5> need) {
-  const MultiDims dims = check_multi(x, weight, std::nullopt, lora_A, lora_B, ids, scalings);
+  const MultiDims dims = check_multi(x, weight, std::nullopt, lora_A, lora_B, ids, scalings, false);
   const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
   const auto dt = x.scalar_type();
   const auto mt = dt == at::kDouble ? at::kDouble : at::kFloat;
