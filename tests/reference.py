@@ -66,10 +66,12 @@ def mask_bits(keep):
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, causal=False, scale=None):
-    """torch.cat of the (expanded or per-sample) prefix in front of k/v, then SDPA; GQA by
-    repeating kv heads; causal = the prefix always visible, sequence key j when j <= i + (S - L)."""
-    B, H, L, _ = q.shape
+def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=None, causal=False, scale=None):
+    """torch.cat of the (expanded or per-sample) prefix in front of k/v, then softmax attention
+    written out; GQA by repeating kv heads. The mask covers the sequence keys: the prefix is always
+    visible; sequence key j is hidden when causal and j > i + (S - L), and where a bool attn_mask
+    is False (an additive one is added). A query that sees no key outputs 0 (SDPA: NaN)."""
+    B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
     if prefix_ids is None:
         pk, pv = prefix_k.expand(B, *prefix_k.shape), prefix_v.expand(B, *prefix_v.shape)
@@ -77,9 +79,16 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, causal=False,
         pk, pv = prefix_k[prefix_ids], prefix_v[prefix_ids]
     keys = torch.cat([pk, k], 2).repeat_interleave(H // Hkv, 1)
     values = torch.cat([pv, v], 2).repeat_interleave(H // Hkv, 1)
-    mask = None
+    scores = q @ keys.transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
+    seq_bias = torch.zeros(B, H, L, S, dtype=scores.dtype, device=q.device)
+    if attn_mask is not None:
+        seq_bias = (seq_bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                    else seq_bias + attn_mask)
     if causal:
         i = torch.arange(L, device=q.device)[:, None]
-        j = torch.arange(P + S, device=q.device)[None]
-        mask = (j < P) | (j - P <= i + (S - L))
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        j = torch.arange(S, device=q.device)[None]
+        seq_bias = seq_bias.masked_fill(j > i + (S - L), float("-inf"))
+    scores = scores + F.pad(seq_bias, (P, 0))
+    blind = torch.isneginf(scores).all(-1, keepdim=True)  # rows that see no key
+    probs = torch.softmax(scores.masked_fill(blind, 0), -1).masked_fill(blind, 0)
+    return probs @ values

@@ -1,9 +1,14 @@
 """peftkern.ops.prefix_attention and the prefix / prompt modules against torch.cat + SDPA."""
 
+import contextlib
+import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from peftkern.nn import PrefixKV, PrefixSelfAttention, SoftPrompt
 from peftkern.ops import prefix_attention
@@ -27,18 +32,33 @@ def make_inputs(B, H, Hkv, L, S, P, D, dtype, device, tasks=0, grad=NAMES):
     return tuple(t[n] for n in NAMES), ids
 
 
-def check_prefix(inputs, ids, dtype, causal=False, scale=None):
-    fn = lambda *ts: prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale)  # noqa: E731
-    ref_fn = lambda *ts: ref.prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale)  # noqa: E731
+def check_prefix(inputs, ids, dtype, causal=False, scale=None, attn_mask=None):
+    fn = lambda *ts: prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale, attn_mask=attn_mask)  # noqa: E731
+    ref_fn = lambda *ts: ref.prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale,  # noqa: E731
+                                              attn_mask=attn_mask)
     return check_against_reference(fn, ref_fn, inputs, NAMES, dtype)
+
+
+# The sequence part's kernel follows torch.nn.attention.sdpa_kernel, as SDPA does: "default" is the
+# op's own choice (CPU: PyTorch's CPU flash kernel), "math" the ATen composite.
+SEQ_BACKENDS = {"default": None, "math": [SDPBackend.MATH]}
+CUDA_SEQ_BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+                     "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}
+
+
+def backend(name, table=SEQ_BACKENDS):
+    chosen = table[name]
+    return contextlib.nullcontext() if chosen is None else sdpa_kernel(chosen)
 
 
 SHAPES = [  # B, H, Hkv, L, S, P, D
     (2, 4, 4, 5, 7, 3, 16),
-    (1, 8, 2, 33, 33, 0, 32),
+    (1, 8, 2, 33, 33, 0, 32),   # P = 0: plain attention
     (3, 4, 1, 17, 40, 65, 64),
     (2, 2, 2, 70, 130, 16, 128),
-    (1, 2, 1, 1, 50, 8, 64),  # decode: one query over a cache
+    (1, 2, 1, 1, 50, 8, 64),    # decode: one query over a cache
+    (2, 4, 2, 9, 4, 5, 16),     # L > S: causal rows i < L - S see only the prefix
+    (2, 2, 1, 6, 0, 5, 16),     # S = 0: the prefix alone
 ]
 
 
@@ -49,6 +69,17 @@ def test_forward_and_gradients(device, shape, causal):
     for dtype in dtypes_for(device):
         inputs, ids = make_inputs(*shape, dtype, device)
         check_prefix(inputs, ids, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("seq_backend", SEQ_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 9, 4, 5, 16), (2, 4, 4, 6, 11, 3, 8), (1, 2, 1, 12, 12, 4, 24)])
+def test_cpu_sequence_backends(seq_backend, shape):
+    """The merge algebra and the merged-statistics backward on each CPU sequence kernel."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for causal in (False, True):
+            inputs, _ = make_inputs(*shape, dtype, "cpu")
+            with backend(seq_backend):
+                check_prefix(inputs, None, dtype, causal=causal)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,35 +100,130 @@ def test_custom_scale(device):
     check_prefix(inputs, None, torch.float32, scale=0.3)
 
 
+def padding_mask(B, S, lengths, device):
+    """[B, 1, 1, S] bool, True on each sample's first lengths[b] keys (right padding)."""
+    return (torch.arange(S, device=device)[None] < torch.tensor(lengths, device=device)[:, None])[:, None, None]
+
+
+MASKS = {  # name -> (B, H, L, S) -> mask
+    "bool_2d": lambda B, H, L, S, dev: torch.rand(L, S, device=dev) > 0.3,
+    "bool_padding": lambda B, H, L, S, dev: padding_mask(B, S, [S, S // 2, 0][:B], dev),
+    "bool_4d_full": lambda B, H, L, S, dev: torch.rand(B, H, L, S, device=dev) > 0.5,
+    "additive_b1ls": lambda B, H, L, S, dev: torch.randn(B, 1, L, S, device=dev),
+    "additive_padding": lambda B, H, L, S, dev: torch.zeros(B, 1, 1, S, device=dev).masked_fill(
+        ~padding_mask(B, S, [S, 1, S // 3][:B], dev), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attn_mask(device, mask_kind, causal):
+    """attn_mask over the sequence keys, combined with causal; prefix keys stay visible, so rows
+    whose sequence keys are all masked (a fully padded sample, say) attend to the prefix alone."""
+    for dtype in dtypes_for(device):
+        for shape in [(3, 4, 2, 7, 10, 3, 16), (3, 2, 1, 12, 5, 4, 32)]:  # L < S and L > S
+            B, H, Hkv, L, S, P, D = shape
+            inputs, _ = make_inputs(*shape, dtype, device)
+            mask = MASKS[mask_kind](B, H, L, S, device)
+            if mask.dtype != torch.bool:
+                mask = mask.to(dtype)
+            check_prefix(inputs, None, dtype, causal=causal, attn_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attn_mask_with_task_prefixes_and_math_backend(device):
+    inputs, _ = make_inputs(3, 4, 2, 8, 8, 5, 16, torch.float32, device, tasks=2)
+    ids = torch.tensor([1, 0, 1], device=device)
+    mask = padding_mask(3, 8, [8, 3, 0], device)
+    for name in SEQ_BACKENDS:
+        for t in inputs:
+            t.grad = None
+        with backend(name):
+            check_prefix(inputs, ids, torch.float32, causal=True, attn_mask=mask)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_queries_that_see_nothing_output_zero(device):
-    """causal, P = 0, L > S: the first L - S queries see no key at all; they output 0 (SDPA: NaN)."""
+    """P = 0 and no visible sequence key (causal L > S, or a fully masked row): the output is 0 (SDPA
+    gives NaN) and the gradients are finite; other rows match the reference."""
     for dtype in dtypes_for(device):
-        (q, k, v, pk, pv), _ = make_inputs(1, 2, 2, 10, 4, 0, 64, dtype, device, grad=())
-        out = prefix_attention(q, k, v, pk, pv, causal=True)
+        inputs, _ = make_inputs(1, 2, 2, 10, 4, 0, 64, dtype, device)
+        out = check_prefix(inputs, None, dtype, causal=True)
         assert torch.equal(out[:, :, :6], torch.zeros_like(out[:, :, :6]))
-        expected = ref.prefix_attention(*(ref.f64(t) for t in (q, k, v, pk, pv)), causal=True)
-        assert_close(out[:, :, 6:], expected[:, :, 6:], dtype)
+        inputs, _ = make_inputs(2, 2, 1, 5, 6, 0, 16, dtype, device)
+        mask = padding_mask(2, 6, [6, 0], device)
+        out = check_prefix(inputs, None, dtype, attn_mask=mask)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_log_sum_exp_output(device):
+    """The op's lse is the row log-sum-exp over [prefix; sequence] (+inf for a row that sees no
+    key), and it is not differentiable (autograd would drop its gradient)."""
+    B, H, Hkv, L, S, P, D = 2, 4, 2, 9, 4, 3, 16
+    (q, k, v, pk, pv), _ = make_inputs(B, H, Hkv, L, S, P, D, torch.float64, device)
+    mask = padding_mask(B, S, [4, 0], device)
+    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, mask, True, D ** -0.5)
+    assert lse.dtype == torch.float64 and not lse.requires_grad and out.requires_grad
+    keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(H // Hkv, 1)
+    scores = q.detach() @ keys.detach().transpose(-1, -2) * D ** -0.5
+    i, j = torch.arange(L, device=device)[:, None], torch.arange(S, device=device)[None]
+    hidden = (j > i + (S - L)) | ~mask
+    scores[..., P:] = scores[..., P:].masked_fill(hidden, float("-inf"))
+    assert_close(lse, torch.logsumexp(scores, -1), torch.float64, "lse")
+    (q, k, v, pk, pv), _ = make_inputs(1, 2, 2, 6, 3, 0, 16, torch.float32, device)
+    _, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, None, True, 0.25)
+    assert torch.equal(lse[..., :3], torch.full_like(lse[..., :3], float("inf")))
+    assert torch.isfinite(lse[..., 3:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_empty_inputs(device):
+    B, L, H, Hkv, D = 2, 11, 4, 2, 16
+    dtype = torch.float32
+    q = randn(B, L, H, D, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
+    kv = randn(B, L, 2 * Hkv, D, dtype=dtype, device=device)
+    k = kv[:, :, :Hkv].transpose(1, 2).detach().requires_grad_()
+    v = kv[:, :, Hkv:].transpose(1, 2).detach().requires_grad_()
+    pk = randn(D, 5, Hkv, dtype=dtype, device=device).permute(2, 1, 0).requires_grad_()
+    pv = randn(Hkv, 5, D, dtype=dtype, device=device, requires_grad=True)
+    assert not (q.is_contiguous() or k.is_contiguous() or pk.is_contiguous())
+    out = check_prefix((q, k, v, pk, pv), None, dtype, causal=True)
+    assert out.shape == (B, H, L, D) and out.transpose(1, 2).is_contiguous()
+    for shape in [(0, 4, 2, 5, 6, 3, 16), (2, 4, 2, 0, 6, 3, 16), (2, 4, 2, 5, 0, 0, 16)]:
+        inputs, _ = make_inputs(*shape, dtype, device)
+        out = prefix_attention(*inputs, causal=True)
+        assert out.shape == (shape[0], shape[1], shape[3], shape[6]) and not out.isnan().any()
+        out.sum().backward()
+        for t in inputs:
+            assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
 
 
 def test_gradcheck_float64():
     for causal in (False, True):
         inputs, ids = make_inputs(2, 2, 1, 3, 4, 2, 4, torch.float64, "cpu", tasks=3)
-        fn = lambda *ts: prefix_attention(*ts, prefix_ids=ids, causal=causal)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, inputs)
+        mask = torch.tensor([[True, False, True, True], [False, False, False, False], [True] * 4])
+        for attn_mask in (None, mask):
+            for name in SEQ_BACKENDS:
+                fn = lambda *ts: prefix_attention(*ts, prefix_ids=ids, causal=causal, attn_mask=attn_mask)  # noqa: E731
+                with backend(name):
+                    assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
         for tasks in (0, 3):
-            inputs, ids = make_inputs(2, 4, 2, 5, 6, 3, 64, dtype, device, tasks=tasks)
-            torch.library.opcheck(torch.ops.peftkern.prefix_attention_forward.default, (*inputs, ids, True, 0.125))
-            out, lse = torch.ops.peftkern.prefix_attention_forward(*inputs, ids, True, 0.125)
-            g = torch.randn_like(out)
-            args = (g, *(t.detach() for t in inputs), ids, out.detach(), lse.detach(), True, 0.125,
-                    [True, True, False, True, True])
-            torch.library.opcheck(torch.ops.peftkern.prefix_attention_backward.default, args)
+            for mask in (None, torch.rand(5, 6, device=device) > 0.4):
+                inputs, ids = make_inputs(2, 4, 2, 5, 6, 3, 64, dtype, device, tasks=tasks)
+                fwd_args = (*inputs, ids, mask, True, 0.125)
+                torch.library.opcheck(torch.ops.peftkern.prefix_attention_forward.default, fwd_args)
+                out, lse = torch.ops.peftkern.prefix_attention_forward(*fwd_args)
+                g = torch.randn_like(out)
+                args = (g, *(t.detach() for t in inputs), ids, mask, out.detach(), lse.detach(), True, 0.125,
+                        [True, True, False, True, True])
+                torch.library.opcheck(torch.ops.peftkern.prefix_attention_backward.default, args)
 
 
 # ---------------------------------------------------------------- bad input
@@ -107,7 +233,7 @@ def call(**kw):
     t = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
     opts = {}
     for key, val in kw.items():
-        (opts if key in ("prefix_ids", "causal", "scale") else t)[key] = val
+        (opts if key in ("prefix_ids", "causal", "scale", "attn_mask") else t)[key] = val
     return prefix_attention(*(t[n] for n in NAMES), **opts)
 
 
@@ -132,10 +258,25 @@ def call(**kw):
     (dict(prefix_v=torch.randn(2, 4, 16)), ValueError, r"prefix_v must have prefix_k's shape \[2, 3, 16\]"),
     (dict(q=torch.randn(2, 4, 16)), ValueError, r"q must have shape \[B, H, L, D\]"),
     (dict(k=torch.randn(2, 2, 6, 16, dtype=torch.float64)), TypeError, r"k has dtype Double but q has dtype Float"),
+    (dict(attn_mask=torch.ones(5, 6, dtype=torch.int64)), TypeError,
+     r"attn_mask must be a bool tensor \(True = attend\) or an additive mask of q's dtype Float; got Long"),
+    (dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)), TypeError, r"attn_mask must be a bool tensor"),
+    (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)), ValueError,
+     r"attn_mask must be broadcastable to \[B, H, L, S\] = \[2, 4, 5, 6\]; got \[5, 7\]"),
+    (dict(attn_mask=torch.ones(3, 1, 5, 6, dtype=torch.bool)), ValueError, r"attn_mask must be broadcastable"),
+    (dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), ValueError, r"attn_mask must be broadcastable"),
+    (dict(attn_mask=torch.zeros(5, 6, requires_grad=True)), ValueError,
+     r"attn_mask requires grad, but no gradient flows to the mask"),
 ])
 def test_bad_input(kwargs, exc, message):
     with pytest.raises(exc, match=message):
         call(**kwargs)
+
+
+def test_no_enabled_backend_raises():
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # no CPU kernel of that kind
+        with pytest.raises(NotImplementedError, match=r"no enabled attention backend supports these inputs"):
+            call()
 
 
 @pytest.mark.cuda
@@ -143,21 +284,67 @@ def test_bad_input_wrong_device():
     (q, k, v, pk, pv), _ = make_inputs(2, 4, 2, 5, 6, 3, 64, torch.bfloat16, "cuda", grad=())
     with pytest.raises(ValueError, match=r"prefix_k is on cpu but q is on cuda:0"):
         prefix_attention(q, k, v, pk.cpu(), pv)
+    with pytest.raises(ValueError, match=r"attn_mask is on cpu but q is on cuda:0"):
+        prefix_attention(q, k, v, pk, pv, attn_mask=torch.ones(5, 6, dtype=torch.bool))
 
 
-# ---------------------------------------------------------------- CUDA kernels
+# ---------------------------------------------------------------- CUDA
+
+CUDA_SHAPES = [  # B, H, Hkv, L, S, P, D
+    (2, 8, 2, 300, 300, 64, 128),
+    (1, 4, 4, 129, 257, 100, 64),
+    (3, 4, 2, 64, 64, 64, 64),
+    (2, 8, 2, 1, 1000, 16, 128),   # decode
+    (1, 2, 2, 200, 70, 0, 64),     # P = 0, L > S
+    (2, 4, 1, 77, 50, 33, 80),     # head dim 80 (kernel tile 128), L > S
+    (2, 2, 2, 40, 90, 20, 256),
+    (2, 4, 2, 33, 0, 40, 64),      # S = 0
+]
+
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 300, 64, 128), (1, 4, 4, 129, 257, 100, 64),
-                                   (3, 4, 2, 64, 64, 64, 64), (2, 2, 1, 1, 1000, 16, 128), (1, 2, 2, 200, 70, 0, 64)])
+@pytest.mark.parametrize("seq_backend", CUDA_SEQ_BACKENDS)
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_kernel_shapes(shape, causal):
-    for dtype in (torch.float16, torch.bfloat16):
+def test_cuda_shapes_per_backend(seq_backend, shape, causal):
+    """Each sequence kernel the op can choose (forced through sdpa_kernel), with the prefix kernel;
+    shapes it does not support are skipped by the op's own eligibility rules (NotImplementedError)."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         inputs, _ = make_inputs(*shape, dtype, "cuda")
-        if causal and shape[5] == 0 and shape[3] > shape[4]:
-            continue  # rows that see nothing: covered by test_queries_that_see_nothing_output_zero
         poison_cuda_cache()
-        check_prefix(inputs, None, dtype, causal=causal)
+        with backend(seq_backend, CUDA_SEQ_BACKENDS):
+            try:
+                check_prefix(inputs, None, dtype, causal=causal)
+            except NotImplementedError as e:
+                assert "no enabled attention backend" in str(e)
+                assert seq_backend != "math" and (dtype == torch.float32 or seq_backend == "cudnn")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("seq_backend", ["efficient", "cudnn", "math"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_cuda_attn_mask(seq_backend, mask_kind):
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal in (False, True):
+            for shape in [(3, 8, 2, 100, 130, 16, 64), (3, 4, 4, 90, 33, 7, 128)]:
+                B, H, Hkv, L, S, P, D = shape
+                inputs, ids = make_inputs(*shape, dtype, "cuda", tasks=2)
+                ids = torch.tensor([1, 0, 1], device="cuda")
+                mask = MASKS[mask_kind](B, H, L, S, "cuda")
+                mask = mask if mask.dtype == torch.bool else mask.to(dtype)
+                poison_cuda_cache()
+                with backend(seq_backend, CUDA_SEQ_BACKENDS):
+                    check_prefix(inputs, ids, dtype, causal=causal, attn_mask=mask)
+
+
+@pytest.mark.cuda
+def test_cuda_per_task_prefixes_gqa_and_odd_head_dim():
+    for D in (64, 72, 256, 33):  # 33: not a multiple of 8, the composite path
+        for dtype in (torch.bfloat16, torch.float16):
+            inputs, _ = make_inputs(5, 8, 2, 70, 90, 40, D, dtype, "cuda", tasks=3)
+            ids = torch.tensor([2, 0, 2, 1, 0], device="cuda")
+            poison_cuda_cache()
+            check_prefix(inputs, ids, dtype, causal=True)
 
 
 @pytest.mark.cuda
@@ -173,6 +360,88 @@ def test_cuda_strided_inputs_from_projections():
     pk = randn(Hkv, 16, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     pv = randn(Hkv, 16, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     check_prefix((q, k, v, pk, pv), None, torch.bfloat16, causal=True)
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_views():
+    """Inputs and grad_out at an odd element offset (.contiguous() keeps them there), as torch.cat's
+    backward hands on a gradient slice: the op copies them rather than fault on 16-byte loads."""
+    B, H, Hkv, L, S, P, D = 2, 4, 2, 50, 60, 10, 64
+    dtype = torch.bfloat16
+
+    def odd(*shape):
+        n = math.prod(shape)
+        return randn(n + 1, dtype=dtype, device="cuda")[1:].view(shape)
+
+    q, k, v, pk, pv = odd(B, H, L, D), odd(B, Hkv, S, D), odd(B, Hkv, S, D), odd(Hkv, P, D), odd(Hkv, P, D)
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, None, True, D ** -0.5)
+    expected = ref.prefix_attention(*(ref.f64(t) for t in (q, k, v, pk, pv)), causal=True)
+    assert_close(out, expected, dtype)
+    g = odd(B, H, L, D)
+    grads = torch.ops.peftkern.prefix_attention_backward(g, q, k, v, pk, pv, None, None, out, lse, True, D ** -0.5,
+                                                         [True] * 5)
+    leaves = [ref.f64(t).requires_grad_() for t in (q, k, v, pk, pv)]
+    ref.prefix_attention(*leaves, causal=True).backward(g.double())
+    for name, got, leaf in zip(NAMES, grads, leaves):
+        assert_close(got, leaf.grad, dtype, f"grad {name}")
+    # the same through torch.cat's backward
+    x = torch.cat([randn(B, H, L, 3, dtype=dtype, device="cuda"),
+                   prefix_attention(*(t.detach().requires_grad_() for t in (q, k, v, pk, pv)), causal=True)], -1)
+    x.sum().backward()
+
+
+@pytest.mark.cuda
+def test_cuda_prefix_gradients_are_deterministic():
+    inputs, _ = make_inputs(6, 8, 2, 200, 100, 64, 128, torch.bfloat16, "cuda", tasks=3)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2], device="cuda")
+    grads = []
+    for _ in range(2):
+        for t in inputs:
+            t.grad = None
+        prefix_attention(*inputs, prefix_ids=ids, causal=True).float().square().sum().backward()
+        grads.append([inputs[3].grad.clone(), inputs[4].grad.clone()])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.cuda
+def test_cuda_ids_check_is_one_host_copy():
+    """The prefix_ids range check is the op's only device-to-host transfer (one sync)."""
+    inputs, _ = make_inputs(4, 4, 2, 30, 40, 8, 64, torch.bfloat16, "cuda", tasks=3, grad=())
+    ids = torch.tensor([0, 2, 1, 2], device="cuda")
+    prefix_attention(*inputs, prefix_ids=ids, causal=True)  # warm up (lazy initialisation may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prefix_attention(*inputs, prefix_ids=ids, causal=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_with_out_of_range_task():
+    """Under graph capture prefix_ids is not checked; a sample with an out-of-range id attends to
+    no prefix (the kernel bounds the id) instead of reading past the prefix stack."""
+    inputs, _ = make_inputs(3, 4, 2, 40, 50, 8, 64, torch.float16, "cuda", tasks=2, grad=())
+    q, k, v, pk, pv = inputs
+    ids = torch.tensor([0, 1, 0], device="cuda")
+    prefix_attention(q, k, v, pk, pv, prefix_ids=ids, causal=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = prefix_attention(q, k, v, pk, pv, prefix_ids=ids, causal=True)
+    ids.copy_(torch.tensor([1, 7, 0], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for b, i in enumerate([1, None, 0]):
+        sl = slice(b, b + 1)
+        pkb = pk[i] if i is not None else pk[0, :, :0]
+        pvb = pv[i] if i is not None else pv[0, :, :0]
+        expected = ref.prefix_attention(*(ref.f64(t) for t in (q[sl], k[sl], v[sl], pkb, pvb)), causal=True)
+        assert_close(out[sl], expected, torch.float16)
 
 
 # ---------------------------------------------------------------- modules

@@ -7,82 +7,102 @@
 namespace peftkern::cpu {
 namespace {
 
-at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// Per-sample prefix [B, Hkv, P, D]: the shared one expanded, or each sample's task.
-at::Tensor per_sample(const at::Tensor& prefix, const std::optional<at::Tensor>& ids, int64_t B) {
-  if (ids) return prefix.index_select(0, ids->to(at::kLong));
-  return prefix.unsqueeze(0).expand({B, prefix.size(0), prefix.size(1), prefix.size(2)});
+// q [B, H, L, D] -> [B, Hkv, G * L, D] (row g * L + i of kv head j is query head j * G + g, query i):
+// with keys [B, Hkv, N, D] one batched product serves every query head of a group.
+at::Tensor grouped(const at::Tensor& t, int64_t Hkv) {
+  return t.reshape({t.size(0), Hkv, -1, t.size(3)});
 }
 
-struct Probs {
-  at::Tensor keys, values, p;  // K', V' [B, H, P+S, D] (kv heads repeated), p [B, H, L, P+S]
-  at::Tensor lse;              // [B, H, L]
-};
-
-Probs probabilities(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-                    const at::Tensor& prefix_v, const std::optional<at::Tensor>& ids, bool causal, double scale) {
-  const auto mt = math_dtype(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Hkv = k.size(1), S = k.size(2), P = prefix_k.size(-2);
-  const int64_t G = H / Hkv;
-  Probs r;
-  r.keys = at::cat({per_sample(prefix_k, ids, B), k}, 2).to(mt).repeat_interleave(G, 1);
-  r.values = at::cat({per_sample(prefix_v, ids, B), v}, 2).to(mt).repeat_interleave(G, 1);
-  at::Tensor scores = at::matmul(q.to(mt), r.keys.transpose(-1, -2)).mul_(scale);
-  if (causal) {  // the prefix is always visible; sequence key j when j <= i + (S - L)
-    const at::Tensor i = at::arange(L, q.options().dtype(at::kLong)).unsqueeze(1);
-    const at::Tensor col = at::arange(P + S, q.options().dtype(at::kLong)).unsqueeze(0);
-    const at::Tensor visible = (col < P).logical_or(col - P <= i + (S - L));
-    scores.masked_fill_(visible.logical_not(), -std::numeric_limits<double>::infinity());
+// Scores [B, H, L, N] = q keys^T * scale + bias, hidden keys at -inf.
+at::Tensor scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& bias, bool causal, double scale) {
+  const auto mt = attention_math_dtype(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Hkv = keys.size(1), N = keys.size(2);
+  at::Tensor s = at::matmul(grouped(q.to(mt), Hkv), keys.to(mt).transpose(-1, -2)).mul_(scale).view({B, H, L, N});
+  if (bias.defined()) s.add_(bias);
+  if (causal) {  // key j visible to query i when j <= i + (N - L)
+    const auto opts = q.options().dtype(at::kLong);
+    const at::Tensor hidden = at::arange(N, opts).unsqueeze(0) > at::arange(L, opts).unsqueeze(1) + (N - L);
+    s.masked_fill_(hidden, -kInf);
   }
-  r.lse = at::logsumexp(scores, -1);
-  const at::Tensor none = at::isinf(r.lse).unsqueeze(-1);  // rows that see no key
-  r.p = at::where(none, at::zeros({}, scores.options()), (scores - r.lse.unsqueeze(-1)).exp());
-  return r;
+  return s;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                            const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                            const std::optional<at::Tensor>& prefix_ids, bool causal,
-                                                            double scale) {
-  const Probs r = probabilities(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale);
-  return {at::matmul(r.p, r.values).to(q.scalar_type()), r.lse.to(at::kFloat)};
+at::ScalarType attention_math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::pair<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                         const at::Tensor& bias, bool causal, double scale) {
+  const auto mt = attention_math_dtype(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = keys.size(1), N = keys.size(2);
+  const auto opts = q.options().dtype(mt);
+  if (N == 0) return {at::zeros({B, H, L, D}, opts), at::full({B, H, L}, -kInf, opts)};
+  const at::Tensor s = scores(q, keys, bias, causal, scale);
+  const at::Tensor lse = at::logsumexp(s, -1);
+  // rows with lse = -inf see no key: (-inf) - (-inf) would be NaN
+  const at::Tensor p = (s - lse.unsqueeze(-1)).exp_().masked_fill_(at::isneginf(lse).unsqueeze(-1), 0);
+  const at::Tensor out = at::matmul(grouped(p, Hkv), values.to(mt)).view({B, H, L, D});
+  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-    const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids, const at::Tensor& out, bool causal,
-    double scale, std::array<bool, 5> need) {
-  const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = need;
-  const auto mt = math_dtype(q.scalar_type());
-  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), S = k.size(2), P = prefix_k.size(-2), D = q.size(3);
-  const int64_t G = H / Hkv;
-  const Probs r = probabilities(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale);
-  const at::Tensor g = grad_out.to(mt);
-  const at::Tensor delta = (g * out.to(mt)).sum(-1, true);
-  const at::Tensor ds = r.p * (at::matmul(g, r.values.transpose(-1, -2)) - delta);
-  at::Tensor dq, dk, dv, dpk, dpv;
-  if (need_dq) dq = at::matmul(ds, r.keys).mul_(scale).to(q.scalar_type());
-  // [B, H, P+S, D] -> summed over each kv head's G query heads -> [B, Hkv, P+S, D]
-  auto per_kv_head = [&](const at::Tensor& t) { return t.view({B, Hkv, G, P + S, D}).sum(2); };
-  auto prefix_part = [&](const at::Tensor& t) {  // summed over the samples that use each prefix
-    const at::Tensor part = t.narrow(2, 0, P);
-    if (!prefix_ids) return part.sum(0).to(prefix_k.scalar_type());
-    return at::zeros(prefix_k.sizes(), part.options()).index_add_(0, prefix_ids->to(at::kLong), part).to(prefix_k.scalar_type());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                               const at::Tensor& keys, const at::Tensor& values,
+                                                               const at::Tensor& bias, bool causal, double scale,
+                                                               const at::Tensor& lse, const at::Tensor& delta,
+                                                               bool need_dq, bool need_dkeys, bool need_dvalues) {
+  const auto mt = attention_math_dtype(q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = keys.size(1), N = keys.size(2);
+  const at::Tensor p = (scores(q, keys, bias, causal, scale) - lse.to(mt).unsqueeze(-1)).exp_();  // [B, H, L, N]
+  const at::Tensor g = grouped(grad_out.to(mt), Hkv);
+  at::Tensor dq, dkeys, dvalues;
+  if (need_dq || need_dkeys) {
+    const at::Tensor dp = at::matmul(g, values.to(mt).transpose(-1, -2)).view({B, H, L, N});
+    const at::Tensor ds = grouped(p * (dp - delta.to(mt).unsqueeze(-1)), Hkv);  // [B, Hkv, G * L, N]
+    if (need_dq) dq = at::matmul(ds, keys.to(mt)).mul_(scale).view({B, H, L, D});
+    // the product over the G * L rows of a group sums the G query heads' contributions
+    if (need_dkeys) dkeys = at::matmul(ds.transpose(-1, -2), grouped(q.to(mt), Hkv)).mul_(scale);
+  }
+  if (need_dvalues) dvalues = at::matmul(grouped(p, Hkv).transpose(-1, -2), g);
+  return {dq, dkeys, dvalues};
+}
+
+std::pair<at::Tensor, at::Tensor> merge_parts(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                              const at::Tensor& lse_b) {
+  const auto mt = attention_math_dtype(out_a.scalar_type());
+  const at::Tensor empty_a = at::isinf(lse_a), empty_b = at::isinf(lse_b);
+  const at::Tensor la = lse_a.to(mt).masked_fill(empty_a, -kInf), lb = lse_b.to(mt).masked_fill(empty_b, -kInf);
+  const at::Tensor m = at::maximum(la, lb);
+  const at::Tensor none = m == -kInf;  // NaN stays NaN
+  const at::Tensor m0 = m.masked_fill(none, 0);
+  const at::Tensor wa = (la - m0).exp(), wb = (lb - m0).exp(), total = wa + wb;
+  const at::Tensor lse = (m0 + total.log()).masked_fill_(none, kInf);
+  auto part = [&](const at::Tensor& out, const at::Tensor& w, const at::Tensor& empty) {
+    const at::Tensor c = (w / total).masked_fill_(none, 0).unsqueeze(-1);
+    return c * out.to(mt).masked_fill(empty.unsqueeze(-1), 0);  // an unseen part's out may be garbage
   };
-  if (need_dk || need_dpk) {
-    const at::Tensor dkp = per_kv_head(at::matmul(ds.transpose(-1, -2), q.to(mt)).mul_(scale));
-    if (need_dk) dk = dkp.narrow(2, P, S).to(k.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    if (need_dpk) dpk = prefix_part(dkp);
-  }
-  if (need_dv || need_dpv) {
-    const at::Tensor dvp = per_kv_head(at::matmul(r.p.transpose(-1, -2), g));
-    if (need_dv) dv = dvp.narrow(2, P, S).to(v.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    if (need_dpv) dpv = prefix_part(dvp);
-  }
-  return {dq, dk, dv, dpk, dpv};
+  return {part(out_a, wa, empty_a) + part(out_b, wb, empty_b), lse};
+}
+
+at::Tensor per_sample_prefix(const at::Tensor& prefix, const std::optional<at::Tensor>& ids, int64_t B) {
+  if (!ids) return prefix.unsqueeze(0).expand({B, prefix.size(0), prefix.size(1), prefix.size(2)});
+  return prefix.index_select(0, ids->to(at::kLong).clamp(0, prefix.size(0) - 1));
+}
+
+at::Tensor prefix_visibility(const at::Tensor& ids, int64_t num_tasks, at::ScalarType dtype) {
+  const at::Tensor valid = ids.ge(0).logical_and_(ids.lt(num_tasks));
+  return at::zeros({ids.size(0), 1, 1, 1}, ids.options().dtype(dtype)).masked_fill_(valid.logical_not().view({-1, 1, 1, 1}), -kInf);
+}
+
+at::Tensor sum_per_task(const at::Tensor& per_sample, const std::optional<at::Tensor>& ids, int64_t num_tasks) {
+  if (!ids) return per_sample.sum(0);
+  const int64_t B = per_sample.size(0);
+  const at::Tensor one_hot =
+      at::arange(num_tasks, ids->options().dtype(at::kLong)).unsqueeze(1).eq(ids->to(at::kLong).unsqueeze(0));  // [T, B]
+  std::vector<int64_t> shape(per_sample.sizes().begin(), per_sample.sizes().end());
+  shape[0] = num_tasks;
+  return at::mm(one_hot.to(per_sample.scalar_type()), per_sample.reshape({B, -1})).view(shape);
 }
 
 }  // namespace peftkern::cpu

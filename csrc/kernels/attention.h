@@ -1,69 +1,88 @@
-// Launchers of the prefix-attention kernels: attention over [prefix KV; sequence KV] without
-// building the concatenation. No torch.
+// Launchers of the prefix-attention kernels: the prefix part of
 //
-//   K' = [prefix_k ; k], V' = [prefix_v ; v]   (along the key axis, per sample)
-//   out = softmax(q @ K'^T * scale + mask) @ V'
+//   out = softmax(q [prefix_k ; k]^T * scale + mask) [prefix_v ; v]
 //
-// q [B, H, L, D]; k, v [B, Hkv, S, D] (query head h reads kv head h / (H / Hkv)); prefix_k,
-// prefix_v [Hkv, P, D] shared by the batch, or [T, Hkv, P, D] with prefix_ids [B] choosing each
-// sample's task. Causal: every query sees the whole prefix, and sequence key j when
-// j <= i + (S - L) (bottom-right aligned). A query that sees no key outputs 0 (lse = -inf).
-// Statistics in float32 (online softmax); fp16 and bf16, D = 64 or 128 (kAttentionHeadDims).
+// computed apart from the sequence part and merged with it. The sequence part (q against k, v) is
+// PyTorch's fused attention, which returns its output out_s and row log-sum-exp lse_s; these
+// kernels attend each query row to its task's P prefix keys (always visible, no mask) and merge:
+//
+//   lse = log(exp(lse_s) + exp(lse_p)),  out = exp(lse_s - lse) out_s + exp(lse_p - lse) out_p
+//
+// The backward needs no sequence-part help: with the merged out and lse, each part's probabilities
+// are exp(s - lse), and delta = rowsum(dO * out) spans both parts, so the fused kernel's backward
+// (given the merged out and lse) gives the sequence part's exact gradients and these kernels the
+// prefix part's. No torch.
+//
+// Layout: q [B, H, L, D]; prefix_k, prefix_v [T, Hkv, P, D] (T = 1: one prefix shared by the batch)
+// with prefix_ids [B] choosing each sample's task; query head h reads kv head h / (H / Hkv). A block
+// owns up to 64 query rows of one (sample, kv head): the H / Hkv heads' L rows, row r = g * L + i
+// for head kv_head * G + g, so the prefix tile it keeps in shared memory serves every query head of
+// its group. fp16 and bf16; D <= 256 with D % 8 == 0. Tensor cores (mma.sync m16n8k16), float32
+// statistics. Row statistics use the natural log; a row that sees no key has lse = +inf (as
+// FlashAttention writes it: every probability exp(s - lse) of the backward is then 0) and out 0.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
-#include <cstddef>
 #include <cstdint>
 
 #include "kernel_types.h"
 
 namespace peftkern::kernels {
 
-// A [B, heads, rows, D] operand: strides in elements of batch, head and row; D is contiguous.
-struct AttnOperand {
-  const void* ptr;
-  int64_t stride_b, stride_h, stride_row;
+// A [B, heads, rows, D] tensor: element (b, h, i, d) at ptr + b * sb + h * sh + i * sr + d. The
+// kernels read and write it two elements at a time: ptr 4-byte aligned, strides even.
+struct AttnRows {
+  void* ptr;
+  int64_t sb, sh, sr;
 };
 
-struct PrefixAttentionArgs {
+// A [B, H, L] float32 tensor of row statistics (log-sum-exp).
+struct AttnStats {
+  float* ptr;
+  int64_t sb, sh, sr;
+};
+
+struct PrefixAttentionShape {
   DType dtype;  // float16 or bfloat16
-  int B, H, Hkv, L, S, P, D;
+  int B, H, Hkv, L, P, D;
   float scale;
-  bool causal;
-  AttnOperand q, k, v;
-  const void* prefix_k;       // [T, Hkv, P, D] or [Hkv, P, D], contiguous
+  const void* prefix_k;       // [T, Hkv, P, D] contiguous, 16-byte aligned
   const void* prefix_v;
-  const int64_t* prefix_ids;  // [B] task of each sample, or null (one shared prefix)
-  int num_tasks;              // T (1 when shared)
+  const int64_t* prefix_ids;  // [B], or null (T = 1). An id outside [0, T) attends to no prefix.
+  int num_tasks;              // T
 };
 
-constexpr bool attention_head_dim_supported(int d) { return d == 64 || d == 128; }
+// The prefix kernels cover this dtype and head dim.
+bool prefix_attention_supported(DType dtype, int head_dim);
 
-// out [B, H, L, D] (contiguous), lse [B, H, L] float32 (natural log; saved for the backward).
-cudaError_t prefix_attention_forward(const PrefixAttentionArgs& args, void* out, float* lse, cudaStream_t stream);
-
-struct PrefixAttentionGrads {
-  const void* grad_out;  // [B, H, L, D] contiguous
-  const void* out;       // the forward's output, contiguous
-  const float* lse;      // the forward's
-  // Outputs, contiguous; null = not requested.
-  void* dq;              // [B, H, L, D]
-  void* dk;              // [B, Hkv, S, D]
-  void* dv;
-  void* dprefix_k;       // [T, Hkv, P, D]: summed over the samples that use each prefix
-  void* dprefix_v;
-  int num_sms;
-  void* workspace;
-  size_t workspace_bytes;
+// out = merge(sequence part, prefix part), lse = its row log-sum-exp. seq_out / seq_lse are the
+// sequence part's (a row with lse_s = +-inf has no visible sequence key; its out_s is not read);
+// seq_out.ptr = null when there are no sequence keys (S = 0). out may alias seq_out (in place).
+struct PrefixAttentionForward {
+  AttnRows q, seq_out, out;
+  AttnStats seq_lse, lse;
 };
+cudaError_t prefix_attention_forward(const PrefixAttentionShape& shape, const PrefixAttentionForward& args,
+                                     cudaStream_t stream);
 
-size_t prefix_attention_backward_workspace_bytes(const PrefixAttentionArgs& args, const PrefixAttentionGrads& grads);
-
-// delta = rowsum(grad_out * out); then one kernel per key block for dK, dV (and the prefix's
-// per-sample partials), one per query block for dQ, and a fixed-order sum of the prefix partials
-// over the samples of each task. Deterministic; no atomics.
-cudaError_t prefix_attention_backward(const PrefixAttentionArgs& args, const PrefixAttentionGrads& grads,
+// The prefix part's backward, given the merged out and lse:
+//   p = exp(q pk^T * scale - lse),  ds = p * (grad_out pv^T - rowsum(grad_out * out))
+//   dq (+)= scale * ds @ pk                       when dq.ptr (added to dq when dq_accumulate)
+//   probs[b, h, i, :P] = p                        when probs (row stride probs_ld >= P)
+//   dscores[b, h, i, :P] = scale * ds             when dscores (row stride probs_ld)
+// probs / dscores: [B, H, L, probs_ld] contiguous in the input dtype, 4-byte aligned, probs_ld even;
+// their columns P.. are written with zeros. dprefix_k = sum over the rows of each task of
+// dscores^T q and dprefix_v of probs^T grad_out: GEMMs, left to the caller (cuBLAS).
+struct PrefixAttentionBackward {
+  AttnRows q, grad_out, out, dq;
+  AttnStats lse;
+  bool dq_accumulate;
+  void* probs;
+  void* dscores;
+  int64_t probs_ld;
+};
+cudaError_t prefix_attention_backward(const PrefixAttentionShape& shape, const PrefixAttentionBackward& args,
                                       cudaStream_t stream);
 
 }  // namespace peftkern::kernels

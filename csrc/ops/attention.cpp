@@ -1,10 +1,20 @@
-// peftkern::prefix_attention_forward / prefix_attention_backward: checks, then the CPU composite, or
-// on CUDA the flash-style kernels of csrc/kernels/attention.h (fp16/bf16, head dim 64 or 128;
-// anything else takes the composite, which builds the concatenation).
+// peftkern::prefix_attention_forward / prefix_attention_backward. Attention over [prefix KV ;
+// sequence KV] is computed as two parts and merged by their log-sum-exps (the algebra is in
+// csrc/kernels/attention.h); nothing of size [B, Hkv, P + S, D] is built.
+//   sequence part  PyTorch's fused attention through the aten ops that return the log-sum-exp and
+//                  whose backward takes out and lse: on CUDA flash, then memory-efficient, then
+//                  cuDNN, on the CPU its flash kernel, each where it supports the inputs and the
+//                  user left it enabled (torch.nn.attention.sdpa_kernel, as for SDPA); otherwise the
+//                  math composite of cpu/attention.h.
+//   prefix part    CUDA, fp16/bf16, D % 8 == 0, D <= 256, sm_80+: the prefix + merge kernels of
+//   and merge      kernels/attention.h; otherwise the composite of cpu/attention.h (labelled slow).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <limits>
 
 #include "cpu/attention.h"
 #include "ops/common.h"
@@ -21,14 +31,32 @@ namespace peftkern::ops {
 namespace {
 
 constexpr const char* kOp = "prefix_attention";
+constexpr double kInf = std::numeric_limits<double>::infinity();
 
 struct Dims {
   int64_t B, H, Hkv, L, S, P, D, tasks;  // tasks = 0: one prefix shared by the batch
+  int64_t G() const { return H / Hkv; }
 };
+
+void check_mask(const at::Tensor& mask, const at::Tensor& q, const Dims& d) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(), kOp,
+                   ": attn_mask must be a bool tensor (True = attend) or an additive mask of q's dtype ",
+                   q.scalar_type(), "; got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == q.device(), kOp, ": attn_mask is on ", mask.device(), " but q is on ", q.device());
+  const std::array<int64_t, 4> target = {d.B, d.H, d.L, d.S};
+  bool ok = mask.dim() <= 4;
+  for (int64_t i = 1; ok && i <= mask.dim(); ++i) {
+    const int64_t n = mask.size(-i);
+    ok = n == target[4 - i] || n == 1;
+  }
+  TORCH_CHECK_VALUE(ok, kOp, ": attn_mask must be broadcastable to [B, H, L, S] = [", d.B, ", ", d.H, ", ", d.L, ", ",
+                    d.S, "]; got ", mask.sizes());
+}
 
 // check_id_values: read prefix_ids' range on the host (the forward); the backward skips that sync.
 Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-                     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids, bool check_id_values) {
+                     const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids,
+                     const std::optional<at::Tensor>& attn_mask, bool check_id_values) {
   check_floating(q, kOp, "q");
   check_like(k, kOp, "k", q, "q");
   check_like(v, kOp, "v", q, "q");
@@ -50,120 +78,471 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK_VALUE(prefix_v.sizes() == prefix_k.sizes(), kOp, ": prefix_v must have prefix_k's shape ", prefix_k.sizes(),
                     "; got ", prefix_v.sizes());
   const int64_t P = prefix_k.size(-2), tasks = per_task ? prefix_k.size(0) : 0;
+  TORCH_CHECK_VALUE(!per_task || tasks >= 1, kOp, ": prefix_k holds no task prefix; got ", prefix_k.sizes());
   TORCH_CHECK_VALUE(!per_task || prefix_ids, kOp, ": prefix_k holds ", tasks,
                     " task prefixes [T, Hkv, P, D]; prefix_ids [B] must say which one each sample uses");
   TORCH_CHECK_VALUE(per_task || !prefix_ids, kOp,
                     ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
   if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)", check_id_values);
-  TORCH_CHECK_VALUE(L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp, ": sequence lengths must fit in 32 bits");
-  return {B, H, Hkv, L, S, P, D, tasks};
+  TORCH_CHECK_VALUE(B < INT32_MAX && H < INT32_MAX && L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp,
+                    ": batch, heads and sequence lengths must fit in 32 bits");
+  const Dims d{B, H, Hkv, L, S, P, D, tasks};
+  if (attn_mask) check_mask(*attn_mask, q, d);
+  return d;
 }
 
-using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
+// ---------------------------------------------------------------- the sequence part
+
+enum class SeqKernel { kNone, kFlash, kEfficient, kCudnn, kCpuFlash, kMath };
+
+bool sm80_or_newer(const at::Tensor& q) {
+#ifdef PEFTKERN_WITH_CUDA
+  return q.is_cuda() && at::cuda::getDeviceProperties(q.get_device())->major >= 8;
+#else
+  (void)q;
+  return false;
+#endif
+}
+
+// The first enabled kernel that supports the inputs, in the order flash, memory-efficient, cuDNN
+// (documented support; flash is the only one with bottom-right causal masking and grouped-query
+// heads built in), then math. The backward picks again by the same rule.
+SeqKernel sequence_kernel(const at::Tensor& q, const Dims& d, bool has_mask) {
+  if (d.S == 0) return SeqKernel::kNone;
+  const auto& ctx = at::globalContext();
+  const auto dt = q.scalar_type();
+  const bool half = dt == at::kHalf || dt == at::kBFloat16;
+  const bool head_ok = d.D % 8 == 0 && d.D <= 256;
+  if (q.is_cuda()) {
+    const bool sm80 = sm80_or_newer(q);
+    if (ctx.userEnabledFlashSDP() && half && sm80 && head_ok && !has_mask) return SeqKernel::kFlash;
+    if (ctx.userEnabledMemEfficientSDP() && (half || dt == at::kFloat) && head_ok) return SeqKernel::kEfficient;
+    if (ctx.userEnabledCuDNNSDP() && half && sm80 && head_ok && d.D <= 128 && d.S > 1) return SeqKernel::kCudnn;
+  } else if (ctx.userEnabledFlashSDP()) {
+    return SeqKernel::kCpuFlash;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(ctx.userEnabledMathSDP(), kOp,
+                              ": no enabled attention backend supports these inputs (", q.device().type(), ", ", dt,
+                              ", head dim ", d.D, has_mask ? ", attn_mask" : "",
+                              "); enable another one (torch.nn.attention.sdpa_kernel), e.g. the math backend");
+  return SeqKernel::kMath;
+}
+
+// The sequence part's mask as its kernel takes it: an additive bias [b|1, h|1, L, S] (undefined:
+// none) and the kernel's own causal flag. Flash and math mask bottom-right causally themselves; the
+// others align causal masks top-left, which equals bottom-right only when L == S, so otherwise (and
+// whenever there is an attn_mask) causality is folded into the bias.
+struct SeqMask {
+  at::Tensor bias;
+  bool causal = false;
+};
+
+SeqMask sequence_mask(SeqKernel kern, const at::Tensor& q, const std::optional<at::Tensor>& attn_mask, bool causal,
+                      const Dims& d) {
+  SeqMask m;
+  const bool bottom_right = kern == SeqKernel::kFlash || kern == SeqKernel::kMath;
+  const bool fold = causal && (attn_mask || (!bottom_right && d.L != d.S));
+  m.causal = causal && !fold;
+  const auto dtype = kern == SeqKernel::kMath ? cpu::attention_math_dtype(q.scalar_type()) : q.scalar_type();
+  if (attn_mask) {
+    m.bias = attn_mask->scalar_type() == at::kBool
+                 ? at::zeros(attn_mask->sizes(), q.options().dtype(dtype)).masked_fill_(attn_mask->logical_not(), -kInf)
+                 : attn_mask->to(dtype);
+  }
+  if (fold) {
+    const auto opts = q.options().dtype(at::kLong);
+    const at::Tensor hidden = at::arange(d.S, opts).unsqueeze(0) > at::arange(d.L, opts).unsqueeze(1) + (d.S - d.L);
+    m.bias = (m.bias.defined() ? m.bias : at::zeros({d.L, d.S}, q.options().dtype(dtype))).masked_fill(hidden, -kInf);
+  }
+  return m;
+}
+
+// The memory-efficient and cuDNN kernels read the bias as [B, H, L, S] with 16-element aligned rows
+// (what SDPA's front end prepares): padded and sliced, broadcast dims kept at stride 0.
+at::Tensor bias_for_fused(const at::Tensor& bias, const Dims& d) {
+  if (!bias.defined()) return bias;
+  const at::Tensor b4 = bias.dim() == 4 ? bias : bias.view([&] {
+    std::vector<int64_t> s(4 - bias.dim(), 1);
+    s.insert(s.end(), bias.sizes().begin(), bias.sizes().end());
+    return s;
+  }());
+  const int64_t padded = (d.S + 15) / 16 * 16;
+  at::Tensor storage = at::empty({b4.size(0), b4.size(1), d.L, padded}, bias.options());
+  at::Tensor out = storage.narrow(3, 0, d.S);
+  out.copy_(b4.expand({b4.size(0), b4.size(1), d.L, d.S}));
+  return out.expand({d.B, d.H, d.L, d.S});
+}
+
+// k, v [B, Hkv, S, D] -> [B, H, S, D] for kernels without grouped-query heads.
+at::Tensor expand_heads(const at::Tensor& t, const Dims& d) {
+  return d.G() == 1 ? t : t.repeat_interleave(d.G(), 1);
+}
+at::Tensor sum_heads(const at::Tensor& t, const Dims& d) {  // the reverse, for gradients
+  return d.G() == 1 ? t : t.view({d.B, d.Hkv, d.G(), d.S, d.D}).sum(2);
+}
+
+// A tensor the fused kernels can read with 16-byte vector loads: last dim contiguous, base and
+// other strides 16-byte aligned. Otherwise a fresh contiguous copy (.contiguous() would keep an
+// already-contiguous view at an odd offset, e.g. the gradient slice torch.cat's backward hands on).
+bool is_aligned16(const at::Tensor& t) {
+  bool ok = t.numel() == 0 || (t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0);
+  for (int64_t i = 0; ok && i + 1 < t.dim(); ++i) ok = (t.stride(i) * t.element_size()) % 16 == 0 || t.size(i) == 1;
+  return ok;
+}
+at::Tensor aligned16(const at::Tensor& t) { return is_aligned16(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
+
+// The output layout of every path: [B, H, L, D] viewed over [B, L, H, D] memory, as PyTorch's flash
+// and memory-efficient attention write it (so out.transpose(1, 2).reshape(B, L, H * D) is free).
+at::Tensor out_like(const at::Tensor& q, const Dims& d) {
+  return at::empty({d.B, d.L, d.H, d.D}, q.options()).transpose(1, 2);
+}
+
+// t in that layout, 16-byte aligned: the memory-efficient backward reads out's row stride as H * D
+// whatever the tensor says, and cuDNN's graph cache is safest with one layout for out and grad_out.
+at::Tensor blhd(const at::Tensor& t, const Dims& d) {
+  const at::Tensor like = out_like(t, d);
+  if (t.strides() == like.strides() && is_aligned16(t)) return t;
+  return like.copy_(t);
+}
+
+// Dropout is never used: the kernels read no philox state, but the backward signatures take tensors.
+at::Tensor no_dropout_state(const at::Tensor& q) { return at::zeros({2}, q.options().dtype(at::kLong)); }
+
+std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
+
+struct SeqOut {
+  at::Tensor out;  // [B, H, L, D] in q's dtype (math dtype for kMath)
+  at::Tensor lse;  // [B, H, L] float (a view: the kernel's own layout)
+};
+
+SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const SeqMask& m, double scale, const Dims& d) {
+  switch (kern) {
+    case SeqKernel::kFlash: {
+      auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, m.causal, false, scale);
+      return {std::get<0>(r), std::get<1>(r)};
+    }
+    case SeqKernel::kEfficient: {
+      auto r = at::_scaled_dot_product_efficient_attention(q, expand_heads(k, d), expand_heads(v, d),
+                                                           opt(bias_for_fused(m.bias, d)), true, 0.0, m.causal, scale);
+      return {std::get<0>(r), std::get<1>(r).narrow(2, 0, d.L)};  // lse rows padded to a multiple of 32
+    }
+    case SeqKernel::kCudnn: {
+      auto r = at::_scaled_dot_product_cudnn_attention(q, expand_heads(k, d), expand_heads(v, d),
+                                                       opt(bias_for_fused(m.bias, d)), true, 0.0, m.causal, false, scale);
+      const at::Tensor lse = std::get<1>(r);
+      return {std::get<0>(r), lse.dim() == 4 ? lse.select(3, 0) : lse};  // cuDNN: [B, H, L, 1]
+    }
+    case SeqKernel::kCpuFlash: {
+      auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, m.causal, opt(m.bias), scale);
+      return {std::get<0>(r), std::get<1>(r)};
+    }
+    case SeqKernel::kMath: {
+      auto [out, lse] = cpu::attend(q, k, v, m.bias, m.causal, scale);
+      return {out, lse};
+    }
+    case SeqKernel::kNone: break;
+  }
+  return {};
+}
+
+// Marks rows that see no sequence key with lse = -inf, whatever the kernel wrote there (CPU flash
+// writes 0, CUDA flash +inf): the merge then ignores their out.
+void mark_rows_without_keys(at::Tensor& lse, const SeqMask& m, bool causal, const Dims& d) {
+  if (m.bias.defined()) {
+    const at::Tensor none = (m.bias > -kInf).any(-1).logical_not();  // [b|1, h|1, L]
+    lse.masked_fill_(none, -kInf);
+  } else if (causal && d.L > d.S) {
+    lse.narrow(2, 0, d.L - d.S).fill_(-kInf);
+  }
+}
+
+// (dq, dk, dv) of the sequence part given the merged out and lse (and delta = rowsum(grad_out *
+// out) for the math kernel); undefined where not needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern, const at::Tensor& grad_out,
+                                                                 const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, const at::Tensor& out,
+                                                                 const at::Tensor& lse, const SeqMask& m, double scale,
+                                                                 const Dims& d, std::array<bool, 3> need) {
+  switch (kern) {
+    case SeqKernel::kFlash: {
+      // lse read as contiguous [B, H, L] float32; cum_seq_q/k undefined (defined ones select varlen)
+      const at::Tensor philox = no_dropout_state(q);
+      return at::_scaled_dot_product_flash_attention_backward(grad_out, q, k, v, out, lse.contiguous(), at::Tensor(),
+                                                              at::Tensor(), d.L, d.S, 0.0, m.causal, philox, philox,
+                                                              scale);
+    }
+    case SeqKernel::kEfficient: {
+      // lse as its forward writes it: [B, H, L rounded up to 32], the padding +inf
+      const at::Tensor lse_padded = at::full({d.B, d.H, (d.L + 31) / 32 * 32}, kInf, lse.options().dtype(at::kFloat));
+      lse_padded.narrow(2, 0, d.L).copy_(lse);
+      const at::Tensor philox = no_dropout_state(q);
+      auto r = at::_scaled_dot_product_efficient_attention_backward(
+          grad_out, q, expand_heads(k, d), expand_heads(v, d), bias_for_fused(m.bias, d), blhd(out, d), lse_padded,
+          philox, philox, 0.0, {need[0], need[1], need[2], false}, m.causal, scale);
+      return {std::get<0>(r), need[1] ? sum_heads(std::get<1>(r), d) : at::Tensor(),
+              need[2] ? sum_heads(std::get<2>(r), d) : at::Tensor()};
+    }
+    case SeqKernel::kCudnn: {
+      const at::Tensor philox = no_dropout_state(q);
+      const at::Tensor lse4 = lse.contiguous().unsqueeze(-1);  // its forward's [B, H, L, 1]
+      auto r = at::_scaled_dot_product_cudnn_attention_backward(
+          blhd(grad_out, d), q, expand_heads(k, d), expand_heads(v, d), blhd(out, d), lse4, philox, philox,
+          bias_for_fused(m.bias, d), at::Tensor(), at::Tensor(), d.L, d.S, 0.0, m.causal, scale);
+      return {std::get<0>(r), sum_heads(std::get<1>(r), d), sum_heads(std::get<2>(r), d)};
+    }
+    case SeqKernel::kCpuFlash: {
+      // the kernel reads lse in the layout its forward writes, [B, L, H] in memory
+      const at::Tensor lse_blh = at::empty({d.B, d.L, d.H}, lse.options()).transpose(1, 2).copy_(lse);
+      return at::_scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse_blh, 0.0, m.causal,
+                                                                      opt(m.bias), scale);
+    }
+    case SeqKernel::kMath: {
+      const auto mt = cpu::attention_math_dtype(q.scalar_type());
+      const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
+      auto [dq, dk, dv] = cpu::attend_backward(grad_out, q, k, v, m.bias, m.causal, scale, lse, delta, need[0], need[1],
+                                               need[2]);
+      auto as = [](const at::Tensor& g, const at::Tensor& like) { return g.defined() ? g.to(like.scalar_type()) : g; };
+      return {as(dq, q), as(dk, k), as(dv, v)};
+    }
+    case SeqKernel::kNone: break;
+  }
+  return {};
+}
+
+// ---------------------------------------------------------------- the prefix part
+
+at::Tensor lse_like(const at::Tensor& q, const Dims& d) {  // float64 for float64 (gradcheck), else float32
+  return at::empty({d.B, d.H, d.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
+// The composite prefix part: attention to each sample's prefix (ids outside [0, T) hidden).
+std::pair<at::Tensor, at::Tensor> prefix_part(const at::Tensor& q, const at::Tensor& prefix_k,
+                                              const at::Tensor& prefix_v, const std::optional<at::Tensor>& ids,
+                                              double scale, const Dims& d) {
+  const at::Tensor bias =
+      ids ? cpu::prefix_visibility(*ids, d.tasks, cpu::attention_math_dtype(q.scalar_type())) : at::Tensor();
+  return cpu::attend(q, cpu::per_sample_prefix(prefix_k, ids, d.B), cpu::per_sample_prefix(prefix_v, ids, d.B), bias,
+                     false, scale);
+}
 
 #ifdef PEFTKERN_WITH_CUDA
 
-bool fused(const at::Tensor& q, const Dims& d) {
-  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         kernels::attention_head_dim_supported(static_cast<int>(d.D)) && d.B <= 65535 && d.H <= 65535;  // grid y, z
+bool prefix_kernel_fits(const at::Tensor& q, const Dims& d) {
+  const int64_t row_tiles = (d.G() * d.L + 63) / 64;
+  const auto dt = q.scalar_type();
+  return q.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16) &&
+         kernels::prefix_attention_supported(kernel_dtype(dt), static_cast<int>(d.D)) && sm80_or_newer(q) &&
+         d.B * d.Hkv * row_tiles <= INT32_MAX;
 }
 
-// D-contiguous view, copied only if needed.
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-kernels::AttnOperand operand(const at::Tensor& t) {
-  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+kernels::AttnRows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+kernels::AttnStats stats(const at::Tensor& t) {
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-kernels::PrefixAttentionArgs kernel_args(const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& ids, bool causal,
-                                         double scale) {
-  kernels::PrefixAttentionArgs a{};
-  a.dtype = kernel_dtype(q.scalar_type());
-  a.B = static_cast<int>(d.B);
-  a.H = static_cast<int>(d.H);
-  a.Hkv = static_cast<int>(d.Hkv);
-  a.L = static_cast<int>(d.L);
-  a.S = static_cast<int>(d.S);
-  a.P = static_cast<int>(d.P);
-  a.D = static_cast<int>(d.D);
-  a.scale = static_cast<float>(scale);
-  a.causal = causal;
-  a.q = operand(q);
-  a.k = operand(k);
-  a.v = operand(v);
-  a.prefix_k = pk.data_ptr();
-  a.prefix_v = pv.data_ptr();
-  a.prefix_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
-  a.num_tasks = static_cast<int>(d.tasks > 0 ? d.tasks : 1);
-  return a;
+kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, const at::Tensor& pk,
+                                           const at::Tensor& pv, const at::Tensor& ids, double scale) {
+  kernels::PrefixAttentionShape s{};
+  s.dtype = kernel_dtype(q.scalar_type());
+  s.B = static_cast<int>(d.B);
+  s.H = static_cast<int>(d.H);
+  s.Hkv = static_cast<int>(d.Hkv);
+  s.L = static_cast<int>(d.L);
+  s.P = static_cast<int>(d.P);
+  s.D = static_cast<int>(d.D);
+  s.scale = static_cast<float>(scale);
+  s.prefix_k = pk.data_ptr();
+  s.prefix_v = pv.data_ptr();
+  s.prefix_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  s.num_tasks = static_cast<int>(d.tasks > 0 ? d.tasks : 1);
+  return s;
+}
+
+at::Tensor kernel_ids(const std::optional<at::Tensor>& ids) {
+  return ids ? ids->to(at::kLong).contiguous() : at::Tensor();
+}
+
+// Per sample, sum over its rows of rows_ws^T @ x: rows_ws [n, H, L, ld] the kernel's per-row
+// probabilities or scaled dS, x [n, H, L, D]. cuBLAS (float32 out) per head, then the sum over
+// each kv-head group's heads (fixed order): [n, Hkv, P, D] float32.
+at::Tensor prefix_grad_per_sample(const at::Tensor& rows_ws, const at::Tensor& x, const Dims& d) {
+  const int64_t n = x.size(0), nH = n * d.H;
+  const at::Tensor a = rows_ws.view({nH, d.L, rows_ws.size(3)}).narrow(2, 0, d.P).transpose(1, 2);  // [nH, P, L]
+  const at::Tensor partial = at::bmm(a, x.reshape({nH, d.L, d.D}), at::kFloat);                   // [nH, P, D]
+  return partial.view({n, d.Hkv, d.G(), d.P, d.D}).sum(2);
+}
+
+// The prefix part's backward on the kernels: dq (added to the sequence part's when dq_seq is
+// defined), dprefix_k, dprefix_v (undefined unless requested). The kernel writes each row's
+// probabilities and dS for cuBLAS to reduce; samples go in chunks so that workspace stays under
+// max(64 MiB, a quarter of q), below what the eager formula's concatenated K/V hold.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+    const std::optional<at::Tensor>& prefix_ids, const at::Tensor& out, const at::Tensor& lse, double scale,
+    const Dims& d, at::Tensor dq_seq, bool need_dq, bool need_dpk, bool need_dpv) {
+  const at::Tensor qk = aligned16(q), g = aligned16(grad_out), o = aligned16(out);
+  const at::Tensor pk = aligned16(prefix_k.contiguous()), pv = aligned16(prefix_v.contiguous());
+  const at::Tensor ids = kernel_ids(prefix_ids);
+  const at::Tensor lse_f = lse.contiguous();
+  const bool accumulate = need_dq && dq_seq.defined();
+  const at::Tensor dq = need_dq ? (accumulate ? aligned16(dq_seq) : at::empty_like(qk)) : at::Tensor();
+  const int64_t ld = (d.P + 7) / 8 * 8;
+  const int64_t ws_per_sample = (need_dpk + need_dpv) * d.H * d.L * ld * q.element_size();
+  const int64_t cap = std::max<int64_t>(int64_t{64} << 20, q.numel() * q.element_size() / 4);
+  const int64_t chunk = ws_per_sample > 0 ? std::clamp<int64_t>(cap / ws_per_sample, 1, d.B) : d.B;
+  const at::Tensor probs = need_dpv ? at::empty({chunk, d.H, d.L, ld}, q.options()) : at::Tensor();
+  const at::Tensor dscores = need_dpk ? at::empty({chunk, d.H, d.L, ld}, q.options()) : at::Tensor();
+  const auto fopts = q.options().dtype(at::kFloat);
+  at::Tensor dpk_s = need_dpk ? at::empty({d.B, d.Hkv, d.P, d.D}, fopts) : at::Tensor();
+  at::Tensor dpv_s = need_dpv ? at::empty({d.B, d.Hkv, d.P, d.D}, fopts) : at::Tensor();
+  for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
+    const int64_t n = std::min(chunk, d.B - b0);
+    Dims dc = d;
+    dc.B = n;
+    auto part = [&](const at::Tensor& t) { return t.narrow(0, b0, n); };
+    const at::Tensor qc = part(qk), gc = part(g);
+    kernels::PrefixAttentionBackward a{};
+    a.q = rows(qc);
+    a.grad_out = rows(gc);
+    a.out = rows(part(o));
+    a.lse = stats(part(lse_f));
+    if (need_dq) a.dq = rows(part(dq));
+    a.dq_accumulate = accumulate;
+    a.probs = need_dpv ? probs.data_ptr() : nullptr;
+    a.dscores = need_dpk ? dscores.data_ptr() : nullptr;
+    a.probs_ld = ld;
+    C10_CUDA_CHECK(kernels::prefix_attention_backward(
+        prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale), a, at::cuda::getCurrentCUDAStream()));
+    if (need_dpk) dpk_s.narrow(0, b0, n).copy_(prefix_grad_per_sample(dscores.narrow(0, 0, n), qc, dc));
+    if (need_dpv) dpv_s.narrow(0, b0, n).copy_(prefix_grad_per_sample(probs.narrow(0, 0, n), gc, dc));
+  }
+  auto per_task = [&](const at::Tensor& t, const at::Tensor& like) {
+    return t.defined() ? cpu::sum_per_task(t, prefix_ids, d.tasks).to(like.scalar_type()) : t;
+  };
+  return {dq, per_task(dpk_s, prefix_k), per_task(dpv_s, prefix_v)};
 }
 
 #endif  // PEFTKERN_WITH_CUDA
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                     const std::optional<at::Tensor>& prefix_ids, bool causal,
+                                                     const std::optional<at::Tensor>& prefix_ids,
+                                                     const std::optional<at::Tensor>& attn_mask, bool causal,
                                                      double scale) {
-  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, true);
+  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, true);
+  at::Tensor lse = lse_like(q, d);
+  if (d.B * d.H * d.L == 0) return {out_like(q, d), lse};
 #ifdef PEFTKERN_WITH_CUDA
-  if (q.is_cuda() && fused(q, d)) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v);
-    const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
-    const at::Tensor ids = prefix_ids ? prefix_ids->to(at::kLong).contiguous() : at::Tensor();
-    at::Tensor out = at::empty({d.B, d.H, d.L, d.D}, q.options());
-    at::Tensor lse = at::empty({d.B, d.H, d.L}, q.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(kernels::prefix_attention_forward(kernel_args(d, qc, kc, vc, pk, pv, ids, causal, scale),
-                                                     out.data_ptr(), lse.data_ptr<float>(),
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (q.is_cuda()) guard.emplace(q.device());
+#endif
+  const SeqKernel kern = sequence_kernel(q, d, attn_mask.has_value());
+  const bool fused_seq = kern != SeqKernel::kMath && kern != SeqKernel::kNone;
+  const at::Tensor qa = fused_seq ? aligned16(q) : q;
+  SeqOut seq;
+  SeqMask mask;
+  if (kern != SeqKernel::kNone) {
+    mask = sequence_mask(kern, q, attn_mask, causal, d);
+    seq = sequence_forward(kern, qa, fused_seq ? aligned16(k) : k, fused_seq ? aligned16(v) : v, mask, scale, d);
+    mark_rows_without_keys(seq.lse, mask, causal, d);
+  }
+#ifdef PEFTKERN_WITH_CUDA
+  if (prefix_kernel_fits(q, d)) {
+    const at::Tensor qk = fused_seq ? qa : aligned16(q);
+    if (kern == SeqKernel::kMath) seq.out = seq.out.to(q.scalar_type());  // the kernel reads it in q's dtype
+    const at::Tensor pk = aligned16(prefix_k.contiguous()), pv = aligned16(prefix_v.contiguous());
+    const at::Tensor ids = kernel_ids(prefix_ids);
+    at::Tensor out = out_like(q, d);
+    const bool in_place = seq.out.defined() && seq.out.strides() == out.strides() && is_aligned16(seq.out);
+    if (in_place) out = seq.out;
+    const at::Tensor seq_out = seq.out.defined() ? aligned16(seq.out) : seq.out;
+    kernels::PrefixAttentionForward a{};
+    a.q = rows(qk);
+    a.out = rows(out);
+    a.lse = stats(lse);
+    if (seq_out.defined()) {
+      a.seq_out = rows(seq_out);
+      a.seq_lse = stats(seq.lse);
+    }
+    C10_CUDA_CHECK(kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale), a,
                                                      at::cuda::getCurrentCUDAStream()));
     return {out, lse};
   }
 #endif
-  return cpu::prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale);
+  // composite (CPU; CUDA float32/float64 and head dims the kernels do not cover)
+  auto [out_p, lse_p] = prefix_part(q, prefix_k, prefix_v, prefix_ids, scale, d);
+  if (!seq.out.defined()) {  // S == 0: only the prefix part (rows without prefix keys: lse +inf)
+    seq.out = at::zeros({}, out_p.options()).expand(out_p.sizes());
+    seq.lse = at::full({}, -kInf, lse_p.options()).expand(lse_p.sizes());
+  }
+  auto [out_m, lse_m] = cpu::merge_parts(seq.out, seq.lse, out_p, lse_p);
+  at::Tensor out = out_like(q, d);
+  out.copy_(out_m);
+  lse.copy_(lse_m);
+  return {out, lse};
 }
 
+using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
 Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& prefix_k, const at::Tensor& prefix_v, const std::optional<at::Tensor>& prefix_ids,
-                         const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, std::array<bool, 5> need) {
-  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, false);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out and out must have q's shape");
+                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                         const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
+                         const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+                         std::array<bool, 5> need) {
+  const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, false);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out and out must have q's shape ",
+                    q.sizes(), "; got ", grad_out.sizes(), " and ", out.sizes());
+  check_like(grad_out, "prefix_attention_backward", "grad_out", q, "q");
+  check_like(out, "prefix_attention_backward", "out", q, "q");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({d.B, d.H, d.L}) && lse.scalar_type() == lse_like(q, d).scalar_type(),
+                    "prefix_attention_backward: lse must be the forward's [B, H, L] log-sum-exp");
+  const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = need;
+  at::Tensor dq, dk, dv, dpk, dpv;
+  const bool rows_exist = d.B * d.H * d.L > 0;
 #ifdef PEFTKERN_WITH_CUDA
-  if (q.is_cuda() && fused(q, d)) {
-    const c10::cuda::CUDAGuard guard(q.device());
-    const at::Tensor qc = unit_last(q), kc = unit_last(k), vc = unit_last(v);
-    const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
-    const at::Tensor ids = prefix_ids ? prefix_ids->to(at::kLong).contiguous() : at::Tensor();
-    const at::Tensor g = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
-    const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = need;
-    at::Tensor dq = need_dq ? at::empty(q.sizes(), q.options()) : at::Tensor();
-    at::Tensor dk = need_dk ? at::empty(k.sizes(), k.options()) : at::Tensor();
-    at::Tensor dv = need_dv ? at::empty(v.sizes(), v.options()) : at::Tensor();
-    at::Tensor dpk = need_dpk ? at::empty(prefix_k.sizes(), prefix_k.options()) : at::Tensor();
-    at::Tensor dpv = need_dpv ? at::empty(prefix_v.sizes(), prefix_v.options()) : at::Tensor();
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
-    const kernels::PrefixAttentionArgs a = kernel_args(d, qc, kc, vc, pk, pv, ids, causal, scale);
-    kernels::PrefixAttentionGrads gr{};
-    gr.grad_out = g.data_ptr();
-    gr.out = o.data_ptr();
-    gr.lse = l.data_ptr<float>();
-    gr.dq = ptr(dq);
-    gr.dk = ptr(dk);
-    gr.dv = ptr(dv);
-    gr.dprefix_k = ptr(dpk);
-    gr.dprefix_v = ptr(dpv);
-    gr.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    gr.workspace_bytes = kernels::prefix_attention_backward_workspace_bytes(a, gr);
-    const at::Tensor workspace = at::empty({static_cast<int64_t>(gr.workspace_bytes)}, q.options().dtype(at::kByte));
-    gr.workspace = workspace.data_ptr();
-    C10_CUDA_CHECK(kernels::prefix_attention_backward(a, gr, at::cuda::getCurrentCUDAStream()));
-    return {defined_or_none(dq), defined_or_none(dk), defined_or_none(dv), defined_or_none(dpk), defined_or_none(dpv)};
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (q.is_cuda()) guard.emplace(q.device());
+#endif
+  const SeqKernel kern = rows_exist ? sequence_kernel(q, d, attn_mask.has_value()) : SeqKernel::kNone;
+  const bool fused_seq = kern != SeqKernel::kMath && kern != SeqKernel::kNone;
+  auto prep = [&](const at::Tensor& t) { return fused_seq ? aligned16(t) : t; };
+  if (kern != SeqKernel::kNone && (need_dq || need_dk || need_dv)) {
+    const SeqMask mask = sequence_mask(kern, q, attn_mask, causal, d);
+    std::tie(dq, dk, dv) = sequence_backward(kern, prep(grad_out), prep(q), prep(k), prep(v), prep(out), lse, mask,
+                                             scale, d, {need_dq, need_dk, need_dv});
+  }
+  const bool prefix_grads = rows_exist && d.P > 0 && (need_dq || need_dpk || need_dpv);
+  bool prefix_done = !prefix_grads;
+#ifdef PEFTKERN_WITH_CUDA
+  if (prefix_grads && prefix_kernel_fits(q, d)) {
+    std::tie(dq, dpk, dpv) = prefix_backward_on_kernels(grad_out, q, prefix_k, prefix_v, prefix_ids, out, lse, scale, d,
+                                                        dq, need_dq, need_dpk, need_dpv);
+    prefix_done = true;
   }
 #endif
-  auto [dq, dk, dv, dpk, dpv] =
-      cpu::prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, out, causal, scale, need);
-  return {defined_or_none(dq), defined_or_none(dk), defined_or_none(dv), defined_or_none(dpk), defined_or_none(dpv)};
+  if (!prefix_done) {  // composite
+    const auto mt = cpu::attention_math_dtype(q.scalar_type());
+    const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
+    const at::Tensor bias = prefix_ids ? cpu::prefix_visibility(*prefix_ids, d.tasks, mt) : at::Tensor();
+    auto [dq_p, dpk_s, dpv_s] = cpu::attend_backward(
+        grad_out, q, cpu::per_sample_prefix(prefix_k, prefix_ids, d.B), cpu::per_sample_prefix(prefix_v, prefix_ids, d.B),
+        bias, false, scale, lse, delta, need_dq, need_dpk, need_dpv);
+    if (need_dq) dq = (dq.defined() ? dq.to(mt) + dq_p : dq_p).to(q.scalar_type());
+    if (need_dpk) dpk = cpu::sum_per_task(dpk_s, prefix_ids, d.tasks).to(prefix_k.scalar_type());
+    if (need_dpv) dpv = cpu::sum_per_task(dpv_s, prefix_ids, d.tasks).to(prefix_v.scalar_type());
+  }
+  // Each gradient in its input's layout (empty_like's; what the fake implementation promises); parts
+  // that do not exist (S = 0, P = 0, no rows) contribute zeros.
+  auto finish = [](bool needed, const at::Tensor& g, const at::Tensor& input) -> std::optional<at::Tensor> {
+    if (!needed) return std::nullopt;
+    if (!g.defined()) return at::zeros_like(input);
+    if (g.strides() == at::empty_like(input, input.options().device(at::kMeta)).strides()) return g;
+    return at::empty_like(input).copy_(g);
+  };
+  return {finish(need_dq, dq, q), finish(need_dk, dk, k), finish(need_dv, dv, v), finish(need_dpk, dpk, prefix_k),
+          finish(need_dpv, dpv, prefix_v)};
 }
 
 void register_attention_impls(torch::Library& m) {
@@ -173,7 +552,7 @@ void register_attention_impls(torch::Library& m) {
 
 }  // namespace
 
-// Each function branches on the device itself (the composite on the CPU, the kernels on CUDA).
+// Each function branches on the device itself (csrc/cpu on the CPU, the kernels on CUDA).
 TORCH_LIBRARY_IMPL(peftkern, CPU, m) { register_attention_impls(m); }
 #ifdef PEFTKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(peftkern, CUDA, m) { register_attention_impls(m); }

@@ -77,9 +77,9 @@ inline bool capturing(const at::Tensor& t) {
 }
 
 // ids: int32/int64, on ref's device, shape [n] (named n_name), values in [lo, hi). The range check
-// reads two numbers on the host (a device sync), so it is skipped inside CUDA graph capture (each op
-// documents what its kernel then does with an out-of-range id) and when check_values is false (a
-// backward, whose forward already checked the same ids).
+// copies the ids' min and max to the host in one transfer (a device sync), so it is skipped inside
+// CUDA graph capture (each op documents what its kernel then does with an out-of-range id) and when
+// check_values is false (a backward, whose forward already checked the same ids).
 inline void check_ids(const char* op, const char* name, const at::Tensor& ids, int64_t n, const char* n_name,
                       const at::Tensor& ref, const char* ref_name, int64_t lo, int64_t hi, const char* range,
                       bool check_values = true) {
@@ -91,7 +91,8 @@ inline void check_ids(const char* op, const char* name, const at::Tensor& ids, i
                     "]; got ", ids.sizes());
   if (check_values && n > 0 && !capturing(ids)) {
     const auto [mn_t, mx_t] = at::aminmax(ids);
-    const int64_t mn = mn_t.item<int64_t>(), mx = mx_t.item<int64_t>();
+    const at::Tensor seen = at::stack({mn_t, mx_t}).to(at::kLong).cpu();  // the one device-to-host copy
+    const int64_t mn = seen.data_ptr<int64_t>()[0], mx = seen.data_ptr<int64_t>()[1];
     TORCH_CHECK_VALUE(mn >= lo && mx < hi, op, ": ", name, " must be in ", range, " = [", lo, ", ", hi,
                       "); got values in [", mn, ", ", mx, "]");
   }

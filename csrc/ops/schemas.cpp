@@ -56,14 +56,16 @@ TORCH_LIBRARY(peftkern, m) {
   m.def("masked_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits_stack, Tensor task_ids) -> Tensor");
 
   // Prefix attention: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] without building the
-  // concatenation. Outputs out [B, H, L, D] and lse [B, H, L] (float32, for the backward).
+  // concatenation; attn_mask (bool, True = attend, or additive) covers the sequence keys only.
+  // Outputs out [B, H, L, D] and lse [B, H, L] (float32, float64 for float64; +inf where a row sees
+  // no key), the row log-sum-exp the backward uses.
   m.def(
       "prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_ids, "
-      "bool causal, float scale) -> (Tensor, Tensor)");
+      "Tensor? attn_mask, bool causal, float scale) -> (Tensor, Tensor)");
   // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask; prefix gradients
   // summed over the samples that use each prefix.
   m.def(
       "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor? prefix_ids, Tensor out, Tensor lse, bool causal, float scale, bool[5] output_mask) "
+      "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float scale, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

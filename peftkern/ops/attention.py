@@ -15,6 +15,7 @@ def prefix_attention(
     prefix_v: Tensor,
     *,
     prefix_ids: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
 ) -> Tensor:
@@ -26,50 +27,73 @@ def prefix_attention(
     q ``[B, H, L, D]``; k, v ``[B, Hkv, S, D]`` with ``H % Hkv == 0`` (grouped-query attention:
     query head h reads kv head ``h // (H // Hkv)``); prefix_k, prefix_v ``[Hkv, P, D]`` shared by the
     batch, or ``[T, Hkv, P, D]`` with ``prefix_ids [B]`` choosing each sample's task prefix. ``scale``
-    defaults to ``1/sqrt(D)``. ``causal``: every query sees the whole prefix, and sequence key j only
-    when ``j <= i + (S - L)`` (bottom-right aligned, so decoding over a KV cache works). P may be 0.
-    A query that sees no key at all (causal, P = 0, L > S) outputs zeros.
+    defaults to ``1/sqrt(D)``. P = 0 and S = 0 are allowed.
 
-    Gradients for q, k, v and the prefixes (summed over the samples that use each prefix). Saved for
-    the backward: the inputs, the output and the row log-sum-exp; never the concatenated KV.
-    CUDA: hand-written flash-style kernels (online softmax, float32 statistics) for fp16/bf16 and
-    head dims 64 and 128; float32, float64 and other head dims run a slower composite that builds
-    the concatenation.
+    The mask covers the sequence keys only; every query sees the whole prefix.
+    ``causal``: sequence key j is visible to query i when ``j <= i + (S - L)`` (bottom-right
+    aligned, so decoding over a KV cache works). ``attn_mask``: a bool tensor (True = attend) or an
+    additive mask of q's dtype, broadcastable to ``[B, H, L, S]`` (what a Hugging Face model hands
+    its attention function for padded batches); it combines with ``causal``. A query whose sequence
+    keys are all masked attends to the prefix alone; one that sees no key at all outputs zeros.
+    No gradient flows to the mask (one that requires grad is refused).
+
+    Gradients for q, k, v and the prefixes (summed over the samples that use each prefix, in a
+    fixed order). Saved for the backward: the inputs, the output and the row log-sum-exp; never the
+    concatenated KV. The output is ``[B, H, L, D]`` over ``[B, L, H, D]`` memory, as PyTorch's flash
+    attention returns it (``out.transpose(1, 2).reshape(B, L, H * D)`` is free).
+
+    How it runs: the sequence part on PyTorch's fused attention (CUDA: flash, else memory-efficient,
+    else cuDNN, whichever the inputs fit and ``torch.nn.attention.sdpa_kernel`` leaves enabled; CPU:
+    its flash kernel), the prefix part and the merge by log-sum-exp in a hand-written CUDA kernel
+    (fp16/bf16, head dim a multiple of 8 up to 256, sm_80+). Other cases (float32, float64, other
+    head dims, the math backend) compute the parts with ATen products: correct, slower.
+    Under CUDA graph capture ``prefix_ids`` is not range-checked; a sample with an out-of-range id
+    attends to no prefix.
     """
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError("prefix_attention: attn_mask requires grad, but no gradient flows to the mask; "
+                         "pass attn_mask.detach()")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = torch.ops.peftkern.prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_ids, bool(causal),
-                                                          float(scale))
+    out, _ = torch.ops.peftkern.prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask,
+                                                          bool(causal), float(scale))
     return out
 
 
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("peftkern::prefix_attention_forward")
-def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale):
+    B, H, L, D = q.shape
+    out = q.new_empty(B, L, H, D).transpose(1, 2)
+    return out, q.new_empty(B, H, L, dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("peftkern::prefix_attention_backward")
-def _prefix_attention_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, out, lse, causal, scale,
-                                   output_mask):
+def _prefix_attention_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, causal,
+                                   scale, output_mask):
     like = (q, k, v, prefix_k, prefix_v)
-    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
+    return tuple(torch.empty_like(t) if need else None for t, need in zip(like, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_ids, causal, scale = inputs
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_ids, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = (None,) * 5
     if any(mask):
-        grads = torch.ops.peftkern.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, out,
-                                                             lse, ctx.causal, ctx.scale, mask)
-    return (*grads, None, None, None)
+        grads = torch.ops.peftkern.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids,
+                                                             attn_mask, out, lse, ctx.causal, ctx.scale, mask)
+    return (*grads, None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::prefix_attention_forward", _backward, setup_context=_setup_context)
