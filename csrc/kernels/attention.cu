@@ -258,9 +258,11 @@ __global__ void __launch_bounds__(kThreads)
       mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
       mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
     }
-    // Every tile holds a key below P, so the new maxima are finite (for finite inputs).
+    // Every tile holds a key below P, so the maxima are finite for finite inputs; a row whose scores
+    // are all -inf (infinite inputs) subtracts 0 instead (-inf - -inf would be NaN).
     const float new_a = fmaxf(m_a, quad_max(mx_a)), new_b = fmaxf(m_b, quad_max(mx_b));
-    const float alpha_a = exp2f(m_a - new_a), alpha_b = exp2f(m_b - new_b);  // 0 on the first tile
+    const float use_a = new_a == -kInf ? 0.f : new_a, use_b = new_b == -kInf ? 0.f : new_b;
+    const float alpha_a = exp2f(m_a - use_a), alpha_b = exp2f(m_b - use_b);  // 0 on the first tile
     m_a = new_a;
     m_b = new_b;
     l_a *= alpha_a;
@@ -274,10 +276,10 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int nt = 0; nt < kPT / 8; ++nt) {
-      sc[nt][0] = exp2f(sc[nt][0] - m_a);
-      sc[nt][1] = exp2f(sc[nt][1] - m_a);
-      sc[nt][2] = exp2f(sc[nt][2] - m_b);
-      sc[nt][3] = exp2f(sc[nt][3] - m_b);
+      sc[nt][0] = exp2f(sc[nt][0] - use_a);
+      sc[nt][1] = exp2f(sc[nt][1] - use_a);
+      sc[nt][2] = exp2f(sc[nt][2] - use_b);
+      sc[nt][3] = exp2f(sc[nt][3] - use_b);
       l_a += sc[nt][0] + sc[nt][1];
       l_b += sc[nt][2] + sc[nt][3];
     }
@@ -292,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
     const Row& row = half == 0 ? row_a : row_b;
     if (!row.valid) continue;
     const float m = half == 0 ? m_a : m_b, l = half == 0 ? l_a : l_b;
-    const float lse_p = pos.P > 0 ? m + log2f(l) : -kInf;  // log2 units
+    const float lse_p = pos.P > 0 && l > 0.f ? m + log2f(l) : -kInf;  // log2 units (NaN stays NaN)
     float lse_s = -kInf;
     const T* seq_row = nullptr;
     if (a.seq_out.ptr != nullptr) {
@@ -302,14 +304,15 @@ __global__ void __launch_bounds__(kThreads)
         seq_row = row_ptr<T>(a.seq_out, pos.b, row);
       }
     }
-    const float mx = fmaxf(lse_s, lse_p);
+    // fmaxf drops a NaN operand: keep it, so NaN inputs give NaN out and lse
+    const float mx = isnan(lse_s) || isnan(lse_p) ? __int_as_float(0x7fc00000) : fmaxf(lse_s, lse_p);
     float c_seq = 0.f, c_pre = 0.f, lse = kInf;  // a row that sees nothing: out 0, lse +inf
-    if (mx > -kInf) {
+    if (!(mx == -kInf)) {
       const float w_seq = seq_row != nullptr ? exp2f(lse_s - mx) : 0.f;
-      const float w_pre = pos.P > 0 ? exp2f(lse_p - mx) : 0.f;
+      const float w_pre = lse_p > -kInf || isnan(lse_p) ? exp2f(lse_p - mx) : 0.f;
       const float total = w_seq + w_pre;
       c_seq = w_seq / total;
-      c_pre = pos.P > 0 ? w_pre / (total * l) : 0.f;
+      c_pre = w_pre > 0.f || isnan(w_pre) ? w_pre / (total * l) : 0.f;
       lse = (mx + log2f(total)) * kLn2;
     }
     T* out_row = row_ptr<T>(a.out, pos.b, row);
@@ -414,13 +417,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (a.dq.ptr != nullptr) regs_times_tile<T, kMaxD, kPT, Cfg::kLdCol>(dq, ds, kt_tile, s.D, g, t);
   }
-  if (pos.P == 0 && s.P > 0) {  // a sample whose task id is out of range: zero workspace rows
-    for (int c = 2 * t; c < a.probs_ld; c += 8) {
-      if (probs_a) *reinterpret_cast<uint32_t*>(probs_a + c) = 0u;
-      if (probs_b) *reinterpret_cast<uint32_t*>(probs_b + c) = 0u;
-      if (dscores_a) *reinterpret_cast<uint32_t*>(dscores_a + c) = 0u;
-      if (dscores_b) *reinterpret_cast<uint32_t*>(dscores_b + c) = 0u;
-    }
+  // Workspace columns past the tiles (all of them for a sample whose task id is out of range): zeros.
+  for (int64_t c = (static_cast<int64_t>(pos.P) + kPT - 1) / kPT * kPT + 2 * t; c < a.probs_ld; c += 8) {
+    if (probs_a) *reinterpret_cast<uint32_t*>(probs_a + c) = 0u;
+    if (probs_b) *reinterpret_cast<uint32_t*>(probs_b + c) = 0u;
+    if (dscores_a) *reinterpret_cast<uint32_t*>(dscores_a + c) = 0u;
+    if (dscores_b) *reinterpret_cast<uint32_t*>(dscores_b + c) = 0u;
   }
   if (a.dq.ptr == nullptr) return;
 #pragma unroll

@@ -58,7 +58,8 @@ bool prefix_attention_supported(DType dtype, int head_dim);
 
 // out = merge(sequence part, prefix part), lse = its row log-sum-exp. seq_out / seq_lse are the
 // sequence part's (a row with lse_s = +-inf has no visible sequence key; its out_s is not read);
-// seq_out.ptr = null when there are no sequence keys (S = 0). out may alias seq_out (in place).
+// seq_out.ptr = null when there are no sequence keys (S = 0). out may alias seq_out (in place);
+// lse must not alias seq_lse.
 struct PrefixAttentionForward {
   AttnRows q, seq_out, out;
   AttnStats seq_lse, lse;
@@ -72,7 +73,7 @@ cudaError_t prefix_attention_forward(const PrefixAttentionShape& shape, const Pr
 //   probs[b, h, i, :P] = p                        when probs (row stride probs_ld >= P)
 //   dscores[b, h, i, :P] = scale * ds             when dscores (row stride probs_ld)
 // probs / dscores: [B, H, L, probs_ld] contiguous in the input dtype, 4-byte aligned, probs_ld even;
-// their columns P.. are written with zeros. dprefix_k = sum over the rows of each task of
+// their columns P..probs_ld are written with zeros. dprefix_k = sum over the rows of each task of
 // dscores^T q and dprefix_v of probs^T grad_out: GEMMs, left to the caller (cuBLAS).
 struct PrefixAttentionBackward {
   AttnRows q, grad_out, out, dq;
