@@ -118,8 +118,8 @@ struct Row {
 struct BlockPos {
   int b, hk;
   int64_t row0;   // first row of the block
-  int P;          // prefix keys this block's sample sees (0 for an out-of-range task id)
-  int64_t task;
+  int P;               // prefix keys this block's sample sees (0 for an out-of-range task id)
+  int64_t prefix_off;  // of its [P, D] prefix matrices in prefix_k / prefix_v
 };
 
 __device__ __forceinline__ BlockPos block_pos(const PrefixAttentionShape& s, int64_t row_tiles) {
@@ -130,8 +130,9 @@ __device__ __forceinline__ BlockPos block_pos(const PrefixAttentionShape& s, int
   p.hk = static_cast<int>(blk % s.Hkv);
   p.b = static_cast<int>(blk / s.Hkv);
   p.row0 = tile * kRowsPerBlock;
-  p.task = s.prefix_ids ? s.prefix_ids[p.b] : 0;
-  p.P = (p.task >= 0 && p.task < s.num_tasks) ? s.P : 0;
+  const int64_t task = s.prefix_ids ? s.prefix_ids[p.b] : 0;
+  p.P = (task >= 0 && task < s.num_tasks) ? s.P : 0;
+  p.prefix_off = p.P > 0 ? (task * s.Hkv + p.hk) * static_cast<int64_t>(s.P) * s.D : 0;
   return p;
 }
 
@@ -232,9 +233,8 @@ __global__ void __launch_bounds__(kThreads)
   const Row row_a = row_at(s, pos, pos.row0 + warp * 16 + g), row_b = row_at(s, pos, pos.row0 + warp * 16 + g + 8);
   const T* qa = row_ptr<T>(a.q, pos.b, row_a);
   const T* qb = row_ptr<T>(a.q, pos.b, row_b);
-  const int64_t prefix_off = pos.P > 0 ? (pos.task * s.Hkv + pos.hk) * static_cast<int64_t>(s.P) * s.D : 0;
-  const T* pk = static_cast<const T*>(s.prefix_k) + prefix_off;
-  const T* pv = static_cast<const T*>(s.prefix_v) + prefix_off;
+  const T* pk = static_cast<const T*>(s.prefix_k) + pos.prefix_off;
+  const T* pv = static_cast<const T*>(s.prefix_v) + pos.prefix_off;
   const float scale_log2 = s.scale * kLog2e;
 
   float o[kMaxD / 8][4] = {};                        // unnormalised prefix output
@@ -351,9 +351,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* qb = row_ptr<T>(a.q, pos.b, row_b);
   const T* ga = row_ptr<T>(a.grad_out, pos.b, row_a);
   const T* gb = row_ptr<T>(a.grad_out, pos.b, row_b);
-  const int64_t prefix_off = pos.P > 0 ? (pos.task * s.Hkv + pos.hk) * static_cast<int64_t>(s.P) * s.D : 0;
-  const T* pk = static_cast<const T*>(s.prefix_k) + prefix_off;
-  const T* pv = static_cast<const T*>(s.prefix_v) + prefix_off;
+  const T* pk = static_cast<const T*>(s.prefix_k) + pos.prefix_off;
+  const T* pv = static_cast<const T*>(s.prefix_v) + pos.prefix_off;
   const float scale_log2 = s.scale * kLog2e;
 
   // delta = rowsum(grad_out * out) and lse (log2 units; +inf for a row past the end: p = 0).
@@ -456,14 +455,30 @@ int64_t grid_blocks(const PrefixAttentionShape& s, int64_t* row_tiles) {
   return blocks > INT_MAX ? -1 : blocks;
 }
 
-template <typename Args, typename Launch>
-cudaError_t dispatch(const PrefixAttentionShape& s, const Args& args, cudaStream_t stream, Launch launch) {
+// One kernel instance per (dtype, head-dim tile).
+template <typename T, int kMaxD> struct Instance {
+  using Elem = T;
+  static constexpr int kD = kMaxD;
+};
+
+// Checks the shape, then calls launch(Instance<T, kMaxD>{}, blocks, row_tiles) for its instance.
+template <typename Launch>
+cudaError_t dispatch(const PrefixAttentionShape& s, Launch launch) {
   if (!prefix_attention_supported(s.dtype, s.D) || s.Hkv < 1 || s.H % s.Hkv != 0) return cudaErrorInvalidValue;
   int64_t row_tiles = 0;
   const int64_t blocks = grid_blocks(s, &row_tiles);
   if (blocks < 0) return cudaErrorInvalidConfiguration;
   if (blocks == 0) return cudaSuccess;
-  launch(s.dtype == DType::kFloat16, max_head_dim_tile(s.D), static_cast<unsigned>(blocks), row_tiles);
+  const auto n = static_cast<unsigned>(blocks);
+  const int max_d = max_head_dim_tile(s.D);
+  auto with_dtype = [&](auto elem) {
+    using T = decltype(elem);
+    if (max_d == 64) launch(Instance<T, 64>{}, n, row_tiles);
+    else if (max_d == 128) launch(Instance<T, 128>{}, n, row_tiles);
+    else launch(Instance<T, 256>{}, n, row_tiles);
+  };
+  if (s.dtype == DType::kFloat16) with_dtype(__half{});
+  else with_dtype(__nv_bfloat16{});
   return cudaGetLastError();
 }
 
@@ -476,18 +491,9 @@ bool prefix_attention_supported(DType dtype, int head_dim) {
 
 cudaError_t prefix_attention_forward(const PrefixAttentionShape& s, const PrefixAttentionForward& a,
                                      cudaStream_t stream) {
-  return dispatch(s, a, stream, [&](bool half, int max_d, unsigned blocks, int64_t row_tiles) {
-#define PEFTKERN_LAUNCH(T, D) prefix_attention_forward_kernel<T, D><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles)
-    if (half) {
-      if (max_d == 64) PEFTKERN_LAUNCH(__half, 64);
-      else if (max_d == 128) PEFTKERN_LAUNCH(__half, 128);
-      else PEFTKERN_LAUNCH(__half, 256);
-    } else {
-      if (max_d == 64) PEFTKERN_LAUNCH(__nv_bfloat16, 64);
-      else if (max_d == 128) PEFTKERN_LAUNCH(__nv_bfloat16, 128);
-      else PEFTKERN_LAUNCH(__nv_bfloat16, 256);
-    }
-#undef PEFTKERN_LAUNCH
+  return dispatch(s, [&](auto inst, unsigned blocks, int64_t row_tiles) {
+    using I = decltype(inst);
+    prefix_attention_forward_kernel<typename I::Elem, I::kD><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 
@@ -495,18 +501,9 @@ cudaError_t prefix_attention_backward(const PrefixAttentionShape& s, const Prefi
                                       cudaStream_t stream) {
   if ((a.probs != nullptr || a.dscores != nullptr) && (a.probs_ld < s.P || a.probs_ld % 2 != 0))
     return cudaErrorInvalidValue;
-  return dispatch(s, a, stream, [&](bool half, int max_d, unsigned blocks, int64_t row_tiles) {
-#define PEFTKERN_LAUNCH(T, D) prefix_attention_backward_kernel<T, D><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles)
-    if (half) {
-      if (max_d == 64) PEFTKERN_LAUNCH(__half, 64);
-      else if (max_d == 128) PEFTKERN_LAUNCH(__half, 128);
-      else PEFTKERN_LAUNCH(__half, 256);
-    } else {
-      if (max_d == 64) PEFTKERN_LAUNCH(__nv_bfloat16, 64);
-      else if (max_d == 128) PEFTKERN_LAUNCH(__nv_bfloat16, 128);
-      else PEFTKERN_LAUNCH(__nv_bfloat16, 256);
-    }
-#undef PEFTKERN_LAUNCH
+  return dispatch(s, [&](auto inst, unsigned blocks, int64_t row_tiles) {
+    using I = decltype(inst);
+    prefix_attention_backward_kernel<typename I::Elem, I::kD><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 
