@@ -370,7 +370,7 @@ at::Tensor prefix_grad_per_sample(const at::Tensor& rows_ws, const at::Tensor& x
   const int64_t n = x.size(0), nH = n * d.H;
   const at::Tensor a = rows_ws.view({nH, d.L, rows_ws.size(3)}).narrow(2, 0, d.P).transpose(1, 2);  // [nH, P, L]
   const at::Tensor partial = at::bmm(a, x.reshape({nH, d.L, d.D}), at::kFloat);                   // [nH, P, D]
-  return partial.view({n, d.Hkv, d.G(), d.P, d.D}).sum(2);
+  return d.G() == 1 ? partial.view({n, d.Hkv, d.P, d.D}) : partial.view({n, d.Hkv, d.G(), d.P, d.D}).sum(2);
 }
 
 // The prefix part's backward on the kernels: dq (added to the sequence part's when dq_seq is
@@ -393,9 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
   const int64_t chunk = ws_per_sample > 0 ? std::clamp<int64_t>(cap / ws_per_sample, 1, d.B) : d.B;
   const at::Tensor probs = need_dpv ? at::empty({chunk, d.H, d.L, ld}, q.options()) : at::Tensor();
   const at::Tensor dscores = need_dpk ? at::empty({chunk, d.H, d.L, ld}, q.options()) : at::Tensor();
-  const auto fopts = q.options().dtype(at::kFloat);
-  at::Tensor dpk_s = need_dpk ? at::empty({d.B, d.Hkv, d.P, d.D}, fopts) : at::Tensor();
-  at::Tensor dpv_s = need_dpv ? at::empty({d.B, d.Hkv, d.P, d.D}, fopts) : at::Tensor();
+  std::vector<at::Tensor> dpk_parts, dpv_parts;  // per chunk of samples, [n, Hkv, P, D] float32
   for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
     const int64_t n = std::min(chunk, d.B - b0);
     Dims dc = d;
@@ -414,13 +412,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
     a.probs_ld = ld;
     C10_CUDA_CHECK(kernels::prefix_attention_backward(
         prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale), a, at::cuda::getCurrentCUDAStream()));
-    if (need_dpk) dpk_s.narrow(0, b0, n).copy_(prefix_grad_per_sample(dscores.narrow(0, 0, n), qc, dc));
-    if (need_dpv) dpv_s.narrow(0, b0, n).copy_(prefix_grad_per_sample(probs.narrow(0, 0, n), gc, dc));
+    if (need_dpk) dpk_parts.push_back(prefix_grad_per_sample(dscores.narrow(0, 0, n), qc, dc));
+    if (need_dpv) dpv_parts.push_back(prefix_grad_per_sample(probs.narrow(0, 0, n), gc, dc));
   }
-  auto per_task = [&](const at::Tensor& t, const at::Tensor& like) {
-    return t.defined() ? cpu::sum_per_task(t, prefix_ids, d.tasks).to(like.scalar_type()) : t;
+  auto per_task = [&](const std::vector<at::Tensor>& parts, const at::Tensor& like) {
+    if (parts.empty()) return at::Tensor();
+    const at::Tensor per_sample = parts.size() == 1 ? parts[0] : at::cat(parts);
+    return cpu::sum_per_task(per_sample, prefix_ids, d.tasks).to(like.scalar_type());
   };
-  return {dq, per_task(dpk_s, prefix_k), per_task(dpv_s, prefix_v)};
+  return {dq, per_task(dpk_parts, prefix_k), per_task(dpv_parts, prefix_v)};
 }
 
 #endif  // PEFTKERN_WITH_CUDA
