@@ -196,13 +196,14 @@ at::Tensor aligned16(const at::Tensor& t) { return is_aligned16(t) ? t : t.clone
 at::Tensor out_like(const at::Tensor& q, const Dims& d) {
   return at::empty({d.B, d.L, d.H, d.D}, q.options()).transpose(1, 2);
 }
+bool has_out_layout(const at::Tensor& t, const Dims& d) {
+  return t.strides() == at::IntArrayRef({d.L * d.H * d.D, d.D, d.H * d.D, 1}) && is_aligned16(t);
+}
 
 // t in that layout, 16-byte aligned: the memory-efficient backward reads out's row stride as H * D
 // whatever the tensor says, and cuDNN's graph cache is safest with one layout for out and grad_out.
 at::Tensor blhd(const at::Tensor& t, const Dims& d) {
-  const at::Tensor like = out_like(t, d);
-  if (t.strides() == like.strides() && is_aligned16(t)) return t;
-  return like.copy_(t);
+  return has_out_layout(t, d) ? t : out_like(t, d).copy_(t);
 }
 
 // Dropout is never used: the kernels read no philox state, but the backward signatures take tensors.
@@ -453,9 +454,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
     if (kern == SeqKernel::kMath) seq.out = seq.out.to(q.scalar_type());  // the kernel reads it in q's dtype
     const at::Tensor pk = aligned16(prefix_k.contiguous()), pv = aligned16(prefix_v.contiguous());
     const at::Tensor ids = kernel_ids(prefix_ids);
-    at::Tensor out = out_like(q, d);
-    const bool in_place = seq.out.defined() && seq.out.strides() == out.strides() && is_aligned16(seq.out);
-    if (in_place) out = seq.out;
+    const bool in_place = seq.out.defined() && has_out_layout(seq.out, d);  // merge over the sequence part's out
+    const at::Tensor out = in_place ? seq.out : out_like(q, d);
     const at::Tensor seq_out = seq.out.defined() ? aligned16(seq.out) : seq.out;
     kernels::PrefixAttentionForward a{};
     a.q = rows(qk);
