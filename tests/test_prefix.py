@@ -1,4 +1,5 @@
-"""peftkern.ops.prefix_attention and the prefix / prompt modules against torch.cat + SDPA."""
+"""peftkern.ops.prefix_attention and the prefix / prompt modules against the float64 eager formula
+(torch.cat of the prefix in front of K and V, then softmax attention)."""
 
 import contextlib
 import math
