@@ -21,17 +21,18 @@ at::Tensor scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor&
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Hkv = keys.size(1), N = keys.size(2);
   at::Tensor s = at::matmul(grouped(q.to(mt), Hkv), keys.to(mt).transpose(-1, -2)).mul_(scale).view({B, H, L, N});
   if (bias.defined()) s.add_(bias);
-  if (causal) {  // key j visible to query i when j <= i + (N - L)
-    const auto opts = q.options().dtype(at::kLong);
-    const at::Tensor hidden = at::arange(N, opts).unsqueeze(0) > at::arange(L, opts).unsqueeze(1) + (N - L);
-    s.masked_fill_(hidden, -kInf);
-  }
+  if (causal) s.masked_fill_(causal_hidden(L, N, q.device()), -kInf);
   return s;
 }
 
 }  // namespace
 
 at::ScalarType attention_math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor causal_hidden(int64_t L, int64_t N, at::Device device) {
+  const auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  return at::arange(N, opts).unsqueeze(0) > at::arange(L, opts).unsqueeze(1) + (N - L);
+}
 
 std::pair<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                          const at::Tensor& bias, bool causal, double scale) {

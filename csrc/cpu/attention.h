@@ -17,6 +17,10 @@ namespace peftkern::cpu {
 
 at::ScalarType attention_math_dtype(at::ScalarType t);
 
+// [L, N] bool, True where causal masking hides key j from query i: j > i + (N - L) (bottom-right
+// aligned, so a query block at the end of a longer key sequence sees every earlier key).
+at::Tensor causal_hidden(int64_t L, int64_t N, at::Device device);
+
 // Softmax attention of q [B, H, L, D] to keys, values [B, Hkv, N, D] (query head h reads kv head
 // h / (H / Hkv)), plus an additive bias broadcastable to [B, H, L, N] (undefined: none), keys j
 // > i + (N - L) hidden from query i when causal. Returns (out [B, H, L, D], lse [B, H, L]) in the

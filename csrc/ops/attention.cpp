@@ -150,8 +150,7 @@ SeqMask sequence_mask(SeqKernel kern, const at::Tensor& q, const std::optional<a
                  : attn_mask->to(dtype);
   }
   if (fold) {
-    const auto opts = q.options().dtype(at::kLong);
-    const at::Tensor hidden = at::arange(d.S, opts).unsqueeze(0) > at::arange(d.L, opts).unsqueeze(1) + (d.S - d.L);
+    const at::Tensor hidden = cpu::causal_hidden(d.L, d.S, q.device());
     m.bias = (m.bias.defined() ? m.bias : at::zeros({d.L, d.S}, q.options().dtype(dtype))).masked_fill(hidden, -kInf);
   }
   return m;
@@ -209,8 +208,6 @@ at::Tensor blhd(const at::Tensor& t, const Dims& d) {
 // Dropout is never used: the kernels read no philox state, but the backward signatures take tensors.
 at::Tensor no_dropout_state(const at::Tensor& q) { return at::zeros({2}, q.options().dtype(at::kLong)); }
 
-std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; }
-
 struct SeqOut {
   at::Tensor out;  // [B, H, L, D] in q's dtype (math dtype for kMath)
   at::Tensor lse;  // [B, H, L] float (a view: the kernel's own layout)
@@ -225,17 +222,17 @@ SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k
     }
     case SeqKernel::kEfficient: {
       auto r = at::_scaled_dot_product_efficient_attention(q, expand_heads(k, d), expand_heads(v, d),
-                                                           opt(bias_for_fused(m.bias, d)), true, 0.0, m.causal, scale);
+                                                           defined_or_none(bias_for_fused(m.bias, d)), true, 0.0, m.causal, scale);
       return {std::get<0>(r), std::get<1>(r).narrow(2, 0, d.L)};  // lse rows padded to a multiple of 32
     }
     case SeqKernel::kCudnn: {
       auto r = at::_scaled_dot_product_cudnn_attention(q, expand_heads(k, d), expand_heads(v, d),
-                                                       opt(bias_for_fused(m.bias, d)), true, 0.0, m.causal, false, scale);
+                                                       defined_or_none(bias_for_fused(m.bias, d)), true, 0.0, m.causal, false, scale);
       const at::Tensor lse = std::get<1>(r);
       return {std::get<0>(r), lse.dim() == 4 ? lse.select(3, 0) : lse};  // cuDNN: [B, H, L, 1]
     }
     case SeqKernel::kCpuFlash: {
-      auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, m.causal, opt(m.bias), scale);
+      auto r = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, m.causal, defined_or_none(m.bias), scale);
       return {std::get<0>(r), std::get<1>(r)};
     }
     case SeqKernel::kMath: {
@@ -296,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
       // the kernel reads lse in the layout its forward writes, [B, L, H] in memory
       const at::Tensor lse_blh = at::empty({d.B, d.L, d.H}, lse.options()).transpose(1, 2).copy_(lse);
       return at::_scaled_dot_product_flash_attention_for_cpu_backward(grad_out, q, k, v, out, lse_blh, 0.0, m.causal,
-                                                                      opt(m.bias), scale);
+                                                                      defined_or_none(m.bias), scale);
     }
     case SeqKernel::kMath: {
       const auto mt = cpu::attention_math_dtype(q.scalar_type());
@@ -313,18 +310,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
 
 // ---------------------------------------------------------------- the prefix part
 
-at::Tensor lse_like(const at::Tensor& q, const Dims& d) {  // float64 for float64 (gradcheck), else float32
-  return at::empty({d.B, d.H, d.L}, q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+at::ScalarType lse_dtype(const at::Tensor& q) {  // float64 for float64 (gradcheck), else float32
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
+at::Tensor lse_like(const at::Tensor& q, const Dims& d) { return at::empty({d.B, d.H, d.L}, q.options().dtype(lse_dtype(q))); }
 
-// The composite prefix part: attention to each sample's prefix (ids outside [0, T) hidden).
-std::pair<at::Tensor, at::Tensor> prefix_part(const at::Tensor& q, const at::Tensor& prefix_k,
-                                              const at::Tensor& prefix_v, const std::optional<at::Tensor>& ids,
-                                              double scale, const Dims& d) {
-  const at::Tensor bias =
-      ids ? cpu::prefix_visibility(*ids, d.tasks, cpu::attention_math_dtype(q.scalar_type())) : at::Tensor();
-  return cpu::attend(q, cpu::per_sample_prefix(prefix_k, ids, d.B), cpu::per_sample_prefix(prefix_v, ids, d.B), bias,
-                     false, scale);
+// The composite's prefix part: each sample's prefix keys and values, and the bias that hides them
+// from samples whose id is outside [0, T).
+struct PrefixKeys {
+  at::Tensor keys, values, bias;
+};
+PrefixKeys prefix_keys(const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                       const std::optional<at::Tensor>& ids, const Dims& d) {
+  return {cpu::per_sample_prefix(prefix_k, ids, d.B), cpu::per_sample_prefix(prefix_v, ids, d.B),
+          ids ? cpu::prefix_visibility(*ids, d.tasks, cpu::attention_math_dtype(q.scalar_type())) : at::Tensor()};
 }
 
 #ifdef PEFTKERN_WITH_CUDA
@@ -471,7 +470,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   }
 #endif
   // composite (CPU; CUDA float32/float64 and head dims the kernels do not cover)
-  auto [out_p, lse_p] = prefix_part(q, prefix_k, prefix_v, prefix_ids, scale, d);
+  const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
+  auto [out_p, lse_p] = cpu::attend(q, pre.keys, pre.values, pre.bias, false, scale);
   if (!seq.out.defined()) {  // S == 0: only the prefix part (rows without prefix keys: lse +inf)
     seq.out = at::zeros({}, out_p.options()).expand(out_p.sizes());
     seq.lse = at::full({}, -kInf, lse_p.options()).expand(lse_p.sizes());
@@ -496,7 +496,7 @@ Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
                     q.sizes(), "; got ", grad_out.sizes(), " and ", out.sizes());
   check_like(grad_out, "prefix_attention_backward", "grad_out", q, "q");
   check_like(out, "prefix_attention_backward", "out", q, "q");
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({d.B, d.H, d.L}) && lse.scalar_type() == lse_like(q, d).scalar_type(),
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({d.B, d.H, d.L}) && lse.scalar_type() == lse_dtype(q),
                     "prefix_attention_backward: lse must be the forward's [B, H, L] log-sum-exp");
   const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = need;
   at::Tensor dq, dk, dv, dpk, dpv;
@@ -525,10 +525,9 @@ Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
   if (!prefix_done) {  // composite
     const auto mt = cpu::attention_math_dtype(q.scalar_type());
     const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
-    const at::Tensor bias = prefix_ids ? cpu::prefix_visibility(*prefix_ids, d.tasks, mt) : at::Tensor();
-    auto [dq_p, dpk_s, dpv_s] = cpu::attend_backward(
-        grad_out, q, cpu::per_sample_prefix(prefix_k, prefix_ids, d.B), cpu::per_sample_prefix(prefix_v, prefix_ids, d.B),
-        bias, false, scale, lse, delta, need_dq, need_dpk, need_dpv);
+    const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
+    auto [dq_p, dpk_s, dpv_s] = cpu::attend_backward(grad_out, q, pre.keys, pre.values, pre.bias, false, scale, lse,
+                                                     delta, need_dq, need_dpk, need_dpv);
     if (need_dq) dq = (dq.defined() ? dq.to(mt) + dq_p : dq_p).to(q.scalar_type());
     if (need_dpk) dpk = cpu::sum_per_task(dpk_s, prefix_ids, d.tasks).to(prefix_k.scalar_type());
     if (need_dpv) dpv = cpu::sum_per_task(dpv_s, prefix_ids, d.tasks).to(prefix_v.scalar_type());
