@@ -3,6 +3,6 @@
 from .adapter import Adapter
 from .lora import LoRALinear
 from .mask import MaskedLinear
-from .prefix import PrefixKV, PrefixSelfAttention, SoftPrompt
+from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt
 
 __all__ = ["Adapter", "LoRALinear", "MaskedLinear", "PrefixKV", "PrefixSelfAttention", "SoftPrompt"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import prefix_attention
+from ..ops.prefix_attention import prefix_attention
 
 
 def _check_task_ids(task_ids: Optional[Tensor], num_tasks: int, who: str) -> None:

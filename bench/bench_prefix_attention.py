@@ -22,7 +22,7 @@ import peftkern
 
 from .harness import Case, input_sets_for, mode_work
 
-FAMILY = "prefix"
+FAMILY = "prefix_attention"
 
 try:
     from torch.nn.attention.bias import causal_lower_right
