@@ -13,7 +13,7 @@ namespace peftkern::cpu {
 at::Tensor dropout_mask(int64_t rows, int64_t cols, uint64_t seed, uint64_t offset, double p) {
   at::Tensor out = at::empty({rows, cols}, at::kFloat);
   float* data = out.data_ptr<float>();
-  const int64_t groups = (cols + 3) / 4;
+  const int64_t groups = ceil_div<int64_t>(cols, 4);
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row)
       for (int64_t q = 0; q < groups; ++q) {

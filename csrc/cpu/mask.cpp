@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "kernels/kernel_types.h"
+
 namespace peftkern::cpu {
 
 at::Tensor keep_mask(const at::Tensor& scores, double threshold) {
@@ -9,7 +11,7 @@ at::Tensor keep_mask(const at::Tensor& scores, double threshold) {
 }
 
 at::Tensor pack_bits(const at::Tensor& keep) {
-  const int64_t rows = keep.size(0), cols = keep.size(1), words = (cols + 31) / 32;
+  const int64_t rows = keep.size(0), cols = keep.size(1), words = mask_words(cols);
   const at::Tensor padded = at::constant_pad_nd(keep.to(at::kLong), {0, words * 32 - cols});
   const at::Tensor pow2 = at::ones({32}, keep.options().dtype(at::kLong)).bitwise_left_shift(at::arange(32, keep.options().dtype(at::kLong)));
   // sum_j bit_j * 2^j in int64, then wrapped to int32 (bit 31 becomes the sign bit)

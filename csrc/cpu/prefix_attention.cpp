@@ -1,4 +1,4 @@
-#include "cpu/attention.h"
+#include "cpu/prefix_attention.h"
 
 #include <ATen/ATen.h>
 

@@ -240,6 +240,4 @@ cudaError_t set_smem_limit(Kernel kernel, int bytes) {
 // Row padding that keeps 16-byte rows and spreads 8-row fragment loads over all banks.
 template <typename T> constexpr int kSmemPad = kVec<T>;
 
-constexpr int align_up(int v, int a) { return (v + a - 1) / a * a; }
-
 }  // namespace peftkern::cuda

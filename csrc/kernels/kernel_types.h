@@ -1,4 +1,5 @@
-// Types shared by the CUDA launchers, the CPU path and the torch glue. No torch, no CUDA header.
+// Types and size arithmetic shared by the CUDA launchers, the CPU path and the torch glue. No torch,
+// no CUDA header.
 #pragma once
 
 // Functions shared by host code and CUDA kernels.
@@ -11,6 +12,13 @@
 namespace peftkern {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <typename T> PEFTKERN_HD constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
+// v rounded up to a multiple of `multiple`
+template <typename T> PEFTKERN_HD constexpr T round_up(T v, T multiple) { return ceil_div(v, multiple) * multiple; }
+
+// Packed masks (mask tuning) hold 32 columns per int32 word: [rows, mask_words(cols)].
+PEFTKERN_HD constexpr int64_t mask_words(int64_t cols) { return ceil_div<int64_t>(cols, 32); }
 
 // Bottleneck activations. The CUDA kernels and the CPU path implement the same formulas:
 //   gelu       0.5 z (1 + erf(z / sqrt 2))

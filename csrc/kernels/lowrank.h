@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "dropout.h"
 #include "kernel_types.h"
 
 namespace peftkern::kernels {
@@ -24,24 +25,6 @@ namespace peftkern::kernels {
 constexpr int kLowRankMaxFusedRank = 256;
 // Rows per block of the forward kernel (multi-adapter segments are cut into blocks of this size).
 constexpr int kLowRankRowsPerBlock = 64;
-
-// Where a launch takes its Philox seed and offset: values, or device pointers inside a CUDA graph
-// capture (a torch-free mirror of at::PhiloxCudaState).
-struct PhiloxArgs {
-  uint64_t seed = 0, offset = 0;
-  const int64_t* seed_ptr = nullptr;
-  const int64_t* offset_ptr = nullptr;
-  uint64_t offset_intragraph = 0;
-  bool captured = false;
-};
-
-// Dropout on x (see philox.h for the mask). p == 0: none.
-struct DropoutArgs {
-  float p = 0.f;
-  PhiloxArgs philox;                     // forward: drawn from the generator
-  int64_t* seed_offset_out = nullptr;    // forward: receives the (seed, offset) used, device [2]
-  const int64_t* seed_offset = nullptr;  // backward and mask: the forward's (seed, offset), device [2]
-};
 
 // Multi-adapter batches (one base, many LoRA adapters, each row its own): rows grouped by adapter
 // on the device (no host sync). Adapter l owns positions seg_start[l] .. seg_start[l+1] of `order`
@@ -118,11 +101,5 @@ size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& args);
 //      drop(x)^T dz and the bias sums, all from the same tiles
 //   3. a deterministic reduction of the partials into dw_up, dw_down, db_up, db_down
 cudaError_t lowrank_backward(const LowRankBackwardArgs& args, cudaStream_t stream);
-
-// The dropout factors (0 or 1/(1-p)) the kernels apply to x [rows, cols], written as float32,
-// for the seed and offset of `dropout` (a saved pair, or the generator's; then also written to
-// dropout.seed_offset_out when set).
-cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
-                         cudaStream_t stream);
 
 }  // namespace peftkern::kernels

@@ -21,7 +21,7 @@ using namespace peftkern::cuda;
 constexpr int kColsBM = 32;  // rows per tile of the columns kernel (the K of the weight products)
 constexpr int kColsWarps = 4;
 constexpr int kColsThreads = kColsWarps * 32;
-constexpr int kAlign = 256;
+constexpr size_t kAlign = 256;  // workspace buffers start on 256-byte boundaries
 
 // Column block of the columns kernel: BN * RP = 4096 keeps the two weight-gradient accumulators
 // at 64 float32 registers per thread for every rank.
@@ -35,26 +35,28 @@ struct Plan {
 };
 
 size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-size_t round_up(size_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
 Plan make_plan(const LowRankBackwardArgs& a) {
   Plan p{};
-  p.rp = padded_rank(a.r);
+  dispatch_padded_rank(a.r, [&](auto rank) {
+    p.rp = decltype(rank)::value;
+    return cudaSuccess;
+  });
   p.bn = cols_block_n(p.rp);
-  p.col_blocks = (int64_t(std::max(a.n_in, a.n_out)) + p.bn - 1) / p.bn;
+  p.col_blocks = ceil_div<int64_t>(std::max(a.n_in, a.n_out), p.bn);
   p.n_pad = p.col_blocks * p.bn;
-  p.tiles = (a.rows + kColsBM - 1) / kColsBM;
+  p.tiles = ceil_div<int64_t>(a.rows, kColsBM);
   // Enough row splits for about two CTAs per SM; each split adds one partial to reduce.
   const int64_t want = (2 * int64_t(a.num_sms > 0 ? a.num_sms : 1) + p.col_blocks - 1) / p.col_blocks;
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, p.tiles, 65535}));
-  p.tiles_per_split = (p.tiles + splits - 1) / splits;
+  p.tiles_per_split = ceil_div<int64_t>(p.tiles, splits);
   p.splits = static_cast<int>(std::max<int64_t>(1, (p.tiles + p.tiles_per_split - 1) / p.tiles_per_split));
   p.need_dz = a.dx || a.dw_down || a.db_down;
   p.need_h = a.dw_up != nullptr;
 
   const size_t es = elem_size(a.dtype);
-  const size_t rank_buf = round_up(size_t(a.rows) * p.rp * es);
-  const size_t w_part = round_up(size_t(p.splits) * p.n_pad * p.rp * 4);
+  const size_t rank_buf = round_up(size_t(a.rows) * p.rp * es, kAlign);
+  const size_t w_part = round_up(size_t(p.splits) * p.n_pad * p.rp * 4, kAlign);
   size_t off = 0;
   auto take = [&](bool need, size_t bytes) {
     const size_t at = off;
@@ -65,8 +67,8 @@ Plan make_plan(const LowRankBackwardArgs& a) {
   p.h = take(p.need_h, rank_buf);
   p.ws_dwu = take(a.dw_up, w_part);
   p.ws_dwd = take(a.dw_down, w_part);
-  p.ws_dbu = take(a.db_up, round_up(size_t(p.splits) * p.n_pad * 4));
-  p.ws_dbd = take(a.db_down, round_up(size_t(p.splits) * p.rp * 4));
+  p.ws_dbu = take(a.db_up, round_up(size_t(p.splits) * p.n_pad * 4, kAlign));
+  p.ws_dbd = take(a.db_down, round_up(size_t(p.splits) * p.rp * 4, kAlign));
   p.total = off;
   return p;
 }
@@ -166,8 +168,8 @@ template <typename T, int RP> struct ColsCfg {
   static constexpr int kGOff = 0, kXOff = kColsBM * kLdN, kDzOff = 2 * kColsBM * kLdN,
                        kHOff = 2 * kColsBM * kLdN + kColsBM * kLdR;
   static constexpr int kStageElems = 2 * kColsBM * kLdN + 2 * kColsBM * kLdR;
-  static constexpr int kStageBytes = align_up(kStageElems * int(sizeof(T)), 128);
-  static constexpr int kWdBytes = align_up(RP * kLdN * int(sizeof(T)), 128);
+  static constexpr int kStageBytes = round_up(kStageElems * int(sizeof(T)), 128);
+  static constexpr int kWdBytes = round_up(RP * kLdN * int(sizeof(T)), 128);
   static constexpr int kSmemBytes = kWdBytes + kStages * kStageBytes + kScratchBytes;
   static constexpr int kWgFrags = (kBN / 16) * (RP / 16);  // per weight-gradient product
   static constexpr int kWgFragsPerWarp = kWgFrags / kColsWarps;
@@ -414,24 +416,6 @@ cudaError_t zero_weight_grads(const LowRankBackwardArgs& a, cudaStream_t stream)
   return cudaSuccess;
 }
 
-// ------------------------------------------------------------------ dropout mask (tests)
-
-__global__ void dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArgs d, float* out) {
-  const SeedOffset so = resolve_seed_offset(d);
-  if (d.seed_offset_out && blockIdx.x == 0 && threadIdx.x == 0) {
-    d.seed_offset_out[0] = int64_t(so.seed);
-    d.seed_offset_out[1] = int64_t(so.offset);
-  }
-  const int64_t groups = (cols + 3) / 4;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * groups;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / groups, q = i % groups;
-    float f[4];
-    dropout_factors4(so.seed, so.offset, row, q, d.p, f);
-    for (int e = 0; e < 4 && q * 4 + e < cols; ++e) out[row * cols + q * 4 + e] = f[e];
-  }
-}
-
 }  // namespace
 
 size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& a) {
@@ -449,9 +433,9 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
   const bool any_weight_grad = a.dw_up || a.db_up || a.dw_down || a.db_down;
   if (!a.dx && !any_weight_grad) return cudaSuccess;
 
-  return dispatch_dtype_rank(a.dtype, a.r, [&](auto tag) -> cudaError_t {
-    using T = typename decltype(tag)::type;
-    constexpr int RP = decltype(tag)::rank;
+  return dispatch_dtype(a.dtype, [&](auto dtype) { return dispatch_padded_rank(a.r, [&](auto rank) -> cudaError_t {
+    using T = typename decltype(dtype)::type;
+    constexpr int RP = decltype(rank)::value;
     constexpr int V = kVec<T>;
     const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
     cudaError_t err;
@@ -463,7 +447,7 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
       auto kernel = lowrank_backward_rows_kernel<T, RP>;
       constexpr int smem_bytes = rows_smem_bytes<T, RP>();
       if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
-      const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock;
+      const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock);
       kernel<<<static_cast<unsigned>(blocks), kRowThreads, smem_bytes, stream>>>(ra);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
@@ -493,22 +477,13 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
                           a.dw_up, a.dw_down, a.db_up, a.db_down};
       const int64_t total = int64_t(a.n_in + a.n_out) * a.r + a.n_out + a.r;
       const int threads = 256;
-      const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads,
+      const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(total, threads),
                                                8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
       lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     return cudaSuccess;
-  });
-}
-
-cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
-                         cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const int64_t groups = rows * ((cols + 3) / 4);
-  const int64_t blocks = std::min<int64_t>((groups + 255) / 256, 65535);
-  dropout_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rows, cols, dropout, out);
-  return cudaGetLastError();
+  }); });
 }
 
 }  // namespace peftkern::kernels

@@ -21,8 +21,8 @@ template <typename T, int RP> struct FwdCfg {
   static constexpr int kLdRes = kBN + kSmemPad<T>;
   static constexpr int kLdScr = kBN + 4;  // float32 scratch rows
   static constexpr int kUpStageElems = kBN * kLdH + kRowBlock * kLdRes;
-  static constexpr int kHBytes = align_up(kRowBlock * kLdH * int(sizeof(T)), 128);
-  static constexpr int kUpBytes = 2 * align_up(kUpStageElems * int(sizeof(T)), 128);
+  static constexpr int kHBytes = round_up(kRowBlock * kLdH * int(sizeof(T)), 128);
+  static constexpr int kUpBytes = 2 * round_up(kUpStageElems * int(sizeof(T)), 128);
   // Phase 1's stages and phase 2's chunks share one region.
   static constexpr int kUnionBytes = Stream::kBytes > kUpBytes ? Stream::kBytes : kUpBytes;
   static constexpr int kUpStageStride = kUpBytes / 2 / int(sizeof(T));
@@ -190,9 +190,9 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   const AdapterSegments& seg = a.segments;
   if (seg.num_adapters > 0 && (!seg.order || !seg.seg_start || !seg.block_start || !seg.scales || a.z))
     return cudaErrorInvalidValue;
-  return dispatch_dtype_rank(a.dtype, a.r, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    constexpr int RP = decltype(tag)::rank;
+  return dispatch_dtype(a.dtype, [&](auto dtype) { return dispatch_padded_rank(a.r, [&](auto rank) {
+    using T = typename decltype(dtype)::type;
+    constexpr int RP = decltype(rank)::value;
     using C = FwdCfg<T, RP>;
     constexpr int V = kVec<T>;
     const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
@@ -202,11 +202,11 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
     cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
     if (err != cudaSuccess) return err;
     // Multi-adapter: sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks; the spare ones exit.
-    const int64_t blocks = (a.rows + kRowBlock - 1) / kRowBlock + seg.num_adapters;
+    const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock) + seg.num_adapters;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
     return cudaGetLastError();
-  });
+  }); });
 }
 
 }  // namespace peftkern::kernels

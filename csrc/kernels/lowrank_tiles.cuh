@@ -3,8 +3,10 @@
 #pragma once
 
 #include <algorithm>
+#include <utility>
 
 #include "common.cuh"
+#include "dispatch.cuh"
 #include "lowrank.h"
 #include "philox.h"
 
@@ -16,33 +18,10 @@ constexpr int kRowThreads = kRowWarps * 32;
 constexpr int kRowBlock = kRowWarps * 16;
 static_assert(kRowBlock == kernels::kLowRankRowsPerBlock, "lowrank.h promises 64-row blocks");
 
-// r is padded on chip to one of these (zero rows/columns), so each size has one compiled kernel.
-constexpr int padded_rank(int r) {
-  return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : r <= 128 ? 128 : 256;
-}
-
-template <typename T, int RP> struct Tag {
-  using type = T;
-  static constexpr int rank = RP;
-};
-
-// Calls f(Tag<T, RP>{}) for the dtype and the padded rank of r (r <= 256).
-template <typename T, typename F> cudaError_t dispatch_rank(int r, F&& f) {
-  switch (padded_rank(r)) {
-    case 16: return f(Tag<T, 16>{});
-    case 32: return f(Tag<T, 32>{});
-    case 64: return f(Tag<T, 64>{});
-    case 128: return f(Tag<T, 128>{});
-    default: return f(Tag<T, 256>{});
-  }
-}
-template <typename F> cudaError_t dispatch_dtype_rank(DType dtype, int r, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: return dispatch_rank<float>(r, f);
-    case DType::kFloat16: return dispatch_rank<__half>(r, f);
-    case DType::kBFloat16: return dispatch_rank<__nv_bfloat16>(r, f);
-  }
-  return cudaErrorInvalidValue;
+// r is padded on chip to 16, 32, 64, 128 or 256 (zero rows/columns), so each size has one compiled
+// kernel: f(IntTag<RP>{}) for r's padded rank RP (r <= 256).
+template <typename F> cudaError_t dispatch_padded_rank(int r, F&& f) {
+  return dispatch_bucket<16, 32, 64, 128, 256>(r, std::forward<F>(f));
 }
 
 // Per-warp float32 scratch where an accumulator fragment is stored for its element-wise epilogue.
@@ -51,23 +30,10 @@ constexpr int kScratchBytes = kRowWarps * 16 * kScratchLd * 4;
 
 // ------------------------------------------------------------------ dropout
 
-struct SeedOffset {
-  uint64_t seed, offset;
-};
-
-// The launch's Philox seed and offset: the forward's saved pair, or the generator's state (read
-// from device memory when the launch was captured in a CUDA graph).
-__device__ __forceinline__ SeedOffset resolve_seed_offset(const kernels::DropoutArgs& d) {
-  if (d.seed_offset) return {uint64_t(d.seed_offset[0]), uint64_t(d.seed_offset[1])};
-  const kernels::PhiloxArgs& p = d.philox;
-  if (p.captured) return {uint64_t(*p.seed_ptr), uint64_t(*p.offset_ptr) + p.offset_intragraph};
-  return {p.seed, p.offset};
-}
-
 // Multiplies a ROWS x COLS shared tile holding x[rows(i), col0..] by its dropout factors
 // (col0 % 4 == 0). Elements outside x are zero and stay zero.
 template <typename T, int ROWS, int COLS, int SLD, int NTHREADS, typename RowMap>
-__device__ __forceinline__ void dropout_tile(T* tile, RowMap rows, int64_t col0, SeedOffset so, float p) {
+__device__ __forceinline__ void dropout_tile(T* tile, RowMap rows, int64_t col0, kernels::SeedOffset so, float p) {
   static_assert(COLS % 4 == 0, "dropout groups four columns");
   constexpr int kGroups = COLS / 4;
   for (int i = threadIdx.x; i < ROWS * kGroups; i += NTHREADS) {
@@ -92,7 +58,7 @@ template <typename T, int RP> struct StreamCfg {
   static constexpr int kLdWkr = RP + kSmemPad<T>;   // weight chunk stored [kBK][RP] (W is [K, r])
   static constexpr int kStageElems =
       kRowBlock * kLdA + (RP * kLdWrk > kBK * kLdWkr ? RP * kLdWrk : kBK * kLdWkr);
-  static constexpr int kBytes = kStages * align_up(kStageElems * int(sizeof(T)), 128);
+  static constexpr int kBytes = kStages * round_up(kStageElems * int(sizeof(T)), 128);
   static constexpr int kStageStride = kBytes / kStages / int(sizeof(T));
 };
 
@@ -104,7 +70,7 @@ template <typename T, int RP, bool kWeightIsRK, typename RowMap>
 __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16],
                                                          const T* A, RowMap rows, int K, const T* W,
                                                          int r, T* smem, bool vec_a, bool vec_w,
-                                                         float drop_p, SeedOffset so) {
+                                                         float drop_p, kernels::SeedOffset so) {
   using C = StreamCfg<T, RP>;
   using M = Mma<T>;
   const int warp = threadIdx.x >> 5;

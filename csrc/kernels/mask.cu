@@ -7,6 +7,7 @@
 //                      the mask source) once, the mask applied on load; x is staged in shared
 //                      memory in 1024-column chunks
 #include "common.cuh"
+#include "dispatch.cuh"
 #include "mask.h"
 
 namespace peftkern::kernels {
@@ -18,32 +19,22 @@ template <typename W, typename S> struct TypePair {
   using w = W;
   using s = S;
 };
-template <typename T> struct TypeOf {
-  using type = T;
-};
-
 // Calls f(TypePair<TW, TS>{}) for the allowed pairs: scores float32 or the weight's dtype.
 template <typename F> cudaError_t dispatch_weight_scores(DType w, DType s, F&& f) {
-  auto with_scores = [&](auto wtag) -> cudaError_t {
+  return dispatch_dtype(w, [&](auto wtag) -> cudaError_t {
     using TW = typename decltype(wtag)::type;
     if (s == DType::kFloat32) return f(TypePair<TW, float>{});
     if (s == w) return f(TypePair<TW, TW>{});
     return cudaErrorInvalidValue;
-  };
-  switch (w) {
-    case DType::kFloat32: return with_scores(TypeOf<float>{});
-    case DType::kFloat16: return with_scores(TypeOf<__half>{});
-    case DType::kBFloat16: return with_scores(TypeOf<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 constexpr int kWordsPerWarp = 8;  // words (of 32 columns) a warp handles per step
 constexpr int kElementwiseThreads = 256;
 
 int elementwise_blocks(int64_t rows, int64_t cols) {
-  const int64_t warps = rows * ((mask_words(cols) + kWordsPerWarp - 1) / kWordsPerWarp);
-  const int64_t blocks = (warps * 32 + kElementwiseThreads - 1) / kElementwiseThreads;
+  const int64_t warps = rows * ceil_div<int64_t>(mask_words(cols), kWordsPerWarp);
+  const int64_t blocks = ceil_div<int64_t>(warps * 32, kElementwiseThreads);
   return static_cast<int>(blocks < 8192 ? (blocks > 0 ? blocks : 1) : 8192);  // grid-stride past that
 }
 
@@ -52,7 +43,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) mask_apply_kernel(const M
   const TW* w = static_cast<const TW*>(a.weight);
   const TS* s = static_cast<const TS*>(a.scores);
   TW* w_eff = static_cast<TW*>(a.w_eff);
-  const int64_t words = mask_words(a.cols), groups = (words + kWordsPerWarp - 1) / kWordsPerWarp;
+  const int64_t words = mask_words(a.cols), groups = ceil_div<int64_t>(words, kWordsPerWarp);
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t g = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; g < a.rows * groups; g += warps) {
@@ -84,7 +75,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) mask_ste_kernel(const Mas
   const TW* w = static_cast<const TW*>(a.weight);
   TS* ds = static_cast<TS*>(a.d_scores);
   TW* dw = static_cast<TW*>(a.d_weight);
-  const int64_t words = mask_words(a.cols), groups = (words + kWordsPerWarp - 1) / kWordsPerWarp;
+  const int64_t words = mask_words(a.cols), groups = ceil_div<int64_t>(words, kWordsPerWarp);
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t gi = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; gi < a.rows * groups; gi += warps) {
@@ -216,7 +207,7 @@ cudaError_t masked_matvec(const MaskedMatvecArgs& a, cudaStream_t stream) {
     using TS = typename decltype(pair)::s;
     const int smem_bytes = static_cast<int>(a.tokens * kMvChunk * sizeof(T));
     const bool vec_w = a.n_in % kVec<T> == 0 && is_aligned16(a.weight);
-    const unsigned blocks = static_cast<unsigned>((a.n_out + kMvRowsPerBlock - 1) / kMvRowsPerBlock);
+    const unsigned blocks = static_cast<unsigned>(ceil_div<int64_t>(a.n_out, kMvRowsPerBlock));
     cudaError_t err;
     if (a.scores) {
       auto kernel = masked_matvec_kernel<T, TS, false>;

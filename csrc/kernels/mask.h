@@ -15,8 +15,6 @@
 
 namespace peftkern::kernels {
 
-PEFTKERN_HD constexpr int64_t mask_words(int64_t cols) { return (cols + 31) / 32; }
-
 // One pass over [rows, cols]: the mask from scores (or from bits_in when scores is null), written
 // as w_eff = weight * mask (when w_eff is set) and as bits (when bits_out is set).
 struct MaskApplyArgs {

@@ -1,4 +1,4 @@
-// Prefix attention: the prefix part and the merge with the sequence part (see attention.h).
+// Prefix attention: the prefix part and the merge with the sequence part (see prefix_attention.h).
 //
 // A block is 4 warps and owns 64 query rows of one (sample, kv head); each warp owns 16 rows. The
 // prefix is visited in tiles of kPT keys kept in shared memory (forward: K row-major and V
@@ -22,8 +22,9 @@
 #include <climits>
 #include <cstring>
 
-#include "attention.h"
 #include "common.cuh"
+#include "dispatch.cuh"
+#include "prefix_attention.h"
 
 namespace peftkern::kernels {
 namespace {
@@ -33,6 +34,7 @@ using namespace peftkern::cuda;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRowsPerBlock = 16 * kWarps;
+static_assert(kRowsPerBlock == kPrefixAttentionRowsPerBlock, "prefix_attention.h promises 64-row blocks");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
@@ -417,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
     if (a.dq.ptr != nullptr) regs_times_tile<T, kMaxD, kPT, Cfg::kLdCol>(dq, ds, kt_tile, s.D, g, t);
   }
   // Workspace columns past the tiles (all of them for a sample whose task id is out of range): zeros.
-  for (int64_t c = (static_cast<int64_t>(pos.P) + kPT - 1) / kPT * kPT + 2 * t; c < a.probs_ld; c += 8) {
+  for (int64_t c = round_up<int64_t>(pos.P, kPT) + 2 * t; c < a.probs_ld; c += 8) {
     if (probs_a) *reinterpret_cast<uint32_t*>(probs_a + c) = 0u;
     if (probs_b) *reinterpret_cast<uint32_t*>(probs_b + c) = 0u;
     if (dscores_a) *reinterpret_cast<uint32_t*>(dscores_a + c) = 0u;
@@ -445,23 +447,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------ launchers
 
-int max_head_dim_tile(int D) { return D <= 64 ? 64 : D <= 128 ? 128 : 256; }
-
 // Blocks: one per 64 rows of each (sample, kv head); 0 when there is nothing to do, -1 past the grid.
 int64_t grid_blocks(const PrefixAttentionShape& s, int64_t* row_tiles) {
   const int64_t rows = static_cast<int64_t>(s.H / s.Hkv) * s.L;
-  *row_tiles = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  *row_tiles = ceil_div<int64_t>(rows, kRowsPerBlock);
   const int64_t blocks = static_cast<int64_t>(s.B) * s.Hkv * *row_tiles;
   return blocks > INT_MAX ? -1 : blocks;
 }
 
-// One kernel instance per (dtype, head-dim tile).
-template <typename T, int kMaxD> struct Instance {
-  using Elem = T;
-  static constexpr int kD = kMaxD;
-};
-
-// Checks the shape, then calls launch(Instance<T, kMaxD>{}, blocks, row_tiles) for its instance.
+// Checks the shape, then calls launch(TypeTag<T>{}, IntTag<kMaxD>{}, blocks, row_tiles) for the
+// kernel instance of its dtype and head-dim tile kMaxD (64, 128 or 256).
 template <typename Launch>
 cudaError_t dispatch(const PrefixAttentionShape& s, Launch launch) {
   if (!prefix_attention_supported(s.dtype, s.D) || s.Hkv < 1 || s.H % s.Hkv != 0) return cudaErrorInvalidValue;
@@ -469,17 +464,16 @@ cudaError_t dispatch(const PrefixAttentionShape& s, Launch launch) {
   const int64_t blocks = grid_blocks(s, &row_tiles);
   if (blocks < 0) return cudaErrorInvalidConfiguration;
   if (blocks == 0) return cudaSuccess;
-  const auto n = static_cast<unsigned>(blocks);
-  const int max_d = max_head_dim_tile(s.D);
-  auto with_dtype = [&](auto elem) {
-    using T = decltype(elem);
-    if (max_d == 64) launch(Instance<T, 64>{}, n, row_tiles);
-    else if (max_d == 128) launch(Instance<T, 128>{}, n, row_tiles);
-    else launch(Instance<T, 256>{}, n, row_tiles);
-  };
-  if (s.dtype == DType::kFloat16) with_dtype(__half{});
-  else with_dtype(__nv_bfloat16{});
-  return cudaGetLastError();
+  return dispatch_dtype(s.dtype, [&](auto dtype) {
+    return dispatch_bucket<64, 128, 256>(s.D, [&](auto max_d) -> cudaError_t {
+      if constexpr (std::is_same_v<typename decltype(dtype)::type, float>) {
+        return cudaErrorInvalidValue;  // no float32 instance (prefix_attention_supported says so)
+      } else {
+        launch(dtype, max_d, static_cast<unsigned>(blocks), row_tiles);
+        return cudaGetLastError();
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -491,9 +485,9 @@ bool prefix_attention_supported(DType dtype, int head_dim) {
 
 cudaError_t prefix_attention_forward(const PrefixAttentionShape& s, const PrefixAttentionForward& a,
                                      cudaStream_t stream) {
-  return dispatch(s, [&](auto inst, unsigned blocks, int64_t row_tiles) {
-    using I = decltype(inst);
-    prefix_attention_forward_kernel<typename I::Elem, I::kD><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+  return dispatch(s, [&](auto dtype, auto max_d, unsigned blocks, int64_t row_tiles) {
+    using T = typename decltype(dtype)::type;
+    prefix_attention_forward_kernel<T, decltype(max_d)::value><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 
@@ -501,9 +495,9 @@ cudaError_t prefix_attention_backward(const PrefixAttentionShape& s, const Prefi
                                       cudaStream_t stream) {
   if ((a.probs != nullptr || a.dscores != nullptr) && (a.probs_ld < s.P || a.probs_ld % 2 != 0))
     return cudaErrorInvalidValue;
-  return dispatch(s, [&](auto inst, unsigned blocks, int64_t row_tiles) {
-    using I = decltype(inst);
-    prefix_attention_backward_kernel<typename I::Elem, I::kD><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+  return dispatch(s, [&](auto dtype, auto max_d, unsigned blocks, int64_t row_tiles) {
+    using T = typename decltype(dtype)::type;
+    prefix_attention_backward_kernel<T, decltype(max_d)::value><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 

@@ -56,6 +56,9 @@ struct PrefixAttentionShape {
 // The prefix kernels cover this dtype and head dim.
 bool prefix_attention_supported(DType dtype, int head_dim);
 
+// Query rows per block: the grid is B * Hkv * ceil((H / Hkv) * L / 64) blocks, which must fit in 31 bits.
+constexpr int kPrefixAttentionRowsPerBlock = 64;
+
 // out = merge(sequence part, prefix part), lse = its row log-sum-exp. seq_out / seq_lse are the
 // sequence part's (a row with lse_s = +-inf has no visible sequence key; its out_s is not read);
 // seq_out.ptr = null when there are no sequence keys (S = 0). out may alias seq_out (in place);

@@ -1,4 +1,5 @@
-// peftkern::adapter_forward / adapter_backward: checks, then the CPU path or the CUDA kernels.
+// peftkern::adapter_forward / adapter_backward: checks, then the fused CUDA kernels of
+// kernels/lowrank.h where they apply, else the composite of cpu/lowrank.h.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -7,13 +8,12 @@
 
 #include "cpu/lowrank.h"
 #include "ops/common.h"
+#include "ops/lowrank.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-
-#include "kernels/lowrank.h"
 #endif
 
 namespace peftkern::ops {
@@ -77,9 +77,6 @@ void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     z.sizes());
 }
 
-using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
-
 std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
                                                      const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                      const std::optional<at::Tensor>& b_up,
@@ -92,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const 
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
-Grads backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
+Grads5 backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
                          const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
                          bool residual_is_x, std::array<bool, 5> mask) {
   auto [dx, dwd, dbd, dwu, dbu] = cpu::lowrank_backward(
@@ -102,45 +99,15 @@ Grads backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const 
           defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
 }
 
-// ------------------------------------------------------------------ CPU
-
-std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(const at::Tensor& x, const at::Tensor& w_down,
-                                                       const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
-                                                       const std::optional<at::Tensor>& b_up,
-                                                       const std::optional<at::Tensor>& residual,
-                                                       c10::string_view activation, double scale, bool save) {
-  const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
-  return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, parse_activation(activation), scale, save);
-}
-
-Grads adapter_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
-                           const at::Tensor& w_down, const at::Tensor& w_up, c10::string_view activation,
-                           double scale, bool residual_is_x, std::array<bool, 5> mask) {
-  check_backward(grad_out, x, z, w_down, w_up);
-  const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
-  return backward_composite(grad_out, x, z, dims, w_down, w_up, parse_activation(activation), scale, residual_is_x,
-                            mask);
-}
-
-// ------------------------------------------------------------------ CUDA
+// ------------------------------------------------------------------ fused CUDA kernels
 
 #ifdef PEFTKERN_WITH_CUDA
 
-// The fused kernels cover float32/float16/bfloat16 and r <= 256; the rest takes the composite.
-bool fused(const at::Tensor& x, int64_t r) {
-  return x.scalar_type() != at::kDouble && r <= kernels::kLowRankMaxFusedRank;
-}
-
-std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(const at::Tensor& x, const at::Tensor& w_down,
-                                                        const std::optional<at::Tensor>& b_down,
-                                                        const at::Tensor& w_up, const std::optional<at::Tensor>& b_up,
-                                                        const std::optional<at::Tensor>& residual,
-                                                        c10::string_view activation, double scale, bool save) {
-  const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
-  const Activation act = parse_activation(activation);
-  if (!fused(x, dims.r))
-    return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
-
+std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
+                                                 const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                 const std::optional<at::Tensor>& b_up,
+                                                 const std::optional<at::Tensor>& residual, Activation act,
+                                                 double scale, bool save) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
   const at::Tensor wd = w_down.contiguous(), wu = w_up.contiguous();
@@ -170,15 +137,9 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(const at::Tensor& x, con
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
-Grads adapter_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
-                            const at::Tensor& w_down, const at::Tensor& w_up, c10::string_view activation,
-                            double scale, bool residual_is_x, std::array<bool, 5> mask) {
-  check_backward(grad_out, x, z, w_down, w_up);
-  const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
-  const Activation act = parse_activation(activation);
-  if (!fused(x, dims.r))
-    return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
-
+Grads5 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
+                      const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
+                      bool residual_is_x, std::array<bool, 5> mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad_out.reshape({dims.rows, dims.d}).contiguous();
   const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
@@ -222,18 +183,40 @@ Grads adapter_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, con
 
 #endif  // PEFTKERN_WITH_CUDA
 
+// ------------------------------------------------------------------ the ops
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at::Tensor& w_down,
+                                                   const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
+                                                   const std::optional<at::Tensor>& b_up,
+                                                   const std::optional<at::Tensor>& residual,
+                                                   c10::string_view activation, double scale, bool save) {
+  const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
+  const Activation act = parse_activation(activation);
+#ifdef PEFTKERN_WITH_CUDA
+  if (lowrank_fused(x, dims.r)) return forward_fused(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
+#endif
+  return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
+}
+
+Grads5 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+                        const at::Tensor& w_up, c10::string_view activation, double scale, bool residual_is_x,
+                        std::array<bool, 5> mask) {
+  check_backward(grad_out, x, z, w_down, w_up);
+  const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
+  const Activation act = parse_activation(activation);
+#ifdef PEFTKERN_WITH_CUDA
+  if (lowrank_fused(x, dims.r)) return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+#endif
+  return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("adapter_forward", &adapter_forward);
+  m.impl("adapter_backward", &adapter_backward);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
-  m.impl("adapter_forward", &adapter_forward_cpu);
-  m.impl("adapter_backward", &adapter_backward_cpu);
-}
-
-#ifdef PEFTKERN_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
-  m.impl("adapter_forward", &adapter_forward_cuda);
-  m.impl("adapter_backward", &adapter_backward_cuda);
-}
-#endif
+PEFTKERN_REGISTER_IMPLS(register_impls)
 
 }  // namespace peftkern::ops

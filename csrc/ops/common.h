@@ -1,9 +1,11 @@
 // Shared by the ops: argument checks (every failure is a Python exception naming the op and the
-// argument: TypeError for dtypes, ValueError for shapes, values and devices) and small helpers.
+// argument: TypeError for dtypes, ValueError for shapes, values and devices), small helpers, and
+// the one registration style.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <vector>
@@ -35,6 +37,29 @@ inline void check_like(const at::Tensor& t, const char* op, const char* name, co
 inline void check_like(const std::optional<at::Tensor>& t, const char* op, const char* name,
                        const at::Tensor& ref, const char* ref_name) {
   if (t) check_like(*t, op, name, ref, ref_name);
+}
+
+// Rows, in and out features of a linear layer's x [..., in_features], weight [out, in], bias [out].
+struct LinearDims {
+  int64_t rows, n_in, n_out;
+};
+
+inline LinearDims check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  check_floating(x, op, "x");
+  check_like(weight, op, "weight", x, "x");
+  check_like(bias, op, "bias", x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, op,
+                    ": x must have shape [..., in_features] with in_features >= 1; got ", x.sizes());
+  const int64_t n_in = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == n_in && weight.size(0) >= 1, op,
+                    ": weight must have shape [out_features, in_features] with in_features = ", n_in,
+                    " (x's last dimension); got ", weight.sizes());
+  const int64_t n_out = weight.size(0);
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == n_out), op,
+                    ": bias must have shape [out_features] = [", n_out, "]; got ",
+                    bias ? bias->sizes() : at::IntArrayRef{});
+  return {x.numel() / n_in, n_in, n_out};
 }
 
 inline DType kernel_dtype(at::ScalarType t) {
@@ -99,3 +124,14 @@ inline void check_ids(const char* op, const char* name, const at::Tensor& ids, i
 }
 
 }  // namespace peftkern::ops
+
+// Every op registers ONE implementation under both dispatch keys; it branches on the device itself
+// (the CUDA kernels where they apply, else the ATen composite of csrc/cpu/). A glue file defines
+// `void register_impls(torch::Library& m)` and ends with PEFTKERN_REGISTER_IMPLS(register_impls).
+#ifdef PEFTKERN_WITH_CUDA
+#define PEFTKERN_REGISTER_IMPLS(fn)                  \
+  TORCH_LIBRARY_IMPL(peftkern, CPU, m) { fn(m); } \
+  TORCH_LIBRARY_IMPL(peftkern, CUDA, m) { fn(m); }
+#else
+#define PEFTKERN_REGISTER_IMPLS(fn) TORCH_LIBRARY_IMPL(peftkern, CPU, m) { fn(m); }
+#endif

@@ -7,7 +7,7 @@
 
 #include <mutex>
 
-#include "kernels/lowrank.h"
+#include "kernels/dropout.h"
 
 namespace peftkern::ops {
 

@@ -1,13 +1,13 @@
 // peftkern::prefix_attention_forward / prefix_attention_backward. Attention over [prefix KV ;
 // sequence KV] is computed as two parts and merged by their log-sum-exps (the algebra is in
-// csrc/kernels/attention.h); nothing of size [B, Hkv, P + S, D] is built.
+// csrc/kernels/prefix_attention.h); nothing of size [B, Hkv, P + S, D] is built.
 //   sequence part  PyTorch's fused attention through the aten ops that return the log-sum-exp and
 //                  whose backward takes out and lse: on CUDA flash, then memory-efficient, then
 //                  cuDNN, on the CPU its flash kernel, each where it supports the inputs and the
 //                  user left it enabled (torch.nn.attention.sdpa_kernel, as for SDPA); otherwise the
-//                  math composite of cpu/attention.h.
+//                  math composite of cpu/prefix_attention.h.
 //   prefix part    CUDA, fp16/bf16, D % 8 == 0, D <= 256, sm_80+: the prefix + merge kernels of
-//   and merge      kernels/attention.h; otherwise the composite of cpu/attention.h (labelled slow).
+//   and merge      kernels/prefix_attention.h; otherwise the composite of cpu/prefix_attention.h (labelled slow).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -16,7 +16,7 @@
 #include <array>
 #include <limits>
 
-#include "cpu/attention.h"
+#include "cpu/prefix_attention.h"
 #include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
@@ -24,7 +24,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "kernels/attention.h"
+#include "kernels/prefix_attention.h"
 #endif
 
 namespace peftkern::ops {
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
     }
     case SeqKernel::kEfficient: {
       // lse as its forward writes it: [B, H, L rounded up to 32], the padding +inf
-      const at::Tensor lse_padded = at::full({d.B, d.H, (d.L + 31) / 32 * 32}, kInf, lse.options().dtype(at::kFloat));
+      const at::Tensor lse_padded = at::full({d.B, d.H, round_up<int64_t>(d.L, 32)}, kInf, lse.options().dtype(at::kFloat));
       lse_padded.narrow(2, 0, d.L).copy_(lse);
       const at::Tensor philox = no_dropout_state(q);
       auto r = at::_scaled_dot_product_efficient_attention_backward(
@@ -329,7 +329,7 @@ PrefixKeys prefix_keys(const at::Tensor& q, const at::Tensor& prefix_k, const at
 #ifdef PEFTKERN_WITH_CUDA
 
 bool prefix_kernel_fits(const at::Tensor& q, const Dims& d) {
-  const int64_t row_tiles = (d.G() * d.L + 63) / 64;
+  const int64_t row_tiles = ceil_div<int64_t>(d.G() * d.L, kernels::kPrefixAttentionRowsPerBlock);
   const auto dt = q.scalar_type();
   return q.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16) &&
          kernels::prefix_attention_supported(kernel_dtype(dt), static_cast<int>(d.D)) && sm80_or_newer(q) &&
@@ -425,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
 
 #endif  // PEFTKERN_WITH_CUDA
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                                      const std::optional<at::Tensor>& prefix_ids,
                                                      const std::optional<at::Tensor>& attn_mask, bool causal,
@@ -486,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                          const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
                          const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
@@ -544,17 +544,13 @@ Grads attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const 
           finish(need_dpv, dpv, prefix_v)};
 }
 
-void register_attention_impls(torch::Library& m) {
-  m.impl("prefix_attention_forward", &attention_forward);
-  m.impl("prefix_attention_backward", &attention_backward);
+void register_impls(torch::Library& m) {
+  m.impl("prefix_attention_forward", &prefix_attention_forward);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
 }
 
 }  // namespace
 
-// Each function branches on the device itself (csrc/cpu on the CPU, the kernels on CUDA).
-TORCH_LIBRARY_IMPL(peftkern, CPU, m) { register_attention_impls(m); }
-#ifdef PEFTKERN_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) { register_attention_impls(m); }
-#endif
+PEFTKERN_REGISTER_IMPLS(register_impls)
 
 }  // namespace peftkern::ops

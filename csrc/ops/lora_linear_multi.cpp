@@ -1,0 +1,171 @@
+// peftkern::lora_linear_multi_forward / lora_linear_multi_backward (one base, many LoRA adapters,
+// each token its own): out[t] = base(x[t]) + scalings[i] * (x[t] @ lora_A[i]^T) @ lora_B[i]^T with
+// i = adapter_ids[t] (i = -1: base only). CUDA forward: tokens grouped by adapter on the device, then
+// the fused low-rank kernel of kernels/lowrank.h with one adapter per 64-token block. CPU, the
+// backward, and CUDA float64 or r > 256: a per-adapter composite (it reads the per-adapter token
+// counts on the host).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <utility>
+
+#include "ops/common.h"
+#include "ops/lowrank.h"
+
+#ifdef PEFTKERN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace peftkern::ops {
+namespace {
+
+constexpr const char* kMultiOp = "lora_linear_multi";
+
+struct MultiDims {
+  int64_t rows, n_in, n_out, r, adapters;
+};
+
+MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                      const at::Tensor& scalings, bool check_id_values) {
+  const auto [rows, n_in, n_out] = check_linear(kMultiOp, x, weight, bias);
+  check_like(lora_A, kMultiOp, "lora_A", x, "x");
+  check_like(lora_B, kMultiOp, "lora_B", x, "x");
+  TORCH_CHECK_TYPE(at::isFloatingType(scalings.scalar_type()), kMultiOp, ": scalings must be a floating-point tensor; got ",
+                   scalings.scalar_type());
+  TORCH_CHECK_VALUE(scalings.device() == x.device(), kMultiOp, ": scalings is on ", scalings.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == n_in, kMultiOp,
+                    ": lora_A must have shape [L, r, in_features] with in_features = ", n_in, "; got ", lora_A.sizes());
+  const int64_t L = lora_A.size(0), r = lora_A.size(1);
+  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == L && lora_B.size(1) == n_out && lora_B.size(2) == r, kMultiOp,
+                    ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ", lora_B.sizes());
+  TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
+                    "]; got ", scalings.sizes());
+  // In capture, ids >= L act as -1; the backward skips the host read its forward already did.
+  check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)", check_id_values);
+  return {rows, n_in, n_out, r, L};
+}
+
+// Tokens grouped by adapter: key = id (L for -1 and out-of-range ids), order = stable argsort.
+std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_t L) {
+  const at::Tensor id64 = ids.to(at::kLong);
+  const at::Tensor key = at::where((id64 < 0).logical_or(id64 >= L), at::scalar_tensor(L, id64.options()), id64);
+  const at::Tensor order = at::argsort(key, /*stable=*/true);
+  const at::Tensor counts = at::zeros({L + 1}, id64.options()).scatter_add_(0, key, at::ones_like(key));
+  return {order, counts};
+}
+
+at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                                   const at::Tensor& ids, const at::Tensor& scalings) {
+  const int64_t L = lora_A.size(0);
+  const auto mt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto [order, counts] = group_by_adapter(ids, L);
+  const at::Tensor n = counts.cpu();
+  const at::Tensor s = scalings.to(mt);
+  int64_t start = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t count = n[l].item<int64_t>();
+    if (count == 0) continue;
+    const at::Tensor idx = order.narrow(0, start, count);
+    start += count;
+    const at::Tensor u = x2.index_select(0, idx).to(mt).mm(lora_A[l].to(mt).t());
+    out.index_add_(0, idx, (u.mm(lora_B[l].to(mt).t()) * s[l]).to(out.scalar_type()));
+  }
+  return out;
+}
+
+at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                              const at::Tensor& scalings) {
+  const MultiDims dims = check_multi(x, weight, bias, lora_A, lora_B, ids, scalings, true);
+  const at::Tensor x2 = x.reshape({dims.rows, dims.n_in}).contiguous();
+  at::Tensor out = base_product(x2, weight, bias);
+#ifdef PEFTKERN_WITH_CUDA
+  if (lowrank_fused(x, dims.r) && dims.rows > 0) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const int64_t L = dims.adapters;
+    const auto [order, counts] = group_by_adapter(ids, L);
+    const at::Tensor zero = at::zeros({1}, counts.options());
+    const at::Tensor seg_start = at::cat({zero, counts.cumsum(0)}).narrow(0, 0, L + 1).contiguous();
+    const at::Tensor blocks = (counts.narrow(0, 0, L) + (kernels::kLowRankRowsPerBlock - 1))
+                                  .div(kernels::kLowRankRowsPerBlock, "floor");
+    const at::Tensor block_start = at::cat({zero, blocks.cumsum(0)}).contiguous();
+    const at::Tensor scales = scalings.to(at::kFloat).contiguous();
+    const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
+    kernels::LowRankForwardArgs args{};
+    args.dtype = kernel_dtype(x.scalar_type());
+    args.activation = Activation::kIdentity;
+    args.scale = 1.f;
+    args.rows = dims.rows;
+    args.n_in = static_cast<int>(dims.n_in);
+    args.n_out = static_cast<int>(dims.n_out);
+    args.r = static_cast<int>(dims.r);
+    args.x = x2.data_ptr();
+    args.w_down = a.data_ptr();
+    args.w_up = b.data_ptr();
+    args.res = args.y = out.data_ptr();
+    args.segments.num_adapters = static_cast<int>(L);
+    args.segments.order = order.data_ptr<int64_t>();
+    args.segments.seg_start = seg_start.data_ptr<int64_t>();
+    args.segments.block_start = block_start.data_ptr<int64_t>();
+    args.segments.w_down_stride = dims.r * dims.n_in;
+    args.segments.w_up_stride = dims.n_out * dims.r;
+    args.segments.scales = scales.data_ptr<float>();
+    C10_CUDA_CHECK(kernels::lowrank_forward(args, at::cuda::getCurrentCUDAStream()));
+    return out.view(with_last(x.sizes(), dims.n_out));
+  }
+#endif
+  return multi_composite_forward(x2, out, lora_A, lora_B, ids, scalings).view(with_last(x.sizes(), dims.n_out));
+}
+
+Grads5 lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                          const at::Tensor& scalings, std::array<bool, 5> need) {
+  const MultiDims dims = check_multi(x, weight, std::nullopt, lora_A, lora_B, ids, scalings, false);
+  const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
+  const auto dt = x.scalar_type();
+  const auto mt = dt == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g2 = grad_out.reshape({dims.rows, dims.n_out}).to(mt);
+  const at::Tensor x2 = x.reshape({dims.rows, dims.n_in});
+  at::Tensor dx = need_dx ? g2.mm(weight.to(mt)) : at::Tensor();
+  at::Tensor dw = need_dw ? g2.t().mm(x2.to(mt)).to(dt) : at::Tensor();
+  at::Tensor db = need_db ? g2.sum(0).to(dt) : at::Tensor();
+  at::Tensor dA = need_dA ? at::zeros(lora_A.sizes(), lora_A.options().dtype(mt)) : at::Tensor();
+  at::Tensor dB = need_dB ? at::zeros(lora_B.sizes(), lora_B.options().dtype(mt)) : at::Tensor();
+  if (need_dx || need_dA || need_dB) {
+    const auto [order, counts] = group_by_adapter(ids, dims.adapters);
+    const at::Tensor n = counts.cpu();
+    const at::Tensor s = scalings.to(mt);
+    int64_t start = 0;
+    for (int64_t l = 0; l < dims.adapters; ++l) {
+      const int64_t count = n[l].item<int64_t>();
+      if (count == 0) continue;
+      const at::Tensor idx = order.narrow(0, start, count);
+      start += count;
+      const at::Tensor xl = x2.index_select(0, idx).to(mt), gl = g2.index_select(0, idx);
+      const at::Tensor a = lora_A[l].to(mt), b = lora_B[l].to(mt);
+      const at::Tensor v = gl.mm(b) * s[l];  // scaling * grad_out @ lora_B   [count, r]
+      if (need_dx) dx.index_add_(0, idx, v.mm(a));
+      if (need_dA) dA[l].copy_(v.t().mm(xl));
+      if (need_dB) dB[l].copy_(gl.t().mm(xl.mm(a.t())) * s[l]);
+    }
+  }
+  auto cast = [dt](const at::Tensor& t) { return t.defined() ? t.to(dt) : t; };
+  return {need_dx ? std::optional<at::Tensor>(cast(dx).view(x.sizes())) : std::nullopt, defined_or_none(dw),
+          defined_or_none(db), defined_or_none(cast(dA)), defined_or_none(cast(dB))};
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("lora_linear_multi_forward", &lora_multi_forward);
+  m.impl("lora_linear_multi_backward", &lora_multi_backward);
+}
+
+}  // namespace
+
+PEFTKERN_REGISTER_IMPLS(register_impls)
+
+}  // namespace peftkern::ops
