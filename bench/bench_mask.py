@@ -1,4 +1,4 @@
-"""Mask tuning: eager `F.linear(x, W * STE(S > t).to(W.dtype))` (a straight-through autograd
+"""Mask tuning: eager `F.linear(x, W * STE(S > t).to(W.dtype))` (tests/reference.py: a straight-through autograd
 function, as the papers' code does) vs torch.compile of it vs peftkern.masked_linear. bf16 weight,
 float32 scores, x requires grad.
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import peftkern
+from tests import reference
 
 from .harness import Case, Work, input_sets_for, mode_work
 
@@ -26,18 +27,8 @@ FAMILY = "mask"
 THRESHOLD = 0.0
 
 
-class STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, scores, threshold):
-        return (scores > threshold).to(scores.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def eager_masked(x, w, b, s):
-    return F.linear(x, w * STE.apply(s, THRESHOLD).to(w.dtype), b)
+    return reference.masked_linear(x, w, b, s, THRESHOLD)
 
 
 def fused_masked(x, w, b, s):

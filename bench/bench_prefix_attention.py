@@ -1,6 +1,6 @@
-"""Prefix attention, bf16: eager (expand the prefix, torch.cat it in front of K and V, then
-F.scaled_dot_product_attention with grouped-query heads and a bottom-right causal mask, letting torch
-pick its kernel) vs peftkern.ops.prefix_attention vs SDPA over the sequence alone (the floor: what
+"""Prefix attention, bf16: eager (tests/reference.py: expand the prefix, torch.cat it in front of K
+and V, then F.scaled_dot_product_attention with grouped-query heads and a bottom-right causal mask,
+letting torch pick its kernel) vs peftkern.ops.prefix_attention vs SDPA over the sequence alone (the floor: what
 attention costs without a prefix); torch.compile of the eager code in the full run.
 
 Shapes (the issue's targets; --quick runs the first two):
@@ -19,39 +19,19 @@ import torch
 import torch.nn.functional as F
 
 import peftkern
+from tests import reference
 
 from .harness import Case, input_sets_for, mode_work
 
 FAMILY = "prefix_attention"
 
-try:
-    from torch.nn.attention.bias import causal_lower_right
-except ImportError:  # older torch: a boolean mask
-    causal_lower_right = None
-
-
-def _mask(L, K, device):
-    if causal_lower_right is not None:
-        return causal_lower_right(L, K)
-    i = torch.arange(L, device=device)[:, None]
-    return torch.arange(K, device=device)[None] <= i + (K - L)
-
-
-def _sdpa(q, keys, values, attn_mask=None, is_causal=False):
-    if keys.shape[1] == q.shape[1]:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
-
 
 def eager_prefix(q, k, v, pk, pv, causal):
-    B, _, L, _ = q.shape
-    keys = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2)
-    values = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2)
-    return _sdpa(q, keys, values, attn_mask=_mask(L, keys.shape[2], q.device) if causal else None)
+    return reference.prefix_attention(q, k, v, pk, pv, causal=causal)
 
 
-def sdpa_sequence_only(q, k, v, pk, pv, causal):
-    return _sdpa(q, k, v, is_causal=causal)  # L = S in every causal shape here
+def sdpa_sequence_only(q, k, v, pk, pv, causal):  # L = S in every causal shape here
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def fused_prefix(q, k, v, pk, pv, causal):

@@ -1,7 +1,7 @@
 """Shared benchmark machinery: CUDA-event timing, peak memory, achieved bandwidth, result files.
 
 A bench file (bench/bench_<family>.py) exposes ``cases(quick: bool) -> Iterable[Case]``. Each Case
-names a family, shape, dtype, mode (forward | backward | full | inference) and provider (eager |
+names a family, shape, dtype, mode (one of MODES) and provider (eager |
 compile | peftkern | a peer library), and knows how to build its work (``make``) and the bytes and
 flops an ideal kernel must move for it. ``run_cases`` times them and returns rows; ``write_results``
 stores JSON, CSV and a Markdown table under bench/results/, named by GPU and date.
@@ -22,11 +22,14 @@ from typing import Callable, Iterable, List, Optional
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-MODES = ("forward", "backward", "full", "inference")
+# inference: a forward under no_grad; decode: the same at one query row per sequence (attention)
+MODES = ("forward", "backward", "full", "inference", "decode")
 
-# An Op runs one timed step; for mode "backward", `prepare` runs untimed before each step.
+
 @dataclass
 class Work:
+    """One timed step of a case; for mode "backward", `prepare` runs untimed before each step."""
+
     step: Callable[[int], object]          # step(i): run on input set i
     prepare: Optional[Callable[[int], object]] = None  # untimed, before step(i) (backward: forward)
     n_sets: int = 1
@@ -52,7 +55,7 @@ def mode_work(mode: str, run: Callable[[int], torch.Tensor], grad: Optional[torc
     if mode == "full":
         return Work(lambda i: run(i).backward(grad), clear, n_sets)
     if mode != "backward":
-        raise ValueError(f"unknown mode {mode!r}")
+        raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
     state = {}
 
     def prepare(i):
@@ -191,7 +194,7 @@ def add_speedups(rows: List[dict]) -> None:
 
 
 def format_row(r: dict) -> str:
-    head = f"{r['family']:8s} {r['shape']:34s} {r['dtype']:8s} {r['mode']:9s} {r['provider']:10s}"
+    head = f"{r['family']:16s} {r['shape']:34s} {r['dtype']:8s} {r['mode']:9s} {r['provider']:10s}"
     if "skipped" in r:
         return f"{head} skipped: {r['skipped']}"
     return (f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .harness import markdown_table, measure_copy_bandwidth, run_cases, run_meta, write_results
+from .harness import MODES, markdown_table, measure_copy_bandwidth, run_cases, run_meta, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,7 +25,7 @@ def families():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="*", default=None, help=f"of {families()} (default all)")
-    ap.add_argument("--mode", nargs="*", default=None, help="forward backward full inference decode")
+    ap.add_argument("--mode", nargs="*", default=None, help=" ".join(MODES))
     ap.add_argument("--provider", nargs="*", default=None)
     ap.add_argument("--quick", action="store_true", help="target shapes only")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -7,7 +7,7 @@ import peftkern  # noqa: F401  (registers torch.ops.peftkern)
 
 CUDA = torch.cuda.is_available()
 
-# ||out - ref|| / ||ref|| allowed per storage dtype (DESIGN.md); the reference is float64.
+# ||out - ref|| / ||ref|| allowed per storage dtype (the README's tests section); the reference is float64.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

@@ -1,7 +1,11 @@
 """The reference for every op: the plain eager formula, written once, evaluated in float64."""
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 ACTIVATIONS = {
     "gelu": lambda z: F.gelu(z),
@@ -67,28 +71,34 @@ def mask_bits(keep):
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=None, causal=False, scale=None):
-    """torch.cat of the (expanded or per-sample) prefix in front of k/v, then softmax attention
-    written out; GQA by repeating kv heads. The mask covers the sequence keys: the prefix is always
-    visible; sequence key j is hidden when causal and j > i + (S - L), and where a bool attn_mask
-    is False (an additive one is added). A query that sees no key outputs 0 (SDPA: NaN)."""
+    """Prefix tuning as a user writes it: torch.cat of the (expanded or per-sample) prefix in front of
+    k and v, then F.scaled_dot_product_attention (grouped-query heads through enable_gqa). The mask
+    covers the sequence keys: the prefix is always visible; sequence key j is hidden when causal and
+    j > i + (S - L) (bottom-right, as causal_lower_right), and where a bool attn_mask is False (an
+    additive one is added). A query that sees no key outputs 0 (SDPA alone gives NaN). float64 runs
+    SDPA's math backend (the softmax written out), so the tests' reference shares no fused kernel."""
     B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
     if prefix_ids is None:
         pk, pv = prefix_k.expand(B, *prefix_k.shape), prefix_v.expand(B, *prefix_v.shape)
     else:
         pk, pv = prefix_k[prefix_ids], prefix_v[prefix_ids]
-    keys = torch.cat([pk, k], 2).repeat_interleave(H // Hkv, 1)
-    values = torch.cat([pv, v], 2).repeat_interleave(H // Hkv, 1)
-    scores = q @ keys.transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
-    seq_bias = torch.zeros(B, H, L, S, dtype=scores.dtype, device=q.device)
-    if attn_mask is not None:
-        seq_bias = (seq_bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                    else seq_bias + attn_mask)
-    if causal:
-        i = torch.arange(L, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None]
-        seq_bias = seq_bias.masked_fill(j > i + (S - L), float("-inf"))
-    scores = scores + F.pad(seq_bias, (P, 0))
-    blind = torch.isneginf(scores).all(-1, keepdim=True)  # rows that see no key
-    probs = torch.softmax(scores.masked_fill(blind, 0), -1).masked_fill(blind, 0)
-    return probs @ values
+    keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    mask, blind = None, None
+    if attn_mask is None and causal and L <= S:
+        mask = causal_lower_right(L, P + S)  # over [prefix; sequence]: with L <= S the prefix stays visible
+    elif attn_mask is not None or causal:
+        seq_bias = torch.zeros(B, H, L, S, dtype=q.dtype, device=q.device)
+        if attn_mask is not None:
+            seq_bias = (seq_bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                        else seq_bias + attn_mask)
+        if causal:
+            i = torch.arange(L, device=q.device)[:, None]
+            j = torch.arange(S, device=q.device)[None]
+            seq_bias = seq_bias.masked_fill(j > i + (S - L), float("-inf"))
+        bias = F.pad(seq_bias, (P, 0))
+        blind = torch.isneginf(bias).all(-1, keepdim=True)  # rows that see no key: computed unmasked, then zeroed
+        mask = bias.masked_fill(blind, 0)
+    with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.float64 else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    return out if blind is None else out.masked_fill(blind, 0)

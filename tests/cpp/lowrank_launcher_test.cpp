@@ -14,21 +14,15 @@
 
 #include "kernels/lowrank.h"
 #include "kernels/philox.h"
+#include "launcher_test.h"
 
 using peftkern::Activation;
 using peftkern::DType;
+using launcher_test::close;
+using launcher_test::Device;
 namespace k = peftkern::kernels;
 
 namespace {
-
-#define CHECK_CUDA(expr)                                                              \
-  do {                                                                                \
-    const cudaError_t e_ = (expr);                                                    \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 double gelu(double z) { return 0.5 * z * (1 + std::erf(z / std::sqrt(2.0))); }
 double gelu_grad(double z) {
@@ -60,8 +54,7 @@ Problem make_problem(int rows, int d, int r, std::mt19937& rng) {
 
 // Rounds every input to bf16 so the float64 reference sees exactly what the kernel sees.
 void round_to_bf16(Problem& p) {
-  for (auto* v : {&p.x, &p.wd, &p.bd, &p.wu, &p.bu, &p.g})
-    for (auto& e : *v) e = __bfloat162float(__float2bfloat16(float(e)));
+  for (auto* v : {&p.x, &p.wd, &p.bd, &p.wu, &p.bu, &p.g}) launcher_test::round_all<__nv_bfloat16>(*v);
 }
 
 struct Reference {
@@ -109,44 +102,6 @@ Reference reference(const Problem& p) {
     }
   }
   return ref;
-}
-
-template <typename T> struct Device {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit Device(const std::vector<double>& host) : n(host.size()) {
-    std::vector<T> tmp(n);
-    for (size_t i = 0; i < n; ++i) tmp[i] = T(float(host[i]));
-    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&ptr), n * sizeof(T) + 16));
-    CHECK_CUDA(cudaMemcpy(ptr, tmp.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  explicit Device(size_t count) : n(count) {
-    CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&ptr), n * sizeof(T) + 16));
-    CHECK_CUDA(cudaMemset(ptr, 0xFF, n * sizeof(T)));  // NaN: unwritten elements fail
-  }
-  ~Device() { cudaFree(ptr); }
-  std::vector<double> host() const {
-    std::vector<T> tmp(n);
-    CHECK_CUDA(cudaMemcpy(tmp.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    std::vector<double> out(n);
-    for (size_t i = 0; i < n; ++i) out[i] = double(float(tmp[i]));
-    return out;
-  }
-};
-
-bool close(const char* what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) {
-      std::printf("FAIL %s: element %zu is %f\n", what, i, got[i]);
-      return false;
-    }
-    num += (got[i] - want[i]) * (got[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  const double err = std::sqrt(num / den);
-  std::printf("%s %s: relative error %.3g (tolerance %.0e)\n", err <= tol ? "ok  " : "FAIL", what, err, tol);
-  return err <= tol;
 }
 
 template <typename T>
@@ -314,11 +269,7 @@ bool run_lora_case(int rows, int n_in, int n_out, int r, float p, std::mt19937& 
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return 77;
-  }
+  if (!launcher_test::gpu_available()) return launcher_test::kSkipped;
   std::mt19937 rng(1234);
   bool ok = true;
   ok &= run_case<float>(DType::kFloat32, 130, 100, 24, true, 1e-5, rng);
