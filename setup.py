@@ -35,8 +35,9 @@ def find_cuda_home():
 
 
 def nvcc_version(cuda_home):
-    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
+    ).stdout
     m = re.search(r"release (\d+)\.(\d+)", out)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
@@ -75,24 +76,33 @@ if with_cuda:
     version = nvcc_version(cuda_home)
     torch_major = int(torch.version.cuda.split(".")[0])
     if version and version[0] != torch_major:
-        log(f"WARNING: nvcc is CUDA {version[0]}.{version[1]} but torch was built with CUDA "
-            f"{torch.version.cuda}; the build may fail or the kernels may not load")
+        log(
+            f"WARNING: nvcc is CUDA {version[0]}.{version[1]} but torch was built with CUDA "
+            f"{torch.version.cuda}; the build may fail or the kernels may not load"
+        )
     sources += sorted(glob.glob("csrc/kernels/*.cu"))
     for inc in cuda_library_header_dirs(cuda_home):
         cxx_flags += ["-idirafter", inc]  # after the toolkit's own headers
     define_macros.append(("PEFTKERN_WITH_CUDA", None))
     shown = f"{version[0]}.{version[1]}" if version else "(unknown version)"
-    log(f"building with CUDA kernels: nvcc {shown} at {cuda_home}, "
-        f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    log(
+        f"building with CUDA kernels: nvcc {shown} at {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    )
     Extension = CUDAExtension
     extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
 else:
-    reason = ("PEFTKERN_CPU_ONLY=1" if os.environ.get("PEFTKERN_CPU_ONLY") == "1"
-              else "torch is a CPU build" if torch.version.cuda is None
-              else "no CUDA toolkit found (set CUDA_HOME)")
+    reason = (
+        "PEFTKERN_CPU_ONLY=1"
+        if os.environ.get("PEFTKERN_CPU_ONLY") == "1"
+        else "torch is a CPU build"
+        if torch.version.cuda is None
+        else "no CUDA toolkit found (set CUDA_HOME)"
+    )
     if os.environ.get("PEFTKERN_REQUIRE_CUDA_ARCHS"):
-        sys.exit(f"peftkern setup: PEFTKERN_REQUIRE_CUDA_ARCHS is set but the CUDA kernels cannot be "
-                 f"built: {reason}")
+        sys.exit(
+            f"peftkern setup: PEFTKERN_REQUIRE_CUDA_ARCHS is set but the CUDA kernels cannot be "
+            f"built: {reason}"
+        )
     log(f"building CPU-only ({reason}): no CUDA kernels")
     Extension = CppExtension
     extra = {"cxx": cxx_flags}

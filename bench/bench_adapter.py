@@ -27,7 +27,9 @@ class EagerAdapter(nn.Module):
         self.down, self.up, self.scale = nn.Linear(d, r), nn.Linear(r, d), scale
 
     def forward(self, x):
-        return reference.adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, "gelu", self.scale)
+        return reference.adapter(
+            x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, "gelu", self.scale
+        )
 
 
 def _modules(d, r, dtype, scale=0.5):
@@ -51,6 +53,7 @@ def _work(provider, mode, T, d, r, dtype):
         xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, d, device="cuda", dtype=dtype)
         return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
+
     return make
 
 
@@ -67,13 +70,29 @@ def _flops(mode, T, d, r):
 
 def cases(quick=False):
     if quick:
-        shapes = [(TARGET["tokens"], TARGET["d"], TARGET["r"], torch.bfloat16),
-                  (4096, 768, 16, torch.bfloat16), (16384, 4096, 64, torch.float32)]
+        shapes = [
+            (TARGET["tokens"], TARGET["d"], TARGET["r"], torch.bfloat16),
+            (4096, 768, 16, torch.bfloat16),
+            (16384, 4096, 64, torch.float32),
+        ]
     else:
-        shapes = [(T, d, r, dt) for dt, T, d, r in itertools.product(
-            (torch.bfloat16, torch.float32), (4096, 16384, 65536), (768, 4096), (16, 64, 256))]
+        shapes = [
+            (T, d, r, dt)
+            for dt, T, d, r in itertools.product(
+                (torch.bfloat16, torch.float32), (4096, 16384, 65536), (768, 4096), (16, 64, 256)
+            )
+        ]
     for (T, d, r, dtype), mode, provider in itertools.product(
-            shapes, ("forward", "backward", "full", "inference"), ("eager", "compile", "peftkern")):
+        shapes, ("forward", "backward", "full", "inference"), ("eager", "compile", "peftkern")
+    ):
         es = torch.finfo(dtype).bits // 8
-        yield Case(FAMILY, dict(tokens=T, d=d, r=r), dtype, mode, provider, _work(provider, mode, T, d, r, dtype),
-                   _ideal(mode, T, d, r, es), _flops(mode, T, d, r))
+        yield Case(
+            FAMILY,
+            dict(tokens=T, d=d, r=r),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, d, r, dtype),
+            _ideal(mode, T, d, r, es),
+            _flops(mode, T, d, r),
+        )

@@ -47,8 +47,11 @@ class AddmmLoRA(EagerLoRA):
     def forward(self, x):
         out = self.base(x)
         u = self.lora_A(self.dropout(x))
-        return out.view(-1, out.shape[-1]).addmm_(u.view(-1, u.shape[-1]), self.lora_B.weight.t(),
-                                                  alpha=self.scaling).view(out.shape)
+        return (
+            out.view(-1, out.shape[-1])
+            .addmm_(u.view(-1, u.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling)
+            .view(out.shape)
+        )
 
 
 class EnvLoRA(nn.Module):
@@ -78,8 +81,9 @@ def _peft_layer(eager, r, alpha, p):
     holder = nn.Module()
     holder.base = nn.Linear(eager.base.in_features, eager.base.out_features).to(eager.base.weight)
     holder.base.load_state_dict(eager.base.state_dict())
-    model = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p,
-                                                         target_modules=["base"]))
+    model = peft.get_peft_model(
+        holder, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["base"])
+    )
     layer = model.base_model.model.base
     layer.lora_A["default"].weight.data.copy_(eager.lora_A.weight)
     layer.lora_B["default"].weight.data.copy_(eager.lora_B.weight)
@@ -90,7 +94,7 @@ def _module(provider, n_in, n_out, r, p, dtype):
     alpha = 2 * r
     eager = EagerLoRA(n_in, n_out, r, alpha, p).to("cuda", dtype)
     with torch.no_grad():
-        eager.lora_B.weight.normal_(0, r ** -0.5)  # a trained adapter, not B = 0
+        eager.lora_B.weight.normal_(0, r**-0.5)  # a trained adapter, not B = 0
     if provider == "eager":
         return eager
     if provider == "compile":
@@ -101,7 +105,9 @@ def _module(provider, n_in, n_out, r, p, dtype):
         return m
     if provider == "peft":
         return _peft_layer(eager, r, alpha, p)
-    fused = peftkern.nn.LoRALinear(n_in, n_out, r, lora_alpha=alpha, lora_dropout=p, device="cuda", dtype=dtype)
+    fused = peftkern.nn.LoRALinear(
+        n_in, n_out, r, lora_alpha=alpha, lora_dropout=p, device="cuda", dtype=dtype
+    )
     with torch.no_grad():
         fused.weight.copy_(eager.base.weight)
         fused.bias.copy_(eager.base.bias)
@@ -124,6 +130,7 @@ def _work(provider, mode, T, n_in, n_out, r, p, dtype):
         xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
         return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
+
     return make
 
 
@@ -143,30 +150,35 @@ def _flops(mode, T, n_in, n_out, r):
 
 # ---------------------------------------------------------------- multi-adapter
 
+
 def _multi_work(provider, T, L, n, r, dtype):
     def make():
         torch.manual_seed(0)
         x = torch.randn(T, n, device="cuda", dtype=dtype)
-        w = torch.randn(n, n, device="cuda", dtype=dtype) * n ** -0.5
+        w = torch.randn(n, n, device="cuda", dtype=dtype) * n**-0.5
         b = torch.randn(n, device="cuda", dtype=dtype) * 0.1
-        A = torch.randn(L, r, n, device="cuda", dtype=dtype) * n ** -0.5
-        B = torch.randn(L, n, r, device="cuda", dtype=dtype) * r ** -0.5
+        A = torch.randn(L, r, n, device="cuda", dtype=dtype) * n**-0.5
+        B = torch.randn(L, n, r, device="cuda", dtype=dtype) * r**-0.5
         ids = torch.randint(0, L, (T,), device="cuda")
         scalings = torch.full((L,), 2.0, device="cuda")
         if provider == "peftkern":
+
             def step(i):
                 with torch.no_grad():
                     return peftkern.ops.lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)
         else:
+
             def step(i):  # eager: one gather, two matmuls and a scatter per adapter
                 with torch.no_grad():
                     out = F.linear(x, w, b)
-                    for l in range(L):
-                        idx = (ids == l).nonzero(as_tuple=True)[0]
+                    for a in range(L):
+                        idx = (ids == a).nonzero(as_tuple=True)[0]
                         if idx.numel():
-                            out.index_add_(0, idx, F.linear(F.linear(x[idx], A[l]), B[l]) * scalings[l])
+                            out.index_add_(0, idx, F.linear(F.linear(x[idx], A[a]), B[a]) * scalings[a])
                     return out
+
         return Work(step, None, 1)
+
     return make
 
 
@@ -177,18 +189,36 @@ def cases(quick=False):
     if quick:
         shapes = [(8192, 4096, 4096, 16, p) for p in (0.0, 0.1)]
     else:
-        shapes = list(itertools.product((2048, 8192, 32768), ((4096, 4096), (4096, 14336)), (8, 16, 64), (0.0, 0.1)))
+        shapes = list(
+            itertools.product((2048, 8192, 32768), ((4096, 4096), (4096, 14336)), (8, 16, 64), (0.0, 0.1))
+        )
         shapes = [(T, io[0], io[1], r, p) for T, io, r, p in shapes]
     for (T, n_in, n_out, r, p), mode, provider in itertools.product(
-            shapes, ("forward", "backward", "full", "inference"), providers):
+        shapes, ("forward", "backward", "full", "inference"), providers
+    ):
         if mode == "inference" and p > 0:
             continue  # dropout is off in inference: the p = 0 rows cover it
-        yield Case(FAMILY, dict(tokens=T, n_in=n_in, n_out=n_out, r=r, dropout=p), dtype, mode, provider,
-                   _work(provider, mode, T, n_in, n_out, r, p, dtype), _ideal(mode, T, n_in, n_out, r, es),
-                   _flops(mode, T, n_in, n_out, r))
+        yield Case(
+            FAMILY,
+            dict(tokens=T, n_in=n_in, n_out=n_out, r=r, dropout=p),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, n_in, n_out, r, p, dtype),
+            _ideal(mode, T, n_in, n_out, r, es),
+            _flops(mode, T, n_in, n_out, r),
+        )
     multi = [(4096, 64)] if quick else list(itertools.product((16, 256, 4096), (1, 8, 64)))
     n, r = 4096, 16
     for (T, L), provider in itertools.product(multi, ("eager", "peftkern")):
         ideal = (2 * T * n + n * n + min(L, T) * 2 * n * r) * es
-        yield Case("lora-multi", dict(tokens=T, adapters=L, n=n, r=r), dtype, "inference", provider,
-                   _multi_work(provider, T, L, n, r, dtype), ideal, 2 * T * n * n + 4 * T * n * r)
+        yield Case(
+            "lora-multi",
+            dict(tokens=T, adapters=L, n=n, r=r),
+            dtype,
+            "inference",
+            provider,
+            _multi_work(provider, T, L, n, r, dtype),
+            ideal,
+            2 * T * n * n + 4 * T * n * r,
+        )

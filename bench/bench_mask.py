@@ -1,6 +1,6 @@
-"""Mask tuning: eager `F.linear(x, W * STE(S > t).to(W.dtype))` (tests/reference.py: a straight-through autograd
-function, as the papers' code does) vs torch.compile of it vs peftkern.masked_linear. bf16 weight,
-float32 scores, x requires grad.
+"""Mask tuning: eager `F.linear(x, W * STE(S > t).to(W.dtype))` (tests/reference.py: a
+straight-through autograd function, as the papers' code does) vs torch.compile of it vs
+peftkern.masked_linear. bf16 weight, float32 scores, x requires grad.
 
 Ideal bytes per step (es = 2, W = in*out):
   forward    read x, W (2 B), S (4 B); write out                   2*T*in + 6*W + 2*T*out
@@ -43,7 +43,7 @@ def _work(provider, mode, T, n_in, n_out, dtype):
 
     def make():
         torch.manual_seed(0)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in ** -0.5
+        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in**-0.5
         b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.1
         s = torch.randn(n_out, n_in, device="cuda").requires_grad_(mode != "inference")
         n = input_sets_for(2 * T * (n_in + n_out))
@@ -51,6 +51,7 @@ def _work(provider, mode, T, n_in, n_out, dtype):
         xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
         grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
         return mode_work(mode, lambda i: fn(xs[i], w, b, s), grad, lambda i: (xs[i], s), n)
+
     return make
 
 
@@ -68,7 +69,7 @@ def _flops(mode, T, n_in, n_out):
 def _packed_work(provider, T, n_in, n_out, dtype):
     def make():
         torch.manual_seed(0)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in ** -0.5
+        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in**-0.5
         b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.1
         bits = peftkern.ops.pack_mask(torch.randn(n_out, n_in, device="cuda"), THRESHOLD)
         n = input_sets_for(2 * n_in * n_out)  # the weight is what must not sit in L2
@@ -80,13 +81,18 @@ def _packed_work(provider, T, n_in, n_out, dtype):
             keep = ((bits.unsqueeze(-1) >> shifts) & 1).view(n_out, -1)[:, :n_in].to(dtype)
             return F.linear(x, ws[i] * keep, b)
 
-        step = {"eager": eager, "plain-linear": lambda i: F.linear(x, ws[i], b),
-                "peftkern": lambda i: peftkern.ops.masked_linear_packed(x, ws[i], b, bits)}[provider]
+        step = {
+            "eager": eager,
+            "plain-linear": lambda i: F.linear(x, ws[i], b),
+            "peftkern": lambda i: peftkern.ops.masked_linear_packed(x, ws[i], b, bits),
+        }[provider]
 
         def run(i):
             with torch.no_grad():
                 return step(i)
+
         return Work(run, None, n)
+
     return make
 
 
@@ -99,13 +105,32 @@ def cases(quick=False):
     else:
         shapes = [(T, i, o) for T, (i, o) in itertools.product(tokens, sizes)]
     for (T, n_in, n_out), mode, provider in itertools.product(
-            shapes, ("forward", "backward", "full", "inference"), ("eager", "compile", "peftkern")):
-        yield Case(FAMILY, dict(tokens=T, n_in=n_in, n_out=n_out), dtype, mode, provider,
-                   _work(provider, mode, T, n_in, n_out, dtype), _ideal(mode, T, n_in, n_out),
-                   _flops(mode, T, n_in, n_out))
-    packed = [(1, 4096, 4096), (16, 4096, 4096)] if quick else [
-        (T, i, o) for T, (i, o) in itertools.product((1, 4, 16, 64), sizes)]
+        shapes, ("forward", "backward", "full", "inference"), ("eager", "compile", "peftkern")
+    ):
+        yield Case(
+            FAMILY,
+            dict(tokens=T, n_in=n_in, n_out=n_out),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, n_in, n_out, dtype),
+            _ideal(mode, T, n_in, n_out),
+            _flops(mode, T, n_in, n_out),
+        )
+    packed = (
+        [(1, 4096, 4096), (16, 4096, 4096)]
+        if quick
+        else [(T, i, o) for T, (i, o) in itertools.product((1, 4, 16, 64), sizes)]
+    )
     for (T, n_in, n_out), provider in itertools.product(packed, ("eager", "plain-linear", "peftkern")):
         ideal = 2 * n_in * n_out + n_in * n_out // 8 + 2 * T * (n_in + n_out)
-        yield Case("mask-packed", dict(tokens=T, n_in=n_in, n_out=n_out), dtype, "inference", provider,
-                   _packed_work(provider, T, n_in, n_out, dtype), ideal, 2 * T * n_in * n_out)
+        yield Case(
+            "mask-packed",
+            dict(tokens=T, n_in=n_in, n_out=n_out),
+            dtype,
+            "inference",
+            provider,
+            _packed_work(provider, T, n_in, n_out, dtype),
+            ideal,
+            2 * T * n_in * n_out,
+        )

@@ -1,7 +1,7 @@
 """Prefix attention, bf16: eager (tests/reference.py: expand the prefix, torch.cat it in front of K
 and V, then F.scaled_dot_product_attention with grouped-query heads and a bottom-right causal mask,
-letting torch pick its kernel) vs peftkern.ops.prefix_attention vs SDPA over the sequence alone (the floor: what
-attention costs without a prefix); torch.compile of the eager code in the full run.
+letting torch pick its kernel) vs peftkern.ops.prefix_attention vs SDPA over the sequence alone (the
+floor: what attention costs without a prefix); torch.compile of the eager code in the full run.
 
 Shapes (the issue's targets; --quick runs the first two):
   P-tuning v2 (BERT-large-like)  B 32, H 16, L = S 128, P 64, D 64, not causal
@@ -39,7 +39,12 @@ def fused_prefix(q, k, v, pk, pv, causal):
 
 
 _compiled = torch.compile(eager_prefix)
-PROVIDERS = {"eager": eager_prefix, "compile": _compiled, "peftkern": fused_prefix, "sdpa-seq-only": sdpa_sequence_only}
+PROVIDERS = {
+    "eager": eager_prefix,
+    "compile": _compiled,
+    "peftkern": fused_prefix,
+    "sdpa-seq-only": sdpa_sequence_only,
+}
 
 
 def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype):
@@ -59,6 +64,7 @@ def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype):
         pv = torch.randn(Hkv, P, D, device="cuda", dtype=dtype).requires_grad_(train)
         grad = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
         return mode_work(mode, lambda i: fn(*sets[i], pk, pv, causal), grad, lambda i: (*sets[i], pk, pv), n)
+
     return make
 
 
@@ -74,8 +80,8 @@ def _flops(mode, B, H, L, S, P, D, causal):
 
 
 TRAINING_SHAPES = [  # B, H, Hkv, L, S, P, D, causal
-    (32, 16, 16, 128, 128, 64, 64, False),    # P-tuning v2, BERT-large-like
-    (8, 32, 8, 2048, 2048, 64, 128, True),    # Llama-like
+    (32, 16, 16, 128, 128, 64, 64, False),  # P-tuning v2, BERT-large-like
+    (8, 32, 8, 2048, 2048, 64, 128, True),  # Llama-like
 ]
 DECODE_SHAPES = [(1, 32, 8, 8192, 64, 128), (32, 32, 8, 8192, 64, 128)]  # B, H, Hkv, S, P, D
 
@@ -84,11 +90,27 @@ def cases(quick=False):
     dtype = torch.bfloat16
     shapes, decode = TRAINING_SHAPES, ([] if quick else DECODE_SHAPES)
     providers = ("eager", "sdpa-seq-only", "peftkern") + (() if quick else ("compile",))
-    for (B, H, Hkv, L, S, P, D, causal), mode, provider in itertools.product(shapes, ("forward", "full"), providers):
-        yield Case(FAMILY, dict(B=B, H=H, Hkv=Hkv, L=L, S=S, P=P, D=D, causal=causal), dtype, mode, provider,
-                   _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype), _ideal(mode, B, H, Hkv, L, S, P, D),
-                   _flops(mode, B, H, L, S, P, D, causal))
+    for (B, H, Hkv, L, S, P, D, causal), mode, provider in itertools.product(
+        shapes, ("forward", "full"), providers
+    ):
+        yield Case(
+            FAMILY,
+            dict(B=B, H=H, Hkv=Hkv, L=L, S=S, P=P, D=D, causal=causal),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype),
+            _ideal(mode, B, H, Hkv, L, S, P, D),
+            _flops(mode, B, H, L, S, P, D, causal),
+        )
     for (B, H, Hkv, S, P, D), provider in itertools.product(decode, ("eager", "sdpa-seq-only", "peftkern")):
-        yield Case(FAMILY, dict(B=B, H=H, Hkv=Hkv, L=1, S=S, P=P, D=D, causal=False), dtype, "decode", provider,
-                   _work(provider, "decode", B, H, Hkv, 1, S, P, D, False, dtype), _ideal("decode", B, H, Hkv, 1, S, P, D),
-                   _flops("decode", B, H, 1, S, P, D, False))
+        yield Case(
+            FAMILY,
+            dict(B=B, H=H, Hkv=Hkv, L=1, S=S, P=P, D=D, causal=False),
+            dtype,
+            "decode",
+            provider,
+            _work(provider, "decode", B, H, Hkv, 1, S, P, D, False, dtype),
+            _ideal("decode", B, H, Hkv, 1, S, P, D),
+            _flops("decode", B, H, 1, S, P, D, False),
+        )

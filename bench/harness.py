@@ -30,25 +30,33 @@ MODES = ("forward", "backward", "full", "inference", "decode")
 class Work:
     """One timed step of a case; for mode "backward", `prepare` runs untimed before each step."""
 
-    step: Callable[[int], object]          # step(i): run on input set i
+    step: Callable[[int], object]  # step(i): run on input set i
     prepare: Optional[Callable[[int], object]] = None  # untimed, before step(i) (backward: forward)
     n_sets: int = 1
 
 
-def mode_work(mode: str, run: Callable[[int], torch.Tensor], grad: Optional[torch.Tensor],
-              grad_holders: Callable[[int], Iterable[torch.Tensor]], n_sets: int) -> Work:
+def mode_work(
+    mode: str,
+    run: Callable[[int], torch.Tensor],
+    grad: Optional[torch.Tensor],
+    grad_holders: Callable[[int], Iterable[torch.Tensor]],
+    n_sets: int,
+) -> Work:
     """The timed step of one mode, given run(i) (the forward on input set i) and the tensors whose
     .grad must start empty before each step (as after zero_grad(set_to_none=True)):
       inference  run under no_grad            forward   the training forward
       full       forward + backward           backward  the backward alone (forward untimed)"""
+
     def clear(i):
         for t in grad_holders(i):
             t.grad = None
 
     if mode in ("inference", "decode"):
+
         def step(i):
             with torch.no_grad():
                 return run(i)
+
         return Work(step, None, n_sets)
     if mode == "forward":
         return Work(run, clear, n_sets)
@@ -61,6 +69,7 @@ def mode_work(mode: str, run: Callable[[int], torch.Tensor], grad: Optional[torc
     def prepare(i):
         clear(i)
         state["out"] = run(i)
+
     return Work(lambda i: state.pop("out").backward(grad), prepare, n_sets)
 
 
@@ -71,8 +80,8 @@ class Case:
     dtype: torch.dtype
     mode: str
     provider: str
-    make: Callable[[], Work]               # builds inputs/modules; may raise Skip
-    ideal_bytes: float                     # bytes an ideal kernel must move for one step
+    make: Callable[[], Work]  # builds inputs/modules; may raise Skip
+    ideal_bytes: float  # bytes an ideal kernel must move for one step
     flops: float = 0.0
     tags: dict = field(default_factory=dict)
 
@@ -141,8 +150,12 @@ def time_work(work: Work, warmup: int = 5, reps: int = 30, min_time_s: float = 0
         if i >= 50 * reps:
             break
     times.sort()
-    return {"median_ms": statistics.median(times), "p20_ms": _percentile(times, 0.2),
-            "p80_ms": _percentile(times, 0.8), "reps": len(times)}
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": _percentile(times, 0.2),
+        "p80_ms": _percentile(times, 0.8),
+        "reps": len(times),
+    }
 
 
 def peak_memory_bytes(work: Work) -> int:
@@ -160,8 +173,14 @@ def peak_memory_bytes(work: Work) -> int:
 def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
     rows = []
     for case in cases:
-        row = {"family": case.family, "shape": case.shape_str, "dtype": str(case.dtype).replace("torch.", ""),
-               "mode": case.mode, "provider": case.provider, **case.tags}
+        row = {
+            "family": case.family,
+            "shape": case.shape_str,
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "mode": case.mode,
+            "provider": case.provider,
+            **case.tags,
+        }
         try:
             work = case.make()
             row.update(time_work(work))
@@ -197,8 +216,10 @@ def format_row(r: dict) -> str:
     head = f"{r['family']:16s} {r['shape']:34s} {r['dtype']:8s} {r['mode']:9s} {r['provider']:10s}"
     if "skipped" in r:
         return f"{head} skipped: {r['skipped']}"
-    return (f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "
-            f"{r['peak_mem_mb']:9.1f} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)")
+    return (
+        f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "
+        f"{r['peak_mem_mb']:9.1f} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)"
+    )
 
 
 def gpu_slug() -> str:
@@ -207,22 +228,31 @@ def gpu_slug() -> str:
 
 
 def markdown_table(rows: List[dict], meta: dict) -> str:
-    lines = [f"# peftkern benchmarks: {meta['gpu']} ({meta['date']})", "",
-             f"torch {meta['torch']}, CUDA {meta['cuda']}, peftkern build {meta['build']}. "
-             f"Measured device-to-device copy bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
-             "Times are CUDA-event medians [p20, p80]; bandwidth is the bytes an ideal kernel must move "
-             "over the median time; speedup is eager time / this time, same run.", "",
-             "| family | shape | dtype | mode | provider | median ms | p20 | p80 | peak MB | GB/s | % copy BW | speedup vs eager |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# peftkern benchmarks: {meta['gpu']} ({meta['date']})",
+        "",
+        f"torch {meta['torch']}, CUDA {meta['cuda']}, peftkern build {meta['build']}. "
+        f"Measured device-to-device copy bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
+        "Times are CUDA-event medians [p20, p80]; bandwidth is the bytes an ideal kernel must move "
+        "over the median time; speedup is eager time / this time, same run.",
+        "",
+        "| family | shape | dtype | mode | provider | median ms | p20 | p80 | peak MB | GB/s | % copy BW "
+        "| speedup vs eager |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} "
-                         f"| skipped: {r['skipped']} | | | | | | |")
+            lines.append(
+                f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} "
+                f"| skipped: {r['skipped']} | | | | | | |"
+            )
             continue
         sp = r.get("speedup_vs_eager")
-        lines.append(f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-                     f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {r['peak_mem_mb']:.1f} | "
-                     f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} |")
+        lines.append(
+            f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
+            f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {r['peak_mem_mb']:.1f} | "
+            f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -262,8 +292,11 @@ def plot_speedups(rows: List[dict], meta: dict, path: str) -> bool:
     width = 0.8 / len(providers)
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(labels) * len(providers)), 6))
     for k, prov in enumerate(providers):
-        pts = [(index[(r["family"], r["shape"], r["dtype"], r["mode"])], r["speedup_vs_eager"])
-               for r in measured if r["provider"] == prov]
+        pts = [
+            (index[(r["family"], r["shape"], r["dtype"], r["mode"])], r["speedup_vs_eager"])
+            for r in measured
+            if r["provider"] == prov
+        ]
         ax.bar([i + k * width for i, _ in pts], [v for _, v in pts], width, label=prov)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
@@ -281,6 +314,12 @@ def plot_speedups(rows: List[dict], meta: dict, path: str) -> bool:
 def run_meta(copy_bw: float) -> dict:
     import peftkern
 
-    return {"gpu": torch.cuda.get_device_name(0), "gpu_slug": gpu_slug(),
-            "date": _dt.date.today().isoformat(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "build": peftkern.build_info(), "copy_bw_gbps": copy_bw / 1e9}
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_slug": gpu_slug(),
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "build": peftkern.build_info(),
+        "copy_bw_gbps": copy_bw / 1e9,
+    }

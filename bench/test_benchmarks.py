@@ -17,7 +17,9 @@ if torch.cuda.is_available():
         CASES += [c for c in mod.cases(quick=True) if c.mode != "inference"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.family}-{c.shape_str}-{c.dtype}-{c.mode}-{c.provider}".replace(" ", ","))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c.family}-{c.shape_str}-{c.dtype}-{c.mode}-{c.provider}".replace(" ", ",")
+)
 def test_benchmark(benchmark, case):
     work = case.make()
 

@@ -1,7 +1,7 @@
 """peftkern: fused CUDA kernels for parameter-efficient fine-tuning, as PyTorch ops and modules.
 
-    peftkern.ops   one autograd op per PEFT computation (torch.ops.peftkern.* underneath)
-    peftkern.nn    drop-in torch.nn modules built on those ops
+peftkern.ops   one autograd op per PEFT computation (torch.ops.peftkern.* underneath)
+peftkern.nn    drop-in torch.nn modules built on those ops
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)

@@ -36,9 +36,12 @@ def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
     x2 = x.reshape(-1, x.shape[-1])
     rows = []
     for t, i in enumerate(adapter_ids.tolist()):
-        xt = x2[t:t + 1]
-        rows.append(F.linear(xt, weight, bias) if i < 0 else
-                    lora_linear(xt, weight, bias, lora_A[i], lora_B[i], float(scalings[i])))
+        xt = x2[t : t + 1]
+        rows.append(
+            F.linear(xt, weight, bias)
+            if i < 0
+            else lora_linear(xt, weight, bias, lora_A[i], lora_B[i], float(scalings[i]))
+        )
     return torch.cat(rows).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -90,15 +93,22 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=Non
     elif attn_mask is not None or causal:
         seq_bias = torch.zeros(B, H, L, S, dtype=q.dtype, device=q.device)
         if attn_mask is not None:
-            seq_bias = (seq_bias.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
-                        else seq_bias + attn_mask)
+            seq_bias = (
+                seq_bias.masked_fill(~attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else seq_bias + attn_mask
+            )
         if causal:
             i = torch.arange(L, device=q.device)[:, None]
             j = torch.arange(S, device=q.device)[None]
             seq_bias = seq_bias.masked_fill(j > i + (S - L), float("-inf"))
         bias = F.pad(seq_bias, (P, 0))
-        blind = torch.isneginf(bias).all(-1, keepdim=True)  # rows that see no key: computed unmasked, then zeroed
+        blind = torch.isneginf(bias).all(
+            -1, keepdim=True
+        )  # rows that see no key: computed unmasked, then zeroed
         mask = bias.masked_fill(blind, 0)
     with sdpa_kernel(SDPBackend.MATH) if q.dtype == torch.float64 else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv
+        )
     return out if blind is None else out.masked_fill(blind, 0)

@@ -2,17 +2,15 @@
 
 import copy
 import io
-import os
 
 import pytest
 import torch
 
-import peftkern
 from peftkern.nn import Adapter
 from peftkern.ops import ADAPTER_ACTIVATIONS, adapter
 
 from . import reference as ref
-from .conftest import CUDA, DEVICES, assert_close, check_against_reference, poison_cuda_cache, randn
+from .conftest import DEVICES, assert_close, check_against_reference, poison_cuda_cache, randn
 
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,10 +32,15 @@ def make_inputs(lead, d, r, dtype, device, bias=True, residual=False, requires_g
 
 
 def check_forward_backward(inputs, dtype, activation="gelu", scale=1.0):
-    fn = lambda x, wd, bd, wu, bu, res: adapter(x, wd, bd, wu, bu, activation=activation, scale=scale,  # noqa: E731
-                                                residual=res)
-    ref_fn = lambda x, wd, bd, wu, bu, res: ref.adapter(x, wd, bd, wu, bu, activation, scale, res)  # noqa: E731
-    out = check_against_reference(fn, ref_fn, inputs, ("x", "w_down", "b_down", "w_up", "b_up", "residual"), dtype)
+    def fn(x, wd, bd, wu, bu, res):
+        return adapter(x, wd, bd, wu, bu, activation=activation, scale=scale, residual=res)
+
+    def ref_fn(x, wd, bd, wu, bu, res):
+        return ref.adapter(x, wd, bd, wu, bu, activation, scale, res)
+
+    out = check_against_reference(
+        fn, ref_fn, inputs, ("x", "w_down", "b_down", "w_up", "b_up", "residual"), dtype
+    )
     assert out.shape == inputs[0].shape
 
 
@@ -136,7 +139,8 @@ def test_gradcheck_float64():
         for residual in (False, True):
             inputs = make_inputs((2, 3), 7, 3, torch.float64, "cpu", residual=residual, requires_grad=True)
             fn = lambda x, wd, bd, wu, bu, res=None: adapter(  # noqa: E731
-                x, wd, bd, wu, bu, activation=activation, scale=0.7, residual=res)
+                x, wd, bd, wu, bu, activation=activation, scale=0.7, residual=res
+            )
             args = inputs if residual else inputs[:5]
             assert torch.autograd.gradcheck(fn, args)
 
@@ -146,17 +150,32 @@ def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
         for residual in (False, True):
             x, w_down, b_down, w_up, b_up, res = make_inputs(
-                (3, 5), 24, 8, dtype, device, residual=residual, requires_grad=True)
-            torch.library.opcheck(torch.ops.peftkern.adapter_forward.default,
-                                  (x, w_down, b_down, w_up, b_up, res, "gelu", 0.5, True))
+                (3, 5), 24, 8, dtype, device, residual=residual, requires_grad=True
+            )
+            torch.library.opcheck(
+                torch.ops.peftkern.adapter_forward.default,
+                (x, w_down, b_down, w_up, b_up, res, "gelu", 0.5, True),
+            )
             z = torch.ops.peftkern.adapter_forward(x, w_down, b_down, w_up, b_up, res, "gelu", 0.5, True)[1]
             g = torch.randn_like(x)
-            torch.library.opcheck(torch.ops.peftkern.adapter_backward.default,
-                                  (g, x.detach(), z.detach(), w_down.detach(), w_up.detach(), "gelu", 0.5,
-                                   not residual, [True, True, True, True, False]))
+            torch.library.opcheck(
+                torch.ops.peftkern.adapter_backward.default,
+                (
+                    g,
+                    x.detach(),
+                    z.detach(),
+                    w_down.detach(),
+                    w_up.detach(),
+                    "gelu",
+                    0.5,
+                    not residual,
+                    [True, True, True, True, False],
+                ),
+            )
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def good(device="cpu", dtype=torch.float32):
     x, w_down, b_down, w_up, b_up, _ = make_inputs((4,), 32, 8, dtype, device)
@@ -170,23 +189,44 @@ def call(**kw):
     return adapter(args["x"], args["w_down"], args["b_down"], args["w_up"], args["b_up"], **extra)
 
 
-@pytest.mark.parametrize("kwargs,exc,message", [
-    (dict(w_down=torch.randn(8, 31)), ValueError, r"w_down must have shape \[r, d\] with d = 32"),
-    (dict(w_down=torch.randn(8)), ValueError, r"w_down must have shape"),
-    (dict(w_up=torch.randn(8, 32)), ValueError, r"w_up must have shape \[d, r\] = \[32, 8\]"),
-    (dict(w_up=torch.randn(32, 7)), ValueError, r"w_up must have shape \[d, r\] = \[32, 8\]"),
-    (dict(b_down=torch.randn(9)), ValueError, r"b_down must have shape \[r\] = \[8\]"),
-    (dict(b_up=torch.randn(31)), ValueError, r"b_up must have shape \[d\] = \[32\]"),
-    (dict(residual=torch.randn(5, 32)), ValueError, r"residual must have x's shape"),
-    (dict(activation="tanh"), ValueError, r"activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got 'tanh'"),
-    (dict(w_up=torch.randn(32, 8, dtype=torch.float64)), TypeError, r"w_up has dtype Double but x has dtype Float"),
-    (dict(b_down=torch.randn(8, dtype=torch.bfloat16)), TypeError, r"b_down has dtype BFloat16 but x has dtype Float"),
-    (dict(x=torch.randint(0, 5, (4, 32))), TypeError, r"x must be a floating-point tensor"),
-    (dict(x=torch.randn(4, 0), w_down=torch.randn(8, 0), w_up=torch.randn(0, 8), b_up=None),
-     ValueError, r"x must have shape \[\.\.\., d\] with d >= 1"),
-    (dict(w_down=torch.randn(0, 32), w_up=torch.randn(32, 0), b_down=None), ValueError,
-     r"bottleneck size r = w_down.shape\[0\] must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,message",
+    [
+        (dict(w_down=torch.randn(8, 31)), ValueError, r"w_down must have shape \[r, d\] with d = 32"),
+        (dict(w_down=torch.randn(8)), ValueError, r"w_down must have shape"),
+        (dict(w_up=torch.randn(8, 32)), ValueError, r"w_up must have shape \[d, r\] = \[32, 8\]"),
+        (dict(w_up=torch.randn(32, 7)), ValueError, r"w_up must have shape \[d, r\] = \[32, 8\]"),
+        (dict(b_down=torch.randn(9)), ValueError, r"b_down must have shape \[r\] = \[8\]"),
+        (dict(b_up=torch.randn(31)), ValueError, r"b_up must have shape \[d\] = \[32\]"),
+        (dict(residual=torch.randn(5, 32)), ValueError, r"residual must have x's shape"),
+        (
+            dict(activation="tanh"),
+            ValueError,
+            r"activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got 'tanh'",
+        ),
+        (
+            dict(w_up=torch.randn(32, 8, dtype=torch.float64)),
+            TypeError,
+            r"w_up has dtype Double but x has dtype Float",
+        ),
+        (
+            dict(b_down=torch.randn(8, dtype=torch.bfloat16)),
+            TypeError,
+            r"b_down has dtype BFloat16 but x has dtype Float",
+        ),
+        (dict(x=torch.randint(0, 5, (4, 32))), TypeError, r"x must be a floating-point tensor"),
+        (
+            dict(x=torch.randn(4, 0), w_down=torch.randn(8, 0), w_up=torch.randn(0, 8), b_up=None),
+            ValueError,
+            r"x must have shape \[\.\.\., d\] with d >= 1",
+        ),
+        (
+            dict(w_down=torch.randn(0, 32), w_up=torch.randn(32, 0), b_down=None),
+            ValueError,
+            r"bottleneck size r = w_down.shape\[0\] must be at least 1",
+        ),
+    ],
+)
 def test_bad_input(kwargs, exc, message):
     with pytest.raises(exc, match=message):
         call(**kwargs)
@@ -198,17 +238,29 @@ def test_bad_input_mixed_devices():
     with pytest.raises(ValueError, match=r"w_down is on cpu but x is on cuda:0"):
         adapter(args["x"], args["w_down"].cpu(), args["b_down"], args["w_up"], args["b_up"])
     with pytest.raises(ValueError, match=r"residual is on cpu but x is on cuda:0"):
-        adapter(args["x"], args["w_down"], args["b_down"], args["w_up"], args["b_up"],
-                residual=torch.randn(4, 32))
+        adapter(
+            args["x"], args["w_down"], args["b_down"], args["w_up"], args["b_up"], residual=torch.randn(4, 32)
+        )
 
 
 # ---------------------------------------------------------------- CUDA kernels specifically
 
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("lead,d,r", [
-    ((1,), 8, 16), ((63,), 64, 16), ((64,), 64, 32), ((65,), 4096, 64), ((129,), 1000, 128),
-    ((300,), 520, 256), ((33,), 36, 9), ((2, 100), 768, 48), ((257,), 4104, 250),
-])
+@pytest.mark.parametrize(
+    "lead,d,r",
+    [
+        ((1,), 8, 16),
+        ((63,), 64, 16),
+        ((64,), 64, 32),
+        ((65,), 4096, 64),
+        ((129,), 1000, 128),
+        ((300,), 520, 256),
+        ((33,), 36, 9),
+        ((2, 100), 768, 48),
+        ((257,), 4104, 250),
+    ],
+)
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_cuda_kernel_shapes(lead, d, r, dtype):
     """Every padded rank (16..256), row counts around the 64-row block, d around the 64/128-column
@@ -276,6 +328,7 @@ def test_cuda_graph_capture():
 
 
 # ---------------------------------------------------------------- the module
+
 
 def test_module_houlsby_init_is_identity():
     torch.manual_seed(0)
@@ -369,4 +422,3 @@ def test_module_compiles_fullgraph(device):
     out_c.square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     assert torch.allclose(m.down.weight.grad, grad_w, rtol=1e-5, atol=1e-6)
-

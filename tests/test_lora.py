@@ -47,7 +47,9 @@ def check_lora(inputs, dtype, scaling=2.0, p=0.0, seed=0):
         return lora_linear(*ts, scaling=scaling, dropout_p=p, training=True)
 
     def ref_fn(*ts):
-        return ref.lora_linear(*ts, scaling, None if mask is None else mask.to(device="cpu", dtype=torch.float64))
+        return ref.lora_linear(
+            *ts, scaling, None if mask is None else mask.to(device="cpu", dtype=torch.float64)
+        )
 
     return check_against_reference(fn, ref_fn, inputs, NAMES, dtype)
 
@@ -85,8 +87,9 @@ def test_only_requested_gradients_are_computed(device):
     x, w, b, A, B = make_inputs((9,), 24, 40, 4, torch.float32, device, grad=())
     u = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 1.0, 0.0, True, True)[1]
     empty = torch.empty(0, dtype=torch.int64, device=device)
-    grads = torch.ops.peftkern.lora_linear_backward(torch.randn(9, 40, device=device), x, w, A, B, u, empty,
-                                                    1.0, 0.0, [False, False, False, True, False])
+    grads = torch.ops.peftkern.lora_linear_backward(
+        torch.randn(9, 40, device=device), x, w, A, B, u, empty, 1.0, 0.0, [False, False, False, True, False]
+    )
     assert [g is None for g in grads] == [True, True, True, False, True]
 
 
@@ -114,7 +117,11 @@ def test_dropout_mask_statistics(device):
     p = 0.3
     x = torch.empty(512, 1001, device=device)
     torch.manual_seed(5)
-    w, A, B = torch.randn(8, 1001, device=device), torch.randn(4, 1001, device=device), torch.randn(8, 4, device=device)
+    w, A, B = (
+        torch.randn(8, 1001, device=device),
+        torch.randn(4, 1001, device=device),
+        torch.randn(8, 4, device=device),
+    )
     _, _, seed_offset = torch.ops.peftkern.lora_linear_forward(x, w, None, A, B, 1.0, p, True, False)
     m = dropout_mask(x, seed_offset, p)
     assert m.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
@@ -142,17 +149,30 @@ def test_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):
         for p in (0.0, 0.2):
             x, w, b, A, B = make_inputs((3, 5), 24, 16, 8, dtype, device, grad=NAMES)
-            torch.library.opcheck(torch.ops.peftkern.lora_linear_forward.default, (x, w, b, A, B, 0.5, p, True, True))
+            torch.library.opcheck(
+                torch.ops.peftkern.lora_linear_forward.default, (x, w, b, A, B, 0.5, p, True, True)
+            )
             _, u, so = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 0.5, p, True, True)
             g = torch.randn(3, 5, 16, dtype=dtype, device=device)
-            args = (g, x.detach(), w.detach(), A.detach(), B.detach(), u.detach(), so, 0.5, p,
-                    [True, False, False, True, True])
+            args = (
+                g,
+                x.detach(),
+                w.detach(),
+                A.detach(),
+                B.detach(),
+                u.detach(),
+                so,
+                0.5,
+                p,
+                [True, False, False, True, True],
+            )
             torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default, args)
             if p > 0:
                 torch.library.opcheck(torch.ops.peftkern.dropout_mask.default, (x.detach(), so, p))
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def call(**kw):
     x, w, b, A, B = make_inputs((4,), 32, 16, 8, torch.float32, "cpu", grad=())
@@ -163,18 +183,41 @@ def call(**kw):
     return lora_linear(*(args[n] for n in NAMES), **opts)
 
 
-@pytest.mark.parametrize("kwargs,exc,message", [
-    (dict(lora_B=torch.randn(16, 7)), ValueError, r"lora_B must have shape \[out_features, r\] = \[16, 8\]"),
-    (dict(lora_A=torch.randn(8, 31)), ValueError, r"lora_A must have shape \[r, in_features\] with r >= 1 and in_features = 32"),
-    (dict(weight=torch.randn(16, 31)), ValueError, r"weight must have shape \[out_features, in_features\] with in_features = 32"),
-    (dict(weight=torch.randn(15, 32), bias=None), ValueError, r"lora_B must have shape \[out_features, r\] = \[15, 8\]"),
-    (dict(bias=torch.randn(17)), ValueError, r"bias must have shape \[out_features\] = \[16\]"),
-    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1"),
-    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\); got -0.1"),
-    (dict(dropout_p=1.5, training=False), ValueError, r"dropout_p must be in \[0, 1\)"),
-    (dict(lora_A=torch.randn(8, 32, dtype=torch.float64)), TypeError, r"lora_A has dtype Double but x has dtype Float"),
-    (dict(x=torch.randint(0, 3, (4, 32))), TypeError, r"x must be a floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,message",
+    [
+        (
+            dict(lora_B=torch.randn(16, 7)),
+            ValueError,
+            r"lora_B must have shape \[out_features, r\] = \[16, 8\]",
+        ),
+        (
+            dict(lora_A=torch.randn(8, 31)),
+            ValueError,
+            r"lora_A must have shape \[r, in_features\] with r >= 1 and in_features = 32",
+        ),
+        (
+            dict(weight=torch.randn(16, 31)),
+            ValueError,
+            r"weight must have shape \[out_features, in_features\] with in_features = 32",
+        ),
+        (
+            dict(weight=torch.randn(15, 32), bias=None),
+            ValueError,
+            r"lora_B must have shape \[out_features, r\] = \[15, 8\]",
+        ),
+        (dict(bias=torch.randn(17)), ValueError, r"bias must have shape \[out_features\] = \[16\]"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\); got 1"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\); got -0.1"),
+        (dict(dropout_p=1.5, training=False), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (
+            dict(lora_A=torch.randn(8, 32, dtype=torch.float64)),
+            TypeError,
+            r"lora_A has dtype Double but x has dtype Float",
+        ),
+        (dict(x=torch.randint(0, 3, (4, 32))), TypeError, r"x must be a floating-point tensor"),
+    ],
+)
 def test_bad_input(kwargs, exc, message):
     with pytest.raises(exc, match=message):
         call(**kwargs)
@@ -191,11 +234,19 @@ def test_bad_input_wrong_device():
 
 # ---------------------------------------------------------------- CUDA specifics
 
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("lead,n_in,n_out,r", [
-    ((1,), 4096, 4096, 16), ((130,), 4096, 14336, 8), ((257,), 520, 72, 64), ((64,), 36, 1000, 256),
-    ((33,), 100, 100, 33), ((3, 100), 768, 512, 128),
-])
+@pytest.mark.parametrize(
+    "lead,n_in,n_out,r",
+    [
+        ((1,), 4096, 4096, 16),
+        ((130,), 4096, 14336, 8),
+        ((257,), 520, 72, 64),
+        ((64,), 36, 1000, 256),
+        ((33,), 100, 100, 33),
+        ((3, 100), 768, 512, 128),
+    ],
+)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_cuda_kernel_shapes(lead, n_in, n_out, r, p):
     for dtype in dtypes_for("cuda"):
@@ -235,6 +286,7 @@ def test_cuda_graph_capture_with_dropout():
 
 
 # ---------------------------------------------------------------- the module
+
 
 def test_module_init_is_base_linear():
     torch.manual_seed(0)
@@ -342,6 +394,7 @@ def test_module_compiles_fullgraph(device):
 
 # ---------------------------------------------------------------- multi-adapter batches
 
+
 def make_multi(lead, n_in, n_out, r, L, dtype, device, none_fraction=0.2):
     x = randn(*lead, n_in, dtype=dtype, device=device, requires_grad=True)
     w = randn(n_out, n_in, dtype=dtype, device=device, scale=n_in**-0.5)
@@ -351,7 +404,7 @@ def make_multi(lead, n_in, n_out, r, L, dtype, device, none_fraction=0.2):
     tokens = x.numel() // n_in
     ids = torch.randint(0, L, (tokens,), device=device)
     ids[torch.rand(tokens, device=device) < none_fraction] = -1
-    scalings = (torch.rand(L, device=device) + 0.5)
+    scalings = torch.rand(L, device=device) + 0.5
     return (x, w, b, A, B), ids, scalings
 
 
@@ -377,7 +430,9 @@ def test_multi_matches_per_token_loop(device, lead, L, r):
 def test_multi_no_adapter_is_the_base_linear(device):
     (x, w, b, A, B), ids, scalings = make_multi((30,), 16, 12, 4, 3, torch.float32, device)
     ids = torch.full_like(ids, -1)
-    assert torch.equal(lora_linear_multi(x, w, b, A, B, ids, scalings=scalings), nn.functional.linear(x, w, b))
+    assert torch.equal(
+        lora_linear_multi(x, w, b, A, B, ids, scalings=scalings), nn.functional.linear(x, w, b)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -397,17 +452,25 @@ def test_multi_gradcheck_float64():
 @pytest.mark.parametrize("device", DEVICES)
 def test_multi_opcheck(device):
     (x, w, b, A, B), ids, scalings = make_multi((9,), 16, 8, 4, 3, torch.float32, device)
-    torch.library.opcheck(torch.ops.peftkern.lora_linear_multi_forward.default, (x, w, b, A, B, ids, scalings))
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear_multi_forward.default, (x, w, b, A, B, ids, scalings)
+    )
     g = torch.randn(9, 8, device=device)
-    torch.library.opcheck(torch.ops.peftkern.lora_linear_multi_backward.default,
-                          (g, x.detach(), w, A.detach(), B.detach(), ids, scalings, [True, False, False, True, True]))
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear_multi_backward.default,
+        (g, x.detach(), w, A.detach(), B.detach(), ids, scalings, [True, False, False, True, True]),
+    )
 
 
 def test_multi_bad_input():
     (x, w, b, A, B), ids, scalings = make_multi((6,), 8, 4, 2, 3, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-1, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-1, 3\]"
+    ):
         lora_linear_multi(x, w, b, A, B, torch.tensor([0, 1, 2, 3, -1, 0]), scalings=scalings)
-    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-2, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"adapter_ids must be in \[-1, L\) = \[-1, 3\); got values in \[-2, 1\]"
+    ):
         lora_linear_multi(x, w, b, A, B, torch.tensor([0, 1, -2, 1, -1, 0]), scalings=scalings)
     with pytest.raises(TypeError, match=r"adapter_ids must be an int32 or int64 tensor; got Float"):
         lora_linear_multi(x, w, b, A, B, ids.float(), scalings=scalings)
@@ -417,12 +480,16 @@ def test_multi_bad_input():
         lora_linear_multi(x, w, b, A, B, ids, scalings=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"lora_B must have shape \[L, out_features, r\] = \[3, 4, 2\]"):
         lora_linear_multi(x, w, b, A, B[:2], ids, scalings=scalings)
-    with pytest.raises(ValueError, match=r"lora_A must have shape \[L, r, in_features\] with in_features = 8"):
+    with pytest.raises(
+        ValueError, match=r"lora_A must have shape \[L, r, in_features\] with in_features = 8"
+    ):
         lora_linear_multi(x, w, b, A[0], B, ids, scalings=scalings)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tokens,L,r", [(16, 1, 16), (256, 8, 16), (4096, 64, 16), (1000, 7, 200), (130, 3, 33)])
+@pytest.mark.parametrize(
+    "tokens,L,r", [(16, 1, 16), (256, 8, 16), (4096, 64, 16), (1000, 7, 200), (130, 3, 33)]
+)
 def test_cuda_multi_kernel(tokens, L, r):
     for dtype in dtypes_for("cuda"):
         inputs, ids, scalings = make_multi((tokens,), 256, 136, r, L, dtype, "cuda")
@@ -443,4 +510,8 @@ def test_cuda_multi_in_graph_capture():
     ids.copy_(torch.randint(-1, 4, ids.shape, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, ref.lora_linear_multi(*(ref.f64(t) for t in (x, w, b, A, B)), ids, scalings.double()), torch.float16)
+    assert_close(
+        out,
+        ref.lora_linear_multi(*(ref.f64(t) for t in (x, w, b, A, B)), ids, scalings.double()),
+        torch.float16,
+    )

@@ -87,15 +87,18 @@ def test_threshold_is_strict(device):
 def test_only_requested_gradients(device):
     x, w, b, s = make_inputs((6,), 40, 8, torch.float32, device, grad=())
     bits = torch.ops.peftkern.masked_linear_forward(x, w, b, s, 0.0, True)[1]
-    grads = torch.ops.peftkern.masked_linear_backward(torch.randn(6, 8, device=device), x, w, s, bits,
-                                                      [False, False, False, True])
+    grads = torch.ops.peftkern.masked_linear_backward(
+        torch.randn(6, 8, device=device), x, w, s, bits, [False, False, False, True]
+    )
     assert [g is None for g in grads] == [True, True, True, False]
 
 
 def test_gradcheck_float64():
     # scores are left out: their straight-through gradient is by design not the derivative of the
     # step function (zero); the STE gradient is checked against the eager STE formula above.
-    x, w, b, s = make_inputs((3, 2), 9, 5, torch.float64, "cpu", scores_dtype=torch.float64, grad=("x", "weight", "bias"))
+    x, w, b, s = make_inputs(
+        (3, 2), 9, 5, torch.float64, "cpu", scores_dtype=torch.float64, grad=("x", "weight", "bias")
+    )
     fn = lambda x, w, b: masked_linear(x, w, b, s, threshold=0.1)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
@@ -107,19 +110,26 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.peftkern.masked_linear_forward.default, (x, w, b, s, 0.1, True))
         bits = torch.ops.peftkern.masked_linear_forward(x, w, b, s, 0.1, True)[1]
         g = torch.randn(3, 4, 24, dtype=dtype, device=device)
-        torch.library.opcheck(torch.ops.peftkern.masked_linear_backward.default,
-                              (g, x.detach(), w.detach(), s.detach(), bits, [True, True, True, True]))
+        torch.library.opcheck(
+            torch.ops.peftkern.masked_linear_backward.default,
+            (g, x.detach(), w.detach(), s.detach(), bits, [True, True, True, True]),
+        )
         torch.library.opcheck(torch.ops.peftkern.pack_mask.default, (s.detach(), 0.1))
         torch.library.opcheck(torch.ops.peftkern.unpack_mask.default, (bits, [24, 40]))
         with torch.no_grad():
-            torch.library.opcheck(torch.ops.peftkern.masked_linear_packed.default, (x.detach(), w.detach(), b.detach(), bits))
+            torch.library.opcheck(
+                torch.ops.peftkern.masked_linear_packed.default, (x.detach(), w.detach(), b.detach(), bits)
+            )
             stack = torch.stack([bits, bits])
             ids = torch.tensor([0, 1, -1] * 4, device=device)
-            torch.library.opcheck(torch.ops.peftkern.masked_linear_multi.default,
-                                  (x.detach(), w.detach(), b.detach(), stack, ids))
+            torch.library.opcheck(
+                torch.ops.peftkern.masked_linear_multi.default,
+                (x.detach(), w.detach(), b.detach(), stack, ids),
+            )
 
 
 # ---------------------------------------------------------------- bits
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 1), (5, 7), (3, 31), (4, 32), (2, 33), (6, 64), (3, 100), (2, 1000)])
@@ -165,13 +175,16 @@ def test_packed_ops_are_forward_only():
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_bad_input():
     x, w, b, s = make_inputs((4,), 40, 8, torch.float32, "cpu", grad=())
     with pytest.raises(ValueError, match=r"scores must have the weight's shape \[8, 40\]; got \[8, 39\]"):
         masked_linear(x, w, b, s[:, :39], threshold=0.0)
     with pytest.raises(TypeError, match=r"scores must be a floating-point tensor; got Bool"):
         masked_linear(x, w, b, s > 0, threshold=0.0)
-    with pytest.raises(TypeError, match=r"scores must be float32 or the weight's dtype \(Float\); got BFloat16"):
+    with pytest.raises(
+        TypeError, match=r"scores must be float32 or the weight's dtype \(Float\); got BFloat16"
+    ):
         masked_linear(x, w, b, s.bfloat16(), threshold=0.0)
     bits = pack_mask(s, 0.0)
     with pytest.raises(ValueError, match=r"mask_bits must have shape \[8, 2\]"):
@@ -181,13 +194,17 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"bits must have shape \[8, 3\] .*; got \[8, 2\]"):
         unpack_mask(bits, (8, 70))
     stack = torch.stack([bits, bits])
-    with pytest.raises(ValueError, match=r"task_ids must be in \[-1, tasks\) = \[-1, 2\); got values in \[0, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"task_ids must be in \[-1, tasks\) = \[-1, 2\); got values in \[0, 2\]"
+    ):
         masked_linear_multi(x, w, b, stack, torch.tensor([0, 1, 2, 0]))
     with pytest.raises(TypeError, match=r"task_ids must be an int32 or int64 tensor; got Float"):
         masked_linear_multi(x, w, b, stack, torch.tensor([0.0, 1.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match=r"task_ids must have shape \[tokens\] = \[4\]"):
         masked_linear_multi(x, w, b, stack, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"weight must have shape \[out_features, in_features\] with in_features = 40"):
+    with pytest.raises(
+        ValueError, match=r"weight must have shape \[out_features, in_features\] with in_features = 40"
+    ):
         masked_linear(x, w[:, :30], b, s[:, :30], threshold=0.0)
 
 
@@ -199,6 +216,7 @@ def test_bad_input_wrong_device():
 
 
 # ---------------------------------------------------------------- CUDA
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("lead,n_in,n_out", [((64,), 4096, 4096), ((300,), 1000, 520), ((33,), 36, 1000)])
@@ -217,6 +235,7 @@ def test_cuda_pack_matches_cpu():
 
 
 # ---------------------------------------------------------------- the module
+
 
 def test_module_starts_as_the_pretrained_layer():
     m = MaskedLinear(64, 32)

@@ -13,8 +13,15 @@ from .conftest import DEVICES, assert_close  # noqa: E402
 
 
 def tiny_llama(device, dtype=torch.float32):
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
@@ -113,7 +120,9 @@ def test_unsupported_layers_are_reported_and_left_alone():
     assert not report.fused and len(report.skipped) == 6
     assert all("variant" in why and "Dora" in why for why in report.skipped.values())
 
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    )
     model = peft.get_peft_model(gpt2, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     report = fuse(model)
     assert not report.fused and len(report.skipped) == 1

@@ -22,8 +22,11 @@ NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
 def make_inputs(B, H, Hkv, L, S, P, D, dtype, device, tasks=0, grad=NAMES):
-    t = dict(q=randn(B, H, L, D, dtype=dtype, device=device), k=randn(B, Hkv, S, D, dtype=dtype, device=device),
-             v=randn(B, Hkv, S, D, dtype=dtype, device=device))
+    t = dict(
+        q=randn(B, H, L, D, dtype=dtype, device=device),
+        k=randn(B, Hkv, S, D, dtype=dtype, device=device),
+        v=randn(B, Hkv, S, D, dtype=dtype, device=device),
+    )
     lead = (tasks,) if tasks else ()
     t["prefix_k"] = randn(*lead, Hkv, P, D, dtype=dtype, device=device)
     t["prefix_v"] = randn(*lead, Hkv, P, D, dtype=dtype, device=device)
@@ -34,17 +37,26 @@ def make_inputs(B, H, Hkv, L, S, P, D, dtype, device, tasks=0, grad=NAMES):
 
 
 def check_prefix(inputs, ids, dtype, causal=False, scale=None, attn_mask=None):
-    fn = lambda *ts: prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale, attn_mask=attn_mask)  # noqa: E731
-    ref_fn = lambda *ts: ref.prefix_attention(*ts, prefix_ids=ids, causal=causal, scale=scale,  # noqa: E731
-                                              attn_mask=attn_mask)
+    opts = dict(prefix_ids=ids, causal=causal, scale=scale, attn_mask=attn_mask)
+
+    def fn(*ts):
+        return prefix_attention(*ts, **opts)
+
+    def ref_fn(*ts):
+        return ref.prefix_attention(*ts, **opts)
+
     return check_against_reference(fn, ref_fn, inputs, NAMES, dtype)
 
 
 # The sequence part's kernel follows torch.nn.attention.sdpa_kernel, as SDPA does: "default" is the
 # op's own choice (CPU: PyTorch's CPU flash kernel), "math" the ATen composite.
 SEQ_BACKENDS = {"default": None, "math": [SDPBackend.MATH]}
-CUDA_SEQ_BACKENDS = {"flash": [SDPBackend.FLASH_ATTENTION], "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-                     "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}
+CUDA_SEQ_BACKENDS = {
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "math": [SDPBackend.MATH],
+}
 
 
 def backend(name, table=SEQ_BACKENDS):
@@ -54,12 +66,12 @@ def backend(name, table=SEQ_BACKENDS):
 
 SHAPES = [  # B, H, Hkv, L, S, P, D
     (2, 4, 4, 5, 7, 3, 16),
-    (1, 8, 2, 33, 33, 0, 32),   # P = 0: plain attention
+    (1, 8, 2, 33, 33, 0, 32),  # P = 0: plain attention
     (3, 4, 1, 17, 40, 65, 64),
     (2, 2, 2, 70, 130, 16, 128),
-    (1, 2, 1, 1, 50, 8, 64),    # decode: one query over a cache
-    (2, 4, 2, 9, 4, 5, 16),     # L > S: causal rows i < L - S see only the prefix
-    (2, 2, 1, 6, 0, 5, 16),     # S = 0: the prefix alone
+    (1, 2, 1, 1, 50, 8, 64),  # decode: one query over a cache
+    (2, 4, 2, 9, 4, 5, 16),  # L > S: causal rows i < L - S see only the prefix
+    (2, 2, 1, 6, 0, 5, 16),  # S = 0: the prefix alone
 ]
 
 
@@ -103,7 +115,9 @@ def test_custom_scale(device):
 
 def padding_mask(B, S, lengths, device):
     """[B, 1, 1, S] bool, True on each sample's first lengths[b] keys (right padding)."""
-    return (torch.arange(S, device=device)[None] < torch.tensor(lengths, device=device)[:, None])[:, None, None]
+    return (torch.arange(S, device=device)[None] < torch.tensor(lengths, device=device)[:, None])[
+        :, None, None
+    ]
 
 
 MASKS = {  # name -> (B, H, L, S) -> mask
@@ -112,7 +126,8 @@ MASKS = {  # name -> (B, H, L, S) -> mask
     "bool_4d_full": lambda B, H, L, S, dev: torch.rand(B, H, L, S, device=dev) > 0.5,
     "additive_b1ls": lambda B, H, L, S, dev: torch.randn(B, 1, L, S, device=dev),
     "additive_padding": lambda B, H, L, S, dev: torch.zeros(B, 1, 1, S, device=dev).masked_fill(
-        ~padding_mask(B, S, [S, 1, S // 3][:B], dev), float("-inf")),
+        ~padding_mask(B, S, [S, 1, S // 3][:B], dev), float("-inf")
+    ),
 }
 
 
@@ -165,10 +180,10 @@ def test_log_sum_exp_output(device):
     B, H, Hkv, L, S, P, D = 2, 4, 2, 9, 4, 3, 16
     (q, k, v, pk, pv), _ = make_inputs(B, H, Hkv, L, S, P, D, torch.float64, device)
     mask = padding_mask(B, S, [4, 0], device)
-    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, mask, True, D ** -0.5)
+    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, mask, True, D**-0.5)
     assert lse.dtype == torch.float64 and not lse.requires_grad and out.requires_grad
     keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(H // Hkv, 1)
-    scores = q.detach() @ keys.detach().transpose(-1, -2) * D ** -0.5
+    scores = q.detach() @ keys.detach().transpose(-1, -2) * D**-0.5
     i, j = torch.arange(L, device=device)[:, None], torch.arange(S, device=device)[None]
     hidden = (j > i + (S - L)) | ~mask
     scores[..., P:] = scores[..., P:].masked_fill(hidden, float("-inf"))
@@ -222,12 +237,22 @@ def test_opcheck(device):
                 torch.library.opcheck(torch.ops.peftkern.prefix_attention_forward.default, fwd_args)
                 out, lse = torch.ops.peftkern.prefix_attention_forward(*fwd_args)
                 g = torch.randn_like(out)
-                args = (g, *(t.detach() for t in inputs), ids, mask, out.detach(), lse.detach(), True, 0.125,
-                        [True, True, False, True, True])
+                args = (
+                    g,
+                    *(t.detach() for t in inputs),
+                    ids,
+                    mask,
+                    out.detach(),
+                    lse.detach(),
+                    True,
+                    0.125,
+                    [True, True, False, True, True],
+                )
                 torch.library.opcheck(torch.ops.peftkern.prefix_attention_backward.default, args)
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def call(**kw):
     (q, k, v, pk, pv), _ = make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32, "cpu", grad=())
@@ -238,37 +263,116 @@ def call(**kw):
     return prefix_attention(*(t[n] for n in NAMES), **opts)
 
 
-@pytest.mark.parametrize("kwargs,exc,message", [
-    (dict(k=torch.randn(2, 2, 6, 8), v=torch.randn(2, 2, 6, 8)), ValueError,
-     r"k must have shape \[B, Hkv, S, D\] with head dim D = 16 \(q's\); got \[2, 2, 6, 8\]"),
-    (dict(k=torch.randn(2, 3, 6, 16), v=torch.randn(2, 3, 6, 16)), ValueError,
-     r"q's heads H = 4 must be a multiple of k's heads Hkv = 3"),
-    (dict(prefix_k=torch.randn(4, 3, 16), prefix_v=torch.randn(4, 3, 16)), ValueError,
-     r"prefix_k must have shape \[Hkv, P, D\] = \[2, P, 16\] or \[T, 2, P, 16\]; got \[4, 3, 16\]"),
-    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16)), ValueError,
-     r"prefix_k holds 3 task prefixes \[T, Hkv, P, D\]; prefix_ids \[B\] must say which one each sample uses"),
-    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16), prefix_ids=torch.tensor([0, 3])),
-     ValueError, r"prefix_ids must be in \[0, T\) = \[0, 3\); got values in \[0, 3\]"),
-    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16), prefix_ids=torch.tensor([-1, 0])),
-     ValueError, r"prefix_ids must be in \[0, T\) = \[0, 3\); got values in \[-1, 0\]"),
-    (dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16), prefix_ids=torch.tensor([0.0, 1.0])),
-     TypeError, r"prefix_ids must be an int32 or int64 tensor; got Float"),
-    (dict(prefix_ids=torch.tensor([0, 0])), ValueError, r"prefix_ids given but prefix_k is one shared prefix"),
-    (dict(k=torch.randn(3, 2, 6, 16), v=torch.randn(3, 2, 6, 16)), ValueError, r"k has batch 3 but q has batch 2"),
-    (dict(v=torch.randn(2, 2, 7, 16)), ValueError, r"v must have k's shape \[2, 2, 6, 16\]; got \[2, 2, 7, 16\]"),
-    (dict(prefix_v=torch.randn(2, 4, 16)), ValueError, r"prefix_v must have prefix_k's shape \[2, 3, 16\]"),
-    (dict(q=torch.randn(2, 4, 16)), ValueError, r"q must have shape \[B, H, L, D\]"),
-    (dict(k=torch.randn(2, 2, 6, 16, dtype=torch.float64)), TypeError, r"k has dtype Double but q has dtype Float"),
-    (dict(attn_mask=torch.ones(5, 6, dtype=torch.int64)), TypeError,
-     r"attn_mask must be a bool tensor \(True = attend\) or an additive mask of q's dtype Float; got Long"),
-    (dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)), TypeError, r"attn_mask must be a bool tensor"),
-    (dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)), ValueError,
-     r"attn_mask must be broadcastable to \[B, H, L, S\] = \[2, 4, 5, 6\]; got \[5, 7\]"),
-    (dict(attn_mask=torch.ones(3, 1, 5, 6, dtype=torch.bool)), ValueError, r"attn_mask must be broadcastable"),
-    (dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), ValueError, r"attn_mask must be broadcastable"),
-    (dict(attn_mask=torch.zeros(5, 6, requires_grad=True)), ValueError,
-     r"attn_mask requires grad, but no gradient flows to the mask"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,message",
+    [
+        (
+            dict(k=torch.randn(2, 2, 6, 8), v=torch.randn(2, 2, 6, 8)),
+            ValueError,
+            r"k must have shape \[B, Hkv, S, D\] with head dim D = 16 \(q's\); got \[2, 2, 6, 8\]",
+        ),
+        (
+            dict(k=torch.randn(2, 3, 6, 16), v=torch.randn(2, 3, 6, 16)),
+            ValueError,
+            r"q's heads H = 4 must be a multiple of k's heads Hkv = 3",
+        ),
+        (
+            dict(prefix_k=torch.randn(4, 3, 16), prefix_v=torch.randn(4, 3, 16)),
+            ValueError,
+            r"prefix_k must have shape \[Hkv, P, D\] = \[2, P, 16\] or \[T, 2, P, 16\]; got \[4, 3, 16\]",
+        ),
+        (
+            dict(prefix_k=torch.randn(3, 2, 3, 16), prefix_v=torch.randn(3, 2, 3, 16)),
+            ValueError,
+            r"prefix_k holds 3 task prefixes \[T, Hkv, P, D\]; "
+            r"prefix_ids \[B\] must say which one each sample uses",
+        ),
+        (
+            dict(
+                prefix_k=torch.randn(3, 2, 3, 16),
+                prefix_v=torch.randn(3, 2, 3, 16),
+                prefix_ids=torch.tensor([0, 3]),
+            ),
+            ValueError,
+            r"prefix_ids must be in \[0, T\) = \[0, 3\); got values in \[0, 3\]",
+        ),
+        (
+            dict(
+                prefix_k=torch.randn(3, 2, 3, 16),
+                prefix_v=torch.randn(3, 2, 3, 16),
+                prefix_ids=torch.tensor([-1, 0]),
+            ),
+            ValueError,
+            r"prefix_ids must be in \[0, T\) = \[0, 3\); got values in \[-1, 0\]",
+        ),
+        (
+            dict(
+                prefix_k=torch.randn(3, 2, 3, 16),
+                prefix_v=torch.randn(3, 2, 3, 16),
+                prefix_ids=torch.tensor([0.0, 1.0]),
+            ),
+            TypeError,
+            r"prefix_ids must be an int32 or int64 tensor; got Float",
+        ),
+        (
+            dict(prefix_ids=torch.tensor([0, 0])),
+            ValueError,
+            r"prefix_ids given but prefix_k is one shared prefix",
+        ),
+        (
+            dict(k=torch.randn(3, 2, 6, 16), v=torch.randn(3, 2, 6, 16)),
+            ValueError,
+            r"k has batch 3 but q has batch 2",
+        ),
+        (
+            dict(v=torch.randn(2, 2, 7, 16)),
+            ValueError,
+            r"v must have k's shape \[2, 2, 6, 16\]; got \[2, 2, 7, 16\]",
+        ),
+        (
+            dict(prefix_v=torch.randn(2, 4, 16)),
+            ValueError,
+            r"prefix_v must have prefix_k's shape \[2, 3, 16\]",
+        ),
+        (dict(q=torch.randn(2, 4, 16)), ValueError, r"q must have shape \[B, H, L, D\]"),
+        (
+            dict(k=torch.randn(2, 2, 6, 16, dtype=torch.float64)),
+            TypeError,
+            r"k has dtype Double but q has dtype Float",
+        ),
+        (
+            dict(attn_mask=torch.ones(5, 6, dtype=torch.int64)),
+            TypeError,
+            r"attn_mask must be a bool tensor \(True = attend\) or an additive mask of q's dtype Float; "
+            r"got Long",
+        ),
+        (
+            dict(attn_mask=torch.ones(5, 6, dtype=torch.float64)),
+            TypeError,
+            r"attn_mask must be a bool tensor",
+        ),
+        (
+            dict(attn_mask=torch.ones(5, 7, dtype=torch.bool)),
+            ValueError,
+            r"attn_mask must be broadcastable to \[B, H, L, S\] = \[2, 4, 5, 6\]; got \[5, 7\]",
+        ),
+        (
+            dict(attn_mask=torch.ones(3, 1, 5, 6, dtype=torch.bool)),
+            ValueError,
+            r"attn_mask must be broadcastable",
+        ),
+        (
+            dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)),
+            ValueError,
+            r"attn_mask must be broadcastable",
+        ),
+        (
+            dict(attn_mask=torch.zeros(5, 6, requires_grad=True)),
+            ValueError,
+            r"attn_mask requires grad, but no gradient flows to the mask",
+        ),
+    ],
+)
 def test_bad_input(kwargs, exc, message):
     with pytest.raises(exc, match=message):
         call(**kwargs)
@@ -295,11 +399,11 @@ CUDA_SHAPES = [  # B, H, Hkv, L, S, P, D
     (2, 8, 2, 300, 300, 64, 128),
     (1, 4, 4, 129, 257, 100, 64),
     (3, 4, 2, 64, 64, 64, 64),
-    (2, 8, 2, 1, 1000, 16, 128),   # decode
-    (1, 2, 2, 200, 70, 0, 64),     # P = 0, L > S
-    (2, 4, 1, 77, 50, 33, 80),     # head dim 80 (kernel tile 128), L > S
+    (2, 8, 2, 1, 1000, 16, 128),  # decode
+    (1, 2, 2, 200, 70, 0, 64),  # P = 0, L > S
+    (2, 4, 1, 77, 50, 33, 80),  # head dim 80 (kernel tile 128), L > S
     (2, 2, 2, 40, 90, 20, 256),
-    (2, 4, 2, 33, 0, 40, 64),      # S = 0
+    (2, 4, 2, 33, 0, 40, 64),  # S = 0
 ]
 
 
@@ -355,8 +459,8 @@ def test_cuda_strided_inputs_from_projections():
     x = randn(B, L, H * D, dtype=torch.bfloat16, device="cuda")
     q = x.view(B, L, H, D).transpose(1, 2).detach().requires_grad_()
     kv = randn(B, L, 2 * Hkv * D, dtype=torch.bfloat16, device="cuda")
-    k = kv[..., :Hkv * D].view(B, L, Hkv, D).transpose(1, 2).detach().requires_grad_()
-    v = kv[..., Hkv * D:].view(B, L, Hkv, D).transpose(1, 2).detach().requires_grad_()
+    k = kv[..., : Hkv * D].view(B, L, Hkv, D).transpose(1, 2).detach().requires_grad_()
+    v = kv[..., Hkv * D :].view(B, L, Hkv, D).transpose(1, 2).detach().requires_grad_()
     assert not q.is_contiguous() and not k.is_contiguous()
     pk = randn(Hkv, 16, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     pv = randn(Hkv, 16, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -376,19 +480,25 @@ def test_cuda_misaligned_views():
 
     q, k, v, pk, pv = odd(B, H, L, D), odd(B, Hkv, S, D), odd(B, Hkv, S, D), odd(Hkv, P, D), odd(Hkv, P, D)
     assert q.is_contiguous() and q.data_ptr() % 16 != 0
-    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, None, True, D ** -0.5)
+    out, lse = torch.ops.peftkern.prefix_attention_forward(q, k, v, pk, pv, None, None, True, D**-0.5)
     expected = ref.prefix_attention(*(ref.f64(t) for t in (q, k, v, pk, pv)), causal=True)
     assert_close(out, expected, dtype)
     g = odd(B, H, L, D)
-    grads = torch.ops.peftkern.prefix_attention_backward(g, q, k, v, pk, pv, None, None, out, lse, True, D ** -0.5,
-                                                         [True] * 5)
+    grads = torch.ops.peftkern.prefix_attention_backward(
+        g, q, k, v, pk, pv, None, None, out, lse, True, D**-0.5, [True] * 5
+    )
     leaves = [ref.f64(t).requires_grad_() for t in (q, k, v, pk, pv)]
     ref.prefix_attention(*leaves, causal=True).backward(g.double())
     for name, got, leaf in zip(NAMES, grads, leaves):
         assert_close(got, leaf.grad, dtype, f"grad {name}")
     # the same through torch.cat's backward
-    x = torch.cat([randn(B, H, L, 3, dtype=dtype, device="cuda"),
-                   prefix_attention(*(t.detach().requires_grad_() for t in (q, k, v, pk, pv)), causal=True)], -1)
+    x = torch.cat(
+        [
+            randn(B, H, L, 3, dtype=dtype, device="cuda"),
+            prefix_attention(*(t.detach().requires_grad_() for t in (q, k, v, pk, pv)), causal=True),
+        ],
+        -1,
+    )
     x.sum().backward()
 
 
@@ -447,6 +557,7 @@ def test_cuda_graph_capture_with_out_of_range_task():
 
 # ---------------------------------------------------------------- modules
 
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_self_attention_with_empty_prefix_is_plain_attention(causal):
     torch.manual_seed(0)
@@ -472,8 +583,9 @@ def test_self_attention_gqa_with_prefix_matches_reference():
     k = layer.k_proj(x).view(B, L, 2, 8).transpose(1, 2)
     v = layer.v_proj(x).view(B, L, 2, 8).transpose(1, 2)
     att = ref.prefix_attention(*(t.double() for t in (q, k, v, pk, pv)), prefix_ids=ids, causal=True)
-    expected = F.linear(att.transpose(1, 2).reshape(B, L, 64), layer.out_proj.weight.double(),
-                        layer.out_proj.bias.double())
+    expected = F.linear(
+        att.transpose(1, 2).reshape(B, L, 64), layer.out_proj.weight.double(), layer.out_proj.bias.double()
+    )
     assert_close(out, expected, torch.float32)
     assert "num_kv_heads=2, causal=True" in repr(layer)
     with pytest.raises(ValueError, match="multiple of num_heads"):

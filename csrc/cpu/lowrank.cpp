@@ -5,9 +5,7 @@
 namespace peftkern::cpu {
 namespace {
 
-at::ScalarType math_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor activate(const at::Tensor& z, Activation a) {
   switch (a) {
@@ -35,11 +33,10 @@ at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activa
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
-                                                   const std::optional<at::Tensor>& b_down,
-                                                   const at::Tensor& w_up,
+                                                   const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                    const std::optional<at::Tensor>& b_up,
-                                                   const std::optional<at::Tensor>& residual,
-                                                   Activation activation, double scale, bool save_z) {
+                                                   const std::optional<at::Tensor>& residual, Activation activation,
+                                                   double scale, bool save_z) {
   const auto mt = math_dtype(x.scalar_type());
   const at::Tensor xm = x.to(mt);
   at::Tensor z = at::matmul(xm, w_down.to(mt).t());
@@ -53,8 +50,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
-    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx,
-    std::array<bool, 5> mask) {
+    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx, std::array<bool, 5> mask) {
   const auto [need_dx, need_dwd, need_dbd, need_dwu, need_dbu] = mask;
   const auto dt = x.scalar_type();
   const auto mt = math_dtype(dt);

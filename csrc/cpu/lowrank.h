@@ -17,17 +17,15 @@ namespace peftkern::cpu {
 
 // Returns (out [rows, n_out], z [rows, r] or an empty tensor when save_z is false). res defaults to x.
 std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
-                                                   const std::optional<at::Tensor>& b_down,
-                                                   const at::Tensor& w_up,
+                                                   const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                    const std::optional<at::Tensor>& b_up,
-                                                   const std::optional<at::Tensor>& residual,
-                                                   Activation activation, double scale, bool save_z);
+                                                   const std::optional<at::Tensor>& residual, Activation activation,
+                                                   double scale, bool save_z);
 
 // Returns (dx, dw_down, db_down, dw_up, db_up); entries whose mask bit is false are undefined.
 // grad_out_into_dx: dx also gets grad_out (the residual was x).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
-    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx,
-    std::array<bool, 5> mask);
+    const at::Tensor& w_up, Activation activation, double scale, bool grad_out_into_dx, std::array<bool, 5> mask);
 
 }  // namespace peftkern::cpu

@@ -11,9 +11,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // q [B, H, L, D] -> [B, Hkv, G * L, D] (row g * L + i of kv head j is query head j * G + g, query i):
 // with keys [B, Hkv, N, D] one batched product serves every query head of a group.
-at::Tensor grouped(const at::Tensor& t, int64_t Hkv) {
-  return t.reshape({t.size(0), Hkv, -1, t.size(3)});
-}
+at::Tensor grouped(const at::Tensor& t, int64_t Hkv) { return t.reshape({t.size(0), Hkv, -1, t.size(3)}); }
 
 // Scores [B, H, L, N] = q keys^T * scale + bias, hidden keys at -inf.
 at::Tensor scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& bias, bool causal, double scale) {
@@ -93,14 +91,16 @@ at::Tensor per_sample_prefix(const at::Tensor& prefix, const std::optional<at::T
 
 at::Tensor prefix_visibility(const at::Tensor& ids, int64_t num_tasks, at::ScalarType dtype) {
   const at::Tensor valid = ids.ge(0).logical_and_(ids.lt(num_tasks));
-  return at::zeros({ids.size(0), 1, 1, 1}, ids.options().dtype(dtype)).masked_fill_(valid.logical_not().view({-1, 1, 1, 1}), -kInf);
+  return at::zeros({ids.size(0), 1, 1, 1}, ids.options().dtype(dtype))
+      .masked_fill_(valid.logical_not().view({-1, 1, 1, 1}), -kInf);
 }
 
 at::Tensor sum_per_task(const at::Tensor& per_sample, const std::optional<at::Tensor>& ids, int64_t num_tasks) {
   if (!ids) return per_sample.sum(0);
   const int64_t B = per_sample.size(0);
-  const at::Tensor one_hot =
-      at::arange(num_tasks, ids->options().dtype(at::kLong)).unsqueeze(1).eq(ids->to(at::kLong).unsqueeze(0));  // [T, B]
+  const at::Tensor one_hot = at::arange(num_tasks, ids->options().dtype(at::kLong))
+                                 .unsqueeze(1)
+                                 .eq(ids->to(at::kLong).unsqueeze(0));  // [T, B]
   std::vector<int64_t> shape(per_sample.sizes().begin(), per_sample.sizes().end());
   shape[0] = num_tasks;
   return at::mm(one_hot.to(per_sample.scalar_type()), per_sample.reshape({B, -1})).view(shape);

@@ -1,7 +1,7 @@
 #include "build_info.h"
 
 #define PEFTKERN_STRINGIFY_(...) #__VA_ARGS__
-#define PEFTKERN_STRINGIFY(...) PEFTKERN_STRINGIFY_(__VA_ARGS__)
+#define PEFTKERN_STRINGIFY(...)  PEFTKERN_STRINGIFY_(__VA_ARGS__)
 
 namespace peftkern::kernels {
 

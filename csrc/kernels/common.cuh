@@ -22,9 +22,7 @@ namespace wmma = nvcuda::wmma;
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
@@ -57,8 +55,7 @@ __device__ __forceinline__ float activation_fn(Activation a, float z) {
 __device__ __forceinline__ float activation_grad(Activation a, float z) {
   switch (a) {
     case Activation::kGelu:
-      return 0.5f * (1.f + erff(z * 0.70710678118654752f)) +
-             z * 0.39894228040143268f * expf(-0.5f * z * z);
+      return 0.5f * (1.f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
     case Activation::kGeluTanh: {
       const float k = 0.79788456080286536f;
       const float t = tanhf(k * (z + 0.044715f * z * z * z));
@@ -82,9 +79,7 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool p
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // Which global rows a tile's local rows 0.. are; -1 = none (the row is zero-filled).
 struct RowRange {  // rows row0, row0 + 1, ... of a matrix with nrows rows
@@ -102,8 +97,8 @@ struct RowList {  // local row i is rows[i] (a list in shared memory)
 // 16-byte aligned (so ncols, a multiple of the vector, never splits one). Otherwise a synchronous
 // element-wise copy (any shape).
 template <typename T, int ROWS, int COLS, int SLD, int NTHREADS, typename RowMap>
-__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, RowMap rows, int64_t col0,
-                                          int64_t ncols, bool vec) {
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, RowMap rows, int64_t col0, int64_t ncols,
+                                          bool vec) {
   if (vec) {
     constexpr int V = kVec<T>;
     static_assert(COLS % V == 0, "tile width must be a whole number of 16-byte vectors");
@@ -127,14 +122,23 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t ld, Ro
 
 // Reads 8 consecutive values of src as float32 (zeros past `valid`); one or two 16-byte loads when
 // vec (src 16-byte aligned and valid == 8).
-template <typename T>
-__device__ __forceinline__ void load8(const T* src, float (&v)[8], bool vec, int valid) {
+template <typename T> __device__ __forceinline__ void load8(const T* src, float (&v)[8], bool vec, int valid) {
   if (vec && valid >= 8) {
     if constexpr (std::is_same_v<T, float>) {
       const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+      v[0] = a.x;
+      v[1] = a.y;
+      v[2] = a.z;
+      v[3] = a.w;
+      v[4] = b.x;
+      v[5] = b.y;
+      v[6] = b.z;
+      v[7] = b.w;
     } else {
-      union { uint4 u; T e[8]; } pack;
+      union {
+        uint4 u;
+        T e[8];
+      } pack;
       pack.u = *reinterpret_cast<const uint4*>(src);
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = to_float(pack.e[e]);
@@ -146,14 +150,16 @@ __device__ __forceinline__ void load8(const T* src, float (&v)[8], bool vec, int
 }
 
 // Writes 8 consecutive values (float32 math) to dst as T; one or two 16-byte stores when vec.
-template <typename T>
-__device__ __forceinline__ void store8(T* dst, const float (&v)[8], bool vec, int valid) {
+template <typename T> __device__ __forceinline__ void store8(T* dst, const float (&v)[8], bool vec, int valid) {
   if (vec && valid >= 8) {
     if constexpr (std::is_same_v<T, float>) {
       reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
       reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
     } else {
-      union { uint4 u; T e[8]; } pack;
+      union {
+        uint4 u;
+        T e[8];
+      } pack;
 #pragma unroll
       for (int e = 0; e < 8; ++e) pack.e[e] = from_float<T>(v[e]);
       *reinterpret_cast<uint4*>(dst) = pack.u;
@@ -231,8 +237,7 @@ template <typename Layout> __device__ __forceinline__ int b_at(int k, int j, int
 }
 
 // Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
-template <typename Kernel>
-cudaError_t set_smem_limit(Kernel kernel, int bytes) {
+template <typename Kernel> cudaError_t set_smem_limit(Kernel kernel, int bytes) {
   return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
                            : cudaSuccess;
 }

@@ -26,8 +26,7 @@ __global__ void dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArg
 
 }  // namespace
 
-cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
-                         cudaStream_t stream) {
+cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   const int64_t groups = rows * ceil_div<int64_t>(cols, 4);
   const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(groups, 256), 65535);

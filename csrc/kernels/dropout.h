@@ -31,8 +31,7 @@ struct DropoutArgs {
 // The dropout factors (0 or 1/(1-p)) the kernels apply to x [rows, cols], written as float32,
 // for the seed and offset of `dropout` (a saved pair, or the generator's; then also written to
 // dropout.seed_offset_out when set).
-cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out,
-                         cudaStream_t stream);
+cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out, cudaStream_t stream);
 
 #if defined(__CUDACC__)
 struct SeedOffset {

@@ -31,12 +31,12 @@ constexpr int kLowRankRowsPerBlock = 64;
 // and blocks block_start[l] .. block_start[l+1] of the grid (64 rows per block), so each block
 // reads one adapter's weights once. Rows of no adapter sit past seg_start[L] and are not touched.
 struct AdapterSegments {
-  int num_adapters = 0;                  // L; 0 = one adapter for every row
-  const int64_t* order = nullptr;        // [rows] row indices, grouped by adapter
-  const int64_t* seg_start = nullptr;    // [L + 1]
-  const int64_t* block_start = nullptr;  // [L + 1]: exclusive prefix sum of ceil(count_l / 64)
+  int num_adapters = 0;                        // L; 0 = one adapter for every row
+  const int64_t* order = nullptr;              // [rows] row indices, grouped by adapter
+  const int64_t* seg_start = nullptr;          // [L + 1]
+  const int64_t* block_start = nullptr;        // [L + 1]: exclusive prefix sum of ceil(count_l / 64)
   int64_t w_down_stride = 0, w_up_stride = 0;  // elements between consecutive adapters' weights
-  const float* scales = nullptr;         // [L], replaces `scale`
+  const float* scales = nullptr;               // [L], replaces `scale`
 };
 
 struct LowRankForwardArgs {
@@ -49,10 +49,10 @@ struct LowRankForwardArgs {
   const void* w_down;
   const void* b_down;  // [r] or null
   const void* w_up;
-  const void* b_up;    // [n_out] or null
-  const void* res;     // [rows, n_out]; may be y itself
-  void* y;             // [rows, n_out]
-  void* z;             // [rows, r] pre-activation, saved for the backward; null in inference
+  const void* b_up;  // [n_out] or null
+  const void* res;   // [rows, n_out]; may be y itself
+  void* y;           // [rows, n_out]
+  void* z;           // [rows, r] pre-activation, saved for the backward; null in inference
   DropoutArgs dropout;
   AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z must be null
 };
@@ -62,9 +62,9 @@ struct LowRankForwardArgs {
 cudaError_t lowrank_forward(const LowRankForwardArgs& args, cudaStream_t stream);
 
 enum class DxMode : int {
-  kWrite = 0,           // dx  = mask * (dz @ w_down)
-  kWritePlusGradOut,    // dx  = mask * (dz @ w_down) + grad_out   (the residual was x; n_in == n_out)
-  kAccumulate,          // dx += mask * (dz @ w_down)              (dx already holds another term)
+  kWrite = 0,         // dx  = mask * (dz @ w_down)
+  kWritePlusGradOut,  // dx  = mask * (dz @ w_down) + grad_out   (the residual was x; n_in == n_out)
+  kAccumulate,        // dx += mask * (dz @ w_down)              (dx already holds another term)
 };
 
 struct LowRankBackwardArgs {
@@ -73,7 +73,7 @@ struct LowRankBackwardArgs {
   float scale;
   int64_t rows;
   int n_in, n_out, r;
-  int num_sms;  // of the device, to size the weight-gradient split
+  int num_sms;           // of the device, to size the weight-gradient split
   const void* grad_out;  // [rows, n_out]
   const void* x;         // [rows, n_in]
   const void* z;         // the forward's saved pre-activation [rows, r]
@@ -81,11 +81,11 @@ struct LowRankBackwardArgs {
   const void* w_up;
   DxMode dx_mode;
   // Outputs; null = not requested, and then not computed.
-  void* dx;       // [rows, n_in]
-  void* dw_down;  // [r, n_in]
-  void* db_down;  // [r]
-  void* dw_up;    // [n_out, r]
-  void* db_up;    // [n_out]
+  void* dx;             // [rows, n_in]
+  void* dw_down;        // [r, n_in]
+  void* db_down;        // [r]
+  void* dw_up;          // [n_out, r]
+  void* db_up;          // [n_out]
   DropoutArgs dropout;  // p and seed_offset of the forward
   void* workspace;
   size_t workspace_bytes;

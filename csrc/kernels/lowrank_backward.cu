@@ -88,9 +88,7 @@ struct RowsArgs {
   bool vec_g, vec_wu;
 };
 
-template <typename T, int RP> constexpr int rows_smem_bytes() {
-  return StreamCfg<T, RP>::kBytes + kScratchBytes;
-}
+template <typename T, int RP> constexpr int rows_smem_bytes() { return StreamCfg<T, RP>::kBytes + kScratchBytes; }
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(const RowsArgs a) {
@@ -106,8 +104,8 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(cons
   typename M::Acc acc[RP / 16];
   if (dz_out)
     stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), RowRange{m0, a.rows}, a.n_out,
-                                           static_cast<const T*>(a.w_up), a.r, reinterpret_cast<T*>(smem),
-                                           a.vec_g, a.vec_wu, 0.f, SeedOffset{0, 0});
+                                           static_cast<const T*>(a.w_up), a.r, reinterpret_cast<T*>(smem), a.vec_g,
+                                           a.vec_wu, 0.f, SeedOffset{0, 0});
 
   const int rr = lane >> 1, c0 = (lane & 1) * 8;
   const int64_t grow = m0 + warp * 16 + rr;
@@ -124,9 +122,7 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(cons
         const int col = j * 16 + c0 + e;
         const bool valid = col < a.r;
         const float zv = valid ? to_float(z[grow * a.r + col]) : 0.f;
-        dzv[e] = (valid && dz_out)
-                     ? a.scale * scr[rr * kScratchLd + c0 + e] * activation_grad(a.activation, zv)
-                     : 0.f;
+        dzv[e] = (valid && dz_out) ? a.scale * scr[rr * kScratchLd + c0 + e] * activation_grad(a.activation, zv) : 0.f;
         hv[e] = valid ? activation_fn(a.activation, zv) : 0.f;
       }
       const int64_t at = grow * RP + j * 16 + c0;
@@ -186,8 +182,7 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
   T* wd_s = reinterpret_cast<T*>(smem);
   auto stage = [&](int s) { return reinterpret_cast<T*>(smem + C::kWdBytes + s * C::kStageBytes); };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* scr = reinterpret_cast<float*>(smem + C::kWdBytes + C::kStages * C::kStageBytes) +
-               warp * 16 * kScratchLd;
+  float* scr = reinterpret_cast<float*>(smem + C::kWdBytes + C::kStages * C::kStageBytes) + warp * 16 * kScratchLd;
 
   const int64_t n0 = int64_t(blockIdx.x) * C::kBN;
   const int split = blockIdx.y;
@@ -199,8 +194,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
   const T* h = static_cast<const T*>(a.h);
   T* dx = static_cast<T*>(a.dx);
   const bool in_cols = n0 < a.n_in, out_cols = n0 < a.n_out;
-  const SeedOffset so = a.drop_p > 0.f ? SeedOffset{uint64_t(a.seed_offset[0]), uint64_t(a.seed_offset[1])}
-                                       : SeedOffset{0, 0};
+  const SeedOffset so =
+      a.drop_p > 0.f ? SeedOffset{uint64_t(a.seed_offset[0]), uint64_t(a.seed_offset[1])} : SeedOffset{0, 0};
 
   const bool need_dx = dx != nullptr && in_cols;
   const bool need_dwd = a.ws_dwd != nullptr && in_cols;
@@ -212,8 +207,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
   const bool need_dz = need_dx || need_dwd || need_dbd;
 
   if (need_dx)
-    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.n_in,
-                                                    RowRange{0, a.r}, n0, a.n_in, a.vec_wd);
+    load_tile<T, RP, C::kBN, C::kLdN, kColsThreads>(wd_s, static_cast<const T*>(a.w_down), a.n_in, RowRange{0, a.r}, n0,
+                                                    a.n_in, a.vec_wd);
   auto load_stage = [&](int64_t t, int s) {
     const RowRange rows{t * kColsBM, a.rows};
     T* st = stage(s);
@@ -221,10 +216,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
       load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kGOff, g, a.n_out, rows, n0, a.n_out, a.vec_g);
     if (need_dwd)
       load_tile<T, kColsBM, C::kBN, C::kLdN, kColsThreads>(st + C::kXOff, x, a.n_in, rows, n0, a.n_in, a.vec_x);
-    if (need_dz)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, rows, 0, RP, true);
-    if (need_dwu)
-      load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, rows, 0, RP, true);
+    if (need_dz) load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kDzOff, dz, RP, rows, 0, RP, true);
+    if (need_dwu) load_tile<T, kColsBM, RP, C::kLdR, kColsThreads>(st + C::kHOff, h, RP, rows, 0, RP, true);
   };
 
   typename M::Acc acc_u[C::kWgFragsPerWarp], acc_d[C::kWgFragsPerWarp];
@@ -295,8 +288,10 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
           for (int e = 0; e < 8; ++e) {
             float base = 0.f;
             if (e < valid) {
-              if (plus_g) base = to_float(g_s[(mi * 16 + rr) * C::kLdN + ni * 16 + c0 + e]);
-              else if (a.dx_mode == DxMode::kAccumulate) base = to_float(dst[e]);
+              if (plus_g)
+                base = to_float(g_s[(mi * 16 + rr) * C::kLdN + ni * 16 + c0 + e]);
+              else if (a.dx_mode == DxMode::kAccumulate)
+                base = to_float(dst[e]);
             }
             v[e] = base + f8[e] * scr[rr * kScratchLd + c0 + e];
           }
@@ -377,8 +372,7 @@ template <typename T> __global__ void lowrank_backward_reduce_kernel(const Reduc
   const int64_t n_wu = int64_t(a.n_out) * a.r, n_wd = int64_t(a.n_in) * a.r;
   const int64_t total = n_wu + n_wd + a.n_out + a.r;
   const int64_t split_w = a.n_pad * a.rp;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.f;
     if (i < n_wu) {  // dw_up[n][k] = scale * sum_p ws_dwu[p][n][k]
       if (!a.dw_up) continue;
@@ -406,8 +400,10 @@ template <typename T> __global__ void lowrank_backward_reduce_kernel(const Reduc
 
 cudaError_t zero_weight_grads(const LowRankBackwardArgs& a, cudaStream_t stream) {
   const size_t es = elem_size(a.dtype);
-  const std::pair<void*, size_t> outs[] = {{a.dw_down, size_t(a.r) * a.n_in}, {a.db_down, size_t(a.r)},
-                                           {a.dw_up, size_t(a.n_out) * a.r}, {a.db_up, size_t(a.n_out)}};
+  const std::pair<void*, size_t> outs[] = {{a.dw_down, size_t(a.r) * a.n_in},
+                                           {a.db_down, size_t(a.r)},
+                                           {a.dw_up, size_t(a.n_out) * a.r},
+                                           {a.db_up, size_t(a.n_out)}};
   for (const auto& [ptr, n] : outs)
     if (ptr) {
       const cudaError_t err = cudaMemsetAsync(ptr, 0, n * es, stream);
@@ -418,9 +414,7 @@ cudaError_t zero_weight_grads(const LowRankBackwardArgs& a, cudaStream_t stream)
 
 }  // namespace
 
-size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& a) {
-  return a.rows == 0 ? 0 : make_plan(a).total;
-}
+size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& a) { return a.rows == 0 ? 0 : make_plan(a).total; }
 
 cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) {
   if (a.r < 1 || a.r > kLowRankMaxFusedRank || a.n_in < 1 || a.n_out < 1) return cudaErrorInvalidValue;
@@ -433,57 +427,92 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
   const bool any_weight_grad = a.dw_up || a.db_up || a.dw_down || a.db_down;
   if (!a.dx && !any_weight_grad) return cudaSuccess;
 
-  return dispatch_dtype(a.dtype, [&](auto dtype) { return dispatch_padded_rank(a.r, [&](auto rank) -> cudaError_t {
-    using T = typename decltype(dtype)::type;
-    constexpr int RP = decltype(rank)::value;
-    constexpr int V = kVec<T>;
-    const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
-    cudaError_t err;
+  return dispatch_dtype(a.dtype, [&](auto dtype) {
+    return dispatch_padded_rank(a.r, [&](auto rank) -> cudaError_t {
+      using T = typename decltype(dtype)::type;
+      constexpr int RP = decltype(rank)::value;
+      constexpr int V = kVec<T>;
+      const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
+      cudaError_t err;
 
-    if (p.need_dz || p.need_h) {
-      const RowsArgs ra{a.activation, a.scale, a.rows, a.n_out, a.r, a.grad_out, a.z, a.w_up,
-                        p.need_dz ? ws + p.dz : nullptr, p.need_h ? ws + p.h : nullptr,
-                        out_vec && is_aligned16(a.grad_out), a.r % V == 0 && is_aligned16(a.w_up)};
-      auto kernel = lowrank_backward_rows_kernel<T, RP>;
-      constexpr int smem_bytes = rows_smem_bytes<T, RP>();
-      if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
-      const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock);
-      kernel<<<static_cast<unsigned>(blocks), kRowThreads, smem_bytes, stream>>>(ra);
+      if (p.need_dz || p.need_h) {
+        const RowsArgs ra{a.activation,
+                          a.scale,
+                          a.rows,
+                          a.n_out,
+                          a.r,
+                          a.grad_out,
+                          a.z,
+                          a.w_up,
+                          p.need_dz ? ws + p.dz : nullptr,
+                          p.need_h ? ws + p.h : nullptr,
+                          out_vec && is_aligned16(a.grad_out),
+                          a.r % V == 0 && is_aligned16(a.w_up)};
+        auto kernel = lowrank_backward_rows_kernel<T, RP>;
+        constexpr int smem_bytes = rows_smem_bytes<T, RP>();
+        if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
+        const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock);
+        kernel<<<static_cast<unsigned>(blocks), kRowThreads, smem_bytes, stream>>>(ra);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+
+      using C = ColsCfg<T, RP>;
+      const ColsArgs ca{a.rows,
+                        a.n_in,
+                        a.n_out,
+                        a.r,
+                        p.tiles,
+                        p.tiles_per_split,
+                        p.n_pad,
+                        a.grad_out,
+                        a.x,
+                        ws + p.dz,
+                        ws + p.h,
+                        a.w_down,
+                        a.dx,
+                        a.dx_mode,
+                        a.dropout.p,
+                        a.dropout.seed_offset,
+                        a.dw_up ? reinterpret_cast<float*>(ws + p.ws_dwu) : nullptr,
+                        a.dw_down ? reinterpret_cast<float*>(ws + p.ws_dwd) : nullptr,
+                        a.db_up ? reinterpret_cast<float*>(ws + p.ws_dbu) : nullptr,
+                        a.db_down ? reinterpret_cast<float*>(ws + p.ws_dbd) : nullptr,
+                        out_vec && is_aligned16(a.grad_out),
+                        in_vec && is_aligned16(a.x),
+                        in_vec && is_aligned16(a.dx),
+                        in_vec && is_aligned16(a.w_down)};
+      auto cols = lowrank_backward_cols_kernel<T, RP>;
+      if ((err = set_smem_limit(cols, C::kSmemBytes)) != cudaSuccess) return err;
+      const dim3 grid(static_cast<unsigned>(p.col_blocks), static_cast<unsigned>(p.splits));
+      cols<<<grid, kColsThreads, C::kSmemBytes, stream>>>(ca);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    }
 
-    using C = ColsCfg<T, RP>;
-    const ColsArgs ca{a.rows, a.n_in, a.n_out, a.r, p.tiles, p.tiles_per_split, p.n_pad,
-                      a.grad_out, a.x, ws + p.dz, ws + p.h, a.w_down, a.dx, a.dx_mode,
-                      a.dropout.p, a.dropout.seed_offset,
-                      a.dw_up ? reinterpret_cast<float*>(ws + p.ws_dwu) : nullptr,
-                      a.dw_down ? reinterpret_cast<float*>(ws + p.ws_dwd) : nullptr,
-                      a.db_up ? reinterpret_cast<float*>(ws + p.ws_dbu) : nullptr,
-                      a.db_down ? reinterpret_cast<float*>(ws + p.ws_dbd) : nullptr,
-                      out_vec && is_aligned16(a.grad_out), in_vec && is_aligned16(a.x),
-                      in_vec && is_aligned16(a.dx), in_vec && is_aligned16(a.w_down)};
-    auto cols = lowrank_backward_cols_kernel<T, RP>;
-    if ((err = set_smem_limit(cols, C::kSmemBytes)) != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(p.col_blocks), static_cast<unsigned>(p.splits));
-    cols<<<grid, kColsThreads, C::kSmemBytes, stream>>>(ca);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-    if (any_weight_grad) {
-      const ReduceArgs ra{a.n_in, a.n_out, a.r, p.rp, p.splits, p.n_pad, a.scale,
-                          reinterpret_cast<const float*>(ws + p.ws_dwu),
-                          reinterpret_cast<const float*>(ws + p.ws_dwd),
-                          reinterpret_cast<const float*>(ws + p.ws_dbu),
-                          reinterpret_cast<const float*>(ws + p.ws_dbd),
-                          a.dw_up, a.dw_down, a.db_up, a.db_down};
-      const int64_t total = int64_t(a.n_in + a.n_out) * a.r + a.n_out + a.r;
-      const int threads = 256;
-      const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(total, threads),
-                                               8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
-      lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
-      if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    }
-    return cudaSuccess;
-  }); });
+      if (any_weight_grad) {
+        const ReduceArgs ra{a.n_in,
+                            a.n_out,
+                            a.r,
+                            p.rp,
+                            p.splits,
+                            p.n_pad,
+                            a.scale,
+                            reinterpret_cast<const float*>(ws + p.ws_dwu),
+                            reinterpret_cast<const float*>(ws + p.ws_dwd),
+                            reinterpret_cast<const float*>(ws + p.ws_dbu),
+                            reinterpret_cast<const float*>(ws + p.ws_dbd),
+                            a.dw_up,
+                            a.dw_down,
+                            a.db_up,
+                            a.db_down};
+        const int64_t total = int64_t(a.n_in + a.n_out) * a.r + a.n_out + a.r;
+        const int threads = 256;
+        const int64_t blocks =
+            std::min<int64_t>(ceil_div<int64_t>(total, threads), 8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
+        lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+      return cudaSuccess;
+    });
+  });
 }
 
 }  // namespace peftkern::kernels

@@ -37,8 +37,7 @@ struct FwdVec {  // which operands allow 16-byte accesses
 };
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kRowThreads)
-    lowrank_forward_kernel(const LowRankForwardArgs a, const FwdVec vec) {
+__global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowRankForwardArgs a, const FwdVec vec) {
   using C = FwdCfg<T, RP>;
   using M = Mma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -68,8 +67,10 @@ __global__ void __launch_bounds__(kRowThreads)
       int lo = 0, hi = seg.num_adapters;
       while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
-        if (seg.block_start[mid] <= b) lo = mid;
-        else hi = mid - 1;
+        if (seg.block_start[mid] <= b)
+          lo = mid;
+        else
+          hi = mid - 1;
       }
       adapter_s = lo;
     }
@@ -100,8 +101,8 @@ __global__ void __launch_bounds__(kRowThreads)
 
   // ---- phase 1: down-projection of this block's rows
   typename M::Acc acc[RP / 16];
-  stream_rows_times_weight<T, RP, true>(acc, static_cast<const T*>(a.x), rows, n_in, w_down, r, shared_region,
-                                        vec.x, vec.w_down, a.dropout.p, so);
+  stream_rows_times_weight<T, RP, true>(acc, static_cast<const T*>(a.x), rows, n_in, w_down, r, shared_region, vec.x,
+                                        vec.w_down, a.dropout.p, so);
 
   // bias + activation, fragment by fragment through this warp's scratch
   {
@@ -190,23 +191,25 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   const AdapterSegments& seg = a.segments;
   if (seg.num_adapters > 0 && (!seg.order || !seg.seg_start || !seg.block_start || !seg.scales || a.z))
     return cudaErrorInvalidValue;
-  return dispatch_dtype(a.dtype, [&](auto dtype) { return dispatch_padded_rank(a.r, [&](auto rank) {
-    using T = typename decltype(dtype)::type;
-    constexpr int RP = decltype(rank)::value;
-    using C = FwdCfg<T, RP>;
-    constexpr int V = kVec<T>;
-    const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
-    const FwdVec vec{in_vec && is_aligned16(a.x), out_vec && is_aligned16(a.res), out_vec && is_aligned16(a.y),
-                     in_vec && is_aligned16(a.w_down), a.r % V == 0 && is_aligned16(a.w_up)};
-    auto kernel = lowrank_forward_kernel<T, RP>;
-    cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    // Multi-adapter: sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks; the spare ones exit.
-    const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock) + seg.num_adapters;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
-    return cudaGetLastError();
-  }); });
+  return dispatch_dtype(a.dtype, [&](auto dtype) {
+    return dispatch_padded_rank(a.r, [&](auto rank) {
+      using T = typename decltype(dtype)::type;
+      constexpr int RP = decltype(rank)::value;
+      using C = FwdCfg<T, RP>;
+      constexpr int V = kVec<T>;
+      const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
+      const FwdVec vec{in_vec && is_aligned16(a.x), out_vec && is_aligned16(a.res), out_vec && is_aligned16(a.y),
+                       in_vec && is_aligned16(a.w_down), a.r % V == 0 && is_aligned16(a.w_up)};
+      auto kernel = lowrank_forward_kernel<T, RP>;
+      cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
+      if (err != cudaSuccess) return err;
+      // Multi-adapter: sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks; the spare ones exit.
+      const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock) + seg.num_adapters;
+      if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+      kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
+      return cudaGetLastError();
+    });
+  });
 }
 
 }  // namespace peftkern::kernels

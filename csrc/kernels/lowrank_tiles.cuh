@@ -56,8 +56,7 @@ template <typename T, int RP> struct StreamCfg {
   static constexpr int kLdA = kBK + kSmemPad<T>;
   static constexpr int kLdWrk = kBK + kSmemPad<T>;  // weight chunk stored [RP][kBK] (W is [r, K])
   static constexpr int kLdWkr = RP + kSmemPad<T>;   // weight chunk stored [kBK][RP] (W is [K, r])
-  static constexpr int kStageElems =
-      kRowBlock * kLdA + (RP * kLdWrk > kBK * kLdWkr ? RP * kLdWrk : kBK * kLdWkr);
+  static constexpr int kStageElems = kRowBlock * kLdA + (RP * kLdWrk > kBK * kLdWkr ? RP * kLdWrk : kBK * kLdWkr);
   static constexpr int kBytes = kStages * round_up(kStageElems * int(sizeof(T)), 128);
   static constexpr int kStageStride = kBytes / kStages / int(sizeof(T));
 };
@@ -67,9 +66,8 @@ template <typename T, int RP> struct StreamCfg {
 // is [r, K] (w_down), else [K, r] (w_up). Rows mapped to -1 and rank columns past r read as zero;
 // drop_p > 0 applies dropout to A. Ends with smem free for reuse.
 template <typename T, int RP, bool kWeightIsRK, typename RowMap>
-__device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16],
-                                                         const T* A, RowMap rows, int K, const T* W,
-                                                         int r, T* smem, bool vec_a, bool vec_w,
+__device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&acc)[RP / 16], const T* A, RowMap rows,
+                                                         int K, const T* W, int r, T* smem, bool vec_a, bool vec_w,
                                                          float drop_p, kernels::SeedOffset so) {
   using C = StreamCfg<T, RP>;
   using M = Mma<T>;
@@ -100,8 +98,8 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
     if (pf < nk) load(pf, pf % C::kStages);
     cp_async_commit();
     if (drop_p > 0.f) {
-      dropout_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(kc % C::kStages), rows,
-                                                               int64_t(kc) * C::kBK, so, drop_p);
+      dropout_tile<T, kRowBlock, C::kBK, C::kLdA, kRowThreads>(a_stage(kc % C::kStages), rows, int64_t(kc) * C::kBK, so,
+                                                               drop_p);
       __syncthreads();
     }
 

@@ -54,8 +54,10 @@ __global__ void __launch_bounds__(kElementwiseThreads) mask_apply_kernel(const M
     for (int q = 0; q < kWordsPerWarp; ++q) {  // all loads first, so they are in flight together
       const int64_t c = (w0 + q) * 32 + lane;
       const bool valid = w0 + q < words && c < a.cols;
-      if (s) keep[q] = valid && to_float(s[base + c]) > a.threshold;
-      else keep[q] = valid && ((a.bits_in[row * words + w0 + q] >> lane) & 1);
+      if (s)
+        keep[q] = valid && to_float(s[base + c]) > a.threshold;
+      else
+        keep[q] = valid && ((a.bits_in[row * words + w0 + q] >> lane) & 1);
       wv[q] = (w_eff && valid) ? w[base + c] : from_float<TW>(0.f);
     }
 #pragma unroll

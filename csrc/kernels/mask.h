@@ -21,11 +21,11 @@ struct MaskApplyArgs {
   DType w_dtype, s_dtype;  // scores are float32 or the weight's dtype
   int64_t rows, cols;
   float threshold;
-  const void* weight;       // [rows, cols]; may be null when only bits are written
-  const void* scores;       // [rows, cols], or null
-  const int32_t* bits_in;   // [rows, words] when scores is null
-  void* w_eff;              // [rows, cols] in w_dtype, or null
-  int32_t* bits_out;        // [rows, words], or null
+  const void* weight;      // [rows, cols]; may be null when only bits are written
+  const void* scores;      // [rows, cols], or null
+  const int32_t* bits_in;  // [rows, words] when scores is null
+  void* w_eff;             // [rows, cols] in w_dtype, or null
+  int32_t* bits_out;       // [rows, words], or null
 };
 cudaError_t mask_apply(const MaskApplyArgs& args, cudaStream_t stream);
 
@@ -51,13 +51,13 @@ struct MaskedMatvecArgs {
   DType dtype, s_dtype;  // x, weight, bias, out share dtype
   int64_t tokens, n_in, n_out;
   float threshold;
-  const void* x;          // [tokens, n_in]
-  const void* weight;     // [n_out, n_in]
-  const void* bias;       // [n_out] or null
-  const void* scores;     // [n_out, n_in], or null: then bits
-  const int32_t* bits;    // [n_out, words] or, with task_ids, [tasks, n_out, words]
+  const void* x;            // [tokens, n_in]
+  const void* weight;       // [n_out, n_in]
+  const void* bias;         // [n_out] or null
+  const void* scores;       // [n_out, n_in], or null: then bits
+  const int32_t* bits;      // [n_out, words] or, with task_ids, [tasks, n_out, words]
   const int64_t* task_ids;  // [tokens] or null
-  void* out;              // [tokens, n_out]
+  void* out;                // [tokens, n_out]
 };
 cudaError_t masked_matvec(const MaskedMatvecArgs& args, cudaStream_t stream);
 

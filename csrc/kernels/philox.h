@@ -39,8 +39,7 @@ PEFTKERN_HD void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
 // Dropout of the four elements (row, 4q .. 4q+3) of a matrix: each is kept (factor 1/(1-p)) when
 // its uniform draw in [0, 1) is >= p, else dropped (factor 0). The counter is (q, row, offset), the
 // key the seed; rows must be < 2^32.
-PEFTKERN_HD void dropout_factors4(uint64_t seed, uint64_t offset, int64_t row, int64_t q, float p,
-                                  float (&factor)[4]) {
+PEFTKERN_HD void dropout_factors4(uint64_t seed, uint64_t offset, int64_t row, int64_t q, float p, float (&factor)[4]) {
   uint32_t c[4] = {uint32_t(q), uint32_t(row), uint32_t(offset >> 32), uint32_t(offset)};
   philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
   const float keep = 1.f / (1.f - p);

@@ -119,7 +119,7 @@ struct Row {
 
 struct BlockPos {
   int b, hk;
-  int64_t row0;   // first row of the block
+  int64_t row0;        // first row of the block
   int P;               // prefix keys this block's sample sees (0 for an out-of-range task id)
   int64_t prefix_off;  // of its [P, D] prefix matrices in prefix_k / prefix_v
 };
@@ -204,8 +204,8 @@ __device__ __forceinline__ void rows_times_tile_t(float (&acc)[kPT / 8][4], cons
 
 // acc[nd] += x(16 x kPT, C fragments in registers) @ tile, tile = [kMaxD][kLdCol] (d x keys).
 template <typename T, int kMaxD, int kPT, int kLd>
-__device__ __forceinline__ void regs_times_tile(float (&acc)[kMaxD / 8][4], const float (&x)[kPT / 8][4],
-                                                const T* tile, int D, int g, int t) {
+__device__ __forceinline__ void regs_times_tile(float (&acc)[kMaxD / 8][4], const float (&x)[kPT / 8][4], const T* tile,
+                                                int D, int g, int t) {
 #pragma unroll
   for (int kk = 0; kk < kPT / 16; ++kk) {
     const uint32_t a[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* pv = static_cast<const T*>(s.prefix_v) + pos.prefix_off;
   const float scale_log2 = s.scale * kLog2e;
 
-  float o[kMaxD / 8][4] = {};                        // unnormalised prefix output
+  float o[kMaxD / 8][4] = {};                            // unnormalised prefix output
   float m_a = -kInf, m_b = -kInf, l_a = 0.f, l_b = 0.f;  // running max (log2 units), this lane's partial sums
   for (int p0 = 0; p0 < pos.P; p0 += kPT) {
     __syncthreads();  // the previous tile is consumed
@@ -457,8 +457,7 @@ int64_t grid_blocks(const PrefixAttentionShape& s, int64_t* row_tiles) {
 
 // Checks the shape, then calls launch(TypeTag<T>{}, IntTag<kMaxD>{}, blocks, row_tiles) for the
 // kernel instance of its dtype and head-dim tile kMaxD (64, 128 or 256).
-template <typename Launch>
-cudaError_t dispatch(const PrefixAttentionShape& s, Launch launch) {
+template <typename Launch> cudaError_t dispatch(const PrefixAttentionShape& s, Launch launch) {
   if (!prefix_attention_supported(s.dtype, s.D) || s.Hkv < 1 || s.H % s.Hkv != 0) return cudaErrorInvalidValue;
   int64_t row_tiles = 0;
   const int64_t blocks = grid_blocks(s, &row_tiles);

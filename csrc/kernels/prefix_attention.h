@@ -47,7 +47,7 @@ struct PrefixAttentionShape {
   DType dtype;  // float16 or bfloat16
   int B, H, Hkv, L, P, D;
   float scale;
-  const void* prefix_k;       // [T, Hkv, P, D] contiguous, 16-byte aligned
+  const void* prefix_k;  // [T, Hkv, P, D] contiguous, 16-byte aligned
   const void* prefix_v;
   const int64_t* prefix_ids;  // [B], or null (T = 1). An id outside [0, T) attends to no prefix.
   int num_tasks;              // T

@@ -26,8 +26,7 @@ Activation parse_activation(c10::string_view name) {
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "relu") return Activation::kRelu;
   if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK_VALUE(false, kOp, ": activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(false, kOp, ": activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '", name, "'");
 }
 
 struct Dims {
@@ -44,37 +43,33 @@ Dims check_forward(const at::Tensor& x, const at::Tensor& w_down, const std::opt
   check_like(b_up, kOp, "b_up", x, "x");
   check_like(residual, kOp, "residual", x, "x");
 
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, kOp,
-                    ": x must have shape [..., d] with d >= 1; got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, kOp, ": x must have shape [..., d] with d >= 1; got ", x.sizes());
   const int64_t d = x.size(-1);
-  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == d, kOp, ": w_down must have shape [r, d] with d = ",
-                    d, " (x's last dimension); got ", w_down.sizes());
+  TORCH_CHECK_VALUE(w_down.dim() == 2 && w_down.size(1) == d, kOp, ": w_down must have shape [r, d] with d = ", d,
+                    " (x's last dimension); got ", w_down.sizes());
   const int64_t r = w_down.size(0);
-  TORCH_CHECK_VALUE(r >= 1, kOp, ": the bottleneck size r = w_down.shape[0] must be at least 1; got ",
-                    w_down.sizes());
-  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == r, kOp,
-                    ": w_up must have shape [d, r] = [", d, ", ", r, "]; got ", w_up.sizes());
-  TORCH_CHECK_VALUE(!b_down || (b_down->dim() == 1 && b_down->size(0) == r), kOp,
-                    ": b_down must have shape [r] = [", r, "]; got ", b_down ? b_down->sizes() : at::IntArrayRef{});
-  TORCH_CHECK_VALUE(!b_up || (b_up->dim() == 1 && b_up->size(0) == d), kOp,
-                    ": b_up must have shape [d] = [", d, "]; got ", b_up ? b_up->sizes() : at::IntArrayRef{});
-  TORCH_CHECK_VALUE(!residual || residual->sizes() == x.sizes(), kOp,
-                    ": residual must have x's shape ", x.sizes(), "; got ",
-                    residual ? residual->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(r >= 1, kOp, ": the bottleneck size r = w_down.shape[0] must be at least 1; got ", w_down.sizes());
+  TORCH_CHECK_VALUE(w_up.dim() == 2 && w_up.size(0) == d && w_up.size(1) == r, kOp, ": w_up must have shape [d, r] = [",
+                    d, ", ", r, "]; got ", w_up.sizes());
+  TORCH_CHECK_VALUE(!b_down || (b_down->dim() == 1 && b_down->size(0) == r), kOp, ": b_down must have shape [r] = [", r,
+                    "]; got ", b_down ? b_down->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!b_up || (b_up->dim() == 1 && b_up->size(0) == d), kOp, ": b_up must have shape [d] = [", d,
+                    "]; got ", b_up ? b_up->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!residual || residual->sizes() == x.sizes(), kOp, ": residual must have x's shape ", x.sizes(),
+                    "; got ", residual ? residual->sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(d <= INT32_MAX && r <= INT32_MAX, kOp, ": d and r must fit in 32 bits");
   return {x.numel() / d, d, r};
 }
 
-void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z,
-                    const at::Tensor& w_down, const at::Tensor& w_up) {
+void check_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+                    const at::Tensor& w_up) {
   const Dims dims = check_forward(x, w_down, std::nullopt, w_up, std::nullopt, std::nullopt);
   check_like(grad_out, "adapter_backward", "grad_out", x, "x");
   check_like(z, "adapter_backward", "bottleneck", x, "x");
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "adapter_backward: grad_out must have x's shape ",
-                    x.sizes(), "; got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(z.numel() == dims.rows * dims.r, "adapter_backward: bottleneck must hold [rows, r] = [",
-                    dims.rows, ", ", dims.r, "] values (the forward ran with save_bottleneck=False?); got ",
-                    z.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "adapter_backward: grad_out must have x's shape ", x.sizes(),
+                    "; got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(z.numel() == dims.rows * dims.r, "adapter_backward: bottleneck must hold [rows, r] = [", dims.rows,
+                    ", ", dims.r, "] values (the forward ran with save_bottleneck=False?); got ", z.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const Dims& dims, const at::Tensor& w_down,
@@ -84,17 +79,17 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const 
                                                      double scale, bool save) {
   std::optional<at::Tensor> res2;
   if (residual) res2 = residual->reshape({dims.rows, dims.d});
-  auto [out, z] = cpu::lowrank_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act,
-                                       scale, save);
+  auto [out, z] =
+      cpu::lowrank_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act, scale, save);
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
 Grads5 backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
-                         const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
-                         bool residual_is_x, std::array<bool, 5> mask) {
-  auto [dx, dwd, dbd, dwu, dbu] = cpu::lowrank_backward(
-      grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}), z.reshape({dims.rows, dims.r}),
-      w_down, w_up, act, scale, residual_is_x, mask);
+                          const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
+                          bool residual_is_x, std::array<bool, 5> mask) {
+  auto [dx, dwd, dbd, dwu, dbu] =
+      cpu::lowrank_backward(grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}),
+                            z.reshape({dims.rows, dims.r}), w_down, w_up, act, scale, residual_is_x, mask);
   return {dx.defined() ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dwd),
           defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
 }
@@ -205,7 +200,8 @@ Grads5 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const a
   const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
   const Activation act = parse_activation(activation);
 #ifdef PEFTKERN_WITH_CUDA
-  if (lowrank_fused(x, dims.r)) return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+  if (lowrank_fused(x, dims.r))
+    return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
 #endif
   return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
 }

@@ -20,22 +20,20 @@ namespace peftkern::ops {
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor (float32, float16, bfloat16 or float64); got ",
-                   t.scalar_type());
+                   " must be a floating-point tensor (float32, float16, bfloat16 or float64); got ", t.scalar_type());
 }
 
 // t must have ref's dtype and device (ref is the op's first input, named ref_name).
 inline void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-                   t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
-                   "; all floating-point inputs must share one dtype");
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
-                    ref_name, " is on ", ref.device(), "; all inputs must be on one device");
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+                   ref_name, " has dtype ", ref.scalar_type(), "; all floating-point inputs must share one dtype");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; all inputs must be on one device");
 }
 
-inline void check_like(const std::optional<at::Tensor>& t, const char* op, const char* name,
-                       const at::Tensor& ref, const char* ref_name) {
+inline void check_like(const std::optional<at::Tensor>& t, const char* op, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
   if (t) check_like(*t, op, name, ref, ref_name);
 }
 
@@ -71,9 +69,7 @@ inline DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-inline const void* data_or_null(const std::optional<at::Tensor>& t) {
-  return t ? t->data_ptr() : nullptr;
-}
+inline const void* data_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
 
 inline std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -129,9 +125,10 @@ inline void check_ids(const char* op, const char* name, const at::Tensor& ids, i
 // (the CUDA kernels where they apply, else the ATen composite of csrc/cpu/). A glue file defines
 // `void register_impls(torch::Library& m)` and ends with PEFTKERN_REGISTER_IMPLS(register_impls).
 #ifdef PEFTKERN_WITH_CUDA
-#define PEFTKERN_REGISTER_IMPLS(fn)                  \
+#define PEFTKERN_REGISTER_IMPLS(fn)               \
   TORCH_LIBRARY_IMPL(peftkern, CPU, m) { fn(m); } \
   TORCH_LIBRARY_IMPL(peftkern, CUDA, m) { fn(m); }
 #else
-#define PEFTKERN_REGISTER_IMPLS(fn) TORCH_LIBRARY_IMPL(peftkern, CPU, m) { fn(m); }
+#define PEFTKERN_REGISTER_IMPLS(fn) \
+  TORCH_LIBRARY_IMPL(peftkern, CPU, m) { fn(m); }
 #endif

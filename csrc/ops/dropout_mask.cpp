@@ -21,10 +21,10 @@ constexpr const char* kOp = "dropout_mask";
 
 at::Tensor dropout_mask(const at::Tensor& x, const at::Tensor& seed_offset, double p) {
   TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least 1 dimension; got ", x.sizes());
-  TORCH_CHECK_VALUE(seed_offset.numel() == 2 && seed_offset.scalar_type() == at::kLong &&
-                        seed_offset.device() == x.device(),
-                    kOp, ": seed_offset must be int64 [2] on x's device (", x.device(), "); got ",
-                    seed_offset.scalar_type(), " ", seed_offset.sizes(), " on ", seed_offset.device());
+  TORCH_CHECK_VALUE(
+      seed_offset.numel() == 2 && seed_offset.scalar_type() == at::kLong && seed_offset.device() == x.device(), kOp,
+      ": seed_offset must be int64 [2] on x's device (", x.device(), "); got ", seed_offset.scalar_type(), " ",
+      seed_offset.sizes(), " on ", seed_offset.device());
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, kOp, ": p must be in [0, 1); got ", p);
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
   const at::Tensor so = seed_offset.contiguous();

@@ -60,11 +60,11 @@ at::Tensor dropped(const at::Tensor& x2, const at::Tensor& mask) {
 }
 
 // The low-rank update by ATen ops, on top of `base` (2-D): the CPU path and the CUDA slow path.
-std::tuple<at::Tensor, at::Tensor> composite_forward(const at::Tensor& x2, const at::Tensor& base, const at::Tensor& lora_A,
-                                                     const at::Tensor& lora_B, double scaling, const at::Tensor& mask,
-                                                     bool save) {
-  return cpu::lowrank_forward(dropped(x2, mask), lora_A, std::nullopt, lora_B, std::nullopt, base, Activation::kIdentity,
-                              scaling, save);
+std::tuple<at::Tensor, at::Tensor> composite_forward(const at::Tensor& x2, const at::Tensor& base,
+                                                     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
+                                                     const at::Tensor& mask, bool save) {
+  return cpu::lowrank_forward(dropped(x2, mask), lora_A, std::nullopt, lora_B, std::nullopt, base,
+                              Activation::kIdentity, scaling, save);
 }
 
 // Gradients of the low-rank update: (dx term, d lora_A, d lora_B), undefined where not asked.
@@ -73,9 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> composite_backward(const at::Tens
                                                                   const at::Tensor& lora_B, double scaling,
                                                                   const at::Tensor& mask, bool need_dx, bool need_dA,
                                                                   bool need_dB) {
-  auto [dxd, dA, unused_dbd, dB, unused_dbu] = cpu::lowrank_backward(
-      g2, dropped(x2, mask), u2, lora_A, lora_B, Activation::kIdentity, scaling, false,
-      {need_dx, need_dA, false, need_dB, false});
+  auto [dxd, dA, unused_dbd, dB, unused_dbu] =
+      cpu::lowrank_backward(g2, dropped(x2, mask), u2, lora_A, lora_B, Activation::kIdentity, scaling, false,
+                            {need_dx, need_dA, false, need_dB, false});
   if (dxd.defined() && mask.defined()) dxd = dxd * mask;  // d dropout(x) / dx
   return {dxd, dA, dB};
 }
@@ -86,7 +86,7 @@ Forward finish_forward(const at::Tensor& x, const Dims& dims, const at::Tensor& 
 }
 
 Grads5 finish_backward(const at::Tensor& x, const at::Tensor& dx, const at::Tensor& dw, const at::Tensor& db,
-                      const at::Tensor& dA, const at::Tensor& dB) {
+                       const at::Tensor& dA, const at::Tensor& dB) {
   return {dx.defined() ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dw),
           defined_or_none(db), defined_or_none(dA), defined_or_none(dB)};
 }
@@ -103,8 +103,9 @@ bool use_addmm_update() {
 }
 
 // p: the dropout probability applied (0 in eval).
-Forward forward_cuda(const at::Tensor& x, const Dims& dims, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double p, bool save) {
+Forward forward_cuda(const at::Tensor& x, const Dims& dims, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                     double scaling, double p, bool save) {
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x2 = x.reshape({dims.rows, dims.n_in}).contiguous();
@@ -244,7 +245,8 @@ Grads5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, con
                             const at::Tensor& seed_offset, double scaling, double dropout_p, std::array<bool, 5> need) {
   const Dims dims = check_lora(x, weight, std::nullopt, lora_A, lora_B, dropout_p);
 #ifdef PEFTKERN_WITH_CUDA
-  if (x.is_cuda()) return backward_cuda(grad_out, x, dims, weight, lora_A, lora_B, u, seed_offset, scaling, dropout_p, need);
+  if (x.is_cuda())
+    return backward_cuda(grad_out, x, dims, weight, lora_A, lora_B, u, seed_offset, scaling, dropout_p, need);
 #endif
   const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
   const at::Tensor g2 = grad_out.reshape({dims.rows, dims.n_out});
@@ -252,7 +254,8 @@ Grads5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, con
   at::Tensor mask;
   if (dropout_p > 0) {
     const int64_t* so = seed_offset.data_ptr<int64_t>();
-    mask = cpu::dropout_mask(dims.rows, dims.n_in, static_cast<uint64_t>(so[0]), static_cast<uint64_t>(so[1]), dropout_p);
+    mask =
+        cpu::dropout_mask(dims.rows, dims.n_in, static_cast<uint64_t>(so[0]), static_cast<uint64_t>(so[1]), dropout_p);
   }
   auto [dx_low, dA, dB] = composite_backward(g2, x2, u.reshape({dims.rows, dims.r}), lora_A, lora_B, scaling, mask,
                                              need_dx, need_dA, need_dB);

@@ -34,15 +34,16 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
   const auto [rows, n_in, n_out] = check_linear(kMultiOp, x, weight, bias);
   check_like(lora_A, kMultiOp, "lora_A", x, "x");
   check_like(lora_B, kMultiOp, "lora_B", x, "x");
-  TORCH_CHECK_TYPE(at::isFloatingType(scalings.scalar_type()), kMultiOp, ": scalings must be a floating-point tensor; got ",
-                   scalings.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(scalings.scalar_type()), kMultiOp,
+                   ": scalings must be a floating-point tensor; got ", scalings.scalar_type());
   TORCH_CHECK_VALUE(scalings.device() == x.device(), kMultiOp, ": scalings is on ", scalings.device(), " but x is on ",
                     x.device());
   TORCH_CHECK_VALUE(lora_A.dim() == 3 && lora_A.size(0) >= 1 && lora_A.size(1) >= 1 && lora_A.size(2) == n_in, kMultiOp,
                     ": lora_A must have shape [L, r, in_features] with in_features = ", n_in, "; got ", lora_A.sizes());
   const int64_t L = lora_A.size(0), r = lora_A.size(1);
-  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == L && lora_B.size(1) == n_out && lora_B.size(2) == r, kMultiOp,
-                    ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ", lora_B.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 3 && lora_B.size(0) == L && lora_B.size(1) == n_out && lora_B.size(2) == r,
+                    kMultiOp, ": lora_B must have shape [L, out_features, r] = [", L, ", ", n_out, ", ", r, "]; got ",
+                    lora_B.sizes());
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
                     "]; got ", scalings.sizes());
   // In capture, ids >= L act as -1; the backward skips the host read its forward already did.
@@ -59,8 +60,8 @@ std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_
   return {order, counts};
 }
 
-at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                   const at::Tensor& ids, const at::Tensor& scalings) {
+at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A,
+                                   const at::Tensor& lora_B, const at::Tensor& ids, const at::Tensor& scalings) {
   const int64_t L = lora_A.size(0);
   const auto mt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto [order, counts] = group_by_adapter(ids, L);
@@ -91,8 +92,8 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
     const auto [order, counts] = group_by_adapter(ids, L);
     const at::Tensor zero = at::zeros({1}, counts.options());
     const at::Tensor seg_start = at::cat({zero, counts.cumsum(0)}).narrow(0, 0, L + 1).contiguous();
-    const at::Tensor blocks = (counts.narrow(0, 0, L) + (kernels::kLowRankRowsPerBlock - 1))
-                                  .div(kernels::kLowRankRowsPerBlock, "floor");
+    const at::Tensor blocks =
+        (counts.narrow(0, 0, L) + (kernels::kLowRankRowsPerBlock - 1)).div(kernels::kLowRankRowsPerBlock, "floor");
     const at::Tensor block_start = at::cat({zero, blocks.cumsum(0)}).contiguous();
     const at::Tensor scales = scalings.to(at::kFloat).contiguous();
     const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
@@ -123,8 +124,8 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
 }
 
 Grads5 lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                          const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
-                          const at::Tensor& scalings, std::array<bool, 5> need) {
+                           const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& ids,
+                           const at::Tensor& scalings, std::array<bool, 5> need) {
   const MultiDims dims = check_multi(x, weight, std::nullopt, lora_A, lora_B, ids, scalings, false);
   const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
   const auto dt = x.scalar_type();

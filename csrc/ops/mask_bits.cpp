@@ -12,7 +12,8 @@ namespace {
 at::Tensor pack_mask(const at::Tensor& scores, double threshold) {
   TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "pack_mask: scores must be a floating-point tensor; got ",
                    scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.dim() == 2, "pack_mask: scores must be 2-D [out_features, in_features]; got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 2, "pack_mask: scores must be 2-D [out_features, in_features]; got ",
+                    scores.sizes());
 #ifdef PEFTKERN_WITH_CUDA
   if (scores.is_cuda() && scores.scalar_type() != at::kDouble && scores.numel() > 0) {
     const c10::cuda::CUDAGuard guard(scores.device());
@@ -33,8 +34,8 @@ at::Tensor pack_mask(const at::Tensor& scores, double threshold) {
 }
 
 at::Tensor unpack_mask(const at::Tensor& bits, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0, "unpack_mask: shape must be [out_features, in_features]; got ",
-                    shape);
+  TORCH_CHECK_VALUE(shape.size() == 2 && shape[0] >= 0 && shape[1] >= 0,
+                    "unpack_mask: shape must be [out_features, in_features]; got ", shape);
   check_bits("unpack_mask", "bits", bits, {}, shape[0], shape[1], bits.device());
   return cpu::unpack_bits(bits, shape[1]);
 }

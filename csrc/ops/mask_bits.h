@@ -24,7 +24,7 @@ namespace peftkern::ops {
 
 // bits: int32 [*lead, n_out, ceil(n_in / 32)] on `device`.
 inline void check_bits(const char* op, const char* name, const at::Tensor& bits, at::IntArrayRef lead, int64_t n_out,
-                int64_t n_in, const at::Device& device) {
+                       int64_t n_in, const at::Device& device) {
   TORCH_CHECK_TYPE(bits.scalar_type() == at::kInt, op, ": ", name, " must be int32 (packed by pack_mask); got ",
                    bits.scalar_type());
   TORCH_CHECK_VALUE(bits.device() == device, op, ": ", name, " is on ", bits.device(), " but x is on ", device);
@@ -39,7 +39,7 @@ inline void check_bits(const char* op, const char* name, const at::Tensor& bits,
 // out = x2 @ (weight * mask)^T + bias with the mask from bits (task_ids: per-token masks) on CUDA,
 // for at most kMaskedMatvecMaxTokens rows.
 inline at::Tensor packed_matvec(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const at::Tensor& bits, const at::Tensor& task_ids) {
+                                const at::Tensor& bits, const at::Tensor& task_ids) {
   const at::Tensor xc = x2.contiguous(), w = weight.contiguous(), bc = bits.contiguous();
   const std::optional<at::Tensor> b = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   at::Tensor out = at::empty({x2.size(0), weight.size(0)}, x2.options());

@@ -37,7 +37,6 @@ bool kernel_dtypes(const at::Tensor& w, const at::Tensor& s) {
 }
 #endif
 
-
 std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& scores,
                                                   double threshold, bool save) {
@@ -91,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor> masked_forward(const at::Tensor& x, const at:
   return {base_product(x2, weight * keep, bias).view(out_shape), bits};
 }
 
-Grads4 masked_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scores,
-                      const at::Tensor& bits, std::array<bool, 4> need) {
+Grads4 masked_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                       const at::Tensor& scores, const at::Tensor& bits, std::array<bool, 4> need) {
   const LinearDims dims = check_linear(kOp, x, weight, std::nullopt);
   check_scores(kOp, scores, weight);
   check_bits(kOp, "mask_bits", bits, {}, dims.n_out, dims.n_in, x.device());
@@ -141,7 +140,7 @@ Grads4 masked_backward(const at::Tensor& grad_out, const at::Tensor& x, const at
   const auto mt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (need_dx) dx = at::mm(g2.to(mt), (weight * keep).to(mt)).to(x.scalar_type()).view(x.sizes());
   if (need_dw || need_ds) {
-    const at::Tensor grad_w_eff = at::mm(g2.to(mt).t(), x2.to(mt));  // dL/dW_eff
+    const at::Tensor grad_w_eff = at::mm(g2.to(mt).t(), x2.to(mt));           // dL/dW_eff
     if (need_ds) ds = (grad_w_eff * weight.to(mt)).to(scores.scalar_type());  // straight through
     if (need_dw) dw = (grad_w_eff * keep).to(weight.scalar_type());
   }

@@ -14,11 +14,13 @@ at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std
                         const at::Tensor& bits, const at::Tensor& task_ids) {
   const char* op = "masked_linear_multi";
   const LinearDims dims = check_linear(op, x, weight, bias);
-  TORCH_CHECK_VALUE(bits.dim() == 3, op, ": mask_bits_stack must have shape [tasks, out_features, ceil(in_features / 32)]; got ",
+  TORCH_CHECK_VALUE(bits.dim() == 3, op,
+                    ": mask_bits_stack must have shape [tasks, out_features, ceil(in_features / 32)]; got ",
                     bits.sizes());
   const int64_t tasks = bits.size(0);
   check_bits(op, "mask_bits_stack", bits, {tasks}, dims.n_out, dims.n_in, x.device());
-  check_ids(op, "task_ids", task_ids, dims.rows, "tokens", x, "x", -1, tasks, "[-1, tasks)");  // capture: out of range acts as -1
+  check_ids(op, "task_ids", task_ids, dims.rows, "tokens", x, "x", -1, tasks,
+            "[-1, tasks)");  // capture: out of range acts as -1
   const at::Tensor x2 = x.reshape({dims.rows, dims.n_in});
   const auto out_shape = with_last(x.sizes(), dims.n_out);
 #ifdef PEFTKERN_WITH_CUDA
@@ -40,9 +42,7 @@ at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std
   return out.view(out_shape);
 }
 
-void register_impls(torch::Library& m) {
-  m.impl("masked_linear_multi", &masked_multi);
-}
+void register_impls(torch::Library& m) { m.impl("masked_linear_multi", &masked_multi); }
 
 }  // namespace
 

@@ -9,8 +9,8 @@
 #ifdef PEFTKERN_WITH_CUDA
 #include <cuda_runtime_api.h>
 
-#include "kernels/lowrank.h"
 #include "kernels/build_info.h"
+#include "kernels/lowrank.h"
 #endif
 
 namespace py = pybind11;
@@ -49,5 +49,6 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "peftkern's compiled ops (registered under torch.ops.peftkern)";
-  m.def("build_info", &build_info, "What this build of peftkern compiled: CUDA or not, CUDA version, archs, torch version.");
+  m.def("build_info", &build_info,
+        "What this build of peftkern compiled: CUDA or not, CUDA version, archs, torch version.");
 }

@@ -69,20 +69,22 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                     " (q's); got ", k.sizes());
   TORCH_CHECK_VALUE(k.size(0) == B, kOp, ": k has batch ", k.size(0), " but q has batch ", B);
   const int64_t Hkv = k.size(1), S = k.size(2);
-  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, kOp, ": q's heads H = ", H, " must be a multiple of k's heads Hkv = ", Hkv);
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, kOp, ": q's heads H = ", H,
+                    " must be a multiple of k's heads Hkv = ", Hkv);
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), kOp, ": v must have k's shape ", k.sizes(), "; got ", v.sizes());
   const bool per_task = prefix_k.dim() == 4;
   TORCH_CHECK_VALUE((prefix_k.dim() == 3 || per_task) && prefix_k.size(-3) == Hkv && prefix_k.size(-1) == D, kOp,
                     ": prefix_k must have shape [Hkv, P, D] = [", Hkv, ", P, ", D, "] or [T, ", Hkv, ", P, ", D,
                     "]; got ", prefix_k.sizes());
-  TORCH_CHECK_VALUE(prefix_v.sizes() == prefix_k.sizes(), kOp, ": prefix_v must have prefix_k's shape ", prefix_k.sizes(),
-                    "; got ", prefix_v.sizes());
+  TORCH_CHECK_VALUE(prefix_v.sizes() == prefix_k.sizes(), kOp, ": prefix_v must have prefix_k's shape ",
+                    prefix_k.sizes(), "; got ", prefix_v.sizes());
   const int64_t P = prefix_k.size(-2), tasks = per_task ? prefix_k.size(0) : 0;
   TORCH_CHECK_VALUE(!per_task || tasks >= 1, kOp, ": prefix_k holds no task prefix; got ", prefix_k.sizes());
   TORCH_CHECK_VALUE(!per_task || prefix_ids, kOp, ": prefix_k holds ", tasks,
                     " task prefixes [T, Hkv, P, D]; prefix_ids [B] must say which one each sample uses");
-  TORCH_CHECK_VALUE(per_task || !prefix_ids, kOp,
-                    ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
+  TORCH_CHECK_VALUE(
+      per_task || !prefix_ids, kOp,
+      ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
   if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)", check_id_values);
   TORCH_CHECK_VALUE(B < INT32_MAX && H < INT32_MAX && L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp,
                     ": batch, heads and sequence lengths must fit in 32 bits");
@@ -121,9 +123,8 @@ SeqKernel sequence_kernel(const at::Tensor& q, const Dims& d, bool has_mask) {
   } else if (ctx.userEnabledFlashSDP()) {
     return SeqKernel::kCpuFlash;
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(ctx.userEnabledMathSDP(), kOp,
-                              ": no enabled attention backend supports these inputs (", q.device().type(), ", ", dt,
-                              ", head dim ", d.D, has_mask ? ", attn_mask" : "",
+  TORCH_CHECK_NOT_IMPLEMENTED(ctx.userEnabledMathSDP(), kOp, ": no enabled attention backend supports these inputs (",
+                              q.device().type(), ", ", dt, ", head dim ", d.D, has_mask ? ", attn_mask" : "",
                               "); enable another one (torch.nn.attention.sdpa_kernel), e.g. the math backend");
   return SeqKernel::kMath;
 }
@@ -173,9 +174,7 @@ at::Tensor bias_for_fused(const at::Tensor& bias, const Dims& d) {
 }
 
 // k, v [B, Hkv, S, D] -> [B, H, S, D] for kernels without grouped-query heads.
-at::Tensor expand_heads(const at::Tensor& t, const Dims& d) {
-  return d.G() == 1 ? t : t.repeat_interleave(d.G(), 1);
-}
+at::Tensor expand_heads(const at::Tensor& t, const Dims& d) { return d.G() == 1 ? t : t.repeat_interleave(d.G(), 1); }
 at::Tensor sum_heads(const at::Tensor& t, const Dims& d) {  // the reverse, for gradients
   return d.G() == 1 ? t : t.view({d.B, d.Hkv, d.G(), d.S, d.D}).sum(2);
 }
@@ -201,9 +200,7 @@ bool has_out_layout(const at::Tensor& t, const Dims& d) {
 
 // t in that layout, 16-byte aligned: the memory-efficient backward reads out's row stride as H * D
 // whatever the tensor says, and cuDNN's graph cache is safest with one layout for out and grad_out.
-at::Tensor blhd(const at::Tensor& t, const Dims& d) {
-  return has_out_layout(t, d) ? t : out_like(t, d).copy_(t);
-}
+at::Tensor blhd(const at::Tensor& t, const Dims& d) { return has_out_layout(t, d) ? t : out_like(t, d).copy_(t); }
 
 // Dropout is never used: the kernels read no philox state, but the backward signatures take tensors.
 at::Tensor no_dropout_state(const at::Tensor& q) { return at::zeros({2}, q.options().dtype(at::kLong)); }
@@ -213,8 +210,8 @@ struct SeqOut {
   at::Tensor lse;  // [B, H, L] float (a view: the kernel's own layout)
 };
 
-SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const SeqMask& m, double scale, const Dims& d) {
+SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const SeqMask& m,
+                        double scale, const Dims& d) {
   switch (kern) {
     case SeqKernel::kFlash: {
       auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, m.causal, false, scale);
@@ -222,12 +219,14 @@ SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k
     }
     case SeqKernel::kEfficient: {
       auto r = at::_scaled_dot_product_efficient_attention(q, expand_heads(k, d), expand_heads(v, d),
-                                                           defined_or_none(bias_for_fused(m.bias, d)), true, 0.0, m.causal, scale);
+                                                           defined_or_none(bias_for_fused(m.bias, d)), true, 0.0,
+                                                           m.causal, scale);
       return {std::get<0>(r), std::get<1>(r).narrow(2, 0, d.L)};  // lse rows padded to a multiple of 32
     }
     case SeqKernel::kCudnn: {
       auto r = at::_scaled_dot_product_cudnn_attention(q, expand_heads(k, d), expand_heads(v, d),
-                                                       defined_or_none(bias_for_fused(m.bias, d)), true, 0.0, m.causal, false, scale);
+                                                       defined_or_none(bias_for_fused(m.bias, d)), true, 0.0, m.causal,
+                                                       false, scale);
       const at::Tensor lse = std::get<1>(r);
       return {std::get<0>(r), lse.dim() == 4 ? lse.select(3, 0) : lse};  // cuDNN: [B, H, L, 1]
     }
@@ -272,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
     }
     case SeqKernel::kEfficient: {
       // lse as its forward writes it: [B, H, L rounded up to 32], the padding +inf
-      const at::Tensor lse_padded = at::full({d.B, d.H, round_up<int64_t>(d.L, 32)}, kInf, lse.options().dtype(at::kFloat));
+      const at::Tensor lse_padded =
+          at::full({d.B, d.H, round_up<int64_t>(d.L, 32)}, kInf, lse.options().dtype(at::kFloat));
       lse_padded.narrow(2, 0, d.L).copy_(lse);
       const at::Tensor philox = no_dropout_state(q);
       auto r = at::_scaled_dot_product_efficient_attention_backward(
@@ -298,8 +298,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
     case SeqKernel::kMath: {
       const auto mt = cpu::attention_math_dtype(q.scalar_type());
       const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
-      auto [dq, dk, dv] = cpu::attend_backward(grad_out, q, k, v, m.bias, m.causal, scale, lse, delta, need[0], need[1],
-                                               need[2]);
+      auto [dq, dk, dv] =
+          cpu::attend_backward(grad_out, q, k, v, m.bias, m.causal, scale, lse, delta, need[0], need[1], need[2]);
       auto as = [](const at::Tensor& g, const at::Tensor& like) { return g.defined() ? g.to(like.scalar_type()) : g; };
       return {as(dq, q), as(dk, k), as(dv, v)};
     }
@@ -313,7 +313,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(SeqKernel kern,
 at::ScalarType lse_dtype(const at::Tensor& q) {  // float64 for float64 (gradcheck), else float32
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
-at::Tensor lse_like(const at::Tensor& q, const Dims& d) { return at::empty({d.B, d.H, d.L}, q.options().dtype(lse_dtype(q))); }
+at::Tensor lse_like(const at::Tensor& q, const Dims& d) {
+  return at::empty({d.B, d.H, d.L}, q.options().dtype(lse_dtype(q)));
+}
 
 // The composite's prefix part: each sample's prefix keys and values, and the bias that hides them
 // from samples whose id is outside [0, T).
@@ -337,9 +339,7 @@ bool prefix_kernel_fits(const at::Tensor& q, const Dims& d) {
 }
 
 kernels::AttnRows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-kernels::AttnStats stats(const at::Tensor& t) {
-  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
-}
+kernels::AttnStats stats(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, const at::Tensor& pk,
                                            const at::Tensor& pv, const at::Tensor& ids, double scale) {
@@ -369,7 +369,7 @@ at::Tensor kernel_ids(const std::optional<at::Tensor>& ids) {
 at::Tensor prefix_grad_per_sample(const at::Tensor& rows_ws, const at::Tensor& x, const Dims& d) {
   const int64_t n = x.size(0), nH = n * d.H;
   const at::Tensor a = rows_ws.view({nH, d.L, rows_ws.size(3)}).narrow(2, 0, d.P).transpose(1, 2);  // [nH, P, L]
-  const at::Tensor partial = at::bmm(a, x.reshape({nH, d.L, d.D}), at::kFloat);                   // [nH, P, D]
+  const at::Tensor partial = at::bmm(a, x.reshape({nH, d.L, d.D}), at::kFloat);                     // [nH, P, D]
   return d.G() == 1 ? partial.view({n, d.Hkv, d.P, d.D}) : partial.view({n, d.Hkv, d.G(), d.P, d.D}).sum(2);
 }
 
@@ -425,11 +425,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
 
 #endif  // PEFTKERN_WITH_CUDA
 
-std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                     const std::optional<at::Tensor>& prefix_ids,
-                                                     const std::optional<at::Tensor>& attn_mask, bool causal,
-                                                     double scale) {
+std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& prefix_k,
+                                                            const at::Tensor& prefix_v,
+                                                            const std::optional<at::Tensor>& prefix_ids,
+                                                            const std::optional<at::Tensor>& attn_mask, bool causal,
+                                                            double scale) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, true);
   at::Tensor lse = lse_like(q, d);
   if (d.B * d.H * d.L == 0) return {out_like(q, d), lse};
@@ -464,8 +465,8 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
       a.seq_out = rows(seq_out);
       a.seq_lse = stats(seq.lse);
     }
-    C10_CUDA_CHECK(kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale), a,
-                                                     at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(
+        kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale), a, at::cuda::getCurrentCUDAStream()));
     return {out, lse};
   }
 #endif
@@ -486,14 +487,15 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                          std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                         const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
-                         const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-                         std::array<bool, 5> need) {
+Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
+                                const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+                                std::array<bool, 5> need) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, false);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "prefix_attention_backward: grad_out and out must have q's shape ",
-                    q.sizes(), "; got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "prefix_attention_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
+                    grad_out.sizes(), " and ", out.sizes());
   check_like(grad_out, "prefix_attention_backward", "grad_out", q, "q");
   check_like(out, "prefix_attention_backward", "out", q, "q");
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({d.B, d.H, d.L}) && lse.scalar_type() == lse_dtype(q),

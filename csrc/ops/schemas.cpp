@@ -53,7 +53,8 @@ TORCH_LIBRARY(peftkern, m) {
   m.def("unpack_mask(Tensor bits, int[] shape) -> Tensor");
   m.def("masked_linear_packed(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits) -> Tensor");
   // Each row t of x uses mask_bits_stack[task_ids[t]] (-1: the unmasked weight).
-  m.def("masked_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits_stack, Tensor task_ids) -> Tensor");
+  m.def(
+      "masked_linear_multi(Tensor x, Tensor weight, Tensor? bias, Tensor mask_bits_stack, Tensor task_ids) -> Tensor");
 
   // Prefix attention: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] without building the
   // concatenation; attn_mask (bool, True = attend, or additive) covers the sequence keys only.

@@ -57,7 +57,9 @@ def unsupported_reason(layer) -> Optional[str]:
     if name not in layer.lora_A:
         return f"active adapter {name!r} has no LoRA weights in this layer"
     if name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA and other variants are not fused)"
+        return (
+            f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA and other variants are not fused)"
+        )
     if layer.lora_B[name].bias is not None:
         return "lora_B has a bias"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -74,9 +76,12 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     tensors = [x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight]
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x, weight, bias, lora_A, lora_B = (None if t is None else t.to(dt) for t in tensors)  # no copy if same dtype
-    return lora_linear(x, weight, bias, lora_A, lora_B, scaling=self.scaling[name], dropout_p=p,
-                       training=dropout.training)
+    x, weight, bias, lora_A, lora_B = (
+        None if t is None else t.to(dt) for t in tensors
+    )  # no copy if same dtype
+    return lora_linear(
+        x, weight, bias, lora_A, lora_B, scaling=self.scaling[name], dropout_p=p, training=dropout.training
+    )
 
 
 def fuse(model: nn.Module) -> FuseReport:

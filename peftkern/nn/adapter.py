@@ -30,8 +30,17 @@ class Adapter(nn.Module):
     Under autocast the adapter computes in the autocast dtype, as nn.Linear would.
     """
 
-    def __init__(self, d_model: int, bottleneck: int, *, activation: str = "gelu", scale: float = 1.0,
-                 init: str = "houlsby", device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: int,
+        *,
+        activation: str = "gelu",
+        scale: float = 1.0,
+        init: str = "houlsby",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if d_model < 1 or bottleneck < 1:
             raise ValueError(f"Adapter: d_model and bottleneck must be >= 1; got {d_model}, {bottleneck}")
@@ -61,9 +70,12 @@ class Adapter(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             tensors = [None if t is None else t.to(dt) for t in tensors]
         x, w_down, b_down, w_up, b_up, residual = tensors
-        return adapter(x, w_down, b_down, w_up, b_up, activation=self.activation, scale=self.scale,
-                       residual=residual)
+        return adapter(
+            x, w_down, b_down, w_up, b_up, activation=self.activation, scale=self.scale, residual=residual
+        )
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
-                f"scale={self.scale}, init={self.init!r}")
+        return (
+            f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
+            f"scale={self.scale}, init={self.init!r}"
+        )

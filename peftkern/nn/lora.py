@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._frozen_base import init_like_linear_, share_frozen_base
 from ..ops.lora import lora_linear
+from ._frozen_base import init_like_linear_, share_frozen_base
 
 
 class LoRALinear(nn.Module):
@@ -24,12 +24,25 @@ class LoRALinear(nn.Module):
     in the autocast dtype, as nn.Linear would.
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int, *, lora_alpha: Optional[float] = None,
-                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        *,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if in_features < 1 or out_features < 1 or r < 1:
-            raise ValueError(f"LoRALinear: in_features, out_features and r must be >= 1; got {in_features}, "
-                             f"{out_features}, {r}")
+            raise ValueError(
+                f"LoRALinear: in_features, out_features and r must be >= 1; got {in_features}, "
+                f"{out_features}, {r}"
+            )
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
         factory = dict(device=device, dtype=dtype)
@@ -68,8 +81,9 @@ class LoRALinear(nn.Module):
         """Wraps an existing nn.Linear: its weight and bias Parameters are shared (not copied) and
         frozen; the LoRA factors take the weight's device and dtype."""
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, r, bias=linear.bias is not None,
-                    device="meta", **kwargs)
+        layer = cls(
+            linear.in_features, linear.out_features, r, bias=linear.bias is not None, device="meta", **kwargs
+        )
         share_frozen_base(layer, linear)
         layer.lora_A = nn.Parameter(torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype))
         layer.lora_B = nn.Parameter(torch.empty(linear.out_features, r, device=w.device, dtype=w.dtype))
@@ -102,10 +116,20 @@ class LoRALinear(nn.Module):
         x, weight, bias, lora_A, lora_B = tensors
         if self._merged:
             return nn.functional.linear(x, weight, bias)
-        return lora_linear(x, weight, bias, lora_A, lora_B, scaling=self.scaling, dropout_p=self.lora_dropout,
-                           training=self.training)
+        return lora_linear(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            scaling=self.scaling,
+            dropout_p=self.lora_dropout,
+            training=self.training,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
-                f"bias={self.bias is not None}, merged={self._merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
+            f"bias={self.bias is not None}, merged={self._merged}"
+        )

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from ._frozen_base import init_like_linear_, share_frozen_base
 from ..ops.mask import masked_linear, pack_mask
+from ._frozen_base import init_like_linear_, share_frozen_base
 
 # Piggyback (Mallya et al. 2018) initialises the real-valued mask at 1e-2 and binarises it at
 # 5e-3, so the first binary mask keeps every weight and the masked model starts as the pretrained
@@ -27,12 +27,23 @@ class MaskedLinear(nn.Module):
     autocast dtype (scores stay in theirs).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 threshold: float = DEFAULT_THRESHOLD, score_init: float = DEFAULT_SCORE_INIT,
-                 scores_dtype=torch.float32, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        threshold: float = DEFAULT_THRESHOLD,
+        score_init: float = DEFAULT_SCORE_INIT,
+        scores_dtype=torch.float32,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"MaskedLinear: in_features and out_features must be >= 1; got {in_features}, {out_features}")
+            raise ValueError(
+                f"MaskedLinear: in_features and out_features must be >= 1; got {in_features}, {out_features}"
+            )
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.threshold, self.score_init = float(threshold), float(score_init)
@@ -55,7 +66,9 @@ class MaskedLinear(nn.Module):
         """Masks an existing nn.Linear: its weight and bias Parameters are shared (not copied) and
         frozen; the scores go on the weight's device."""
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs)
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta", **kwargs
+        )
         share_frozen_base(layer, linear)
         layer.scores = nn.Parameter(torch.empty(w.shape, device=w.device, dtype=layer.scores.dtype))
         layer.reset_scores()
@@ -77,8 +90,13 @@ class MaskedLinear(nn.Module):
     @torch.no_grad()
     def bake(self) -> nn.Linear:
         """A plain nn.Linear computing this layer's current forward (the masked weight, copied)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         linear.weight.copy_(self.weight * self.mask())
         if self.bias is not None:
             linear.bias.copy_(self.bias)
@@ -94,5 +112,8 @@ class MaskedLinear(nn.Module):
         return masked_linear(x, weight, bias, scores, threshold=self.threshold)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"threshold={self.threshold}, score_init={self.score_init}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
+            f"threshold={self.threshold}, score_init={self.score_init}"
+        )

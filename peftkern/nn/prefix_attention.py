@@ -15,8 +15,10 @@ def _check_task_ids(task_ids: Optional[Tensor], num_tasks: int, who: str) -> Non
     if task_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{who}: task_ids must be an int32 or int64 tensor; got {task_ids.dtype}")
     if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-        raise ValueError(f"{who}: task_ids must be in [0, {num_tasks}); got values in "
-                         f"[{int(task_ids.min())}, {int(task_ids.max())}]")
+        raise ValueError(
+            f"{who}: task_ids must be in [0, {num_tasks}); got values in "
+            f"[{int(task_ids.min())}, {int(task_ids.max())}]"
+        )
 
 
 class PrefixKV(nn.Module):
@@ -34,11 +36,24 @@ class PrefixKV(nn.Module):
     here they are only checked).
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, prefix_len: int, *, num_tasks: int = 1,
-                 projection_dim: Optional[int] = None, init_std: float = 0.02, device=None, dtype=None):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        prefix_len: int,
+        *,
+        num_tasks: int = 1,
+        projection_dim: Optional[int] = None,
+        init_std: float = 0.02,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if min(num_layers, num_kv_heads, head_dim, num_tasks) < 1 or prefix_len < 0:
-            raise ValueError("PrefixKV: num_layers, num_kv_heads, head_dim and num_tasks must be >= 1, prefix_len >= 0")
+            raise ValueError(
+                "PrefixKV: num_layers, num_kv_heads, head_dim and num_tasks must be >= 1, prefix_len >= 0"
+            )
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_len, self.num_tasks, self.projection_dim = prefix_len, num_tasks, projection_dim
         factory = dict(device=device, dtype=dtype)
@@ -67,7 +82,11 @@ class PrefixKV(nn.Module):
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"PrefixKV: layer must be in [0, {self.num_layers}); got {layer}")
         _check_task_ids(task_ids, self.num_tasks, "PrefixKV")
-        kv = self.prefix[:, layer] if self.prefix is not None else self._projected(slice(layer, layer + 1))[:, 0]
+        kv = (
+            self.prefix[:, layer]
+            if self.prefix is not None
+            else self._projected(slice(layer, layer + 1))[:, 0]
+        )
         if self.num_tasks == 1 and task_ids is None:
             return kv[0, 0], kv[0, 1]
         return kv[:, 0], kv[:, 1]
@@ -82,8 +101,10 @@ class PrefixKV(nn.Module):
         self.prefix = nn.Parameter(prefix, requires_grad=False)
 
     def extra_repr(self) -> str:
-        return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"prefix_len={self.prefix_len}, num_tasks={self.num_tasks}, projection_dim={self.projection_dim}")
+        return (
+            f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"prefix_len={self.prefix_len}, num_tasks={self.num_tasks}, projection_dim={self.projection_dim}"
+        )
 
 
 class PrefixSelfAttention(nn.Module):
@@ -92,15 +113,31 @@ class PrefixSelfAttention(nn.Module):
     -> ``[B, L, E]`` through peftkern.ops.prefix_attention. With P = 0 it is plain attention.
     No attention dropout."""
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None, causal: bool = False,
-                 bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: Optional[int] = None,
+        causal: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads or num_heads % num_kv_heads:
-            raise ValueError(f"PrefixSelfAttention: embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads}) "
-                             f"and num_heads of num_kv_heads ({num_kv_heads})")
+            raise ValueError(
+                f"PrefixSelfAttention: embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads}) "
+                f"and num_heads of num_kv_heads ({num_kv_heads})"
+            )
         factory = dict(device=device, dtype=dtype)
-        self.embed_dim, self.num_heads, self.num_kv_heads, self.causal = embed_dim, num_heads, num_kv_heads, causal
+        self.embed_dim, self.num_heads, self.num_kv_heads, self.causal = (
+            embed_dim,
+            num_heads,
+            num_kv_heads,
+            causal,
+        )
         self.head_dim = embed_dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -113,22 +150,32 @@ class PrefixSelfAttention(nn.Module):
         """Reuses a torch MultiheadAttention's weights (copied). Inputs are [B, L, E] whatever the MHA's
         batch_first; its attention dropout is not applied."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("PrefixSelfAttention.from_mha: needs same q/k/v dims, no add_bias_kv, no add_zero_attn")
+            raise ValueError(
+                "PrefixSelfAttention.from_mha: needs same q/k/v dims, no add_bias_kv, no add_zero_attn"
+            )
         w = mha.in_proj_weight
-        layer = cls(mha.embed_dim, mha.num_heads, causal=causal, bias=mha.in_proj_bias is not None,
-                    device=w.device, dtype=w.dtype)
+        layer = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            causal=causal,
+            bias=mha.in_proj_bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
         E = mha.embed_dim
         with torch.no_grad():
             for i, proj in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):
-                proj.weight.copy_(w[i * E:(i + 1) * E])
+                proj.weight.copy_(w[i * E : (i + 1) * E])
                 if proj.bias is not None:
-                    proj.bias.copy_(mha.in_proj_bias[i * E:(i + 1) * E])
+                    proj.bias.copy_(mha.in_proj_bias[i * E : (i + 1) * E])
             layer.out_proj.weight.copy_(mha.out_proj.weight)
             if layer.out_proj.bias is not None:
                 layer.out_proj.bias.copy_(mha.out_proj.bias)
         return layer
 
-    def forward(self, x: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_ids: Optional[Tensor] = None
+    ) -> Tensor:
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -137,8 +184,10 @@ class PrefixSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"causal={self.causal}"
+        )
 
 
 class SoftPrompt(nn.Module):
@@ -149,13 +198,23 @@ class SoftPrompt(nn.Module):
     ``(embeds [B, N + L, E], mask [B, N + L] or None)``. ``from_embeddings(token_embeddings)``
     initialises the prompts from given token embeddings (``[N, E]``, or ``[T, N, E]`` per task)."""
 
-    def __init__(self, num_tokens: int, d_model: int, *, num_tasks: int = 1, init_std: float = 0.02,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_tokens: int,
+        d_model: int,
+        *,
+        num_tasks: int = 1,
+        init_std: float = 0.02,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if min(num_tokens, d_model, num_tasks) < 1:
             raise ValueError("SoftPrompt: num_tokens, d_model and num_tasks must be >= 1")
         self.num_tokens, self.d_model, self.num_tasks = num_tokens, d_model, num_tasks
-        self.prompt = nn.Parameter(torch.randn(num_tasks, num_tokens, d_model, device=device, dtype=dtype) * init_std)
+        self.prompt = nn.Parameter(
+            torch.randn(num_tasks, num_tokens, d_model, device=device, dtype=dtype) * init_std
+        )
 
     @classmethod
     def from_embeddings(cls, token_embeddings: Tensor) -> "SoftPrompt":
@@ -165,12 +224,18 @@ class SoftPrompt(nn.Module):
             layer.prompt.copy_(emb)
         return layer
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Optional[Tensor] = None,
-                task_ids: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        task_ids: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         B = inputs_embeds.shape[0]
         if task_ids is None:
             if self.num_tasks > 1:
-                raise ValueError(f"SoftPrompt: {self.num_tasks} task prompts; task_ids [B] must choose one per sample")
+                raise ValueError(
+                    f"SoftPrompt: {self.num_tasks} task prompts; task_ids [B] must choose one per sample"
+                )
             prompts = self.prompt[0].expand(B, -1, -1)
         else:
             _check_task_ids(task_ids, self.num_tasks, "SoftPrompt")

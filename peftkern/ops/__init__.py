@@ -1,10 +1,20 @@
 """peftkern's autograd ops: one public function per op (see each docstring for the exact math)."""
 
 from .adapter import ADAPTER_ACTIVATIONS, adapter
-from .prefix_attention import prefix_attention
 from .lora import dropout_mask, lora_linear, lora_linear_multi
 from .mask import masked_linear, masked_linear_multi, masked_linear_packed, pack_mask, unpack_mask
+from .prefix_attention import prefix_attention
 
-__all__ = ["adapter", "ADAPTER_ACTIVATIONS", "lora_linear", "lora_linear_multi", "dropout_mask",
-           "masked_linear", "masked_linear_packed", "masked_linear_multi", "pack_mask", "unpack_mask",
-           "prefix_attention"]
+__all__ = [
+    "adapter",
+    "ADAPTER_ACTIVATIONS",
+    "lora_linear",
+    "lora_linear_multi",
+    "dropout_mask",
+    "masked_linear",
+    "masked_linear_packed",
+    "masked_linear_multi",
+    "pack_mask",
+    "unpack_mask",
+    "prefix_attention",
+]

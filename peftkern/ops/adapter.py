@@ -49,7 +49,9 @@ def _adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, activation, s
 
 
 @torch.library.register_fake("peftkern::adapter_backward")
-def _adapter_backward_fake(grad_out, x, bottleneck, w_down, w_up, activation, scale, residual_is_x, output_mask):
+def _adapter_backward_fake(
+    grad_out, x, bottleneck, w_down, w_up, activation, scale, residual_is_x, output_mask
+):
     shapes = (x.shape, w_down.shape, w_down.shape[:1], w_up.shape, w_up.shape[:1])
     return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, output_mask))
 

@@ -59,8 +59,9 @@ def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, trai
 
 
 @torch.library.register_fake("peftkern::lora_linear_backward")
-def _lora_backward_fake(grad_out, x, weight, lora_A, lora_B, lora_hidden, seed_offset, scaling, dropout_p,
-                        output_mask):
+def _lora_backward_fake(
+    grad_out, x, weight, lora_A, lora_B, lora_hidden, seed_offset, scaling, dropout_p, output_mask
+):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
     return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, output_mask))
 
@@ -89,7 +90,9 @@ def _lora_backward(ctx, grad_out, _grad_u, _grad_seed):
     return (*grads, None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::lora_linear_forward", _lora_backward, setup_context=_lora_setup_context)
+torch.library.register_autograd(
+    "peftkern::lora_linear_forward", _lora_backward, setup_context=_lora_setup_context
+)
 
 
 def lora_linear_multi(
@@ -104,7 +107,8 @@ def lora_linear_multi(
 ) -> Tensor:
     """One base layer, L LoRA adapters, each token its own (the serving case of Punica / S-LoRA)::
 
-        out[t] = x[t] @ weight.T + bias + scalings[i] * (x[t] @ lora_A[i].T) @ lora_B[i].T,  i = adapter_ids[t]
+        out[t] = x[t] @ weight.T + bias + scalings[i] * (x[t] @ lora_A[i].T) @ lora_B[i].T
+        i = adapter_ids[t]
 
     x ``[..., in]`` (tokens = x.numel() / in); lora_A ``[L, r, in]``; lora_B ``[L, out, r]``;
     adapter_ids ``[tokens]`` int32/int64 in [-1, L), -1 = no adapter (base only); scalings ``[L]``
@@ -118,7 +122,9 @@ def lora_linear_multi(
     """
     if not isinstance(scalings, torch.Tensor):
         scalings = torch.tensor(scalings, dtype=torch.float32, device=x.device)
-    return torch.ops.peftkern.lora_linear_multi_forward(x, weight, bias, lora_A, lora_B, adapter_ids, scalings)
+    return torch.ops.peftkern.lora_linear_multi_forward(
+        x, weight, bias, lora_A, lora_B, adapter_ids, scalings
+    )
 
 
 @torch.library.register_fake("peftkern::lora_linear_multi_forward")

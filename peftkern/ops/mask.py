@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 
-def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, *, threshold: float) -> Tensor:
+def masked_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, *, threshold: float
+) -> Tensor:
     """Linear layer through a learned binary mask::
 
         m   = scores > threshold                  # strict, compared in float32; a NaN score is dropped
@@ -24,7 +26,9 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Ten
     skip that and apply the mask while reading the weight; the backward rebuilds ``weight * m``
     from the bits and applies the straight-through product in one pass.
     """
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scores))
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scores)
+    )
     out, _ = torch.ops.peftkern.masked_linear_forward(x, weight, bias, scores, float(threshold), save)
     return out
 
@@ -48,8 +52,9 @@ def masked_linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask
     return torch.ops.peftkern.masked_linear_packed(x, weight, bias, mask_bits)
 
 
-def masked_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_bits_stack: Tensor,
-                        task_ids: Tensor) -> Tensor:
+def masked_linear_multi(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_bits_stack: Tensor, task_ids: Tensor
+) -> Tensor:
     """Many tasks over one frozen weight: row t of x uses ``mask_bits_stack[task_ids[t]]``
     (``[tasks, out, ceil(in / 32)]`` packed masks; task -1 = the unmasked weight). CUDA, up to 16
     rows: one pass over the weight, each row's mask applied on load; larger batches: one masked
@@ -105,17 +110,25 @@ def _masked_backward(ctx, grad_out, _grad_bits):
     return (*grads, None, None)
 
 
-torch.library.register_autograd("peftkern::masked_linear_forward", _masked_backward,
-                                setup_context=_masked_setup_context)
+torch.library.register_autograd(
+    "peftkern::masked_linear_forward", _masked_backward, setup_context=_masked_setup_context
+)
 
 
 def _inference_only(name):
     def backward(ctx, *grads):
         raise RuntimeError(f"peftkern: {name} is forward only (serving); train masks with masked_linear")
+
     return backward
 
 
-torch.library.register_autograd("peftkern::masked_linear_packed", _inference_only("masked_linear_packed"),
-                                setup_context=lambda ctx, inputs, output: None)
-torch.library.register_autograd("peftkern::masked_linear_multi", _inference_only("masked_linear_multi"),
-                                setup_context=lambda ctx, inputs, output: None)
+torch.library.register_autograd(
+    "peftkern::masked_linear_packed",
+    _inference_only("masked_linear_packed"),
+    setup_context=lambda ctx, inputs, output: None,
+)
+torch.library.register_autograd(
+    "peftkern::masked_linear_multi",
+    _inference_only("masked_linear_multi"),
+    setup_context=lambda ctx, inputs, output: None,
+)

@@ -51,12 +51,15 @@ def prefix_attention(
     attends to no prefix.
     """
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise ValueError("prefix_attention: attn_mask requires grad, but no gradient flows to the mask; "
-                         "pass attn_mask.detach()")
+        raise ValueError(
+            "prefix_attention: attn_mask requires grad, but no gradient flows to the mask; "
+            "pass attn_mask.detach()"
+        )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = torch.ops.peftkern.prefix_attention_forward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask,
-                                                          bool(causal), float(scale))
+    out, _ = torch.ops.peftkern.prefix_attention_forward(
+        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), float(scale)
+    )
     return out
 
 
@@ -72,8 +75,9 @@ def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, c
 
 
 @torch.library.register_fake("peftkern::prefix_attention_backward")
-def _prefix_attention_backward_fake(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, causal,
-                                   scale, output_mask):
+def _prefix_attention_backward_fake(
+    grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, causal, scale, output_mask
+):
     like = (q, k, v, prefix_k, prefix_v)
     return tuple(torch.empty_like(t) if need else None for t, need in zip(like, output_mask))
 
@@ -91,8 +95,21 @@ def _backward(ctx, grad_out, _grad_lse):
     mask = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = (None,) * 5
     if any(mask):
-        grads = torch.ops.peftkern.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_ids,
-                                                             attn_mask, out, lse, ctx.causal, ctx.scale, mask)
+        grads = torch.ops.peftkern.prefix_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            prefix_k,
+            prefix_v,
+            prefix_ids,
+            attn_mask,
+            out,
+            lse,
+            ctx.causal,
+            ctx.scale,
+            mask,
+        )
     return (*grads, None, None, None, None)
 
 
