@@ -6,17 +6,18 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1
 PY := $(VENV)/bin/python
 CUDA_HOME ?= /usr/local/cuda
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
-export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+export CUDA_HOME MAX_JOBS
+# TORCH_CUDA_ARCH_LIST passes through from the environment; unset, the build's default is
+# scripts/build_config.py's.
 
-.PHONY: venv build test bench bench-full cmake-build cmake-test clean
+.PHONY: venv build test lint bench bench-full cmake-build cmake-test clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja cmake pybind11 setuptools wheel
+	$(PY) -m pip install "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja cmake pybind11 setuptools wheel ruff
 	$(PY) -m pip install peft transformers  # interop tests and the peft benchmark provider
 	touch $@
 
@@ -26,6 +27,11 @@ build: venv
 
 test: build
 	$(PY) -m pytest tests -q -rs
+
+# Python style (pyproject.toml's ruff config); CI runs it. C++/CUDA style: .clang-format.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: build
 	$(PY) -m bench.run --quick

@@ -5,7 +5,7 @@ CUDA kernels are compiled when torch is a CUDA build and a CUDA toolkit is found
 Install with the torch already in the environment:  pip install --no-build-isolation -e .
 
 Environment:
-  TORCH_CUDA_ARCH_LIST  target archs, default "8.0;9.0" (Ampere, Hopper)
+  TORCH_CUDA_ARCH_LIST  target archs, default scripts/build_config.py's (Ampere, Hopper)
   PEFTKERN_CPU_ONLY=1   skip the CUDA kernels even when a toolkit is there
   MAX_JOBS              parallel compile jobs (nvcc is memory-hungry)
   PEFTKERN_REQUIRE_CUDA_ARCHS  fail instead of falling back to a CPU-only build (CI sets it)
@@ -20,7 +20,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import build_config  # noqa: E402  (the build defaults, shared with CMakeLists.txt)
 
 
 def log(msg):
@@ -44,18 +45,7 @@ def nvcc_version(cuda_home):
 
 def cuda_library_header_dirs(cuda_home):
     """Where cublas_v2.h / cusparse.h live when the toolkit lacks them (torch's nvidia wheels)."""
-    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
-        return []
-    try:
-        import nvidia  # namespace package of the nvidia-* wheels that torch depends on
-    except ImportError:
-        return []
-    dirs = []
-    for root in nvidia.__path__:
-        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
-            if any(os.path.exists(os.path.join(inc, h)) for h in ("cublas_v2.h", "cusparse.h")):
-                dirs.append(inc)
-    return dirs
+    return [] if build_config.toolkit_has_library_headers(cuda_home) else build_config.wheel_include_dirs()
 
 
 import torch  # noqa: E402
@@ -64,7 +54,7 @@ cuda_home = None if os.environ.get("PEFTKERN_CPU_ONLY") == "1" else find_cuda_ho
 with_cuda = torch.version.cuda is not None and cuda_home is not None
 if with_cuda:
     os.environ["CUDA_HOME"] = cuda_home  # before cpp_extension reads it
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_config.DEFAULT_CUDA_ARCHS)
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
