@@ -2,6 +2,8 @@
 // no CUDA header.
 #pragma once
 
+#include <cstdint>
+
 // Functions shared by host code and CUDA kernels.
 #if defined(__CUDACC__)
 #define PEFTKERN_HD __host__ __device__ __forceinline__

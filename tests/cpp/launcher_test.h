@@ -18,13 +18,13 @@
 
 #include "kernels/kernel_types.h"
 
-#define CHECK_CUDA(expr)                                                                          \
-  do {                                                                                            \
-    const cudaError_t e_ = (expr);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    const cudaError_t e_ = (expr);                                                               \
+    if (e_ != cudaSuccess) {                                                                     \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
 
 namespace launcher_test {
@@ -50,22 +50,31 @@ template <> constexpr peftkern::DType dtype_of<__half>() { return peftkern::DTyp
 template <> constexpr peftkern::DType dtype_of<__nv_bfloat16>() { return peftkern::DType::kBFloat16; }
 
 template <typename T> const char* dtype_name() {
-  if constexpr (std::is_same_v<T, float>) return "f32";
-  else if constexpr (std::is_same_v<T, __half>) return "f16";
-  else return "bf16";
+  if constexpr (std::is_same_v<T, float>)
+    return "f32";
+  else if constexpr (std::is_same_v<T, __half>)
+    return "f16";
+  else
+    return "bf16";
 }
 
 // double -> T (round to nearest even, as the kernels' from_float) and back. Integer types convert
 // as integers.
 template <typename T> inline T from_double(double v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(static_cast<float>(v));
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(static_cast<float>(v));
-  else return static_cast<T>(v);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(static_cast<float>(v));
+  else
+    return static_cast<T>(v);
 }
 template <typename T> inline double to_double(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return static_cast<double>(__bfloat162float(v));
-  else if constexpr (std::is_same_v<T, __half>) return static_cast<double>(__half2float(v));
-  else return static_cast<double>(v);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return static_cast<double>(__bfloat162float(v));
+  else if constexpr (std::is_same_v<T, __half>)
+    return static_cast<double>(__half2float(v));
+  else
+    return static_cast<double>(v);
 }
 // The value a kernel sees after v is stored as T: references are computed from rounded inputs.
 template <typename T> inline double round_to(double v) { return to_double(from_double<T>(static_cast<float>(v))); }
@@ -138,7 +147,7 @@ inline bool close(const std::string& what, const std::vector<double>& got, const
     den += want[i] * want[i];
   }
   const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);  // all-zero reference: absolute
-  const bool ok = err <= tol;  // false for a NaN error
+  const bool ok = err <= tol;                                          // false for a NaN error
   std::printf("%s %s: relative error %.3g (tolerance %.0e)\n", ok ? "ok  " : "FAIL", what.c_str(), err, tol);
   return ok;
 }

@@ -8,18 +8,18 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/lowrank.h"
 #include "kernels/philox.h"
 #include "launcher_test.h"
 
-using peftkern::Activation;
-using peftkern::DType;
 using launcher_test::close;
 using launcher_test::Device;
+using peftkern::Activation;
+using peftkern::DType;
 namespace k = peftkern::kernels;
 
 namespace {
@@ -104,8 +104,7 @@ Reference reference(const Problem& p) {
   return ref;
 }
 
-template <typename T>
-bool run_case(DType dtype, int rows, int d, int r, bool backward, double tol, std::mt19937& rng) {
+template <typename T> bool run_case(DType dtype, int rows, int d, int r, bool backward, double tol, std::mt19937& rng) {
   Problem p = make_problem(rows, d, r, rng);
   if (dtype == DType::kBFloat16) round_to_bf16(p);
   const Reference ref = reference(p);
