@@ -223,6 +223,40 @@ def test_bad_input(kwargs, exc, message):
         call(**kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_checks_the_dropout_seed(device):
+    """A direct backward call with dropout_p > 0 must hold the forward's (seed, offset): an eval-mode
+    forward's empty seed_offset, a wrong dtype or another device raise instead of reading it."""
+    x, w, b, A, B = make_inputs((9,), 24, 40, 4, torch.float32, device, grad=())
+    u = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 1.0, 0.0, False, True)[1]
+    g = torch.randn(9, 40, device=device)
+    need = [True, False, False, True, True]
+    bad_seeds = [
+        torch.empty(0, dtype=torch.int64, device=device),
+        torch.zeros(2, dtype=torch.int32, device=device),
+        torch.zeros(3, dtype=torch.int64, device=device),
+    ]
+    if device == "cuda":
+        bad_seeds.append(torch.zeros(2, dtype=torch.int64))
+    for bad in bad_seeds:
+        with pytest.raises(
+            ValueError, match=r"with dropout_p > 0, seed_offset must be the forward's int64 \[2\]"
+        ):
+            torch.ops.peftkern.lora_linear_backward(g, x, w, A, B, u, bad, 1.0, 0.1, need)
+
+
+def test_dropout_mask_checks_its_arguments():
+    x = torch.empty(4, 8)
+    so = torch.tensor([3, 4])
+    with pytest.raises(ValueError, match=r"dropout_mask: p must be in \[0, 1\); got 1"):
+        dropout_mask(x, so, 1.0)
+    with pytest.raises(ValueError, match=r"dropout_mask: seed_offset must be int64 \[2\]"):
+        dropout_mask(x, so.int(), 0.5)
+    # a strided seed_offset is read by value, not by its storage
+    strided = torch.tensor([3, 99, 4, 99])[::2]
+    assert torch.equal(dropout_mask(x, strided, 0.5), dropout_mask(x, so, 0.5))
+
+
 @pytest.mark.cuda
 def test_bad_input_wrong_device():
     x, w, b, A, B = make_inputs((4,), 32, 16, 8, torch.float32, "cuda", grad=())

@@ -38,7 +38,8 @@ size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
 Plan make_plan(const LowRankBackwardArgs& a) {
   Plan p{};
-  dispatch_padded_rank(a.r, [&](auto rank) {
+  // (r past the fused range is rejected by lowrank_backward; its plan is that of r = 256)
+  dispatch_padded_rank(std::min(a.r, kLowRankMaxFusedRank), [&](auto rank) {
     p.rp = decltype(rank)::value;
     return cudaSuccess;
   });
@@ -47,10 +48,10 @@ Plan make_plan(const LowRankBackwardArgs& a) {
   p.n_pad = p.col_blocks * p.bn;
   p.tiles = ceil_div<int64_t>(a.rows, kColsBM);
   // Enough row splits for about two CTAs per SM; each split adds one partial to reduce.
-  const int64_t want = (2 * int64_t(a.num_sms > 0 ? a.num_sms : 1) + p.col_blocks - 1) / p.col_blocks;
+  const int64_t want = ceil_div<int64_t>(2 * int64_t(a.num_sms > 0 ? a.num_sms : 1), p.col_blocks);
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({want, p.tiles, 65535}));
   p.tiles_per_split = ceil_div<int64_t>(p.tiles, splits);
-  p.splits = static_cast<int>(std::max<int64_t>(1, (p.tiles + p.tiles_per_split - 1) / p.tiles_per_split));
+  p.splits = static_cast<int>(std::max<int64_t>(1, ceil_div<int64_t>(p.tiles, p.tiles_per_split)));
   p.need_dz = a.dx || a.dw_down || a.db_down;
   p.need_h = a.dw_up != nullptr;
 
@@ -226,8 +227,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
     wmma::fill_fragment(acc_u[q], 0.f);
     wmma::fill_fragment(acc_d[q], 0.f);
   }
-  float dbu_sum = 0.f;                                         // column n0 + threadIdx.x
-  float dbd_sum[(RP + kColsThreads - 1) / kColsThreads] = {};  // columns threadIdx.x + i * 128
+  float dbu_sum = 0.f;                             // column n0 + threadIdx.x
+  float dbd_sum[ceil_div(RP, kColsThreads)] = {};  // columns threadIdx.x + i * 128
 
   for (int s = 0; s < C::kStages - 1; ++s) {
     if (t0 + s < t1) load_stage(t0 + s, s);
@@ -328,7 +329,7 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
       for (int rrow = 0; rrow < kColsBM; ++rrow) dbu_sum += to_float(g_s[rrow * C::kLdN + threadIdx.x]);
     if (need_dbd) {
 #pragma unroll
-      for (int q = 0; q < (RP + kColsThreads - 1) / kColsThreads; ++q) {
+      for (int q = 0; q < ceil_div(RP, kColsThreads); ++q) {
         const int c = threadIdx.x + q * kColsThreads;
         if (c < RP)
           for (int rrow = 0; rrow < kColsBM; ++rrow) dbd_sum[q] += to_float(dz_s[rrow * C::kLdR + c]);
@@ -351,7 +352,7 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
   if (need_dbu && threadIdx.x < C::kBN) a.ws_dbu[int64_t(split) * a.n_pad + n0 + threadIdx.x] = dbu_sum;
   if (need_dbd) {
 #pragma unroll
-    for (int q = 0; q < (RP + kColsThreads - 1) / kColsThreads; ++q) {
+    for (int q = 0; q < ceil_div(RP, kColsThreads); ++q) {
       const int c = threadIdx.x + q * kColsThreads;
       if (c < RP) a.ws_dbd[int64_t(split) * RP + c] = dbd_sum[q];
     }

@@ -244,18 +244,26 @@ Grads5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, con
                             const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& u,
                             const at::Tensor& seed_offset, double scaling, double dropout_p, std::array<bool, 5> need) {
   const Dims dims = check_lora(x, weight, std::nullopt, lora_A, lora_B, dropout_p);
+  check_like(grad_out, "lora_linear_backward", "grad_out", x, "x");
+  // The dropout mask is regenerated from the forward's (seed, offset): read on the host (CPU) or by
+  // the kernels (CUDA), so it must be there.
+  TORCH_CHECK_VALUE(
+      dropout_p == 0.0 ||
+          (seed_offset.numel() == 2 && seed_offset.scalar_type() == at::kLong && seed_offset.device() == x.device()),
+      "lora_linear_backward: with dropout_p > 0, seed_offset must be the forward's int64 [2] on x's "
+      "device (",
+      x.device(), "); got ", seed_offset.scalar_type(), " ", seed_offset.sizes(), " on ", seed_offset.device());
+  const at::Tensor so = seed_offset.contiguous();
 #ifdef PEFTKERN_WITH_CUDA
-  if (x.is_cuda())
-    return backward_cuda(grad_out, x, dims, weight, lora_A, lora_B, u, seed_offset, scaling, dropout_p, need);
+  if (x.is_cuda()) return backward_cuda(grad_out, x, dims, weight, lora_A, lora_B, u, so, scaling, dropout_p, need);
 #endif
   const auto [need_dx, need_dw, need_db, need_dA, need_dB] = need;
   const at::Tensor g2 = grad_out.reshape({dims.rows, dims.n_out});
   const at::Tensor x2 = x.reshape({dims.rows, dims.n_in});
   at::Tensor mask;
   if (dropout_p > 0) {
-    const int64_t* so = seed_offset.data_ptr<int64_t>();
-    mask =
-        cpu::dropout_mask(dims.rows, dims.n_in, static_cast<uint64_t>(so[0]), static_cast<uint64_t>(so[1]), dropout_p);
+    const int64_t* v = so.data_ptr<int64_t>();
+    mask = cpu::dropout_mask(dims.rows, dims.n_in, static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1]), dropout_p);
   }
   auto [dx_low, dA, dB] = composite_backward(g2, x2, u.reshape({dims.rows, dims.r}), lora_A, lora_B, scaling, mask,
                                              need_dx, need_dA, need_dB);

@@ -166,7 +166,7 @@ at::Tensor bias_for_fused(const at::Tensor& bias, const Dims& d) {
     s.insert(s.end(), bias.sizes().begin(), bias.sizes().end());
     return s;
   }());
-  const int64_t padded = (d.S + 15) / 16 * 16;
+  const int64_t padded = round_up<int64_t>(d.S, 16);
   at::Tensor storage = at::empty({b4.size(0), b4.size(1), d.L, padded}, bias.options());
   at::Tensor out = storage.narrow(3, 0, d.S);
   out.copy_(b4.expand({b4.size(0), b4.size(1), d.L, d.S}));
@@ -387,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
   const at::Tensor lse_f = lse.contiguous();
   const bool accumulate = need_dq && dq_seq.defined();
   const at::Tensor dq = need_dq ? (accumulate ? aligned16(dq_seq) : at::empty_like(qk)) : at::Tensor();
-  const int64_t ld = (d.P + 7) / 8 * 8;
+  const int64_t ld = round_up<int64_t>(d.P, 8);
   const int64_t ws_per_sample = (need_dpk + need_dpv) * d.H * d.L * ld * q.element_size();
   const int64_t cap = std::max<int64_t>(int64_t{64} << 20, q.numel() * q.element_size() / 4);
   const int64_t chunk = ws_per_sample > 0 ? std::clamp<int64_t>(cap / ws_per_sample, 1, d.B) : d.B;
