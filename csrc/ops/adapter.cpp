@@ -113,13 +113,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const Dims
   at::Tensor out = at::empty({dims.rows, dims.d}, x.options());
   at::Tensor z = save ? at::empty({dims.rows, dims.r}, x.options()) : at::empty({0}, x.options());
 
-  kernels::LowRankForwardArgs args{};
-  args.dtype = kernel_dtype(x.scalar_type());
-  args.activation = act;
-  args.scale = static_cast<float>(scale);
-  args.rows = dims.rows;
-  args.n_in = args.n_out = static_cast<int>(dims.d);
-  args.r = static_cast<int>(dims.r);
+  auto args = lowrank_args<kernels::LowRankForwardArgs>(x, act, scale, dims.rows, dims.d, dims.d, dims.r);
   args.x = x2.data_ptr();
   args.w_down = wd.data_ptr();
   args.b_down = data_or_null(bd);
@@ -149,14 +143,7 @@ Grads5 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at:
   at::Tensor dbu = need_dbu ? at::empty({dims.d}, opts) : at::Tensor();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
 
-  kernels::LowRankBackwardArgs args{};
-  args.dtype = kernel_dtype(x.scalar_type());
-  args.activation = act;
-  args.scale = static_cast<float>(scale);
-  args.rows = dims.rows;
-  args.n_in = args.n_out = static_cast<int>(dims.d);
-  args.r = static_cast<int>(dims.r);
-  args.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto args = lowrank_args<kernels::LowRankBackwardArgs>(x, act, scale, dims.rows, dims.d, dims.d, dims.r);
   args.grad_out = g.data_ptr();
   args.x = x2.data_ptr();
   args.z = z2.data_ptr();

@@ -136,14 +136,8 @@ Forward forward_cuda(const at::Tensor& x, const Dims& dims, const at::Tensor& we
 
   const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
   at::Tensor u = save ? at::empty({dims.rows, dims.r}, x.options()) : at::empty({0}, x.options());
-  kernels::LowRankForwardArgs args{};
-  args.dtype = kernel_dtype(x.scalar_type());
-  args.activation = Activation::kIdentity;
-  args.scale = static_cast<float>(scaling);
-  args.rows = dims.rows;
-  args.n_in = static_cast<int>(dims.n_in);
-  args.n_out = static_cast<int>(dims.n_out);
-  args.r = static_cast<int>(dims.r);
+  auto args = lowrank_args<kernels::LowRankForwardArgs>(x, Activation::kIdentity, scaling, dims.rows, dims.n_in,
+                                                        dims.n_out, dims.r);
   args.x = x2.data_ptr();
   args.w_down = a.data_ptr();
   args.w_up = b.data_ptr();
@@ -187,15 +181,8 @@ Grads5 backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, const Dims
   const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
   if (need_dA) dA = at::empty({dims.r, dims.n_in}, x.options());
   if (need_dB) dB = at::empty({dims.n_out, dims.r}, x.options());
-  kernels::LowRankBackwardArgs args{};
-  args.dtype = kernel_dtype(x.scalar_type());
-  args.activation = Activation::kIdentity;
-  args.scale = static_cast<float>(scaling);
-  args.rows = dims.rows;
-  args.n_in = static_cast<int>(dims.n_in);
-  args.n_out = static_cast<int>(dims.n_out);
-  args.r = static_cast<int>(dims.r);
-  args.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto args = lowrank_args<kernels::LowRankBackwardArgs>(x, Activation::kIdentity, scaling, dims.rows, dims.n_in,
+                                                         dims.n_out, dims.r);
   args.grad_out = g2.data_ptr();
   args.x = x2.data_ptr();
   args.z = u2.data_ptr();

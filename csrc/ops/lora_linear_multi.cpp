@@ -46,6 +46,7 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
                     lora_B.sizes());
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
                     "]; got ", scalings.sizes());
+  TORCH_CHECK_VALUE(n_in <= INT32_MAX && n_out <= INT32_MAX, kMultiOp, ": in/out features must fit in 32 bits");
   // In capture, ids >= L act as -1; the backward skips the host read its forward already did.
   check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)", check_id_values);
   return {rows, n_in, n_out, r, L};
@@ -97,14 +98,9 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
     const at::Tensor block_start = at::cat({zero, blocks.cumsum(0)}).contiguous();
     const at::Tensor scales = scalings.to(at::kFloat).contiguous();
     const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
-    kernels::LowRankForwardArgs args{};
-    args.dtype = kernel_dtype(x.scalar_type());
-    args.activation = Activation::kIdentity;
-    args.scale = 1.f;
-    args.rows = dims.rows;
-    args.n_in = static_cast<int>(dims.n_in);
-    args.n_out = static_cast<int>(dims.n_out);
-    args.r = static_cast<int>(dims.r);
+    // scale 1: each adapter's scaling comes from segments.scales
+    auto args = lowrank_args<kernels::LowRankForwardArgs>(x, Activation::kIdentity, 1.0, dims.rows, dims.n_in,
+                                                          dims.n_out, dims.r);
     args.x = x2.data_ptr();
     args.w_down = a.data_ptr();
     args.w_up = b.data_ptr();

@@ -6,8 +6,13 @@
 
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "ops/common.h"
 
 #ifdef PEFTKERN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
 #include "kernels/lowrank.h"
 #endif
 
@@ -20,6 +25,24 @@ using Grads5 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, 
 // The fused kernels cover CUDA float32/float16/bfloat16 and r <= 256; the rest takes the composite.
 inline bool lowrank_fused(const at::Tensor& x, int64_t r) {
   return x.is_cuda() && x.scalar_type() != at::kDouble && r <= kernels::kLowRankMaxFusedRank;
+}
+
+// Forward or backward launch args with the fields every low-rank launch shares set (the checks
+// upstream keep n_in, n_out and r within 32 bits); the caller sets the pointers.
+template <typename Args>
+Args lowrank_args(const at::Tensor& x, Activation act, double scale, int64_t rows, int64_t n_in, int64_t n_out,
+                  int64_t r) {
+  Args a{};
+  a.dtype = kernel_dtype(x.scalar_type());
+  a.activation = act;
+  a.scale = static_cast<float>(scale);
+  a.rows = rows;
+  a.n_in = static_cast<int>(n_in);
+  a.n_out = static_cast<int>(n_out);
+  a.r = static_cast<int>(r);
+  if constexpr (std::is_same_v<Args, kernels::LowRankBackwardArgs>)
+    a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return a;
 }
 #endif
 
