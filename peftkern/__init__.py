@@ -1,7 +1,8 @@
 """peftkern: fused CUDA kernels for parameter-efficient fine-tuning, as PyTorch ops and modules.
 
-peftkern.ops   one autograd op per PEFT computation (torch.ops.peftkern.* underneath)
-peftkern.nn    drop-in torch.nn modules built on those ops
+peftkern.ops           one autograd op per PEFT computation (torch.ops.peftkern.* underneath)
+peftkern.nn            drop-in torch.nn modules built on those ops
+peftkern.integrations  interop with Hugging Face peft (its submodules load on first use)
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -15,7 +16,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make build`), using the same torch you run with."
     ) from e
 
-from . import nn, ops  # noqa: E402
+from . import integrations, nn, ops  # noqa: E402
 
 
 def build_info() -> dict:
@@ -24,5 +25,5 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "build_info"]
+__all__ = ["ops", "nn", "integrations", "build_info"]
 __version__ = "0.1.0"

@@ -1,6 +1,9 @@
 """peftkern.integrations.peft against Hugging Face peft itself, on small models built from configs
 with random weights (nothing is downloaded)."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -146,3 +149,24 @@ def test_bf16_model_with_fp32_adapters_on_cuda():
     expected = model(input_ids=ids).logits.detach()
     fuse(model)
     assert_close(model(input_ids=ids).logits, expected.double(), torch.bfloat16, "bf16 logits")
+
+
+def test_readme_example_from_a_fresh_interpreter():
+    """`import peftkern; peftkern.integrations.peft.fuse(model)` (the README's line) in a new process:
+    the integrations are reachable from the package, and importing peftkern pulls in neither peft nor
+    transformers."""
+    code = """
+import sys
+import peftkern
+assert "peft" not in sys.modules and "transformers" not in sys.modules, "import peftkern imported HF"
+import peft, transformers
+cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=2, vocab_size=50)
+lora = peft.LoraConfig(r=4, target_modules=["q_proj"])
+model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lora)
+report = peftkern.integrations.peft.fuse(model)
+assert len(report.fused) == 1, report
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
