@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kMvWarps * 32) masked_matvec_kernel(const Mask
           for (int e = 0; e < 8; ++e) we[e] = wv[e];
           if (per_token) {
             const int64_t task = a.task_ids[t];
-            if (task >= 0) apply_bits8(we, a.bits + (task * a.n_out + n) * words, k);
+            if (task >= 0 && task < a.tasks) apply_bits8(we, a.bits + (task * a.n_out + n) * words, k);
           }
           const T* xt = xs + t * kMvChunk + c;
           float sum = 0.f;

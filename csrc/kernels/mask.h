@@ -45,7 +45,8 @@ cudaError_t mask_ste_backward(const MaskSteArgs& args, cudaStream_t stream);
 // out[t, n] = sum_k x[t, k] * weight[n, k] * mask[n, k] (+ bias[n]) for up to
 // kMaskedMatvecMaxTokens tokens, the mask applied while weight is read (nothing materialised):
 // a bandwidth-bound pass over weight plus the mask source (scores, or bits: 1/16 of a bf16 weight).
-// With task_ids, token t uses bits + task_ids[t] * n_out * words (-1: no mask).
+// With task_ids, token t uses bits + task_ids[t] * n_out * words; an id outside [0, tasks) means no
+// mask (the host checks the range, except under CUDA graph capture: the kernel bounds it).
 constexpr int kMaskedMatvecMaxTokens = 16;
 struct MaskedMatvecArgs {
   DType dtype, s_dtype;  // x, weight, bias, out share dtype
@@ -57,6 +58,7 @@ struct MaskedMatvecArgs {
   const void* scores;       // [n_out, n_in], or null: then bits
   const int32_t* bits;      // [n_out, words] or, with task_ids, [tasks, n_out, words]
   const int64_t* task_ids;  // [tokens] or null
+  int64_t tasks;            // with task_ids: the stack's first dimension
   void* out;                // [tokens, n_out]
 };
 cudaError_t masked_matvec(const MaskedMatvecArgs& args, cudaStream_t stream);

@@ -3,7 +3,7 @@
 // i = adapter_ids[t] (i = -1: base only). CUDA forward: tokens grouped by adapter on the device, then
 // the fused low-rank kernel of kernels/lowrank.h with one adapter per 64-token block. CPU, the
 // backward, and CUDA float64 or r > 256: a per-adapter composite (it reads the per-adapter token
-// counts on the host).
+// counts on the host; under CUDA graph capture it masks rows instead, slower).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -52,31 +52,65 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
   return {rows, n_in, n_out, r, L};
 }
 
-// Tokens grouped by adapter: key = id (L for -1 and out-of-range ids), order = stable argsort.
-std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_t L) {
+// Each token's adapter as a key in [0, L]: L for -1 and for out-of-range ids (possible only under
+// CUDA graph capture, where the range check cannot read the ids).
+at::Tensor adapter_key(const at::Tensor& ids, int64_t L) {
   const at::Tensor id64 = ids.to(at::kLong);
-  const at::Tensor key = at::where((id64 < 0).logical_or(id64 >= L), at::scalar_tensor(L, id64.options()), id64);
+  return at::where((id64 < 0).logical_or(id64 >= L), at::scalar_tensor(L, id64.options()), id64);
+}
+
+// Tokens grouped by adapter: order = stable argsort of the key, counts [L + 1] per key.
+std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_t L) {
+  const at::Tensor key = adapter_key(ids, L);
   const at::Tensor order = at::argsort(key, /*stable=*/true);
-  const at::Tensor counts = at::zeros({L + 1}, id64.options()).scatter_add_(0, key, at::ones_like(key));
+  const at::Tensor counts = at::zeros({L + 1}, key.options()).scatter_add_(0, key, at::ones_like(key));
   return {order, counts};
+}
+
+// The tokens of one adapter in the composite: their row indices (counts read on the host) or, under
+// CUDA graph capture (no host reads), a 0/1 mask over all rows, slower: every adapter reads every row.
+struct AdapterRows {
+  at::Tensor idx, sel;  // one of the two: idx [count] int64, sel [rows, 1] bool
+  at::Tensor gather(const at::Tensor& t) const {
+    return idx.defined() ? t.index_select(0, idx) : t * sel.to(t.scalar_type());
+  }
+  // dst[rows of this adapter] += src (src is zero on the other rows in the masked form)
+  void add_into(at::Tensor& dst, const at::Tensor& src) const {
+    if (idx.defined()) {
+      dst.index_add_(0, idx, src);
+    } else {
+      dst.add_(src);
+    }
+  }
+};
+
+// fn(l, rows) for every adapter l, skipping those with no token where the counts are known.
+template <typename Fn>
+void for_each_adapter(const at::Tensor& ids, int64_t L, bool capture, Fn&& fn) {
+  if (capture) {
+    const at::Tensor key = adapter_key(ids, L).unsqueeze(1);
+    for (int64_t l = 0; l < L; ++l) fn(l, AdapterRows{at::Tensor(), key.eq(l)});
+    return;
+  }
+  const auto [order, counts] = group_by_adapter(ids, L);
+  const at::Tensor n = counts.cpu();  // one device-to-host copy
+  const int64_t* count = n.data_ptr<int64_t>();
+  int64_t start = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    if (count[l] == 0) continue;
+    fn(l, AdapterRows{order.narrow(0, start, count[l]), at::Tensor()});
+    start += count[l];
+  }
 }
 
 at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A,
                                    const at::Tensor& lora_B, const at::Tensor& ids, const at::Tensor& scalings) {
-  const int64_t L = lora_A.size(0);
   const auto mt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto [order, counts] = group_by_adapter(ids, L);
-  const at::Tensor n = counts.cpu();
   const at::Tensor s = scalings.to(mt);
-  int64_t start = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t count = n[l].item<int64_t>();
-    if (count == 0) continue;
-    const at::Tensor idx = order.narrow(0, start, count);
-    start += count;
-    const at::Tensor u = x2.index_select(0, idx).to(mt).mm(lora_A[l].to(mt).t());
-    out.index_add_(0, idx, (u.mm(lora_B[l].to(mt).t()) * s[l]).to(out.scalar_type()));
-  }
+  for_each_adapter(ids, lora_A.size(0), capturing(x2), [&](int64_t l, const AdapterRows& rows) {
+    const at::Tensor u = rows.gather(x2).to(mt).mm(lora_A[l].to(mt).t());
+    rows.add_into(out, (u.mm(lora_B[l].to(mt).t()) * s[l]).to(out.scalar_type()));
+  });
   return out;
 }
 
@@ -134,22 +168,15 @@ Grads5 lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
   at::Tensor dA = need_dA ? at::zeros(lora_A.sizes(), lora_A.options().dtype(mt)) : at::Tensor();
   at::Tensor dB = need_dB ? at::zeros(lora_B.sizes(), lora_B.options().dtype(mt)) : at::Tensor();
   if (need_dx || need_dA || need_dB) {
-    const auto [order, counts] = group_by_adapter(ids, dims.adapters);
-    const at::Tensor n = counts.cpu();
     const at::Tensor s = scalings.to(mt);
-    int64_t start = 0;
-    for (int64_t l = 0; l < dims.adapters; ++l) {
-      const int64_t count = n[l].item<int64_t>();
-      if (count == 0) continue;
-      const at::Tensor idx = order.narrow(0, start, count);
-      start += count;
-      const at::Tensor xl = x2.index_select(0, idx).to(mt), gl = g2.index_select(0, idx);
+    for_each_adapter(ids, dims.adapters, capturing(x), [&](int64_t l, const AdapterRows& rows) {
+      const at::Tensor xl = rows.gather(x2).to(mt), gl = rows.gather(g2);
       const at::Tensor a = lora_A[l].to(mt), b = lora_B[l].to(mt);
       const at::Tensor v = gl.mm(b) * s[l];  // scaling * grad_out @ lora_B   [count, r]
-      if (need_dx) dx.index_add_(0, idx, v.mm(a));
+      if (need_dx) rows.add_into(dx, v.mm(a));
       if (need_dA) dA[l].copy_(v.t().mm(xl));
       if (need_dB) dB[l].copy_(gl.t().mm(xl.mm(a.t())) * s[l]);
-    }
+    });
   }
   auto cast = [dt](const at::Tensor& t) { return t.defined() ? t.to(dt) : t; };
   return {need_dx ? std::optional<at::Tensor>(cast(dx).view(x.sizes())) : std::nullopt, defined_or_none(dw),
@@ -157,8 +184,8 @@ Grads5 lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
 }
 
 void register_impls(torch::Library& m) {
-  m.impl("lora_linear_multi_forward", &lora_multi_forward);
-  m.impl("lora_linear_multi_backward", &lora_multi_backward);
+  m.impl("lora_linear_multi_forward", fresh_outputs<&lora_multi_forward>);
+  m.impl("lora_linear_multi_backward", fresh_outputs<&lora_multi_backward>);
 }
 
 }  // namespace

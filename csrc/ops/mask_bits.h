@@ -54,6 +54,7 @@ inline at::Tensor packed_matvec(const at::Tensor& x2, const at::Tensor& weight, 
   a.bits = bc.data_ptr<int32_t>();
   const at::Tensor ids = task_ids.defined() ? task_ids.to(at::kLong).contiguous() : task_ids;
   a.task_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
+  a.tasks = ids.defined() ? bits.size(0) : 0;
   a.out = out.data_ptr();
   C10_CUDA_CHECK(kernels::masked_matvec(a, at::cuda::getCurrentCUDAStream()));
   return out;

@@ -1,6 +1,7 @@
 // peftkern::masked_linear_multi: row t of x uses mask_bits_stack[task_ids[t]] (-1: the unmasked
 // weight). CUDA, up to kMaskedMatvecMaxTokens rows: the mat-vec reads each row's task bits while it
-// reads the weight; larger batches: one masked weight and one product per task present.
+// reads the weight; larger batches: one masked weight and one product per task present (under CUDA
+// graph capture, every task's).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,9 +30,17 @@ at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std
     return packed_matvec(x2, weight, bias, bits, task_ids).view(out_shape);
   }
 #endif
-  // Larger batches: one masked weight and one product per task present (host reads the counts).
-  at::Tensor out = at::empty({dims.rows, dims.n_out}, x.options());
   const at::Tensor ids = task_ids.to(at::kLong);
+  if (capturing(x)) {
+    // No host read under capture: every task's product, each row keeping its own task's (slower:
+    // tasks + 1 products); ids out of range keep the unmasked product, as the mat-vec does.
+    at::Tensor out = base_product(x2, weight, bias);
+    for (int64_t task = 0; task < tasks; ++task)
+      out = at::where(ids.eq(task).unsqueeze(1), base_product(x2, unpack_apply(weight, bits[task]), bias), out);
+    return out.view(out_shape);
+  }
+  // Larger batches: one masked weight and one product per task present (host reads which).
+  at::Tensor out = at::empty({dims.rows, dims.n_out}, x.options());
   const at::Tensor present = std::get<0>(at::_unique(ids.cpu()));
   for (int64_t i = 0; i < present.numel(); ++i) {
     const int64_t task = present[i].item<int64_t>();
@@ -42,7 +51,7 @@ at::Tensor masked_multi(const at::Tensor& x, const at::Tensor& weight, const std
   return out.view(out_shape);
 }
 
-void register_impls(torch::Library& m) { m.impl("masked_linear_multi", &masked_multi); }
+void register_impls(torch::Library& m) { m.impl("masked_linear_multi", fresh_outputs<&masked_multi>); }
 
 }  // namespace
 

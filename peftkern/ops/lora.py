@@ -118,7 +118,8 @@ def lora_linear_multi(
     kernel adds each 64-token block's update, reading that adapter's weights once per block.
     The ids' range is checked with one host read (skipped inside CUDA graph capture, where ids
     out of range act as -1). The backward (to x, weight, bias and the adapters) and the CPU path
-    are a slower per-adapter composite.
+    are a slower per-adapter composite; it reads the per-adapter token counts on the host, or
+    under capture masks every row once per adapter (slower still).
     """
     if not isinstance(scalings, torch.Tensor):
         scalings = torch.tensor(scalings, dtype=torch.float32, device=x.device)

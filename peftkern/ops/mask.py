@@ -58,8 +58,9 @@ def masked_linear_multi(
     """Many tasks over one frozen weight: row t of x uses ``mask_bits_stack[task_ids[t]]``
     (``[tasks, out, ceil(in / 32)]`` packed masks; task -1 = the unmasked weight). CUDA, up to 16
     rows: one pass over the weight, each row's mask applied on load; larger batches: one masked
-    weight and product per task present. The ids' range is checked with one host read (skipped in
-    CUDA graph capture). Forward only."""
+    weight and product per task present. The ids' range is checked with one host read, which CUDA
+    graph capture forbids: there an id outside [-1, tasks) is not an error but acts as -1 (the
+    unmasked weight), and batches over 16 rows compute every task's product (slower). Forward only."""
     return torch.ops.peftkern.masked_linear_multi(x, weight, bias, mask_bits_stack, task_ids)
 
 

@@ -2,7 +2,8 @@
 //   mask_apply         scores (float32 or the weight's dtype) -> w_eff and packed bits; scores -> bits
 //                      alone (no weight); bits_in -> w_eff and bits
 //   mask_ste_backward  d_scores = G * weight and d_weight = G * mask; d_scores alone
-//   masked_matvec      mask from scores, from bits, and from per-token bits (task_ids, -1 = no mask)
+//   masked_matvec      mask from scores, from bits, and from per-token bits (task_ids, -1 or out of
+//                      range = no mask)
 // in float32, bfloat16 (and float16), with column counts that are not multiples of 32 (33, 1000,
 // 2100: x is staged in 1024-column chunks) and odd row counts. Masks, bits and selected copies
 // (w_eff, d_weight) must match exactly; computed values within 1e-5 (float32) or 1e-2 (16-bit).
@@ -238,6 +239,12 @@ bool matvec_case(int64_t tokens, int64_t n_in, int64_t n_out, bool with_bias, st
   Device<TS> s_dev(scores[0]);
   Device<int32_t> bits_dev = Device<int32_t>::raw(all_bits);  // task 0's bits come first: [n_out, words]
   Device<int64_t> tasks_dev = Device<int64_t>::raw(task_ids);
+  // The same tokens with their -1 ids replaced by ids outside [0, tasks) (kTasks, -7, ...): the kernel
+  // must treat them as no mask, not read past the stack (what CUDA graph capture relies on).
+  std::vector<int64_t> wild_ids = task_ids;
+  for (size_t t = 0; t < wild_ids.size(); ++t)
+    if (wild_ids[t] < 0) wild_ids[t] = t % 2 ? kTasks : -7;
+  Device<int64_t> wild_dev = Device<int64_t>::raw(wild_ids);
   char buf[160];
   std::snprintf(buf, sizeof buf, "masked_matvec %s s=%s tokens=%lld n_in=%lld n_out=%lld%s", dtype_name<T>(),
                 dtype_name<TS>(), static_cast<long long>(tokens), static_cast<long long>(n_in),
@@ -254,6 +261,7 @@ bool matvec_case(int64_t tokens, int64_t n_in, int64_t n_out, bool with_bias, st
   a.x = x_dev.ptr;
   a.weight = w_dev.ptr;
   a.bias = with_bias ? bias_dev.ptr : nullptr;
+  a.tasks = kTasks;
   bool ok = true;
   auto run = [&](const void* scores_ptr, const int32_t* bits_ptr, const int64_t* ids, const std::string& what,
                  const std::vector<double>& ref) {
@@ -269,6 +277,7 @@ bool matvec_case(int64_t tokens, int64_t n_in, int64_t n_out, bool with_bias, st
   run(s_dev.ptr, nullptr, nullptr, " (scores)", ref_shared);
   run(nullptr, bits_dev.ptr, nullptr, " (bits)", ref_shared);
   run(nullptr, bits_dev.ptr, tasks_dev.ptr, " (bits, task_ids)", ref_tasks);
+  run(nullptr, bits_dev.ptr, wild_dev.ptr, " (bits, out-of-range task_ids)", ref_tasks);
   return ok;
 }
 
