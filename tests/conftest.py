@@ -78,6 +78,21 @@ def poison_cuda_cache():
     torch.cuda.synchronize()
 
 
+def count_cuda_syncs(fn):
+    """How many synchronizing CUDA calls (device-to-host copies, .item(), ...) fn() makes."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible stream of random inputs per test.

@@ -10,7 +10,14 @@ from peftkern.nn import MaskedLinear
 from peftkern.ops import masked_linear, masked_linear_multi, masked_linear_packed, pack_mask, unpack_mask
 
 from . import reference as ref
-from .conftest import DEVICES, assert_close, check_against_reference, poison_cuda_cache, randn
+from .conftest import (
+    DEVICES,
+    assert_close,
+    check_against_reference,
+    count_cuda_syncs,
+    poison_cuda_cache,
+    randn,
+)
 from .test_adapter import dtypes_for
 
 NAMES = ("x", "weight", "bias", "scores")
@@ -306,3 +313,12 @@ def test_module_compiles_fullgraph(device):
     m.zero_grad()
     out_c.square().sum().backward()
     assert torch.allclose(m.scores.grad, gs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_multi_reads_the_ids_with_one_sync():
+    """Up to 16 tokens (the mat-vec path) the only device-to-host copy is the ids' range check."""
+    x, w, b, _ = make_inputs((12,), 100, 72, torch.bfloat16, "cuda", grad=())
+    stack = torch.stack([pack_mask(randn(72, 100, device="cuda"), 0.1) for _ in range(3)])
+    ids = torch.randint(-1, 3, (12,), device="cuda")
+    assert count_cuda_syncs(lambda: masked_linear_multi(x, w, b, stack, ids)) == 1

@@ -194,8 +194,8 @@ Grads5 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const a
 }
 
 void register_impls(torch::Library& m) {
-  m.impl("adapter_forward", &adapter_forward);
-  m.impl("adapter_backward", &adapter_backward);
+  m.impl("adapter_forward", fresh_outputs<&adapter_forward>);
+  m.impl("adapter_backward", fresh_outputs<&adapter_backward>);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #ifdef PEFTKERN_WITH_CUDA
@@ -119,10 +120,27 @@ inline void check_ids(const char* op, const char* name, const at::Tensor& ids, i
   }
 }
 
+// An op's kernel runs below the ADInplaceOrView key, as ATen's own kernels do: its internal
+// reshapes and transposes then carry no autograd view metadata, so each output reaches the caller
+// as a fresh tensor (as nn.Linear's does). A view output would warn under FSDP2, and an in-place op
+// on it would skip FSDP's pre-backward hook. Register every op as m.impl(name, fresh_outputs<&fn>).
+template <auto Fn>
+struct FreshOutputs;
+template <typename R, typename... Args, R (*Fn)(Args...)>
+struct FreshOutputs<Fn> {
+  static R call(Args... args) {
+    const at::AutoDispatchBelowADInplaceOrView below_views;
+    return Fn(std::forward<Args>(args)...);
+  }
+};
+template <auto Fn>
+constexpr auto fresh_outputs = &FreshOutputs<Fn>::call;
+
 }  // namespace peftkern::ops
 
-// Every op registers ONE implementation under both dispatch keys; it branches on the device itself
-// (the CUDA kernels where they apply, else the ATen composite of csrc/cpu/). A glue file defines
+// Every op registers ONE implementation (through fresh_outputs) under both dispatch keys; it branches
+// on the device itself (the CUDA kernels where they apply, else the ATen composite of csrc/cpu/). A
+// glue file defines
 // `void register_impls(torch::Library& m)` and ends with PEFTKERN_REGISTER_IMPLS(register_impls).
 #ifdef PEFTKERN_WITH_CUDA
 #define PEFTKERN_REGISTER_IMPLS(fn)               \

@@ -43,7 +43,7 @@ at::Tensor dropout_mask(const at::Tensor& x, const at::Tensor& seed_offset, doub
   return cpu::dropout_mask(rows, cols, static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1]), p).view(x.sizes());
 }
 
-void register_impls(torch::Library& m) { m.impl("dropout_mask", &dropout_mask); }
+void register_impls(torch::Library& m) { m.impl("dropout_mask", fresh_outputs<&dropout_mask>); }
 
 }  // namespace
 

@@ -262,8 +262,8 @@ Grads5 lora_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, con
 }
 
 void register_impls(torch::Library& m) {
-  m.impl("lora_linear_forward", &lora_linear_forward);
-  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_linear_forward", fresh_outputs<&lora_linear_forward>);
+  m.impl("lora_linear_backward", fresh_outputs<&lora_linear_backward>);
 }
 
 }  // namespace

@@ -41,8 +41,8 @@ at::Tensor unpack_mask(const at::Tensor& bits, at::IntArrayRef shape) {
 }
 
 void register_impls(torch::Library& m) {
-  m.impl("pack_mask", &pack_mask);
-  m.impl("unpack_mask", &unpack_mask);
+  m.impl("pack_mask", fresh_outputs<&pack_mask>);
+  m.impl("unpack_mask", fresh_outputs<&unpack_mask>);
 }
 
 }  // namespace

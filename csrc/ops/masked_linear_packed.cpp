@@ -26,7 +26,7 @@ at::Tensor masked_packed(const at::Tensor& x, const at::Tensor& weight, const st
   return base_product(x2, unpack_apply(weight, bits), bias).view(out_shape);
 }
 
-void register_impls(torch::Library& m) { m.impl("masked_linear_packed", &masked_packed); }
+void register_impls(torch::Library& m) { m.impl("masked_linear_packed", fresh_outputs<&masked_packed>); }
 
 }  // namespace
 

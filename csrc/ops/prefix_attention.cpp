@@ -547,8 +547,8 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
 }
 
 void register_impls(torch::Library& m) {
-  m.impl("prefix_attention_forward", &prefix_attention_forward);
-  m.impl("prefix_attention_backward", &prefix_attention_backward);
+  m.impl("prefix_attention_forward", fresh_outputs<&prefix_attention_forward>);
+  m.impl("prefix_attention_backward", fresh_outputs<&prefix_attention_backward>);
 }
 
 }  // namespace

@@ -10,6 +10,16 @@ from ..ops.lora import lora_linear
 from ._frozen_base import init_like_linear_, share_frozen_base
 
 
+def _save_merged_flag(module, state_dict, prefix, local_metadata):
+    if module.merged:
+        state_dict[prefix + "merged"] = torch.tensor(True)
+
+
+def _load_merged_flag(module, state_dict, prefix, *args):
+    merged = state_dict.pop(prefix + "merged", None)
+    module._merged = bool(merged) if merged is not None else False
+
+
 class LoRALinear(nn.Module):
     """``out = x @ weight.T + bias + scaling * lora_B(lora_A(dropout(x)))`` with a frozen base.
 
@@ -20,7 +30,9 @@ class LoRALinear(nn.Module):
     LoRA branch in training mode only.
 
     ``merge()`` folds the update into ``weight`` (delta computed in float32, then cast) so the
-    forward is a plain linear; ``unmerge()`` takes it out again. Under autocast the layer computes
+    forward is a plain linear; ``unmerge()`` takes it out again. The state dict of a merged layer
+    also holds ``merged`` (a bool tensor), so loading it marks the layer merged instead of adding
+    the update twice; an unmerged layer's holds just the four tensors. Under autocast the layer computes
     in the autocast dtype, as nn.Linear would.
     """
 
@@ -56,6 +68,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
         self._merged = False
         self.reset_parameters()
+        self.register_state_dict_post_hook(_save_merged_flag)
+        self.register_load_state_dict_pre_hook(_load_merged_flag)
 
     @property
     def scaling(self) -> float:

@@ -14,11 +14,11 @@ def _check_task_ids(task_ids: Optional[Tensor], num_tasks: int, who: str) -> Non
         return
     if task_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{who}: task_ids must be an int32 or int64 tensor; got {task_ids.dtype}")
-    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-        raise ValueError(
-            f"{who}: task_ids must be in [0, {num_tasks}); got values in "
-            f"[{int(task_ids.min())}, {int(task_ids.max())}]"
-        )
+    if task_ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()  # one device-to-host copy
+    if lo < 0 or hi >= num_tasks:
+        raise ValueError(f"{who}: task_ids must be in [0, {num_tasks}); got values in [{lo}, {hi}]")
 
 
 class PrefixKV(nn.Module):
@@ -33,7 +33,7 @@ class PrefixKV(nn.Module):
 
     ``forward(layer, task_ids=None)`` -> ``(prefix_k, prefix_v)`` of that layer: ``[Hkv, P, D]`` with a
     single task, ``[T, Hkv, P, D]`` otherwise (hand ``task_ids`` to the attention as ``prefix_ids``;
-    here they are only checked).
+    here they are only checked). They are fresh contiguous tensors, not views of the parameter.
     """
 
     def __init__(
@@ -87,9 +87,13 @@ class PrefixKV(nn.Module):
             if self.prefix is not None
             else self._projected(slice(layer, layer + 1))[:, 0]
         )
+        # Fresh contiguous copies (a few KB), never views of the parameter: FSDP2 frees the
+        # unsharded parameter after this module's forward, and a view would outlive it.
         if self.num_tasks == 1 and task_ids is None:
-            return kv[0, 0], kv[0, 1]
-        return kv[:, 0], kv[:, 1]
+            k, v = kv[0, 0], kv[0, 1]
+        else:
+            k, v = kv[:, 0], kv[:, 1]
+        return k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def freeze_projection(self) -> None:
@@ -181,7 +185,10 @@ class PrefixSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=prefix_ids, causal=self.causal)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dim))
+        # out_proj by hand: nn.Linear with a bias returns a view for 3-D input, and this module's
+        # output must be a fresh tensor (FSDP2 hooks it; an in-place op on a view would skip that).
+        y = F.linear(out.transpose(1, 2).reshape(B, L, self.embed_dim), self.out_proj.weight)
+        return y if self.out_proj.bias is None else y.add_(self.out_proj.bias)
 
     def extra_repr(self) -> str:
         return (
