@@ -504,7 +504,7 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
                             a.dw_down,
                             a.db_up,
                             a.db_down};
-        const int64_t total = int64_t(a.n_in + a.n_out) * a.r + a.n_out + a.r;
+        const int64_t total = (int64_t(a.n_in) + a.n_out) * a.r + a.n_out + a.r;
         const int threads = 256;
         const int64_t blocks =
             std::min<int64_t>(ceil_div<int64_t>(total, threads), 8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
     load_tile<T, C::kBN, RP, C::kLdH, kRowThreads>(wu_stage(s), w_up, r, RowRange{n0, n_out}, 0, r, vec.w_up);
     load_tile<T, kRowBlock, C::kBN, C::kLdRes, kRowThreads>(res_stage(s), res, n_out, rows, n0, n_out, vec.res);
   };
-  const int nn = (n_out + C::kBN - 1) / C::kBN;
+  const int nn = static_cast<int>(ceil_div<int64_t>(n_out, C::kBN));  // n_out + kBN would wrap near INT32_MAX
   load_chunk(0, 0);
   cp_async_commit();
   for (int nc = 0; nc < nn; ++nc) {

@@ -75,7 +75,7 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
 #pragma unroll
   for (int j = 0; j < RP / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
 
-  const int nk = (K + C::kBK - 1) / C::kBK;
+  const int nk = static_cast<int>(ceil_div<int64_t>(K, C::kBK));  // K + 31 would wrap near INT32_MAX
   auto a_stage = [&](int s) { return smem + s * C::kStageStride; };
   auto w_stage = [&](int s) { return smem + s * C::kStageStride + kRowBlock * C::kLdA; };
   auto load = [&](int kc, int s) {

@@ -46,7 +46,9 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
                     lora_B.sizes());
   TORCH_CHECK_VALUE(scalings.dim() == 1 && scalings.size(0) == L, kMultiOp, ": scalings must have shape [L] = [", L,
                     "]; got ", scalings.sizes());
-  TORCH_CHECK_VALUE(n_in <= INT32_MAX && n_out <= INT32_MAX, kMultiOp, ": in/out features must fit in 32 bits");
+  TORCH_CHECK_VALUE(n_in <= INT32_MAX && n_out <= INT32_MAX && L < INT32_MAX, kMultiOp,
+                    ": in/out features and the adapter count L (lora_A.shape[0]) must fit in 32 bits; got ", n_in, ", ",
+                    n_out, ", ", L);
   // In capture, ids >= L act as -1; the backward skips the host read its forward already did.
   check_ids(kMultiOp, "adapter_ids", ids, rows, "tokens", x, "x", -1, L, "[-1, L)", check_id_values);
   return {rows, n_in, n_out, r, L};

@@ -86,8 +86,11 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       per_task || !prefix_ids, kOp,
       ": prefix_ids given but prefix_k is one shared prefix [Hkv, P, D]; per-task prefixes are [T, Hkv, P, D]");
   if (prefix_ids) check_ids(kOp, "prefix_ids", *prefix_ids, B, "B", q, "q", 0, tasks, "[0, T)", check_id_values);
-  TORCH_CHECK_VALUE(B < INT32_MAX && H < INT32_MAX && L < INT32_MAX && S < INT32_MAX && P < INT32_MAX, kOp,
-                    ": batch, heads and sequence lengths must fit in 32 bits");
+  // The kernels take these as int; P leaves room for one 64-row step past it.
+  TORCH_CHECK_VALUE(B < INT32_MAX && H < INT32_MAX && L < INT32_MAX && S < INT32_MAX && P < INT32_MAX - 64 &&
+                        D < INT32_MAX && tasks < INT32_MAX,
+                    kOp, ": batch (B), heads (H), lengths (L, S, P), head dim (D) and the task count (T) must fit in ",
+                    "32 bits; got B=", B, " H=", H, " L=", L, " S=", S, " P=", P, " D=", D, " T=", tasks);
   const Dims d{B, H, Hkv, L, S, P, D, tasks};
   if (attn_mask) check_mask(*attn_mask, q, d);
   return d;
