@@ -19,6 +19,7 @@ $(VENV)/.installed:
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja cmake pybind11 setuptools wheel ruff
 	$(PY) -m pip install peft transformers  # interop tests and the peft benchmark provider
+	$(PY) -m pip install hypothesis  # property-based tests (tests/test_fuzz.py)
 	touch $@
 
 build: venv
