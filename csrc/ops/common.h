@@ -12,7 +12,8 @@
 #include <vector>
 
 #ifdef PEFTKERN_WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "kernels/kernel_types.h"
@@ -88,10 +89,13 @@ inline at::Tensor base_product(const at::Tensor& x2, const at::Tensor& weight, c
   return bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
 }
 
-// True while t's stream is being captured into a CUDA graph (no host reads allowed then).
+// True while t's device's current stream is being captured into a CUDA graph (no host reads then).
 inline bool capturing(const at::Tensor& t) {
 #ifdef PEFTKERN_WITH_CUDA
-  return t.is_cuda() && c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (!t.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(t.get_device()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
 #else
   (void)t;
   return false;

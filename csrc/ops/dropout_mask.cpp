@@ -28,7 +28,7 @@ at::Tensor dropout_mask(const at::Tensor& x, const at::Tensor& seed_offset, doub
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, kOp, ": p must be in [0, 1); got ", p);
   const int64_t cols = x.size(-1), rows = cols ? x.numel() / cols : 0;
   // Philox counters index rows in 32 bits, as lora_linear's dropout does.
-  TORCH_CHECK_VALUE(rows < (int64_t(1) << 32), kOp, ": x must have fewer than 2^32 rows; got ", rows);
+  TORCH_CHECK_VALUE(p == 0.0 || rows < (int64_t(1) << 32), kOp, ": x must have fewer than 2^32 rows; got ", rows);
   const at::Tensor so = seed_offset.contiguous();
 #ifdef PEFTKERN_WITH_CUDA
   if (x.is_cuda()) {

@@ -71,17 +71,22 @@ std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_
 
 // The tokens of one adapter in the composite: their row indices (counts read on the host) or, under
 // CUDA graph capture (no host reads), a 0/1 mask over all rows, slower: every adapter reads every row.
+// The masked form zeroes the other rows with where(), not a 0/1 product: 0 * inf is NaN, and an inf
+// in another adapter's row (or in this adapter's weights) must not reach this adapter's results.
 struct AdapterRows {
   at::Tensor idx, sel;  // one of the two: idx [count] int64, sel [rows, 1] bool
-  at::Tensor gather(const at::Tensor& t) const {
-    return idx.defined() ? t.index_select(0, idx) : t * sel.to(t.scalar_type());
+  // t's rows of this adapter: [count, ...] (idx), or t with the other rows zeroed (sel)
+  at::Tensor gather(const at::Tensor& t) const { return idx.defined() ? t.index_select(0, idx) : keep(t); }
+  // a product of gathered rows with the other rows zeroed again (a no-op with idx)
+  at::Tensor keep(const at::Tensor& t) const {
+    return idx.defined() ? t : at::where(sel, t, 0);
   }
-  // dst[rows of this adapter] += src (src is zero on the other rows in the masked form)
+  // dst[rows of this adapter] += src
   void add_into(at::Tensor& dst, const at::Tensor& src) const {
     if (idx.defined()) {
       dst.index_add_(0, idx, src);
     } else {
-      dst.add_(src);
+      dst.add_(keep(src));
     }
   }
 };
@@ -174,10 +179,10 @@ Grads5 lora_multi_backward(const at::Tensor& grad_out, const at::Tensor& x, cons
     for_each_adapter(ids, dims.adapters, capturing(x), [&](int64_t l, const AdapterRows& rows) {
       const at::Tensor xl = rows.gather(x2).to(mt), gl = rows.gather(g2);
       const at::Tensor a = lora_A[l].to(mt), b = lora_B[l].to(mt);
-      const at::Tensor v = gl.mm(b) * s[l];  // scaling * grad_out @ lora_B   [count, r]
+      const at::Tensor v = rows.keep(gl.mm(b)) * s[l];  // scaling * grad_out @ lora_B   [count, r]
       if (need_dx) rows.add_into(dx, v.mm(a));
       if (need_dA) dA[l].copy_(v.t().mm(xl));
-      if (need_dB) dB[l].copy_(gl.t().mm(xl.mm(a.t())) * s[l]);
+      if (need_dB) dB[l].copy_(gl.t().mm(rows.keep(xl.mm(a.t()))) * s[l]);
     });
   }
   auto cast = [dt](const at::Tensor& t) { return t.defined() ? t.to(dt) : t; };

@@ -239,11 +239,13 @@ bool matvec_case(int64_t tokens, int64_t n_in, int64_t n_out, bool with_bias, st
   Device<TS> s_dev(scores[0]);
   Device<int32_t> bits_dev = Device<int32_t>::raw(all_bits);  // task 0's bits come first: [n_out, words]
   Device<int64_t> tasks_dev = Device<int64_t>::raw(task_ids);
-  // The same tokens with their -1 ids replaced by ids outside [0, tasks) (kTasks, -7, ...): the kernel
-  // must treat them as no mask, not read past the stack (what CUDA graph capture relies on).
+  // The same tokens with their -1 ids replaced in turn by ids outside [0, tasks) (kTasks, 2^40, -7):
+  // the kernel must treat them as no mask, not read past the stack (what CUDA graph capture relies on).
+  const int64_t wild[] = {kTasks, int64_t(1) << 40, -7};
   std::vector<int64_t> wild_ids = task_ids;
-  for (size_t t = 0; t < wild_ids.size(); ++t)
-    if (wild_ids[t] < 0) wild_ids[t] = t % 2 ? kTasks : -7;
+  int replaced = 0;
+  for (int64_t& id : wild_ids)
+    if (id < 0) id = wild[replaced++ % 3];
   Device<int64_t> wild_dev = Device<int64_t>::raw(wild_ids);
   char buf[160];
   std::snprintf(buf, sizeof buf, "masked_matvec %s s=%s tokens=%lld n_in=%lld n_out=%lld%s", dtype_name<T>(),
