@@ -34,7 +34,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None):
 def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
     """A per-token loop over single-adapter LoRA: the definition of the multi-adapter op."""
     x2 = x.reshape(-1, x.shape[-1])
-    rows = []
+    rows = [F.linear(x2[:0], weight, bias)]  # no token: an empty output, not an empty cat
     for t, i in enumerate(adapter_ids.tolist()):
         xt = x2[t : t + 1]
         rows.append(
