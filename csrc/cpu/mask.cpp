@@ -25,7 +25,7 @@ at::Tensor unpack_bits(const at::Tensor& bits, int64_t cols) {
   return bits.unsqueeze(-1)
       .bitwise_right_shift(shifts)
       .bitwise_and(1)
-      .view({rows, words * 32})
+      .reshape({rows, words * 32})  // a view unless bits was strided
       .narrow(1, 0, cols)
       .to(at::kBool);
 }

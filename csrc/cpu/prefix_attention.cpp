@@ -70,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
 std::pair<at::Tensor, at::Tensor> merge_parts(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
                                               const at::Tensor& lse_b) {
   const auto mt = attention_math_dtype(out_a.scalar_type());
-  const at::Tensor empty_a = at::isinf(lse_a), empty_b = at::isinf(lse_b);
-  const at::Tensor la = lse_a.to(mt).masked_fill(empty_a, -kInf), lb = lse_b.to(mt).masked_fill(empty_b, -kInf);
+  // lse = -inf: the part has no visible key. +inf is a +inf score, which makes the row NaN, as in
+  // eager softmax (callers mark key-less rows -inf first; see mark_rows_without_keys).
+  const at::Tensor empty_a = at::isneginf(lse_a), empty_b = at::isneginf(lse_b);
+  const at::Tensor la = lse_a.to(mt), lb = lse_b.to(mt);
   const at::Tensor m = at::maximum(la, lb);
   const at::Tensor none = m == -kInf;  // NaN stays NaN
   const at::Tensor m0 = m.masked_fill(none, 0);

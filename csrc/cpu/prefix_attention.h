@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
                                                                bool need_dq, bool need_dkeys, bool need_dvalues);
 
 // Merges two parts' (out, lse): lse = log(exp(lse_a) + exp(lse_b)), out = exp(lse_a - lse) out_a +
-// exp(lse_b - lse) out_b. An lse of +-inf marks a part the row does not see (its out is not used).
+// exp(lse_b - lse) out_b. An lse of -inf marks a part the row does not see (its out is not used);
+// +inf (a +inf score) or NaN makes the row NaN.
 // Returns the math dtype; a row that sees neither part: out 0, lse +inf.
 std::pair<at::Tensor, at::Tensor> merge_parts(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
                                               const at::Tensor& lse_b);

@@ -296,12 +296,13 @@ __global__ void __launch_bounds__(kThreads)
     const Row& row = half == 0 ? row_a : row_b;
     if (!row.valid) continue;
     const float m = half == 0 ? m_a : m_b, l = half == 0 ? l_a : l_b;
-    const float lse_p = pos.P > 0 && l > 0.f ? m + log2f(l) : -kInf;  // log2 units (NaN stays NaN)
+    // log2 units; l = 0: every prefix key hidden; a NaN l (NaN or +inf scores) stays NaN
+    const float lse_p = pos.P > 0 && !(l == 0.f) ? m + log2f(l) : -kInf;
     float lse_s = -kInf;
     const T* seq_row = nullptr;
     if (a.seq_out.ptr != nullptr) {
       const float v = *stat_ptr(a.seq_lse, pos.b, row);
-      if (!isinf(v)) {  // +-inf: no visible sequence key (NaN goes on, and out becomes NaN)
+      if (!(v == -kInf)) {  // -inf: no visible sequence key; +inf (a +inf score) and NaN make out NaN
         lse_s = v * kLog2e;
         seq_row = row_ptr<T>(a.seq_out, pos.b, row);
       }

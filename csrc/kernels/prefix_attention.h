@@ -60,7 +60,8 @@ bool prefix_attention_supported(DType dtype, int head_dim);
 constexpr int kPrefixAttentionRowsPerBlock = 64;
 
 // out = merge(sequence part, prefix part), lse = its row log-sum-exp. seq_out / seq_lse are the
-// sequence part's (a row with lse_s = +-inf has no visible sequence key; its out_s is not read);
+// sequence part's (a row with lse_s = -inf has no visible sequence key, its out_s is not read; the
+// caller marks such rows -inf whatever the attention kernel wrote; +inf or NaN makes the row NaN);
 // seq_out.ptr = null when there are no sequence keys (S = 0). out may alias seq_out (in place);
 // lse must not alias seq_lse.
 struct PrefixAttentionForward {

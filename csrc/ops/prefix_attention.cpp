@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <limits>
 
 #include "cpu/prefix_attention.h"
@@ -96,6 +97,11 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return d;
 }
 
+// The default scale needs D, so it is resolved here, after the checks, not in Python.
+double resolve_scale(const std::optional<double>& scale, const Dims& d) {
+  return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
+}
+
 // ---------------------------------------------------------------- the sequence part
 
 enum class SeqKernel { kNone, kFlash, kEfficient, kCudnn, kCpuFlash, kMath };
@@ -149,9 +155,11 @@ SeqMask sequence_mask(SeqKernel kern, const at::Tensor& q, const std::optional<a
   m.causal = causal && !fold;
   const auto dtype = kern == SeqKernel::kMath ? cpu::attention_math_dtype(q.scalar_type()) : q.scalar_type();
   if (attn_mask) {
-    m.bias = attn_mask->scalar_type() == at::kBool
-                 ? at::zeros(attn_mask->sizes(), q.options().dtype(dtype)).masked_fill_(attn_mask->logical_not(), -kInf)
-                 : attn_mask->to(dtype);
+    at::Tensor mask = *attn_mask;  // as [b|1, h|1, l|1, s|1]: the kernels take 2-D or 4-D masks only
+    while (mask.dim() < 4) mask = mask.unsqueeze(0);
+    m.bias = mask.scalar_type() == at::kBool
+                 ? at::zeros(mask.sizes(), q.options().dtype(dtype)).masked_fill_(mask.logical_not(), -kInf)
+                 : mask.to(dtype);
   }
   if (fold) {
     const at::Tensor hidden = cpu::causal_hidden(d.L, d.S, q.device());
@@ -250,7 +258,7 @@ SeqOut sequence_forward(SeqKernel kern, const at::Tensor& q, const at::Tensor& k
 // writes 0, CUDA flash +inf): the merge then ignores their out.
 void mark_rows_without_keys(at::Tensor& lse, const SeqMask& m, bool causal, const Dims& d) {
   if (m.bias.defined()) {
-    const at::Tensor none = (m.bias > -kInf).any(-1).logical_not();  // [b|1, h|1, L]
+    const at::Tensor none = m.bias.isneginf().all(-1);  // [b|1, h|1, L]; a NaN entry is a (NaN) key
     lse.masked_fill_(none, -kInf);
   } else if (causal && d.L > d.S) {
     lse.narrow(2, 0, d.L - d.S).fill_(-kInf);
@@ -433,8 +441,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
                                                             const at::Tensor& prefix_v,
                                                             const std::optional<at::Tensor>& prefix_ids,
                                                             const std::optional<at::Tensor>& attn_mask, bool causal,
-                                                            double scale) {
+                                                            std::optional<double> scale_arg) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, true);
+  const double scale = resolve_scale(scale_arg, d);
   at::Tensor lse = lse_like(q, d);
   if (d.B * d.H * d.L == 0) return {out_like(q, d), lse};
 #ifdef PEFTKERN_WITH_CUDA
@@ -493,9 +502,10 @@ using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, s
 Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                 const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
-                                const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-                                std::array<bool, 5> need) {
+                                const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                std::optional<double> scale_arg, std::array<bool, 5> need) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, false);
+  const double scale = resolve_scale(scale_arg, d);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "prefix_attention_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
                     grad_out.sizes(), " and ", out.sizes());

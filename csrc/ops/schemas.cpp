@@ -59,14 +59,14 @@ TORCH_LIBRARY(peftkern, m) {
   // Prefix attention: softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v] without building the
   // concatenation; attn_mask (bool, True = attend, or additive) covers the sequence keys only.
   // Outputs out [B, H, L, D] and lse [B, H, L] (float32, float64 for float64; +inf where a row sees
-  // no key), the row log-sum-exp the backward uses.
+  // no key), the row log-sum-exp the backward uses. scale None: 1/sqrt(D).
   m.def(
       "prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_ids, "
-      "Tensor? attn_mask, bool causal, float scale) -> (Tensor, Tensor)");
+      "Tensor? attn_mask, bool causal, float? scale) -> (Tensor, Tensor)");
   // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask; prefix gradients
   // summed over the samples that use each prefix.
   m.def(
       "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float scale, bool[5] output_mask) "
+      "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float? scale, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

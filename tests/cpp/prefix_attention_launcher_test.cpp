@@ -136,7 +136,10 @@ template <typename T> bool run_case(const Case& c, std::mt19937& rng) {
   auto pv_row = [&](int b, int hk, int j) { return &pv[((size_t(ids[size_t(b)]) * Hkv + hk) * P + j) * D]; };
 
   // Sequence part: row (b, h, i) sees the first n_vis of its S keys (none for every fifth row).
+  // Every seventh row that sees some is poisoned: lse_s +inf (a +inf score) or NaN, out_s NaN; its
+  // merged out and lse must be NaN, as eager softmax gives.
   std::vector<int> n_vis(rows, 0);
+  std::vector<uint8_t> poisoned(rows, 0);
   std::vector<double> out_s(rows * D, 0), lse_s(rows, kInf), out(rows * D), lse(rows);
   std::uniform_int_distribution<int> vis(1, S > 0 ? S : 1);
   for (int b = 0; b < B; ++b)
@@ -151,8 +154,12 @@ template <typename T> bool run_case(const Case& c, std::mt19937& rng) {
           vv.push_back(&vs[((size_t(b) * Hkv + hk) * S + j) * D]);
         }
         attend(&q[r * D], kk, vv, D, scale, &out_s[r * D], &lse_s[r]);
-        if (n_vis[r] == 0) {  // what a fused kernel may leave there: must not be read
-          lse_s[r] = r % 2 ? kInf : -kInf;
+        if (n_vis[r] == 0) {  // the glue marks the row -inf; its out_s must not be read
+          lse_s[r] = -kInf;
+          for (int d = 0; d < D; ++d) out_s[r * D + d] = kNaN;
+        } else if (r % 7 == 3) {
+          poisoned[r] = 1;
+          lse_s[r] = r % 2 ? kInf : kNaN;
           for (int d = 0; d < D; ++d) out_s[r * D + d] = kNaN;
         }
         // The merged reference: one softmax over [prefix; visible sequence keys].
@@ -202,11 +209,24 @@ template <typename T> bool run_case(const Case& c, std::mt19937& rng) {
     const std::vector<double> got_out =
         c.in_place ? gather(seq_dev.host(), ls, B, H, L, D) : gather(out_dev.host(), lo, B, H, L, D);
     const std::vector<double> got_lse = lse_dev.host();
-    // Rows that see no key at all: lse exactly +inf and out exactly 0. The others: relative error.
-    std::vector<double> fin_got, fin_want;
-    size_t empty_rows = 0;
-    bool empty_ok = true;
+    // Rows that see no key at all: lse exactly +inf and out exactly 0. Poisoned rows: NaN. The
+    // others: relative error.
+    std::vector<double> fin_got, fin_want, out_got, out_want;
+    size_t empty_rows = 0, nan_rows = 0;
+    bool empty_ok = true, nan_ok = true;
     for (size_t r = 0; r < rows; ++r) {
+      if (poisoned[r]) {
+        ++nan_rows;
+        bool all_nan = std::isnan(got_lse[r]);
+        for (int d = 0; d < D; ++d) all_nan &= std::isnan(got_out[r * D + d]);
+        if (!all_nan && nan_ok)
+          std::printf("FAIL %s: row %zu has lse_s %f: out and lse must be NaN; lse %f\n", label.c_str(), r, lse_s[r],
+                      got_lse[r]);
+        nan_ok &= all_nan;
+        continue;
+      }
+      out_got.insert(out_got.end(), got_out.begin() + r * D, got_out.begin() + (r + 1) * D);
+      out_want.insert(out_want.end(), out.begin() + r * D, out.begin() + (r + 1) * D);
       if (std::isinf(lse[r])) {
         ++empty_rows;
         bool zero = true;
@@ -223,8 +243,9 @@ template <typename T> bool run_case(const Case& c, std::mt19937& rng) {
       }
     }
     if (empty_ok) std::printf("ok   %s forward: %zu rows with no key: lse +inf, out 0\n", label.c_str(), empty_rows);
-    ok &= empty_ok;
-    ok &= close(label + " forward out", got_out, out, kTol);
+    if (nan_ok) std::printf("ok   %s forward: %zu rows with a +inf or NaN sequence lse: NaN\n", label.c_str(), nan_rows);
+    ok &= empty_ok && nan_ok;
+    ok &= close(label + " forward out", out_got, out_want, kTol);
     ok &= close(label + " forward lse", fin_got, fin_want, kLseTol);
   }
 
