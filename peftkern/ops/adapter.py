@@ -5,6 +5,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 ADAPTER_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -32,17 +34,32 @@ def adapter(
     Gradients flow to every input that requires one. CUDA: fused kernels for float32, float16 and
     bfloat16 with r <= 256; float64 or larger r run an unfused (slow) composite.
     """
+    _checks.tensors(
+        "adapter",
+        ("b_down", "b_up", "residual"),
+        x=x,
+        w_down=w_down,
+        b_down=b_down,
+        w_up=w_up,
+        b_up=b_up,
+        residual=residual,
+    )
+    activation = _checks.string("adapter", "activation", activation)
+    scale = _checks.real("adapter", "scale", scale)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, residual)
     )
     out, _ = torch.ops.peftkern.adapter_forward(
-        x, w_down, b_down, w_up, b_up, residual, activation, float(scale), save
+        x, w_down, b_down, w_up, b_up, residual, activation, scale, save
     )
     return out
 
 
 @torch.library.register_fake("peftkern::adapter_forward")
 def _adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, activation, scale, save_bottleneck):
+    _checks.same_device(
+        "adapter", ("x", x), w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, residual=residual
+    )
     out = x.new_empty(x.shape)
     z = x.new_empty((*x.shape[:-1], w_down.shape[0])) if save_bottleneck else x.new_empty((0,))
     return out, z

@@ -5,6 +5,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 
 def lora_linear(
     x: Tensor,
@@ -32,11 +34,14 @@ def lora_linear(
     and the dropout seed. CUDA: base product through cuBLAS, the rest in fused kernels for
     float32/float16/bfloat16 and r <= 256 (other cases: an unfused, slower composite).
     """
+    _checks.tensors("lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    scaling = _checks.real("lora_linear", "scaling", scaling)
+    dropout_p = _checks.real("lora_linear", "dropout_p", dropout_p)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     )
     out, _, _ = torch.ops.peftkern.lora_linear_forward(
-        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), bool(training), save
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, bool(training), save
     )
     return out
 
@@ -45,11 +50,13 @@ def dropout_mask(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
     """The dropout factors (0 or 1/(1-p), float32, x's shape) peftkern applies for a (seed, offset)
     pair; lets tests check a dropout forward and backward against the eager formula. Only x's
     shape and device matter."""
-    return torch.ops.peftkern.dropout_mask(x.detach(), seed_offset, float(p))
+    _checks.tensors("dropout_mask", x=x, seed_offset=seed_offset)
+    return torch.ops.peftkern.dropout_mask(x.detach(), seed_offset, _checks.real("dropout_mask", "p", p))
 
 
 @torch.library.register_fake("peftkern::lora_linear_forward")
 def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, save_for_backward):
+    _checks.same_device("lora_linear", ("x", x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     lead = x.shape[:-1]
     out = x.new_empty((*lead, weight.shape[0]))
     u = x.new_empty((*lead, lora_A.shape[0])) if save_for_backward else x.new_empty((0,))
@@ -68,6 +75,7 @@ def _lora_backward_fake(
 
 @torch.library.register_fake("peftkern::dropout_mask")
 def _dropout_mask_fake(x, seed_offset, p):
+    _checks.same_device("dropout_mask", ("x", x), seed_offset=seed_offset)
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
@@ -121,7 +129,18 @@ def lora_linear_multi(
     are a slower per-adapter composite; it reads the per-adapter token counts on the host, or
     under capture masks every row once per adapter (slower still).
     """
+    _checks.tensors(
+        "lora_linear_multi",
+        ("bias",),
+        x=x,
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        adapter_ids=adapter_ids,
+    )
     if not isinstance(scalings, torch.Tensor):
+        scalings = _checks.reals("lora_linear_multi", "scalings", scalings)
         scalings = torch.tensor(scalings, dtype=torch.float32, device=x.device)
     return torch.ops.peftkern.lora_linear_multi_forward(
         x, weight, bias, lora_A, lora_B, adapter_ids, scalings
@@ -130,6 +149,16 @@ def lora_linear_multi(
 
 @torch.library.register_fake("peftkern::lora_linear_multi_forward")
 def _lora_multi_forward_fake(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
+    _checks.same_device(
+        "lora_linear_multi",
+        ("x", x),
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        adapter_ids=adapter_ids,
+        scalings=scalings,
+    )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

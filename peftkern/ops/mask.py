@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _checks
+
 
 def masked_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], scores: Tensor, *, threshold: float
@@ -26,10 +28,12 @@ def masked_linear(
     skip that and apply the mask while reading the weight; the backward rebuilds ``weight * m``
     from the bits and applies the straight-through product in one pass.
     """
+    _checks.tensors("masked_linear", ("bias",), x=x, weight=weight, bias=bias, scores=scores)
+    threshold = _checks.real("masked_linear", "threshold", threshold)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, scores)
     )
-    out, _ = torch.ops.peftkern.masked_linear_forward(x, weight, bias, scores, float(threshold), save)
+    out, _ = torch.ops.peftkern.masked_linear_forward(x, weight, bias, scores, threshold, save)
     return out
 
 
@@ -37,18 +41,21 @@ def pack_mask(scores: Tensor, threshold: float) -> Tensor:
     """The mask ``scores > threshold`` of a 2-D ``[out, in]`` scores tensor as bits: int32
     ``[out, ceil(in / 32)]``, bit j (least significant first) of word w of row n is element
     ``(n, 32 w + j)``, 1 = kept, trailing bits 0. 1 bit per weight: 1/16 of a bf16 masked weight."""
-    return torch.ops.peftkern.pack_mask(scores.detach(), float(threshold))
+    _checks.tensors("pack_mask", scores=scores)
+    return torch.ops.peftkern.pack_mask(scores.detach(), _checks.real("pack_mask", "threshold", threshold))
 
 
 def unpack_mask(bits: Tensor, shape: Sequence[int]) -> Tensor:
     """The bool ``[out, in]`` mask from packed bits (inverse of pack_mask)."""
-    return torch.ops.peftkern.unpack_mask(bits, [int(s) for s in shape])
+    _checks.tensors("unpack_mask", bits=bits)
+    return torch.ops.peftkern.unpack_mask(bits, _checks.int64s("unpack_mask", "shape", shape))
 
 
 def masked_linear_packed(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask_bits: Tensor) -> Tensor:
     """``x @ (weight * unpack(mask_bits)).T + bias`` for inference with a packed mask. CUDA, up to
     16 rows: the mask is applied while the weight is read (weight + bits, nothing materialised).
     Forward only."""
+    _checks.tensors("masked_linear_packed", ("bias",), x=x, weight=weight, bias=bias, mask_bits=mask_bits)
     return torch.ops.peftkern.masked_linear_packed(x, weight, bias, mask_bits)
 
 
@@ -61,11 +68,21 @@ def masked_linear_multi(
     weight and product per task present. The ids' range is checked with one host read, which CUDA
     graph capture forbids: there an id outside [-1, tasks) is not an error but acts as -1 (the
     unmasked weight), and batches over 16 rows compute every task's product (slower). Forward only."""
+    _checks.tensors(
+        "masked_linear_multi",
+        ("bias",),
+        x=x,
+        weight=weight,
+        bias=bias,
+        mask_bits_stack=mask_bits_stack,
+        task_ids=task_ids,
+    )
     return torch.ops.peftkern.masked_linear_multi(x, weight, bias, mask_bits_stack, task_ids)
 
 
 @torch.library.register_fake("peftkern::masked_linear_forward")
 def _masked_forward_fake(x, weight, bias, scores, threshold, save_for_backward):
+    _checks.same_device("masked_linear", ("x", x), weight=weight, bias=bias, scores=scores)
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     bits_shape = (weight.shape[0], (weight.shape[1] + 31) // 32) if save_for_backward else (0,)
     return out, weight.new_empty(bits_shape, dtype=torch.int32)
@@ -89,11 +106,20 @@ def _unpack_fake(bits, shape):
 
 @torch.library.register_fake("peftkern::masked_linear_packed")
 def _packed_fake(x, weight, bias, mask_bits):
+    _checks.same_device("masked_linear_packed", ("x", x), weight=weight, bias=bias, mask_bits=mask_bits)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("peftkern::masked_linear_multi")
 def _multi_fake(x, weight, bias, mask_bits_stack, task_ids):
+    _checks.same_device(
+        "masked_linear_multi",
+        ("x", x),
+        weight=weight,
+        bias=bias,
+        mask_bits_stack=mask_bits_stack,
+        task_ids=task_ids,
+    )
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

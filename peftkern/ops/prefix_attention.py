@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 
 def prefix_attention(
     q: Tensor,
@@ -50,15 +52,26 @@ def prefix_attention(
     Under CUDA graph capture ``prefix_ids`` is not range-checked; a sample with an out-of-range id
     attends to no prefix.
     """
+    _checks.tensors(
+        "prefix_attention",
+        ("prefix_ids", "attn_mask"),
+        q=q,
+        k=k,
+        v=v,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        prefix_ids=prefix_ids,
+        attn_mask=attn_mask,
+    )
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "prefix_attention: attn_mask requires grad, but no gradient flows to the mask; "
             "pass attn_mask.detach()"
         )
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    if scale is not None:
+        scale = _checks.real("prefix_attention", "scale", scale)
     out, _ = torch.ops.peftkern.prefix_attention_forward(
-        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), float(scale)
+        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), scale
     )
     return out
 
@@ -69,6 +82,16 @@ def _lse_dtype(q):
 
 @torch.library.register_fake("peftkern::prefix_attention_forward")
 def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale):
+    _checks.same_device(
+        "prefix_attention",
+        ("q", q),
+        k=k,
+        v=v,
+        prefix_k=prefix_k,
+        prefix_v=prefix_v,
+        prefix_ids=prefix_ids,
+        attn_mask=attn_mask,
+    )
     B, H, L, D = q.shape
     out = q.new_empty(B, L, H, D).transpose(1, 2)
     return out, q.new_empty(B, H, L, dtype=_lse_dtype(q))
