@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter
+from . import _checks
 
 ADAPTER_INITS = ("houlsby", "lora")
 
@@ -42,16 +43,19 @@ class Adapter(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if d_model < 1 or bottleneck < 1:
-            raise ValueError(f"Adapter: d_model and bottleneck must be >= 1; got {d_model}, {bottleneck}")
+        d_model, bottleneck = (
+            _checks.dim("Adapter", "d_model", d_model),
+            _checks.dim("Adapter", "bottleneck", bottleneck),
+        )
+        factory = _checks.factory("Adapter", device, dtype)
         if activation not in ADAPTER_ACTIVATIONS:
             raise ValueError(f"Adapter: activation must be one of {ADAPTER_ACTIVATIONS}; got {activation!r}")
         if init not in ADAPTER_INITS:
             raise ValueError(f"Adapter: init must be one of {ADAPTER_INITS}; got {init!r}")
         self.d_model, self.bottleneck = d_model, bottleneck
         self.activation, self.scale, self.init = activation, float(scale), init
-        self.down = nn.Linear(d_model, bottleneck, device=device, dtype=dtype)
-        self.up = nn.Linear(bottleneck, d_model, device=device, dtype=dtype)
+        self.down = nn.Linear(d_model, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, d_model, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

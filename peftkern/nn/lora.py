@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora import lora_linear
+from . import _checks
 from ._frozen_base import init_like_linear_, share_frozen_base
 
 
@@ -50,14 +51,11 @@ class LoRALinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if in_features < 1 or out_features < 1 or r < 1:
-            raise ValueError(
-                f"LoRALinear: in_features, out_features and r must be >= 1; got {in_features}, "
-                f"{out_features}, {r}"
-            )
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoRALinear: lora_dropout must be in [0, 1); got {lora_dropout}")
-        factory = dict(device=device, dtype=dtype)
+        in_features = _checks.dim("LoRALinear", "in_features", in_features)
+        out_features = _checks.dim("LoRALinear", "out_features", out_features)
+        r = _checks.dim("LoRALinear", "r", r)
+        lora_dropout = _checks.probability("LoRALinear", "lora_dropout", lora_dropout)
+        factory = _checks.factory("LoRALinear", device, dtype)
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
         self.use_rslora = use_rslora

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mask import masked_linear, pack_mask
+from . import _checks
 from ._frozen_base import init_like_linear_, share_frozen_base
 
 # Piggyback (Mallya et al. 2018) initialises the real-valued mask at 1e-2 and binarises it at
@@ -40,16 +41,17 @@ class MaskedLinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(
-                f"MaskedLinear: in_features and out_features must be >= 1; got {in_features}, {out_features}"
-            )
-        factory = dict(device=device, dtype=dtype)
+        in_features = _checks.dim("MaskedLinear", "in_features", in_features)
+        out_features = _checks.dim("MaskedLinear", "out_features", out_features)
+        factory = _checks.factory("MaskedLinear", device, dtype)
+        scores_dtype = _checks.float_dtype("MaskedLinear", "scores_dtype", scores_dtype, optional=False)
         self.in_features, self.out_features = in_features, out_features
         self.threshold, self.score_init = float(threshold), float(score_init)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.scores = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=scores_dtype))
+        self.scores = nn.Parameter(
+            torch.empty(out_features, in_features, device=factory["device"], dtype=scores_dtype)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

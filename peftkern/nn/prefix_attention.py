@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.prefix_attention import prefix_attention
+from . import _checks
 
 
 def _check_task_ids(task_ids: Optional[Tensor], num_tasks: int, who: str) -> None:
@@ -50,13 +51,16 @@ class PrefixKV(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if min(num_layers, num_kv_heads, head_dim, num_tasks) < 1 or prefix_len < 0:
-            raise ValueError(
-                "PrefixKV: num_layers, num_kv_heads, head_dim and num_tasks must be >= 1, prefix_len >= 0"
-            )
+        num_layers = _checks.dim("PrefixKV", "num_layers", num_layers)
+        num_kv_heads = _checks.dim("PrefixKV", "num_kv_heads", num_kv_heads)
+        head_dim = _checks.dim("PrefixKV", "head_dim", head_dim)
+        prefix_len = _checks.dim("PrefixKV", "prefix_len", prefix_len, minimum=0)
+        num_tasks = _checks.dim("PrefixKV", "num_tasks", num_tasks)
+        if projection_dim is not None:
+            projection_dim = _checks.dim("PrefixKV", "projection_dim", projection_dim)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.prefix_len, self.num_tasks, self.projection_dim = prefix_len, num_tasks, projection_dim
-        factory = dict(device=device, dtype=dtype)
+        factory = _checks.factory("PrefixKV", device, dtype)
         width = num_kv_heads * head_dim
         if projection_dim is None:
             shape = (num_tasks, num_layers, 2, num_kv_heads, prefix_len, head_dim)
@@ -129,13 +133,16 @@ class PrefixSelfAttention(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        embed_dim = _checks.dim("PrefixSelfAttention", "embed_dim", embed_dim)
+        num_heads = _checks.dim("PrefixSelfAttention", "num_heads", num_heads)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_kv_heads = _checks.dim("PrefixSelfAttention", "num_kv_heads", num_kv_heads)
         if embed_dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(
                 f"PrefixSelfAttention: embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads}) "
                 f"and num_heads of num_kv_heads ({num_kv_heads})"
             )
-        factory = dict(device=device, dtype=dtype)
+        factory = _checks.factory("PrefixSelfAttention", device, dtype)
         self.embed_dim, self.num_heads, self.num_kv_heads, self.causal = (
             embed_dim,
             num_heads,
@@ -216,12 +223,12 @@ class SoftPrompt(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if min(num_tokens, d_model, num_tasks) < 1:
-            raise ValueError("SoftPrompt: num_tokens, d_model and num_tasks must be >= 1")
+        num_tokens = _checks.dim("SoftPrompt", "num_tokens", num_tokens)
+        d_model = _checks.dim("SoftPrompt", "d_model", d_model)
+        num_tasks = _checks.dim("SoftPrompt", "num_tasks", num_tasks)
+        factory = _checks.factory("SoftPrompt", device, dtype)
         self.num_tokens, self.d_model, self.num_tasks = num_tokens, d_model, num_tasks
-        self.prompt = nn.Parameter(
-            torch.randn(num_tasks, num_tokens, d_model, device=device, dtype=dtype) * init_std
-        )
+        self.prompt = nn.Parameter(torch.randn(num_tasks, num_tokens, d_model, **factory) * init_std)
 
     @classmethod
     def from_embeddings(cls, token_embeddings: Tensor) -> "SoftPrompt":
