@@ -147,6 +147,11 @@ def test_pack_unpack_round_trip(device, shape):
     keep = scores.cpu() > 0.2
     assert torch.equal(bits.cpu(), ref.mask_bits(keep))  # the documented layout, bit by bit
     assert torch.equal(unpack_mask(bits, shape).cpu(), keep)
+    # bits in any layout: a transposed copy and every other row of a taller tensor
+    rows, words = bits.shape
+    for strided in (bits.t().contiguous().t(), torch.stack([bits, bits], 1).flatten(0, 1)[::2]):
+        assert not strided.is_contiguous() or rows == 1 or words == 1
+        assert torch.equal(unpack_mask(strided, shape).cpu(), keep)
 
 
 def test_packed_mask_is_a_sixteenth_of_a_bf16_weight():
@@ -294,7 +299,7 @@ def test_module_state_dict_and_repr():
     x = torch.randn(3, 12)
     assert torch.equal(m(x), m2(x)) and set(m.state_dict()) == {"weight", "bias", "scores"}
     assert "threshold=0.01, score_init=0.01" in repr(m)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match=r"in_features must be in \[1, "):
         MaskedLinear(0, 4)
 
 

@@ -174,6 +174,43 @@ def test_queries_that_see_nothing_output_zero(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", ["additive mask", "prefix key", "prefix key, S = 0"])
+def test_infinite_scores_give_the_rows_eager_gives(device, where):
+    """A +inf score makes eager softmax NaN. The op must say the same, not drop the part holding
+    it as if that part had no key (its lse is +inf, not the -inf of an empty part). Scores of -inf
+    (a masked key) are ignored in both."""
+    for dtype in dtypes_for(device):
+        B, H, Hkv, L, S, P, D = 2, 2, 1, 4, 0 if "S = 0" in where else 5, 3, 16
+        (q, k, v, pk, pv), _ = make_inputs(B, H, Hkv, L, S, P, D, dtype, device, grad=())
+        mask = None
+        if where == "additive mask":
+            mask = torch.zeros(L, S, dtype=dtype, device=device)
+            mask[1, 2], mask[2, 0] = math.inf, -math.inf
+        else:
+            pk[0, 1, 0] = math.inf  # score +inf where q[..., 0] > 0, -inf where it is < 0
+        out = prefix_attention(q, k, v, pk, pv, attn_mask=mask)
+        f64 = [t.double() for t in (q, k, v, pk, pv)]
+        want = ref.prefix_attention(*f64, attn_mask=None if mask is None else mask.double())
+        nan = torch.isnan(want)
+        assert nan.any() and not nan.all(), "the case must have NaN rows and finite ones"
+        assert torch.equal(torch.isnan(out), nan), f"{dtype}: NaN rows differ from eager's"
+        assert_close(out[~nan], want[~nan].to(dtype), dtype, f"{where}: rows without a +inf score")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attn_mask_of_every_broadcastable_rank(device):
+    """attn_mask may have any rank up to 4 (a [S] padding row, a scalar), as SDPA's may."""
+    B, H, Hkv, L, S, P, D = 2, 4, 2, 3, 6, 2, 8
+    for dtype in dtypes_for(device):
+        inputs, _ = make_inputs(B, H, Hkv, L, S, P, D, dtype, device)
+        for shape in [(), (S,), (1,), (L, S), (H, 1, S), (B, 1, L, S)]:
+            mask = torch.rand(shape, device=device) > 0.3
+            for t in inputs:
+                t.grad = None
+            check_prefix(inputs, None, dtype, attn_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_log_sum_exp_output(device):
     """The op's lse is the row log-sum-exp over [prefix; sequence] (+inf for a row that sees no
     key), and it is not differentiable (autograd would drop its gradient)."""
