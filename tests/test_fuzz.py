@@ -1335,7 +1335,11 @@ def expect_error(call, exc, names, what):
 
 
 def _shared_partners(spec, p, shapes, symbol):
-    names = {n for n, shape in shapes.items() if symbol in shape}
+    kinds = spec.kinds(p)
+    # a mask's dim of size 1 broadcasts to any size: it does not constrain the symbol
+    names = {
+        n for n, shape in shapes.items() if symbol in shape and not (kinds[n] == "mask" and p[symbol] == 1)
+    }
     return names | set(spec.related.get(symbol, ()))
 
 
