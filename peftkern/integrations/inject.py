@@ -1,0 +1,378 @@
+"""Model surgery: ``inject`` a PEFT method into any model, count, and ``merge`` for deployment.
+
+    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))     # in place; only LoRA trains
+    peftkern.print_trainable_parameters(model)
+    ...train...
+    peftkern.merge(model)                                        # LoRA folded in, masks baked
+
+The base model's parameter names never change: LoRA and masks replace an ``nn.Linear`` by a
+``LoRALinear`` / ``MaskedLinear`` that holds the same ``weight`` and ``bias`` Parameters, and an
+adapter becomes a child ``adapter`` of the module it follows, applied by a forward hook. So the
+base's own ``save_pretrained`` still writes a checkpoint the base loads (the extra keys are the
+PEFT parameters), and ``peftkern.save_pretrained`` writes the PEFT parameters alone.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..nn import Adapter, LoRALinear, MaskedLinear
+from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config
+from .targets import matches, preset_for
+
+_STATE = "_peftkern"  # the attribute inject sets on the model it changed
+
+
+@dataclass
+class InjectionState:
+    config: _Config
+    param_names: List[str]  # the parameters inject made trainable (what save_pretrained writes)
+    merged: bool = False
+
+
+@dataclass
+class _Site:
+    name: str  # the module replaced (lora, mask) or followed (adapter)
+    kind: str  # "lora" | "mask" | "adapter" | "parallel_adapter"
+    source: Optional[str] = None  # parallel_adapter: the module whose input it reads, if not `name`
+    d_model: int = 0  # adapters
+
+
+@dataclass
+class Plan:
+    """What inject will do to a model, worked out before anything changes."""
+
+    config: _Config
+    sites: List[_Site] = field(default_factory=list)
+    selected: List[str] = field(
+        default_factory=list
+    )  # existing parameters that train (BitFit, modules_to_save)
+
+
+def injection_state(model: nn.Module) -> Optional[InjectionState]:
+    return getattr(model, _STATE, None)
+
+
+def _describe(config) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if k != "method")
+    return f"{type(config).__name__}({fields})"
+
+
+def _out_features(module: nn.Module, model: nn.Module, config_name: str, name: str) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        return hidden
+    raise ValueError(
+        f"{config_name}: cannot tell the width of {name} ({type(module).__name__}): target an "
+        "nn.Linear, or a model whose config has hidden_size"
+    )
+
+
+def _matched(model, config, pattern, what) -> List[Tuple[str, nn.Module]]:
+    found = [(n, m) for n, m in model.named_modules() if n and matches(n, pattern)]
+    if not found:
+        raise ValueError(
+            f"{_describe(config)} matched no module of {type(model).__name__} ({what} {pattern!r})"
+        )
+    return found
+
+
+def _linears(model, config, pattern, what):
+    found = _matched(model, config, pattern, what)
+    for n, m in found:
+        if type(m) is not nn.Linear:
+            raise ValueError(
+                f"{type(config).__name__}: {what} matched {n} ({type(m).__name__}), which is not an "
+                f"nn.Linear; name linear layers only"
+            )
+    return found
+
+
+def plan(model: nn.Module, config: _Config) -> Plan:
+    """The sites and selected parameters of `config` on `model`; raises before changing anything."""
+    if not isinstance(config, _Config):
+        raise TypeError(
+            f"inject: config must be an AdapterConfig, LoRAConfig, MaskConfig or BitFitConfig; "
+            f"got {type(config).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")
+    for n, m in model.named_modules():
+        state = injection_state(m)
+        if state is not None:
+            where = f"its submodule {n}" if n else "it"
+            raise ValueError(
+                f"inject: {_describe(config)} on a model already injected ({where} holds "
+                f"{_describe(state.config)}); load a fresh base model to inject again"
+            )
+    cname = type(config).__name__
+    p = Plan(config)
+    explicit = getattr(config, "target_modules", None)
+    if isinstance(config, (LoRAConfig, MaskConfig)):
+        kind = "lora" if isinstance(config, LoRAConfig) else "mask"
+        pattern = explicit
+        if pattern is None:
+            preset = preset_for(model, cname)
+            pattern = preset.lora if kind == "lora" else preset.linears
+        p.sites = [_Site(n, kind) for n, _ in _linears(model, config, pattern, "target_modules")]
+    elif isinstance(config, AdapterConfig):
+        p.sites = _adapter_sites(model, config, explicit)
+    elif isinstance(config, BitFitConfig):
+        names = [
+            n
+            for n, _ in model.named_parameters()
+            if (
+                n.rsplit(".", 1)[-1] == "bias" if config.bias_names is None else matches(n, config.bias_names)
+            )
+        ]
+        if not names:
+            raise ValueError(
+                f"{_describe(config)} matched no parameter of {type(model).__name__} "
+                f"({'parameters named bias' if config.bias_names is None else repr(config.bias_names)})"
+            )
+        p.selected += names
+    if config.modules_to_save is not None:
+        for n, m in _matched(model, config, config.modules_to_save, "modules_to_save"):
+            p.selected += [f"{n}.{pn}" for pn, _ in m.named_parameters()]
+    p.selected = list(dict.fromkeys(p.selected))
+    return p
+
+
+def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
+    cname = type(config).__name__
+    parallel = config.placement == "parallel"
+    if explicit is not None:
+        pairs = [(n, None) for n, _ in _matched(model, config, explicit, "target_modules")]
+    else:
+        preset = preset_for(model, cname)
+        patterns = {
+            "houlsby": [preset.attention_output, preset.ffn_output],
+            "pfeiffer": [preset.ffn_output],
+            "parallel": [preset.ffn],
+        }[config.placement]
+        names = [
+            n for pat in patterns for n, _ in _matched(model, config, pat, f"the {config.placement} preset")
+        ]
+        pairs = []
+        for n in names:
+            source = None
+            if parallel and preset.ffn_input is not None:
+                old, new = preset.ffn_input
+                source = n[: -len(old)] + new
+            pairs.append((n, source))
+    modules = dict(model.named_modules())
+    sites = []
+    for n, source in pairs:
+        if hasattr(modules[n], "adapter"):
+            raise ValueError(
+                f"{cname}: {n} already has an attribute 'adapter'; cannot place an adapter there"
+            )
+        if source is not None and source not in modules:
+            raise ValueError(
+                f"{cname}: the parallel adapter at {n} reads the input of {source}, which is missing"
+            )
+        d = _out_features(modules[n], model, cname, n)
+        sites.append(_Site(n, "parallel_adapter" if parallel else "adapter", source, d))
+    return sites
+
+
+def _factory(module: nn.Module, model: nn.Module) -> dict:
+    p = next(module.parameters(), None)
+    p = next(model.parameters(), None) if p is None else p
+    return {} if p is None else dict(device=p.device, dtype=p.dtype)
+
+
+def _build(site: _Site, module: nn.Module, model: nn.Module, config, meta: bool = False) -> nn.Module:
+    """The new module of a site: the replacement (lora, mask) or the adapter child. On "meta" (meta=True)
+    only its shapes are real (plan-time checks)."""
+    if site.kind == "lora":
+        kw = dict(
+            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora
+        )
+        if meta:
+            return LoRALinear(
+                module.in_features,
+                module.out_features,
+                config.r,
+                bias=module.bias is not None,
+                device="meta",
+                **kw,
+            )
+        return LoRALinear.from_linear(module, config.r, **kw)
+    if site.kind == "mask":
+        kw = dict(threshold=config.threshold, score_init=config.score_init)
+        if meta:
+            return MaskedLinear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta", **kw
+            )
+        return MaskedLinear.from_linear(module, **kw)
+    factory = dict(device="meta") if meta else _factory(module, model)
+    return Adapter(
+        site.d_model,
+        config.bottleneck_for(site.d_model),
+        activation=config.activation,
+        scale=config.scale,
+        init=config.init,
+        **factory,
+    )
+
+
+def _param_prefix(site: _Site) -> str:
+    return site.name + (".adapter." if site.kind in ("adapter", "parallel_adapter") else ".")
+
+
+def expected_trainable_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
+    """Name -> shape of every parameter inject(model, p.config) would make trainable."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shapes = {n: params[n].shape for n in p.selected}
+    for site in p.sites:
+        new = _build(site, modules[site.name], model, p.config, meta=True)
+        prefix = _param_prefix(site)
+        shapes.update({prefix + n: t.shape for n, t in new.named_parameters() if t.requires_grad})
+    return shapes
+
+
+# Forward hooks: module-level functions that find everything through the module they run on, so
+# copy.deepcopy of an injected model gives a working, independent copy.
+class _InputSlot:
+    """Carries the FFN's input from the module that receives it to the one the adapter adds into."""
+
+    def __init__(self):
+        self.x = None
+
+
+def _first_input(args, kwargs):
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+def _stash_input(module, args, kwargs):
+    module._peftkern_slot.x = _first_input(args, kwargs)
+
+
+def _apply_adapter(module, output, x=None):
+    if isinstance(output, tuple):  # modules returning (hidden, extras...): adapt the hidden states
+        return (_apply_adapter(module, output[0], x), *output[1:])
+    return module.adapter(output) if x is None else module.adapter(x, residual=output)
+
+
+def _serial_adapter_hook(module, args, kwargs, output):
+    return _apply_adapter(module, output)
+
+
+def _parallel_adapter_hook(module, args, kwargs, output):
+    slot = getattr(module, "_peftkern_slot", None)
+    if slot is None:
+        x = _first_input(args, kwargs)
+    else:
+        x, slot.x = slot.x, None
+        if x is None:
+            raise RuntimeError(
+                "peftkern parallel adapter: this module ran without its FFN input (the module whose input "
+                "the adapter reads did not run first in this forward)"
+            )
+    return _apply_adapter(module, output, x)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def apply(model: nn.Module, p: Plan) -> nn.Module:
+    """Carries out a plan: freezes the model, builds the sites, leaves the new or selected
+    parameters trainable, and marks the model injected."""
+    model.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for site in p.sites:
+        target = modules[site.name]
+        new = _build(site, target, model, p.config)
+        if site.kind in ("lora", "mask"):
+            _set_module(model, site.name, new)
+            continue
+        target.add_module("adapter", new)
+        if site.kind == "adapter":
+            target.register_forward_hook(_serial_adapter_hook, with_kwargs=True)
+        else:
+            if site.source is not None:
+                slot = _InputSlot()
+                modules[site.source]._peftkern_slot = slot
+                target._peftkern_slot = slot
+                modules[site.source].register_forward_pre_hook(_stash_input, with_kwargs=True)
+            target.register_forward_hook(_parallel_adapter_hook, with_kwargs=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for n in p.selected:
+        params[n].requires_grad_(True)
+    names = [n for n, t in model.named_parameters() if t.requires_grad]
+    setattr(model, _STATE, InjectionState(p.config, names))
+    return model
+
+
+def inject(model: nn.Module, config: _Config) -> nn.Module:
+    """Puts the PEFT method of `config` into `model` in place and returns it.
+
+    Every parameter is frozen except the method's new parameters (LoRA factors, mask scores,
+    adapters) or selected ones (BitFit's biases) and those of ``config.modules_to_save``. Raises a
+    ValueError naming the config when it matches nothing, when the model is already injected, or
+    when a target is the wrong kind of module; the model is unchanged then."""
+    return apply(model, plan(model, config))
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts; a parameter shared by several modules counts once."""
+    trainable = total = 0
+    for t in model.parameters():
+        total += t.numel()
+        trainable += t.numel() if t.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = trainable_parameters(model)
+    print(
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / max(total, 1):.4f}"
+    )
+
+
+@torch.no_grad()
+def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
+    """For deployment: folds each LoRA update into its base weight and bakes each mask (both become
+    plain ``nn.Linear`` layers, named as before); adapters stay, as an adapter's nonlinearity cannot
+    fold into a weight. Returns the model; with `verbose` prints what it merged. A merged model
+    cannot be saved with peftkern.save_pretrained (its LoRA and mask parameters are gone)."""
+    state = injection_state(model)
+    if state is None:
+        raise ValueError("merge: the model holds no peftkern method (call peftkern.inject first)")
+    lora = masks = adapters = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
+            linear.weight, linear.bias = module.weight, module.bias
+            _set_module(model, name, linear)
+            lora += 1
+        elif isinstance(module, MaskedLinear):
+            _set_module(model, name, module.bake().requires_grad_(False))
+            masks += 1
+        elif isinstance(module, Adapter):
+            adapters += 1
+    state.merged = True
+    if verbose:
+        parts = []
+        if lora:
+            parts.append(f"LoRA merged into {lora} linear layers")
+        if masks:
+            parts.append(f"{masks} masks baked into their weights")
+        if adapters:
+            parts.append(f"{adapters} adapters kept (an adapter cannot merge into a weight)")
+        print(
+            "peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(state.config).__name__}")
+        )
+    return model

