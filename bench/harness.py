@@ -22,8 +22,9 @@ from typing import Callable, Iterable, List, Optional
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# inference: a forward under no_grad; decode: the same at one query row per sequence (attention)
-MODES = ("forward", "backward", "full", "inference", "decode")
+# inference: a forward under no_grad; decode: the same at one query row per sequence (attention);
+# train: forward, backward and optimizer step of a whole model (bench_model)
+MODES = ("forward", "backward", "full", "inference", "decode", "train")
 
 
 @dataclass
@@ -190,6 +191,8 @@ def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
             row["gbps"] = case.ideal_bytes / secs / 1e9
             row["frac_copy_bw"] = case.ideal_bytes / secs / copy_bw
             row["tflops"] = case.flops / secs / 1e12 if case.flops else None
+            if "tokens" in case.tags:
+                row["tokens_per_s"] = case.tags["tokens"] / secs
         except Skip as e:
             row["skipped"] = str(e)
         except torch.cuda.OutOfMemoryError as e:  # large shapes on smaller cards
@@ -204,9 +207,14 @@ def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
 
 
 def add_speedups(rows: List[dict]) -> None:
-    """speedup = eager median / this provider's median, for the same family, shape, dtype and mode."""
+    """speedup = eager median / this provider's median, for the same family, shape, dtype and mode. The
+    eager row is provider "eager", or the row a case tags as its baseline (bench_model: HF peft)."""
     key = lambda r: (r["family"], r["shape"], r["dtype"], r["mode"], r.get("variant", ""))  # noqa: E731
-    eager = {key(r): r["median_ms"] for r in rows if r["provider"] == "eager" and "median_ms" in r}
+    eager = {
+        key(r): r["median_ms"]
+        for r in rows
+        if (r["provider"] == "eager" or r.get("baseline")) and "median_ms" in r
+    }
     for r in rows:
         if "median_ms" in r and key(r) in eager:
             r["speedup_vs_eager"] = eager[key(r)] / r["median_ms"]
@@ -219,6 +227,7 @@ def format_row(r: dict) -> str:
     return (
         f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "
         f"{r['peak_mem_mb']:9.1f} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)"
+        + (f"  {r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.0f} TFLOPS" if "tokens_per_s" in r else "")
     )
 
 
@@ -234,24 +243,27 @@ def markdown_table(rows: List[dict], meta: dict) -> str:
         f"torch {meta['torch']}, CUDA {meta['cuda']}, peftkern build {meta['build']}. "
         f"Measured device-to-device copy bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
         "Times are CUDA-event medians [p20, p80]; bandwidth is the bytes an ideal kernel must move "
-        "over the median time; speedup is eager time / this time, same run.",
+        "over the median time; speedup is eager time / this time, same run. Whole-model rows (mode "
+        "train) also give tokens/s and TFLOPS (bench/bench_model.py counts the flops).",
         "",
         "| family | shape | dtype | mode | provider | median ms | p20 | p80 | peak MB | GB/s | % copy BW "
-        "| speedup vs eager |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| speedup vs eager | tokens/s | TFLOPS |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "skipped" in r:
             lines.append(
                 f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} "
-                f"| skipped: {r['skipped']} | | | | | | |"
+                f"| skipped: {r['skipped']} | | | | | | | | |"
             )
             continue
         sp = r.get("speedup_vs_eager")
+        tokens = f"{r['tokens_per_s']:,.0f} | {r['tflops']:.0f}" if "tokens_per_s" in r else " | "
         lines.append(
             f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
             f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {r['peak_mem_mb']:.1f} | "
-            f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} |"
+            f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} | "
+            f"{tokens} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -283,7 +295,9 @@ def plot_speedups(rows: List[dict], meta: dict, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    measured = [r for r in rows if "speedup_vs_eager" in r and r["provider"] != "eager"]
+    measured = [
+        r for r in rows if "speedup_vs_eager" in r and r["provider"] != "eager" and not r.get("baseline")
+    ]
     if not measured:
         return False
     labels = sorted({(r["family"], r["shape"], r["dtype"], r["mode"]) for r in measured})

@@ -163,13 +163,12 @@ class EagerMaskedLinear(nn.Module):
         return masked_linear(x, self.weight, self.bias, self.scores, self.threshold)
 
 
-def eager_twin(model):
-    """A deep copy of a peftkern-injected model with every peftkern module swapped for its eager twin
-    (same parameter values and names, same trainable flags)."""
+def to_eager(model):
+    """Swaps every peftkern module of a model for its eager twin, in place (the same Parameters, so
+    the same names, values and trainable flags); returns the model."""
     import peftkern
 
-    twin = copy.deepcopy(model)
-    for name, m in list(twin.named_modules()):
+    for name, m in list(model.named_modules()):
         if isinstance(m, peftkern.nn.LoRALinear):
             new = EagerLoRALinear(m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout)
         elif isinstance(m, peftkern.nn.MaskedLinear):
@@ -180,5 +179,10 @@ def eager_twin(model):
         else:
             continue
         parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent), child, new)
-    return twin
+        setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def eager_twin(model):
+    """A deep copy of a peftkern-injected model, computing eagerly (to_eager)."""
+    return to_eager(copy.deepcopy(model))

@@ -1,0 +1,172 @@
+"""Whole models: one training step (forward, backward, AdamW step) of a transformer fine-tuned with
+each method, peftkern (peftkern.inject) against what users run without it:
+
+  lora      Hugging Face peft (get_peft_model, LoraConfig on the same query/value projections; peft
+            keeps the LoRA factors in float32 by default, autocast_adapter_dtype)
+  adapter   the same injected model with each adapter computed eagerly, as AdapterHub does
+            (two nn.Linear, the activation, the scaled residual add: tests/reference.EagerAdapter)
+  mask      the same model with each masked linear computed eagerly: F.linear(x, W * STE(S > t))
+
+Models (random weights, bf16, sdpa attention): a BERT-base encoder with a classification head, and
+a Llama-style ~1.1B decoder (TinyLlama's shape: d 2048, 22 layers, 32 heads, 4 kv heads) with its
+LM loss. Batches of `seq` tokens fill 16k tokens.
+
+Floors. The base is frozen, so an ideal step computes the forward (2 P T flops over the P
+parameters of its linear layers, T tokens), the input gradients only (2 P T), and attention
+(4 T S d per layer forward, twice that backward; half of it when causal): it is compute-bound, and
+the `tflops` column is that count over the step time. `ideal_bytes` is the frozen weights read
+twice (forward and backward), a loose lower bound. Targets (H100, bf16, sequence 512, 16k tokens):
+peftkern's step >= 1.15x the eager step for each method, with less peak memory.
+"""
+
+import itertools
+
+import torch
+
+import peftkern
+from tests import reference
+
+from .harness import Case, Skip, Work
+
+FAMILY = "model"
+TOKENS = 16384
+MODELS = {
+    "bert-base": (
+        "bert",
+        dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        ),
+    ),
+    "llama-1b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
+    ),
+}
+METHODS = {
+    "lora": lambda: peftkern.LoRAConfig(r=16, lora_alpha=32),
+    "adapter": lambda: peftkern.AdapterConfig(bottleneck=64),
+    "mask": lambda: peftkern.MaskConfig(),
+}
+BASELINE = {"lora": "peft", "adapter": "eager", "mask": "eager"}
+PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}  # = peftkern's LoRA presets
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise Skip("transformers not installed")
+    return transformers
+
+
+def build_model(kind, config, device, dtype):
+    """The base model, random weights (seeded), in `dtype` on `device`, in training mode."""
+    tf = _transformers()
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = tf.BertForSequenceClassification(
+            tf.BertConfig(**config, num_labels=2, attn_implementation="sdpa")
+        )
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**config, attn_implementation="sdpa"))
+    return model.to(device, dtype).train()
+
+
+def with_method(model, kind, method, provider):
+    """The model with `method` put in by `provider` (peftkern | eager | peft)."""
+    if provider == "peft":
+        try:
+            import peft
+        except ImportError:
+            raise Skip("peft not installed")
+        cfg = METHODS[method]()
+        lora = peft.LoraConfig(
+            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[kind]
+        )
+        return peft.get_peft_model(model, lora)
+    peftkern.inject(model, METHODS[method]())
+    return reference.to_eager(model) if provider == "eager" else model
+
+
+def batches(kind, config, batch, seq, device, n_sets=2):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n_sets):
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=g)
+        labels = torch.randint(0, 2, (batch,), generator=g) if kind == "bert" else ids
+        out.append((ids.to(device), labels.to(device)))
+    return out
+
+
+def training_step(model, data, lr=1e-4):
+    """step(i): forward on batch i, backward, AdamW step, gradients cleared; returns the loss."""
+    params = [t for t in model.parameters() if t.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
+
+    def step(i):
+        ids, labels = data[i]
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _work(kind, config, method, provider, batch, seq, dtype):
+    def make():
+        model = with_method(build_model(kind, config, "cuda", dtype), kind, method, provider)
+        data = batches(kind, config, batch, seq, "cuda")
+        return Work(training_step(model, data), None, len(data))
+
+    return make
+
+
+def step_cost(kind, config, seq, dtype):
+    """(ideal bytes, flops) of one frozen-base training step over TOKENS tokens (module docstring)."""
+    d, L, ffn = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
+    d_kv = d * kv // heads
+    if kind == "bert":
+        linear, causal = L * (2 * d * d + 2 * d * d_kv + 2 * d * ffn), 1.0
+    else:  # gate, up and down projections; the LM head
+        linear, causal = L * (2 * d * d + 2 * d * d_kv + 3 * d * ffn) + config["vocab_size"] * d, 0.5
+    es = torch.finfo(dtype).bits // 8
+    flops = 4 * linear * TOKENS + 12 * TOKENS * seq * d * L * causal
+    return 2 * linear * es, flops
+
+
+def cases(quick=False):
+    seqs = (512,) if quick else (512, 2048)
+    for (name, (kind, config)), method, seq in itertools.product(MODELS.items(), METHODS, seqs):
+        dtype, batch = torch.bfloat16, TOKENS // seq
+        ideal, flops = step_cost(kind, config, seq, dtype)
+        for provider in (BASELINE[method], "peftkern"):
+            yield Case(
+                FAMILY,
+                dict(model=name, method=method, seq=seq, batch=batch),
+                dtype,
+                "train",
+                provider,
+                _work(kind, config, method, provider, batch, seq, dtype),
+                ideal,
+                flops,
+                tags=dict(tokens=TOKENS, **({"baseline": True} if provider != "peftkern" else {})),
+            )

@@ -1,0 +1,92 @@
+"""bench/bench_model.py on the CPU with tiny configs, so the GPU run does not fail on its first
+call: every method and provider builds, its training step runs, and peftkern's model follows the
+baseline's losses; the cost count matches the model; the result table carries tokens/s."""
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import peftkern  # noqa: E402
+from bench import bench_model, harness  # noqa: E402
+
+TINY = {
+    "bert": dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    ),
+    "llama": dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", TINY)
+@pytest.mark.parametrize("method", bench_model.METHODS)
+def test_training_step_follows_the_baseline(kind, method):
+    models = {
+        p: bench_model.with_method(
+            bench_model.build_model(kind, TINY[kind], "cpu", torch.float32), kind, method, p
+        )
+        for p in (bench_model.BASELINE[method], "peftkern")
+    }
+    if method == "lora":  # peft draws its own lora_A: start it from peftkern's
+        with torch.no_grad():
+            for n, m in models["peftkern"].named_modules():
+                if isinstance(m, peftkern.nn.LoRALinear):
+                    models["peft"].get_submodule("base_model.model." + n).lora_A["default"].weight.copy_(
+                        m.lora_A
+                    )
+    losses = {}
+    for provider, model in models.items():
+        step = bench_model.training_step(model, bench_model.batches(kind, TINY[kind], 3, 8, "cpu"), lr=1e-2)
+        torch.manual_seed(0)  # the same dropout draws
+        losses[provider] = [step(i % 2).item() for i in range(4)]
+    base, ours = losses[bench_model.BASELINE[method]], losses["peftkern"]
+    assert len(set(ours)) > 1  # the steps train
+    for a, b in zip(ours, base):
+        assert abs(a - b) <= 1e-4 * abs(b), (ours, base)
+
+
+@pytest.mark.parametrize("kind", TINY)
+def test_step_cost_counts_the_model_linear_layers(kind):
+    model = bench_model.build_model(kind, TINY[kind], "cpu", torch.float32)
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (".layer." in n or ".layers." in n or n == "lm_head")
+    )
+    ideal, flops = bench_model.step_cost(kind, TINY[kind], 8, torch.bfloat16)
+    assert ideal == 2 * linear * 2
+    assert flops > 4 * linear * bench_model.TOKENS
+
+
+def test_cases_and_table():
+    cases = list(bench_model.cases(quick=True))
+    assert {c.provider for c in cases} == {"peft", "eager", "peftkern"}
+    assert all(c.mode == "train" and c.flops > 0 and c.tags["tokens"] == bench_model.TOKENS for c in cases)
+    rows = [
+        dict(family="model", shape="m", dtype="bfloat16", mode="train", provider=p, baseline=p == "peft")
+        for p in ("peft", "peftkern")
+    ]
+    for r, ms in zip(rows, (30.0, 20.0)):
+        r.update(median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_mb=1.0, gbps=1.0, frac_copy_bw=0.1, tflops=5.0)
+        r["tokens_per_s"] = bench_model.TOKENS / (ms / 1e3)
+    harness.add_speedups(rows)
+    assert rows[1]["speedup_vs_eager"] == pytest.approx(1.5)
+    meta = dict(gpu="GPU", date="today", torch="t", cuda="c", build={}, copy_bw_gbps=1.0)
+    table = harness.markdown_table(rows, meta)
+    assert "| 1.50x | 819,200 | 5 |" in table
+    assert "819,200 tokens/s" in harness.format_row(rows[1])
