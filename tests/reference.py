@@ -121,9 +121,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=Non
 class EagerAdapter(nn.Module):
     """A bottleneck adapter as AdapterHub computes it: two nn.Linear, the activation, the scaled add."""
 
-    def __init__(self, d, r, scale=1.0, activation="gelu"):
+    def __init__(self, d, r, scale=1.0, activation="gelu", device=None, dtype=None):
         super().__init__()
-        self.down, self.up, self.scale, self.activation = nn.Linear(d, r), nn.Linear(r, d), scale, activation
+        self.down, self.up = (
+            nn.Linear(d, r, device=device, dtype=dtype),
+            nn.Linear(r, d, device=device, dtype=dtype),
+        )
+        self.scale, self.activation = scale, activation
 
     def forward(self, x, residual=None):
         return adapter(
@@ -165,19 +169,22 @@ class EagerMaskedLinear(nn.Module):
 
 def to_eager(model):
     """Swaps every peftkern module of a model for its eager twin, in place (the same Parameters, so
-    the same names, values and trainable flags); returns the model."""
+    the same names, values and trainable flags, and the same training mode); returns the model."""
     import peftkern
 
     for name, m in list(model.named_modules()):
         if isinstance(m, peftkern.nn.LoRALinear):
+            if m.merged:
+                raise ValueError(f"to_eager: {name} is merged; its twin is a plain nn.Linear")
             new = EagerLoRALinear(m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout)
         elif isinstance(m, peftkern.nn.MaskedLinear):
             new = EagerMaskedLinear(m.weight, m.bias, m.scores, m.threshold)
         elif isinstance(m, peftkern.nn.Adapter):
-            new = EagerAdapter(m.d_model, m.bottleneck, m.scale, m.activation)
+            new = EagerAdapter(m.d_model, m.bottleneck, m.scale, m.activation, device="meta")
             new.down, new.up = m.down, m.up
         else:
             continue
+        new.train(m.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model

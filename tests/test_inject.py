@@ -97,7 +97,7 @@ def adapter_sites(model):
     [
         ("houlsby", ["encoder.layer.{i}.attention.output.dense", "encoder.layer.{i}.output.dense"]),
         ("pfeiffer", ["encoder.layer.{i}.output.dense"]),
-        ("parallel", ["encoder.layer.{i}.output.dense"]),
+        ("parallel", ["encoder.layer.{i}.output"]),  # BertOutput: it adds the FFN input back
     ],
 )
 def test_bert_adapter_placements(placement, expected):
@@ -185,7 +185,7 @@ def test_parallel_adapter_reads_the_ffn_input_and_adds_to_its_output():
         inter, out = layer.intermediate, layer.output
         h = inter.intermediate_act_fn(F.linear(attn, inter.dense.weight, inter.dense.bias))
         ffn = F.linear(h, out.dense.weight, out.dense.bias)
-        a = out.dense.adapter
+        a = out.adapter
         ffn = reference.adapter(
             attn, a.down.weight, a.down.bias, a.up.weight, a.up.bias, "gelu", 0.5, residual=ffn
         )
@@ -317,6 +317,11 @@ def test_inject_twice_raises():
     model = peftkern.inject(tiny_bert(), peftkern.LoRAConfig(r=2))
     with pytest.raises(ValueError, match=r"already injected .*LoRAConfig\(r=2"):
         peftkern.inject(model, peftkern.AdapterConfig())
+    with pytest.raises(
+        ValueError,
+        match=r"already injected \(its submodule layer.0.attention.self.query holds a peftkern LoRALinear",
+    ):
+        peftkern.inject(model.encoder, peftkern.BitFitConfig())
     with pytest.raises(ValueError, match="its submodule encoder"):
         outer = nn.Sequential()
         outer.add_module("encoder", model)
@@ -383,6 +388,16 @@ def test_inject_argument_types():
         (lambda: peftkern.AdapterConfig(reduction_factor=0), ValueError, "AdapterConfig: reduction_factor"),
         (lambda: peftkern.AdapterConfig(scale=float("nan")), ValueError, "AdapterConfig: scale"),
         (lambda: peftkern.MaskConfig(threshold="high"), TypeError, "MaskConfig: threshold"),
+        (
+            lambda: peftkern.MaskConfig(threshold=0.5),
+            ValueError,
+            "MaskConfig: score_init (0.01) must be above",
+        ),
+        (
+            lambda: peftkern.LoRAConfig(target_modules="query("),
+            ValueError,
+            "LoRAConfig: target_modules 'query('",
+        ),
         (lambda: peftkern.BitFitConfig(bias_names=5), TypeError, "BitFitConfig: bias_names"),
         (lambda: peftkern.BitFitConfig(modules_to_save=[""]), TypeError, "BitFitConfig: modules_to_save"),
     ],
@@ -437,7 +452,7 @@ def test_from_pretrained_refuses_a_mismatched_base(tmp_path):
         peftkern.from_pretrained(tiny_llama(), tmp_path)  # another architecture: its own preset's names
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "config", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "garble", "bitflip", "config", "missing", "integers"])
 def test_from_pretrained_refuses_a_damaged_checkpoint(tmp_path, damage):
     model = randomize_peft_params(peftkern.inject(tiny_bert(), peftkern.LoRAConfig(r=2)))
     peftkern.save_pretrained(model, tmp_path)
@@ -447,13 +462,28 @@ def test_from_pretrained_refuses_a_damaged_checkpoint(tmp_path, damage):
         weights.write_bytes(data[: len(data) - 100])
     elif damage == "garble":
         weights.write_bytes(b"\xff" * 16 + data[16:])
+    elif damage == "bitflip":  # in the data: the header still parses
+        weights.write_bytes(data[:-5] + bytes([data[-5] ^ 0x40]) + data[-4:])
     elif damage == "config":
         (tmp_path / "peftkern_config.json").write_text('{"method": "lora", "r": ')
+    elif damage == "integers":  # a well-formed file of the wrong kind, its checksum recorded
+        import hashlib
+        import json
+
+        from safetensors.torch import load_file, save
+
+        data = save({n: t.to(torch.int32) for n, t in load_file(weights).items()})
+        weights.write_bytes(data)
+        config = json.loads((tmp_path / "peftkern_config.json").read_text())
+        config["weights_sha256"] = hashlib.sha256(data).hexdigest()
+        (tmp_path / "peftkern_config.json").write_text(json.dumps(config))
     else:
         weights.unlink()
     base = tiny_bert()
     error = FileNotFoundError if damage == "missing" else ValueError
-    with pytest.raises(error, match="peftkern_(weights|config)"):
+    with pytest.raises(
+        error, match="int32, not a floating" if damage == "integers" else "peftkern_(weights|config)"
+    ):
         peftkern.from_pretrained(base, tmp_path)
     _unchanged(base, tiny_bert())
 
@@ -508,3 +538,61 @@ def test_base_save_pretrained_still_loads_as_the_base(tmp_path):
     reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
     for n, t in base.state_dict().items():
         assert torch.equal(reloaded.state_dict()[n], t), n
+
+
+def test_new_modules_follow_the_model_training_mode():
+    model = peftkern.inject(tiny_bert().eval(), peftkern.LoRAConfig(r=2, lora_dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    randomize_peft_params(model)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, model(x).last_hidden_state)  # no dropout in eval
+    model = peftkern.inject(tiny_bert().train(), peftkern.AdapterConfig(bottleneck=3))
+    assert all(m.training for m in model.modules())
+
+
+def test_the_saved_config_is_the_injected_one(tmp_path):
+    config = peftkern.AdapterConfig(bottleneck=5, scale=0.5)
+    model = randomize_peft_params(peftkern.inject(tiny_bert(), config))
+    config.scale = 3.0  # the caller edits or reuses its object afterwards
+    peftkern.save_pretrained(model, tmp_path)
+    loaded = peftkern.from_pretrained(tiny_bert(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).last_hidden_state, model(ids()).last_hidden_state)
+
+
+def test_tied_lm_head(tmp_path):
+    def tied_llama():
+        model = tiny_llama()
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        return model
+
+    model = randomize_peft_params(
+        peftkern.inject(tied_llama(), peftkern.LoRAConfig(r=2, target_modules=["lm_head"]))
+    )
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    x = ids()
+    with torch.no_grad():
+        before = model(x).logits
+        peftkern.merge(model, verbose=False)
+        assert rel_err(model(x).logits, before) < 1e-5
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # the merge did not leak into them
+    model = peftkern.inject(tied_llama(), peftkern.LoRAConfig(r=2, modules_to_save=["lm_head"]))
+    randomize_peft_params(model)
+    peftkern.save_pretrained(model, tmp_path)
+    loaded = peftkern.from_pretrained(tied_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_parallel_adapter_needs_a_square_target():
+    with pytest.raises(ValueError, match=r"reads encoder.layer.0.intermediate.dense's input \(32 features\)"):
+        peftkern.inject(
+            tiny_bert(), peftkern.AdapterConfig(placement="parallel", target_modules=["intermediate.dense"])
+        )
+    model = peftkern.inject(
+        tiny_llama(), peftkern.AdapterConfig(placement="parallel", target_modules=["mlp"])
+    )
+    assert adapter_sites(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]

@@ -4,9 +4,11 @@
     model = peftkern.from_pretrained(AutoModel.from_pretrained(base), "out/")
 
 The weights file holds only what inject made trainable (LoRA factors, mask scores, adapters,
-BitFit's biases, modules_to_save), under the model's own parameter names.
+BitFit's biases, modules_to_save), under the model's own parameter names; the config records the
+file's SHA-256, so a corrupt file is refused even where its header still parses.
 """
 
+import hashlib
 import json
 import os
 
@@ -43,10 +45,13 @@ def save_pretrained(model: nn.Module, path) -> None:
         )
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors = {n: params[n].detach().cpu().contiguous() for n in state.param_names}
+    data = _safetensors().save(tensors, metadata={"format": "pt"})
     os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, WEIGHTS_NAME), "wb") as f:  # the weights first: a config names a whole file
+        f.write(data)
+    config = {"peftkern_format": FORMAT_VERSION, "weights_sha256": hashlib.sha256(data).hexdigest()}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump({"peftkern_format": FORMAT_VERSION, **state.config.to_dict()}, f, indent=2)
-    _safetensors().save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+        json.dump({**config, **state.config.to_dict()}, f, indent=2)
 
 
 def _read(path):
@@ -63,11 +68,22 @@ def _read(path):
         raise ValueError(f"from_pretrained: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(d, dict) or d.pop("peftkern_format", None) != FORMAT_VERSION:
         raise ValueError(f"from_pretrained: {cfg_path} is not a peftkern config of format {FORMAT_VERSION}")
+    digest = d.pop("weights_sha256", None)
     config = config_from_dict(d)
+    with open(w_path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(
+            f"from_pretrained: {w_path} does not match the SHA-256 its config records: truncated, corrupt, "
+            "or not the file saved with this config"
+        )
     try:
-        tensors = _safetensors().load_file(w_path)
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"from_pretrained: cannot read {w_path}; truncated or corrupt? ({e})") from None
+        tensors = _safetensors().load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"from_pretrained: cannot read {w_path} ({e})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"from_pretrained: {name} in {w_path} is {t.dtype}, not a floating-point tensor")
     return config, tensors
 
 

@@ -15,6 +15,7 @@ field) and round-trips through ``to_dict`` / ``config_from_dict`` (the JSON that
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -29,7 +30,13 @@ ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 
 def _names(config, field, value):
     """None, one regex string, or a list of name suffixes (a tuple is taken as a list)."""
-    if value is None or isinstance(value, str):
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{config}: {field} {value!r:.80} is not a valid regex ({e})") from None
+        return value
+    if value is None:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
         return list(value)
@@ -82,7 +89,9 @@ class AdapterConfig(_Config):
     With ``target_modules`` the adapter goes after each named module (houlsby / pfeiffer), or reads
     each named module's input and adds to its output (parallel). ``bottleneck`` defaults to
     ``d_model // reduction_factor``. The adapter wraps the projection's output, so it sits before
-    the block's dropout (AdapterHub puts it after); in eval mode the two are the same.
+    the block's dropout (AdapterHub puts it after); in eval mode the two are the same. In BERT-family
+    blocks the FFN's output module adds the FFN input back as its residual, and the parallel adapter
+    joins there (its output skips the hidden dropout).
     """
 
     bottleneck: Optional[int] = None
@@ -152,6 +161,11 @@ class MaskConfig(_Config):
         self._check_common()
         self.threshold = _real("MaskConfig", "threshold", self.threshold)
         self.score_init = _real("MaskConfig", "score_init", self.score_init)
+        if self.score_init <= self.threshold:
+            raise ValueError(
+                f"MaskConfig: score_init ({self.score_init}) must be above threshold ({self.threshold}), "
+                "or every weight starts masked out"
+            )
 
 
 @dataclass

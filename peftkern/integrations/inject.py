@@ -12,6 +12,7 @@ base's own ``save_pretrained`` still writes a checkpoint the base loads (the ext
 PEFT parameters), and ``peftkern.save_pretrained`` writes the PEFT parameters alone.
 """
 
+import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -34,9 +35,11 @@ class InjectionState:
 
 @dataclass
 class _Site:
-    name: str  # the module replaced (lora, mask) or followed (adapter)
+    name: str  # the module replaced (lora, mask) or that holds the adapter
     kind: str  # "lora" | "mask" | "adapter" | "parallel_adapter"
-    source: Optional[str] = None  # parallel_adapter: the module whose input it reads, if not `name`
+    # parallel_adapter: (name, position) of the module's argument that carries the FFN input as the
+    # residual it adds (BertOutput's input_tensor); None: the module is the FFN, its input the FFN input
+    residual_arg: Optional[tuple] = None
     d_model: int = 0  # adapters
 
 
@@ -103,14 +106,15 @@ def plan(model: nn.Module, config: _Config) -> Plan:
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")
     for n, m in model.named_modules():
         state = injection_state(m)
-        if state is not None:
+        if state is not None or isinstance(m, (Adapter, LoRALinear, MaskedLinear)):
             where = f"its submodule {n}" if n else "it"
+            holds = _describe(state.config) if state is not None else f"a peftkern {type(m).__name__}"
             raise ValueError(
                 f"inject: {_describe(config)} on a model already injected ({where} holds "
-                f"{_describe(state.config)}); load a fresh base model to inject again"
+                f"{holds}); load a fresh base model to inject again"
             )
     cname = type(config).__name__
-    p = Plan(config)
+    p = Plan(copy.deepcopy(config))  # the caller's object may change later; what is saved must not
     explicit = getattr(config, "target_modules", None)
     if isinstance(config, (LoRAConfig, MaskConfig)):
         kind = "lora" if isinstance(config, LoRAConfig) else "mask"
@@ -145,8 +149,9 @@ def plan(model: nn.Module, config: _Config) -> Plan:
 def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
     cname = type(config).__name__
     parallel = config.placement == "parallel"
+    residual_arg = None
     if explicit is not None:
-        pairs = [(n, None) for n, _ in _matched(model, config, explicit, "target_modules")]
+        names = [n for n, _ in _matched(model, config, explicit, "target_modules")]
     else:
         preset = preset_for(model, cname)
         patterns = {
@@ -157,26 +162,22 @@ def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
         names = [
             n for pat in patterns for n, _ in _matched(model, config, pat, f"the {config.placement} preset")
         ]
-        pairs = []
-        for n in names:
-            source = None
-            if parallel and preset.ffn_input is not None:
-                old, new = preset.ffn_input
-                source = n[: -len(old)] + new
-            pairs.append((n, source))
+        residual_arg = preset.ffn_residual_arg if parallel else None
     modules = dict(model.named_modules())
     sites = []
-    for n, source in pairs:
-        if hasattr(modules[n], "adapter"):
+    for n in names:
+        m = modules[n]
+        if hasattr(m, "adapter"):
             raise ValueError(
                 f"{cname}: {n} already has an attribute 'adapter'; cannot place an adapter there"
             )
-        if source is not None and source not in modules:
+        if parallel and isinstance(m, nn.Linear) and m.in_features != m.out_features:
             raise ValueError(
-                f"{cname}: the parallel adapter at {n} reads the input of {source}, which is missing"
+                f"{cname}: a parallel adapter reads {n}'s input ({m.in_features} features) and adds to its "
+                f"output ({m.out_features}); they must be the same width"
             )
-        d = _out_features(modules[n], model, cname, n)
-        sites.append(_Site(n, "parallel_adapter" if parallel else "adapter", source, d))
+        d = _out_features(m, model, cname, n)
+        sites.append(_Site(n, "parallel_adapter" if parallel else "adapter", residual_arg, d))
     return sites
 
 
@@ -237,23 +238,9 @@ def expected_trainable_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size
     return shapes
 
 
-# Forward hooks: module-level functions that find everything through the module they run on, so
-# copy.deepcopy of an injected model gives a working, independent copy.
-class _InputSlot:
-    """Carries the FFN's input from the module that receives it to the one the adapter adds into."""
-
-    def __init__(self):
-        self.x = None
-
-
-def _first_input(args, kwargs):
-    return args[0] if args else next(iter(kwargs.values()))
-
-
-def _stash_input(module, args, kwargs):
-    module._peftkern_slot.x = _first_input(args, kwargs)
-
-
+# Hooks: module-level functions that find everything through the module they run on and keep no
+# state between calls, so deep copies, DataParallel replicas, threads and activation-checkpointing
+# recomputes each see only their own call.
 def _apply_adapter(module, output, x=None):
     if isinstance(output, tuple):  # modules returning (hidden, extras...): adapt the hidden states
         return (_apply_adapter(module, output[0], x), *output[1:])
@@ -265,17 +252,19 @@ def _serial_adapter_hook(module, args, kwargs, output):
 
 
 def _parallel_adapter_hook(module, args, kwargs, output):
-    slot = getattr(module, "_peftkern_slot", None)
-    if slot is None:
-        x = _first_input(args, kwargs)
+    """On the FFN itself: out = ffn(x) + scale * adapter_branch(x)."""
+    return _apply_adapter(module, output, args[0] if args else next(iter(kwargs.values())))
+
+
+def _parallel_adapter_residual_hook(module, args, kwargs):
+    """On a module that adds the FFN input x as its residual (BertOutput: LayerNorm(dropout(dense(h))
+    + x)): x becomes x + scale * adapter_branch(x), so the adapter's output joins the FFN's."""
+    name, position = module._peftkern_residual_arg
+    if name in kwargs:
+        kwargs = {**kwargs, name: module.adapter(kwargs[name])}
     else:
-        x, slot.x = slot.x, None
-        if x is None:
-            raise RuntimeError(
-                "peftkern parallel adapter: this module ran without its FFN input (the module whose input "
-                "the adapter reads did not run first in this forward)"
-            )
-    return _apply_adapter(module, output, x)
+        args = (*args[:position], module.adapter(args[position]), *args[position + 1 :])
+    return args, kwargs
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -288,26 +277,25 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
     parameters trainable, and marks the model injected."""
     model.requires_grad_(False)
     modules = dict(model.named_modules())
+    names = list(p.selected)
     for site in p.sites:
         target = modules[site.name]
-        new = _build(site, target, model, p.config)
+        new = _build(site, target, model, p.config).train(target.training)
+        names += [_param_prefix(site) + n for n, t in new.named_parameters() if t.requires_grad]
         if site.kind in ("lora", "mask"):
             _set_module(model, site.name, new)
             continue
         target.add_module("adapter", new)
         if site.kind == "adapter":
             target.register_forward_hook(_serial_adapter_hook, with_kwargs=True)
-        else:
-            if site.source is not None:
-                slot = _InputSlot()
-                modules[site.source]._peftkern_slot = slot
-                target._peftkern_slot = slot
-                modules[site.source].register_forward_pre_hook(_stash_input, with_kwargs=True)
+        elif site.residual_arg is None:
             target.register_forward_hook(_parallel_adapter_hook, with_kwargs=True)
+        else:
+            target._peftkern_residual_arg = site.residual_arg
+            target.register_forward_pre_hook(_parallel_adapter_residual_hook, with_kwargs=True)
     params = dict(model.named_parameters(remove_duplicate=False))
     for n in p.selected:
         params[n].requires_grad_(True)
-    names = [n for n, t in model.named_parameters() if t.requires_grad]
     setattr(model, _STATE, InjectionState(p.config, names))
     return model
 
@@ -349,13 +337,20 @@ def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
     if state is None:
         raise ValueError("merge: the model holds no peftkern method (call peftkern.inject first)")
     lora = masks = adapters = 0
+    uses = {}
+    for _, t in model.named_parameters(remove_duplicate=False):
+        uses[id(t)] = uses.get(id(t), 0) + 1
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            module.merge()
             linear = nn.Linear(
                 module.in_features, module.out_features, bias=module.bias is not None, device="meta"
             )
-            linear.weight, linear.bias = module.weight, module.bias
+            linear.bias = module.bias
+            if uses[id(module.weight)] > 1:  # tied (an LM head and its embeddings): merge into a copy
+                linear.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
+            else:
+                module.merge()
+                linear.weight = module.weight
             _set_module(model, name, linear)
             lora += 1
         elif isinstance(module, MaskedLinear):

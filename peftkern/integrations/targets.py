@@ -17,8 +17,10 @@ class Preset:
     family: str
     attention_output: str  # the attention's output projection (houlsby)
     ffn_output: str  # the FFN's output projection (houlsby, pfeiffer)
-    ffn: str  # parallel adapters add into this module's output ...
-    ffn_input: Optional[tuple]  # ... and read the input of (ffn's name with suffix a -> b); None: ffn's own
+    ffn: str  # parallel adapters: the FFN, or the module that adds the FFN input back (see below)
+    # (name, position) of ffn's argument carrying the FFN input as its residual (BertOutput's
+    # input_tensor: the adapter turns it into x + adapter(x)); None: ffn is the FFN itself
+    ffn_residual_arg: Optional[tuple]
     lora: str  # LoRA (peft's defaults: the query and value projections)
     linears: str  # mask tuning: every linear layer of the blocks
 
@@ -27,8 +29,8 @@ _BERT = Preset(
     family="BERT-family encoder",
     attention_output=_BLOCK + r"attention\.output\.dense",
     ffn_output=_BLOCK + r"output\.dense",
-    ffn=_BLOCK + r"output\.dense",
-    ffn_input=("output.dense", "intermediate"),  # BertOutput gets the FFN input only as a residual
+    ffn=_BLOCK + r"output",
+    ffn_residual_arg=("input_tensor", 1),  # BertOutput(hidden_states, input_tensor)
     lora=_BLOCK + r"attention\.self\.(query|value)",
     linears=_BLOCK
     + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
@@ -38,7 +40,7 @@ _LLAMA = Preset(
     attention_output=_BLOCK + r"self_attn\.o_proj",
     ffn_output=_BLOCK + r"mlp\.down_proj",
     ffn=_BLOCK + r"mlp",
-    ffn_input=None,
+    ffn_residual_arg=None,
     lora=_BLOCK + r"self_attn\.(q_proj|v_proj)",
     linears=_BLOCK + r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
 )
@@ -47,7 +49,7 @@ _VIT = Preset(
     attention_output=_BLOCK + r"attention\.o_proj",
     ffn_output=_BLOCK + r"mlp\.fc2",
     ffn=_BLOCK + r"mlp",
-    ffn_input=None,
+    ffn_residual_arg=None,
     lora=_BLOCK + r"attention\.(q_proj|v_proj)",
     linears=_BLOCK + r"(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))",
 )

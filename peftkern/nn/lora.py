@@ -106,11 +106,19 @@ class LoRALinear(nn.Module):
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """A new tensor: weight + scaling * lora_B @ lora_A (in float32, then cast), or a copy of
+        weight if the layer is merged already."""
+        if self._merged:
+            return self.weight.detach().clone()
+        return (self.weight.float() + self._delta()).to(self.weight.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """weight += scaling * lora_B @ lora_A (in float32, then cast); forward becomes a plain linear."""
         if self._merged:
             return
-        self.weight.copy_((self.weight.float() + self._delta()).to(self.weight.dtype))
+        self.weight.copy_(self.merged_weight())
         self._merged = True
 
     @torch.no_grad()
