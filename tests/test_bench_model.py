@@ -11,26 +11,9 @@ pytest.importorskip("peft")
 
 import peftkern  # noqa: E402
 from bench import bench_model, harness  # noqa: E402
+from tests import tiny_models  # noqa: E402
 
-TINY = {
-    "bert": dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    ),
-    "llama": dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    ),
-}
+TINY = {"bert": tiny_models.BERT, "llama": tiny_models.LLAMA}
 
 
 @pytest.mark.parametrize("kind", TINY)

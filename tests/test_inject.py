@@ -14,52 +14,12 @@ from torch import nn
 import peftkern
 from peftkern.nn import Adapter, LoRALinear, MaskedLinear
 from tests import reference
+from tests.tiny_models import bert as tiny_bert
+from tests.tiny_models import llama as tiny_llama
+from tests.tiny_models import vit as tiny_vit
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
-
-
-def tiny_bert(**kw):
-    args = dict(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    cfg = transformers.BertConfig(**{**args, **kw})
-    torch.manual_seed(0)
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_vit():
-    cfg = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        image_size=16,
-        patch_size=8,
-    )
-    torch.manual_seed(0)
-    return transformers.ViTModel(cfg).eval()
 
 
 def ids(n=3, length=9, vocab=97, seed=1):

@@ -12,21 +12,14 @@ transformers = pytest.importorskip("transformers")
 
 from peftkern.integrations.peft import fuse, unfuse  # noqa: E402
 
+from . import tiny_models  # noqa: E402
 from .conftest import DEVICES, assert_close  # noqa: E402
 
 
 def tiny_llama(device, dtype=torch.float32):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        max_position_embeddings=64,
+    return tiny_models.llama(hidden_size=64, intermediate_size=96, vocab_size=101).to(
+        device=device, dtype=dtype
     )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
 def lora_model(device, dtype=torch.float32, **config):

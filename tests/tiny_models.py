@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face models (seeded, eval mode) of the architectures peftkern's presets cover."""
+
+import torch
+
+BERT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
+LLAMA = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention
+    max_position_embeddings=64,
+)
+VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    image_size=16,
+    patch_size=8,
+)
+
+
+def _build(model_cls, config_cls, defaults, overrides):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**defaults, **overrides})).eval()
+
+
+def bert(**overrides):
+    """BertModel without dropout (so training-mode checks compare exactly)."""
+    import transformers
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _build(transformers.BertModel, transformers.BertConfig, {**BERT, **no_dropout}, overrides)
+
+
+def llama(**overrides):
+    import transformers
+
+    return _build(transformers.LlamaForCausalLM, transformers.LlamaConfig, LLAMA, overrides)
+
+
+def vit(**overrides):
+    import transformers
+
+    return _build(transformers.ViTModel, transformers.ViTConfig, VIT, overrides)
