@@ -17,6 +17,16 @@ parameters of its linear layers, T tokens), the input gradients only (2 P T), an
 the `tflops` column is that count over the step time. `ideal_bytes` is the frozen weights read
 twice (forward and backward), a loose lower bound. Targets (H100, bf16, sequence 512, 16k tokens):
 peftkern's step >= 1.15x the eager step for each method, with less peak memory.
+
+What the count predicts (Llama ~1.1B, 16k tokens, before any GPU run): the frozen-base step is
+about 9e13 flops, ~150 ms at 600 TFLOPS. What a method's fused ops can save is its elementwise
+passes: eager LoRA on q and v scales and adds [T, d] tensors, ~5 passes of 2 bytes over T d
+forward and as many backward, ~1 GB per layer pair and ~44 GB a step, ~13 ms at 3.3 TB/s: about
+1.09x at best. Adapters save a similar share. Masks: both sides need the weight-gradient product for
+the scores (2 P T more flops); eager adds ~8 bytes per weight of elementwise passes (~3 ms) and keeps
+W * m (2 bytes per weight) for the backward where peftkern keeps bits: ~1.0x in time, ~2 GB less
+peak memory. So the 1.15x time target is expected to be out of reach at this size on Amdahl's law;
+the memory target is not.
 """
 
 import itertools
