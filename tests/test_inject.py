@@ -515,6 +515,10 @@ def test_the_saved_config_is_the_injected_one(tmp_path):
     config = peftkern.AdapterConfig(bottleneck=5, scale=0.5)
     model = randomize_peft_params(peftkern.inject(tiny_bert(), config))
     config.scale = 3.0  # the caller edits or reuses its object afterwards
+    edited = peftkern.LoRAConfig(r=2)
+    edited.r = 0
+    with pytest.raises(ValueError, match="LoRAConfig: r must be in"):
+        peftkern.inject(tiny_bert(), edited)  # what inject takes is checked again
     peftkern.save_pretrained(model, tmp_path)
     loaded = peftkern.from_pretrained(tiny_bert(), tmp_path)
     with torch.no_grad():

@@ -12,7 +12,6 @@ base's own ``save_pretrained`` still writes a checkpoint the base loads (the ext
 PEFT parameters), and ``peftkern.save_pretrained`` writes the PEFT parameters alone.
 """
 
-import copy
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..nn import Adapter, LoRALinear, MaskedLinear
-from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config
+from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config, config_from_dict
 from .targets import matches, preset_for
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
@@ -113,8 +112,10 @@ def plan(model: nn.Module, config: _Config) -> Plan:
                 f"inject: {_describe(config)} on a model already injected ({where} holds "
                 f"{holds}); load a fresh base model to inject again"
             )
+    # a checked copy: the caller's object may have been edited since it was built, or may be later
+    config = config_from_dict(config.to_dict())
     cname = type(config).__name__
-    p = Plan(copy.deepcopy(config))  # the caller's object may change later; what is saved must not
+    p = Plan(config)
     explicit = getattr(config, "target_modules", None)
     if isinstance(config, (LoRAConfig, MaskConfig)):
         kind = "lora" if isinstance(config, LoRAConfig) else "mask"
