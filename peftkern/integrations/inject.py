@@ -48,9 +48,8 @@ class Plan:
 
     config: _Config
     sites: List[_Site] = field(default_factory=list)
-    selected: List[str] = field(
-        default_factory=list
-    )  # existing parameters that train (BitFit, modules_to_save)
+    # existing parameters that train (BitFit's biases, modules_to_save)
+    selected: List[str] = field(default_factory=list)
 
 
 def injection_state(model: nn.Module) -> Optional[InjectionState]:
