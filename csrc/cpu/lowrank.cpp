@@ -7,6 +7,8 @@ namespace {
 
 at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+}  // namespace
+
 at::Tensor activate(const at::Tensor& z, Activation a) {
   switch (a) {
     case Activation::kGelu: return at::gelu(z, "none");
@@ -18,7 +20,6 @@ at::Tensor activate(const at::Tensor& z, Activation a) {
   TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }
 
-// grad * act'(z)
 at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activation a) {
   switch (a) {
     case Activation::kGelu: return at::gelu_backward(grad, z, "none");
@@ -29,8 +30,6 @@ at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activa
   }
   TORCH_INTERNAL_ASSERT(false, "unknown activation");
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
                                                    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,

@@ -15,6 +15,10 @@
 
 namespace peftkern::cpu {
 
+// act(z), and grad * act'(z), elementwise in z's dtype.
+at::Tensor activate(const at::Tensor& z, Activation activation);
+at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& z, Activation activation);
+
 // Returns (out [rows, n_out], z [rows, r] or an empty tensor when save_z is false). res defaults to x.
 std::tuple<at::Tensor, at::Tensor> lowrank_forward(const at::Tensor& x, const at::Tensor& w_down,
                                                    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,

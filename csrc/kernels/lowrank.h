@@ -26,17 +26,19 @@ constexpr int kLowRankMaxFusedRank = 256;
 // Rows per block of the forward kernel (multi-adapter segments are cut into blocks of this size).
 constexpr int kLowRankRowsPerBlock = 64;
 
-// Multi-adapter batches (one base, many LoRA adapters, each row its own): rows grouped by adapter
-// on the device (no host sync). Adapter l owns positions seg_start[l] .. seg_start[l+1] of `order`
-// and blocks block_start[l] .. block_start[l+1] of the grid (64 rows per block), so each block
-// reads one adapter's weights once. Rows of no adapter sit past seg_start[L] and are not touched.
+// Multi-adapter batches (one base, many adapters, each row its own): rows grouped by adapter on
+// the device (no host sync). Segment l < L (adapter l) owns positions seg_start[l] .. seg_start[l+1]
+// of `order` and blocks block_start[l] .. block_start[l+1] of the grid (64 rows per block), so each
+// block reads one adapter's weights once. Segment L holds the rows of no adapter: its blocks copy
+// res into y for those rows (give it no block when res is y: the rows are then not touched).
 struct AdapterSegments {
   int num_adapters = 0;                        // L; 0 = one adapter for every row
-  const int64_t* order = nullptr;              // [rows] row indices, grouped by adapter
-  const int64_t* seg_start = nullptr;          // [L + 1]
-  const int64_t* block_start = nullptr;        // [L + 1]: exclusive prefix sum of ceil(count_l / 64)
+  const int64_t* order = nullptr;              // [rows] row indices, grouped by segment
+  const int64_t* seg_start = nullptr;          // [L + 2]
+  const int64_t* block_start = nullptr;        // [L + 2]: exclusive prefix sum of the segments' blocks
   int64_t w_down_stride = 0, w_up_stride = 0;  // elements between consecutive adapters' weights
-  const float* scales = nullptr;               // [L], replaces `scale`
+  int64_t b_down_stride = 0, b_up_stride = 0;  // ... and biases (when given)
+  const float* scales = nullptr;               // [L] per-adapter scale, or null: `scale` for all
 };
 
 struct LowRankForwardArgs {
@@ -54,7 +56,7 @@ struct LowRankForwardArgs {
   void* y;           // [rows, n_out]
   void* z;           // [rows, r] pre-activation, saved for the backward; null in inference
   DropoutArgs dropout;
-  AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z must be null
+  AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z rows of no adapter untouched
 };
 
 // One kernel: each 64-row block reads its rows of x once (dropout applied on chip), keeps act(z)

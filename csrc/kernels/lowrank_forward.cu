@@ -5,7 +5,8 @@
 //            y = res + scale * (h @ w_up_chunk^T + b_up), w_up and res chunks prefetched
 // res may be y itself (LoRA adds into the base product): each element is read before it is
 // written, by the same block. A block's 64 rows are a list in shared memory: consecutive rows, or
-// in a multi-adapter batch one adapter's rows gathered (AdapterSegments).
+// in a multi-adapter batch one adapter's rows gathered (AdapterSegments), or rows of no adapter,
+// which the block copies from res to y.
 #include "lowrank.h"
 #include "lowrank_tiles.cuh"
 
@@ -36,6 +37,28 @@ struct FwdVec {  // which operands allow 16-byte accesses
   bool x, res, y, w_down, w_up;
 };
 
+// y[rows(i)] = src[rows(i)] for the block's 64 rows (rows mapped to -1 skipped), 8 elements per
+// step, copied bit for bit (16-byte words when vec).
+template <typename T, typename RowMap>
+__device__ __forceinline__ void copy_rows(const T* src, T* y, int n_out, RowMap rows, bool vec) {
+  constexpr int kWords = 8 * int(sizeof(T)) / 16;  // 16-byte words in 8 elements
+  const int64_t per_row = (int64_t(n_out) + 7) / 8;
+  for (int64_t i = threadIdx.x; i < kRowBlock * per_row; i += kRowThreads) {
+    const int64_t row = rows(static_cast<int>(i / per_row));
+    const int64_t c = (i % per_row) * 8;
+    if (row < 0) continue;
+    const int valid = n_out - c < 8 ? static_cast<int>(n_out - c) : 8;
+    const T* s = src + row * n_out + c;
+    T* d = y + row * n_out + c;
+    if (vec && valid == 8) {
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) reinterpret_cast<uint4*>(d)[w] = reinterpret_cast<const uint4*>(s)[w];
+    } else {
+      for (int e = 0; e < valid; ++e) d[e] = s[e];
+    }
+  }
+}
+
 template <typename T, int RP>
 __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowRankForwardArgs a, const FwdVec vec) {
   using C = FwdCfg<T, RP>;
@@ -63,10 +86,11 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
   const AdapterSegments& seg = a.segments;
   if (seg.num_adapters > 0) {
     const int64_t b = blockIdx.x;
-    if (threadIdx.x == 0) {  // the last adapter l with block_start[l] <= b; L = past the end
-      int lo = 0, hi = seg.num_adapters;
+    const int L = seg.num_adapters;
+    if (threadIdx.x == 0) {  // the last segment l in [0, L + 1] with block_start[l] <= b; L + 1 = past the end
+      int lo = 0, hi = L + 1;
       while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
+        const int mid = lo + (hi - lo + 1) / 2;  // (lo + hi + 1) / 2 would wrap for L near 2^31
         if (seg.block_start[mid] <= b)
           lo = mid;
         else
@@ -75,14 +99,21 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
       adapter_s = lo;
     }
     __syncthreads();
-    const int l = adapter_s;
-    if (l >= seg.num_adapters) return;  // an idle block of the grid's upper bound
+    const int l = adapter_s;  // uniform over the block: the returns below are taken by all threads
+    if (l > L) return;        // an idle block of the grid's upper bound
     const int64_t start = seg.seg_start[l] + (b - seg.block_start[l]) * kRowBlock;
     const int64_t count = seg.seg_start[l + 1] - start;
     if (threadIdx.x < kRowBlock) rows_s[threadIdx.x] = threadIdx.x < count ? seg.order[start + threadIdx.x] : -1;
+    if (l == L) {  // rows of no adapter: y = res
+      __syncthreads();
+      copy_rows(res, y, n_out, RowList{rows_s}, vec.res && vec.y);
+      return;
+    }
     w_down += l * seg.w_down_stride;
     w_up += l * seg.w_up_stride;
-    scale = seg.scales[l];
+    if (b_down) b_down += l * seg.b_down_stride;
+    if (b_up) b_up += l * seg.b_up_stride;
+    if (seg.scales) scale = seg.scales[l];
   } else if (threadIdx.x < kRowBlock) {
     const int64_t row = int64_t(blockIdx.x) * kRowBlock + threadIdx.x;
     rows_s[threadIdx.x] = row < a.rows ? row : -1;
@@ -189,7 +220,8 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   if (a.r < 1 || a.r > kLowRankMaxFusedRank || a.n_in < 1 || a.n_out < 1 || !a.res || !a.y)
     return cudaErrorInvalidValue;
   const AdapterSegments& seg = a.segments;
-  if (seg.num_adapters > 0 && (!seg.order || !seg.seg_start || !seg.block_start || !seg.scales || a.z))
+  // (segments with dropout: block 0 may be a copy or idle block and would not publish the seed)
+  if (seg.num_adapters > 0 && (!seg.order || !seg.seg_start || !seg.block_start || a.dropout.p > 0.f))
     return cudaErrorInvalidValue;
   return dispatch_dtype(a.dtype, [&](auto dtype) {
     return dispatch_padded_rank(a.r, [&](auto rank) {
@@ -203,8 +235,9 @@ cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
       auto kernel = lowrank_forward_kernel<T, RP>;
       cudaError_t err = set_smem_limit(kernel, C::kSmemBytes);
       if (err != cudaSuccess) return err;
-      // Multi-adapter: sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks; the spare ones exit.
-      const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock) + seg.num_adapters;
+      // Multi-adapter: the L + 1 segments' sum_l ceil(count_l / 64) <= ceil(rows / 64) + L blocks
+      // (one more is spare); the spare ones exit.
+      const int64_t blocks = ceil_div<int64_t>(a.rows, kRowBlock) + (seg.num_adapters > 0 ? seg.num_adapters + 1 : 0);
       if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
       kernel<<<static_cast<unsigned>(blocks), kRowThreads, C::kSmemBytes, stream>>>(a, vec);
       return cudaGetLastError();

@@ -21,14 +21,6 @@ namespace {
 
 constexpr const char* kOp = "adapter";
 
-Activation parse_activation(c10::string_view name) {
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "relu") return Activation::kRelu;
-  if (name == "silu") return Activation::kSilu;
-  TORCH_CHECK_VALUE(false, kOp, ": activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '", name, "'");
-}
-
 struct Dims {
   int64_t rows, d, r;
 };
@@ -173,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& residual,
                                                    c10::string_view activation, double scale, bool save) {
   const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(kOp, activation);
 #ifdef PEFTKERN_WITH_CUDA
   if (lowrank_fused(x, dims.r)) return forward_fused(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
 #endif
@@ -185,7 +177,7 @@ Grads5 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const a
                         std::array<bool, 5> mask) {
   check_backward(grad_out, x, z, w_down, w_up);
   const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(kOp, activation);
 #ifdef PEFTKERN_WITH_CUDA
   if (lowrank_fused(x, dims.r))
     return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);

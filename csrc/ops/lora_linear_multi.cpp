@@ -12,6 +12,7 @@
 
 #include "ops/common.h"
 #include "ops/lowrank.h"
+#include "ops/multi_adapter.h"
 
 #ifdef PEFTKERN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -54,62 +55,6 @@ MultiDims check_multi(const at::Tensor& x, const at::Tensor& weight, const std::
   return {rows, n_in, n_out, r, L};
 }
 
-// Each token's adapter as a key in [0, L]: L for -1 and for out-of-range ids (possible only under
-// CUDA graph capture, where the range check cannot read the ids).
-at::Tensor adapter_key(const at::Tensor& ids, int64_t L) {
-  const at::Tensor id64 = ids.to(at::kLong);
-  return at::where((id64 < 0).logical_or(id64 >= L), at::scalar_tensor(L, id64.options()), id64);
-}
-
-// Tokens grouped by adapter: order = stable argsort of the key, counts [L + 1] per key.
-std::pair<at::Tensor, at::Tensor> group_by_adapter(const at::Tensor& ids, int64_t L) {
-  const at::Tensor key = adapter_key(ids, L);
-  const at::Tensor order = at::argsort(key, /*stable=*/true);
-  const at::Tensor counts = at::zeros({L + 1}, key.options()).scatter_add_(0, key, at::ones_like(key));
-  return {order, counts};
-}
-
-// The tokens of one adapter in the composite: their row indices (counts read on the host) or, under
-// CUDA graph capture (no host reads), a 0/1 mask over all rows, slower: every adapter reads every row.
-// The masked form zeroes the other rows with where(), not a 0/1 product: 0 * inf is NaN, and an inf
-// in another adapter's row (or in this adapter's weights) must not reach this adapter's results.
-struct AdapterRows {
-  at::Tensor idx, sel;  // one of the two: idx [count] int64, sel [rows, 1] bool
-  // t's rows of this adapter: [count, ...] (idx), or t with the other rows zeroed (sel)
-  at::Tensor gather(const at::Tensor& t) const { return idx.defined() ? t.index_select(0, idx) : keep(t); }
-  // a product of gathered rows with the other rows zeroed again (a no-op with idx)
-  at::Tensor keep(const at::Tensor& t) const {
-    return idx.defined() ? t : at::where(sel, t, 0);
-  }
-  // dst[rows of this adapter] += src
-  void add_into(at::Tensor& dst, const at::Tensor& src) const {
-    if (idx.defined()) {
-      dst.index_add_(0, idx, src);
-    } else {
-      dst.add_(keep(src));
-    }
-  }
-};
-
-// fn(l, rows) for every adapter l, skipping those with no token where the counts are known.
-template <typename Fn>
-void for_each_adapter(const at::Tensor& ids, int64_t L, bool capture, Fn&& fn) {
-  if (capture) {
-    const at::Tensor key = adapter_key(ids, L).unsqueeze(1);
-    for (int64_t l = 0; l < L; ++l) fn(l, AdapterRows{at::Tensor(), key.eq(l)});
-    return;
-  }
-  const auto [order, counts] = group_by_adapter(ids, L);
-  const at::Tensor n = counts.cpu();  // one device-to-host copy
-  const int64_t* count = n.data_ptr<int64_t>();
-  int64_t start = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    if (count[l] == 0) continue;
-    fn(l, AdapterRows{order.narrow(0, start, count[l]), at::Tensor()});
-    start += count[l];
-  }
-}
-
 at::Tensor multi_composite_forward(const at::Tensor& x2, at::Tensor out, const at::Tensor& lora_A,
                                    const at::Tensor& lora_B, const at::Tensor& ids, const at::Tensor& scalings) {
   const auto mt = x2.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -130,13 +75,7 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
 #ifdef PEFTKERN_WITH_CUDA
   if (lowrank_fused(x, dims.r) && dims.rows > 0) {
     const c10::cuda::CUDAGuard guard(x.device());
-    const int64_t L = dims.adapters;
-    const auto [order, counts] = group_by_adapter(ids, L);
-    const at::Tensor zero = at::zeros({1}, counts.options());
-    const at::Tensor seg_start = at::cat({zero, counts.cumsum(0)}).narrow(0, 0, L + 1).contiguous();
-    const at::Tensor blocks =
-        (counts.narrow(0, 0, L) + (kernels::kLowRankRowsPerBlock - 1)).div(kernels::kLowRankRowsPerBlock, "floor");
-    const at::Tensor block_start = at::cat({zero, blocks.cumsum(0)}).contiguous();
+    const SegmentTensors groups(ids, dims.adapters, /*copy_rest=*/false);  // res is y: rows of no adapter stay
     const at::Tensor scales = scalings.to(at::kFloat).contiguous();
     const at::Tensor a = lora_A.contiguous(), b = lora_B.contiguous();
     // scale 1: each adapter's scaling comes from segments.scales
@@ -146,10 +85,7 @@ at::Tensor lora_multi_forward(const at::Tensor& x, const at::Tensor& weight, con
     args.w_down = a.data_ptr();
     args.w_up = b.data_ptr();
     args.res = args.y = out.data_ptr();
-    args.segments.num_adapters = static_cast<int>(L);
-    args.segments.order = order.data_ptr<int64_t>();
-    args.segments.seg_start = seg_start.data_ptr<int64_t>();
-    args.segments.block_start = block_start.data_ptr<int64_t>();
+    args.segments = groups.segments();
     args.segments.w_down_stride = dims.r * dims.n_in;
     args.segments.w_up_stride = dims.n_out * dims.r;
     args.segments.scales = scales.data_ptr<float>();

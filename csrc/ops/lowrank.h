@@ -1,5 +1,6 @@
-// What the ops built on the low-rank core share (adapter, lora_linear, lora_linear_multi): the
-// five optional gradients they return, and when the fused kernels of kernels/lowrank.h apply.
+// What the ops built on the low-rank core share (adapter, adapter_multi, adapter_stack, lora_linear,
+// lora_linear_multi): the five optional gradients they return, the activation argument, and when
+// the fused kernels of kernels/lowrank.h apply.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,6 +21,15 @@ namespace peftkern::ops {
 
 using Grads5 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+// The adapters' activation argument (op names the op in the error).
+inline Activation parse_activation(const char* op, c10::string_view name) {
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, op, ": activation must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'; got '", name, "'");
+}
 
 #ifdef PEFTKERN_WITH_CUDA
 // The fused kernels cover CUDA float32/float16/bfloat16 and r <= 256; the rest takes the composite.
