@@ -15,6 +15,26 @@ TORCH_LIBRARY(peftkern, m) {
       "str activation, float scale, bool residual_is_x, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
+  // Multi-adapter batch (L adapters, each token its own): out[t] = res[t] + scale * (act(x[t] @
+  // w_down[i]^T + b_down[i]) @ w_up[i]^T + b_up[i]) with i = adapter_ids[t], -1 = no adapter
+  // (out[t] = res[t]); res = residual or x. The bottleneck output as adapter_forward's (0 in the
+  // rows of no adapter).
+  m.def(
+      "adapter_multi_forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "Tensor adapter_ids, Tensor? residual, str activation, float scale, bool save_bottleneck) -> (Tensor, Tensor)");
+  m.def(
+      "adapter_multi_backward(Tensor grad_out, Tensor x, Tensor bottleneck, Tensor w_down, Tensor w_up, "
+      "Tensor adapter_ids, str activation, float scale, bool residual_is_x, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // A stack of N adapters on the same tokens, no residual: out[..., n, :] = scale * (act(x @
+  // w_down[n]^T + b_down[n]) @ w_up[n]^T + b_up[n]) [..., N, d]; bottleneck z [..., N, r] when saved.
+  m.def(
+      "adapter_stack_forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "str activation, float scale, bool save_bottleneck) -> (Tensor, Tensor)");
+  m.def(
+      "adapter_stack_backward(Tensor grad_out, Tensor x, Tensor bottleneck, Tensor w_down, Tensor w_up, "
+      "str activation, float scale, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
   // LoRA: out = x @ weight^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T, dropout only
   // when training. Outputs: out, the rank-r hidden u = dropout(x) @ lora_A^T [..., r] when
   // save_for_backward (else empty), and the dropout's (seed, offset) int64 [2] (empty without dropout).
