@@ -193,3 +193,86 @@ def to_eager(model):
 def eager_twin(model):
     """A deep copy of a peftkern-injected model, computing eagerly (to_eager)."""
     return to_eager(copy.deepcopy(model))
+
+
+# ---------------------------------------------------------------- AdaMix and side-tuning
+def adamix(
+    x, down_weight, down_bias, up_weight, up_bias, route=None, activation="gelu", scale=1.0, residual=None
+):
+    """AdaMix (Wang et al. 2022) written out on the stacked experts [E, ...]: route = (i, j) takes the
+    down-projection of expert i and the up-projection of expert j; route None averages each stacked
+    tensor over the experts (the merged, inference-time adapter)."""
+    if route is None:
+        wd, bd, wu, bu = (t.mean(0) for t in (down_weight, down_bias, up_weight, up_bias))
+    else:
+        i, j = route
+        wd, bd, wu, bu = down_weight[i], down_bias[i], up_weight[j], up_bias[j]
+    return adapter(x, wd, bd, wu, bu, activation, scale, residual)
+
+
+def symmetric_kl(logits_a, logits_b):
+    """KL(p_a || p_b) + KL(p_b || p_a) of the softmax distributions over the last dimension, averaged
+    over the rows (all leading dimensions), through F.kl_div (which takes log q as its input and p as
+    its target and gives KL(p || q))."""
+    la = F.log_softmax(logits_a.reshape(-1, logits_a.shape[-1]), -1)
+    lb = F.log_softmax(logits_b.reshape(-1, logits_b.shape[-1]), -1)
+    return F.kl_div(lb, la, reduction="batchmean", log_target=True) + F.kl_div(
+        la, lb, reduction="batchmean", log_target=True
+    )
+
+
+def side_tuning(base_out, side_out, alpha):
+    """Side-tuning's blend (Zhang et al. 2020)."""
+    return alpha * base_out + (1 - alpha) * side_out
+
+
+# ---------------------------------------------------------------- many adapters: multi, stack, fusion
+
+
+def adapter_multi(x, w_down, b_down, w_up, b_up, adapter_ids, activation="gelu", scale=1.0, residual=None):
+    """The eager loop over adapters a user writes: each adapter on its own tokens, the tokens of no
+    adapter (id -1) keep their residual."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    res2 = x2 if residual is None else residual.reshape(-1, d)
+    out = res2.clone()
+    for i in range(w_down.shape[0]):
+        rows = adapter_ids == i
+        out[rows] = adapter(
+            x2[rows],
+            w_down[i],
+            None if b_down is None else b_down[i],
+            w_up[i],
+            None if b_up is None else b_up[i],
+            activation,
+            scale,
+            res2[rows],
+        )
+    return out.reshape(x.shape)
+
+
+def adapter_stack(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0):
+    """Each adapter's scaled output without the residual, stacked: [..., N, d]."""
+    outs = [
+        scale
+        * F.linear(
+            ACTIVATIONS[activation](F.linear(x, w_down[n], None if b_down is None else b_down[n])),
+            w_up[n],
+            None if b_up is None else b_up[n],
+        )
+        for n in range(w_down.shape[0])
+    ]
+    return torch.stack(outs, dim=-2)
+
+
+def adapter_fusion(x, stack, wq, bq, wk, bk, wv, residual=None, temperature=1.0):
+    """AdapterFusion as AdapterHub computes it: query from the layer output, keys and values (value
+    before the softmax) from each adapter's output, softmax over the adapters, residual added after.
+    stack: the adapters' outputs [..., N, d]; wq / wk / wv None: that projection is the identity."""
+    q = x if wq is None else F.linear(x, wq, bq)
+    k = stack if wk is None else F.linear(stack, wk, bk)
+    v = stack if wv is None else F.linear(stack, wv)
+    scores = torch.matmul(q.unsqueeze(-2), k.transpose(-2, -1)).squeeze(-2)
+    probs = torch.softmax(scores / temperature, dim=-1)
+    mixed = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
+    return (x if residual is None else residual) + mixed

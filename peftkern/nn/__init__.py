@@ -1,8 +1,22 @@
 """Drop-in torch.nn modules built on peftkern.ops."""
 
-from .adapter import Adapter
+from .adamix import AdaMixAdapter, adamix_consistency_loss
+from .adapter import Adapter, AdapterFusion, MultiAdapter
 from .lora import LoRALinear
 from .mask import MaskedLinear
 from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt
+from .side_tuning import SideTuning
 
-__all__ = ["Adapter", "LoRALinear", "MaskedLinear", "PrefixKV", "PrefixSelfAttention", "SoftPrompt"]
+__all__ = [
+    "AdaMixAdapter",
+    "adamix_consistency_loss",
+    "Adapter",
+    "AdapterFusion",
+    "MultiAdapter",
+    "LoRALinear",
+    "MaskedLinear",
+    "PrefixKV",
+    "PrefixSelfAttention",
+    "SoftPrompt",
+    "SideTuning",
+]

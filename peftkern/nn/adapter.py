@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter
+from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter, adapter_multi, adapter_stack
 from . import _checks
 
 ADAPTER_INITS = ("houlsby", "lora")
@@ -82,4 +82,290 @@ class Adapter(nn.Module):
         return (
             f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
             f"scale={self.scale}, init={self.init!r}"
+        )
+
+
+def _autocast(x: Tensor, tensors):
+    """The tensors in the autocast dtype where autocast is on for x's device (as nn.Linear computes)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return [None if t is None else t.to(dt) for t in tensors]
+    return list(tensors)
+
+
+def _check_init(module: str, activation: str, init: str) -> None:
+    if activation not in ADAPTER_ACTIVATIONS:
+        raise ValueError(f"{module}: activation must be one of {ADAPTER_ACTIVATIONS}; got {activation!r}")
+    if init not in ADAPTER_INITS:
+        raise ValueError(f"{module}: init must be one of {ADAPTER_INITS}; got {init!r}")
+
+
+class MultiAdapter(nn.Module):
+    """``num_adapters`` bottleneck adapters over one batch, each token its own (one model serving many
+    tasks): ``forward(x, adapter_ids, residual=None)`` with ``ops.adapter_multi``.
+
+    ``adapter_ids``: one id per token (shape ``x.shape[:-1]``, or flattened), or one per sample
+    (shape ``x.shape[:1]`` for x of 3 or more dimensions, broadcast over the sequence); -1 = no
+    adapter (the token's output is its residual). Parameters are stacked over the adapters:
+    ``down_weight [L, r, d]``, ``down_bias [L, r]``, ``up_weight [L, d, r]``, ``up_bias [L, d]``; each
+    adapter starts as ``Adapter``'s ``init``. ``from_adapters`` stacks trained ``Adapter`` modules,
+    ``adapter(i)`` gives one back as an ``Adapter``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: int,
+        num_adapters: int,
+        *,
+        activation: str = "gelu",
+        scale: float = 1.0,
+        init: str = "houlsby",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        d_model = _checks.dim(name, "d_model", d_model)
+        bottleneck = _checks.dim(name, "bottleneck", bottleneck)
+        num_adapters = _checks.dim(name, "num_adapters", num_adapters)
+        factory = _checks.factory(name, device, dtype)
+        _check_init(name, activation, init)
+        self.d_model, self.bottleneck, self.num_adapters = d_model, bottleneck, num_adapters
+        self.activation, self.scale, self.init = activation, float(scale), init
+        L, r, d = num_adapters, bottleneck, d_model
+        self.down_weight = nn.Parameter(torch.empty(L, r, d, **factory))
+        self.down_bias = nn.Parameter(torch.empty(L, r, **factory))
+        self.up_weight = nn.Parameter(torch.empty(L, d, r, **factory))
+        self.up_bias = nn.Parameter(torch.empty(L, d, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for w in self.down_weight:
+                if self.init == "houlsby":
+                    nn.init.trunc_normal_(w, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                else:
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            for t in (self.down_bias, self.up_weight, self.up_bias):
+                nn.init.zeros_(t)
+
+    @classmethod
+    def from_adapters(cls, adapters) -> "MultiAdapter":
+        """The adapters' weights stacked (copied) into one module; they must share d_model,
+        bottleneck, activation, scale, dtype and device."""
+        adapters = list(adapters)
+        if not adapters or not all(isinstance(a, Adapter) for a in adapters):
+            raise TypeError(f"{cls.__name__}.from_adapters: adapters must be a non-empty sequence of Adapter")
+        first = adapters[0]
+        key = (first.d_model, first.bottleneck, first.activation, first.scale)
+        for i, a in enumerate(adapters):
+            if (a.d_model, a.bottleneck, a.activation, a.scale) != key:
+                raise ValueError(
+                    f"{cls.__name__}.from_adapters: adapter {i} has (d_model, bottleneck, activation, "
+                    f"scale) = {(a.d_model, a.bottleneck, a.activation, a.scale)}, adapter 0 has {key}"
+                )
+        w = first.down.weight
+        new = cls(
+            first.d_model,
+            first.bottleneck,
+            len(adapters),
+            activation=first.activation,
+            scale=first.scale,
+            init=first.init,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            for stacked, get in (
+                (new.down_weight, lambda a: a.down.weight),
+                (new.down_bias, lambda a: a.down.bias),
+                (new.up_weight, lambda a: a.up.weight),
+                (new.up_bias, lambda a: a.up.bias),
+            ):
+                stacked.copy_(torch.stack([get(a) for a in adapters]))
+        return new
+
+    def adapter(self, i: int) -> Adapter:
+        """Adapter i as a plain ``Adapter`` (copied weights)."""
+        i = _checks.dim(type(self).__name__, "i", i, minimum=0)
+        if i >= self.num_adapters:
+            raise ValueError(
+                f"{type(self).__name__}.adapter: i must be < num_adapters = {self.num_adapters}; got {i}"
+            )
+        w = self.down_weight
+        a = Adapter(
+            self.d_model,
+            self.bottleneck,
+            activation=self.activation,
+            scale=self.scale,
+            init=self.init,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            a.down.weight.copy_(self.down_weight[i])
+            a.down.bias.copy_(self.down_bias[i])
+            a.up.weight.copy_(self.up_weight[i])
+            a.up.bias.copy_(self.up_bias[i])
+        return a
+
+    def forward(self, x: Tensor, adapter_ids: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(adapter_ids, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: adapter_ids must be a tensor; got {type(adapter_ids).__name__}"
+            )
+        if isinstance(x, Tensor) and x.dim() >= 3 and adapter_ids.shape == x.shape[:1]:
+            adapter_ids = adapter_ids[:, None].expand(x.shape[:-1])  # one id per sample
+        if isinstance(x, Tensor) and x.dim() >= 1 and adapter_ids.shape == x.shape[:-1]:
+            adapter_ids = adapter_ids.reshape(-1)
+        x, w_down, b_down, w_up, b_up, residual = _autocast(
+            x, [x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, residual]
+        )
+        return adapter_multi(
+            x,
+            w_down,
+            b_down,
+            w_up,
+            b_up,
+            adapter_ids,
+            activation=self.activation,
+            scale=self.scale,
+            residual=residual,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, bottleneck={self.bottleneck}, num_adapters={self.num_adapters}, "
+            f"activation={self.activation!r}, scale={self.scale}, init={self.init!r}"
+        )
+
+
+FUSION_VALUE_INITS = ("identity", "normal")
+
+
+class AdapterFusion(nn.Module):
+    """AdapterFusion (Pfeiffer et al. 2021): attention over the outputs of N task adapters::
+
+        a[..., n, :] = scale * up_n(act(down_n(x)))                    # ops.adapter_stack, x read once
+        q = query(x);  k_n = key(a_n)                                  # nn.Linear (cuBLAS)
+        p = softmax_n(q . k_n / temperature)                           # over the adapters, in float32
+        out = residual + value(sum_n p_n a_n)                          # residual defaults to x
+
+    as AdapterHub computes it (``value`` applied to the mix: the same as to each adapter's output,
+    since it is linear and has no bias). ``query`` / ``key`` / ``value`` False drop that projection
+    (identity). Initialisation: query and key ~ N(0, 0.02^2) with zero bias (BERT's); value the
+    identity (``value_init="identity"``: the fusion starts as the attention-weighted mix of the
+    adapters' outputs) or N(0, 0.02^2) (``"normal"``). The key's bias gets no gradient in exact
+    arithmetic (it adds q . b_key to every adapter's score alike), as in AdapterHub.
+
+    The adapters live in ``self.adapters`` (a ``MultiAdapter``: stacked ``down_weight`` etc.). The
+    two-stage recipe: train the adapters (one task each), build the fusion with ``from_adapters``,
+    then train only the fusion: ``fusion.adapters.requires_grad_(False)`` (``from_adapters`` does
+    this by default).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_adapters: int,
+        bottleneck: int,
+        *,
+        activation: str = "gelu",
+        scale: float = 1.0,
+        init: str = "houlsby",
+        query: bool = True,
+        key: bool = True,
+        value: bool = True,
+        value_init: str = "identity",
+        temperature: float = 1.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        for flag, v in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: {flag} must be a bool; got {type(v).__name__} {v!r:.40}")
+        if value_init not in FUSION_VALUE_INITS:
+            raise ValueError(
+                f"{name}: value_init must be one of {FUSION_VALUE_INITS}; got {value_init!r:.40}"
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"{name}: temperature must be a float; got {type(temperature).__name__}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"{name}: temperature must be a finite positive float; got {temperature}")
+        self.adapters = MultiAdapter(
+            d_model,
+            bottleneck,
+            num_adapters,
+            activation=activation,
+            scale=scale,
+            init=init,
+            device=device,
+            dtype=dtype,
+        )
+        factory = _checks.factory(name, device, dtype)
+        self.d_model, self.num_adapters = self.adapters.d_model, self.adapters.num_adapters
+        self.value_init, self.temperature = value_init, float(temperature)
+        self.query = nn.Linear(d_model, d_model, **factory) if query else None
+        self.key = nn.Linear(d_model, d_model, **factory) if key else None
+        self.value = nn.Linear(d_model, d_model, bias=False, **factory) if value else None
+        self.reset_fusion_parameters()
+
+    def reset_fusion_parameters(self) -> None:
+        with torch.no_grad():
+            for lin in (self.query, self.key):
+                if lin is not None:
+                    nn.init.normal_(lin.weight, std=0.02)
+                    nn.init.zeros_(lin.bias)
+            if self.value is not None:
+                if self.value_init == "identity":
+                    self.value.weight.copy_(torch.eye(self.d_model))
+                else:
+                    nn.init.normal_(self.value.weight, std=0.02)
+
+    @classmethod
+    def from_adapters(cls, adapters, *, freeze_adapters: bool = True, **kwargs) -> "AdapterFusion":
+        """A fusion over trained ``Adapter`` modules (their weights copied); with
+        ``freeze_adapters`` only the fusion's projections train (AdapterFusion's second stage)."""
+        stacked = MultiAdapter.from_adapters(adapters)
+        w = stacked.down_weight
+        fusion = cls(
+            stacked.d_model,
+            stacked.num_adapters,
+            stacked.bottleneck,
+            activation=stacked.activation,
+            scale=stacked.scale,
+            init=stacked.init,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
+        fusion.adapters.load_state_dict(stacked.state_dict())
+        fusion.adapters.requires_grad_(not freeze_adapters)
+        return fusion
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        m = self.adapters
+        x, w_down, b_down, w_up, b_up, res = _autocast(
+            x, [x, m.down_weight, m.down_bias, m.up_weight, m.up_bias, residual]
+        )
+        a = adapter_stack(
+            x, w_down, b_down, w_up, b_up, activation=m.activation, scale=m.scale
+        )  # [..., N, d]
+        q = x if self.query is None else self.query(x)
+        k = a if self.key is None else self.key(a)
+        scores = torch.matmul(k, q.unsqueeze(-1)).squeeze(-1)  # [..., N]
+        math_dtype = torch.promote_types(scores.dtype, torch.float32)  # float32, float64 for float64
+        p = torch.softmax(scores.to(math_dtype) / self.temperature, dim=-1).to(a.dtype)
+        mixed = torch.matmul(p.unsqueeze(-2), a).squeeze(-2)  # [..., d]
+        if self.value is not None:
+            mixed = self.value(mixed)
+        return (x if res is None else res) + mixed
+
+    def extra_repr(self) -> str:
+        flags = [n for n in ("query", "key", "value") if getattr(self, n) is not None]
+        return f"d_model={self.d_model}, num_adapters={self.num_adapters}, projections={flags}, " + (
+            f"value_init={self.value_init!r}, temperature={self.temperature}"
         )
