@@ -1,0 +1,113 @@
+"""AdapterFusion (Pfeiffer et al. 2021), its second stage: N trained adapters frozen, the fusion's
+query / key / value trained, gradients flowing on to x (the layers below).
+
+Providers: eager, as AdapterHub computes it (each adapter on its own: down, act, up, scale, and its
+residual output, which the fusion does not use; the up outputs stacked; query, key and value (before
+the softmax) as nn.Linear; matmul scores, softmax, matmul mix, residual) vs peftkern.nn.AdapterFusion
+(ops.adapter_stack: x read once for all N adapters, each output written once into the stack; value
+applied once to the mix).
+
+Cost of one step, T tokens, es = element size: the products dominate,
+  flops   forward   4*T*d*r*N (adapters) + 2*T*d*d*(N + 2) (key on N outputs, query, value) + 4*T*N*d
+          full      3x the forward, less the adapters' weight gradients (frozen)
+  bytes   forward   read x, write out, write the stack and the keys (saved):  (2 + 2N)*T*d*es
+          full      + read them back, read grad_out, write dx:                (5 + 4N)*T*d*es
+"""
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from tests import reference
+
+from .harness import Case, input_sets_for, mode_work
+
+FAMILY = "adapter_fusion"
+TOKENS = 16384
+
+
+class AdapterHubFusion(torch.nn.Module):
+    """The eager computation of AdapterHub's fusion layer over N bottleneck adapters."""
+
+    def __init__(self, fusion):
+        super().__init__()
+        self.fusion = fusion  # a peftkern AdapterFusion: the same parameters, read eagerly
+
+    def forward(self, x):
+        f, m = self.fusion, self.fusion.adapters
+        act = reference.ACTIVATIONS[m.activation]
+        ups = []
+        for n in range(m.num_adapters):
+            up = F.linear(act(F.linear(x, m.down_weight[n], m.down_bias[n])), m.up_weight[n], m.up_bias[n])
+            up = up * m.scale
+            _adapter_output = up + x  # noqa: F841  (AdapterHub's adapter returns it; the fusion ignores it)
+            ups.append(up)
+        stack = torch.stack(ups, dim=-2)
+        return reference.adapter_fusion(
+            x,
+            stack,
+            f.query.weight,
+            f.query.bias,
+            f.key.weight,
+            f.key.bias,
+            f.value.weight,
+            None,
+            f.temperature,
+        )
+
+
+def build(provider, d, N, r, dtype, device, seed=0):
+    """The module of a provider: a fusion over N frozen random adapters, projections trainable."""
+    import peftkern
+
+    torch.manual_seed(seed)
+    fusion = peftkern.nn.AdapterFusion(d, N, r, init="lora", device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in fusion.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    fusion.adapters.requires_grad_(False)
+    return AdapterHubFusion(fusion) if provider == "eager" else fusion
+
+
+def _work(provider, mode, T, d, N, r, dtype):
+    def make():
+        module = build(provider, d, N, r, dtype, "cuda")
+        es = torch.finfo(dtype).bits // 8
+        n = input_sets_for(2 * T * d * es)
+        train = mode != "inference"
+        xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, d, device="cuda", dtype=dtype)
+        params = [p for p in module.parameters() if p.requires_grad]
+        return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *params], n)
+
+    return make
+
+
+def step_cost(mode, T, d, N, r, es):
+    """(ideal bytes, flops) of one step; see the module docstring."""
+    fwd = 4 * T * d * r * N + 2 * T * d * d * (N + 2) + 4 * T * N * d
+    full = 3 * fwd - 2 * T * d * r * N * 2  # no weight gradients for the frozen adapters
+    bytes_ = {"inference": 2, "forward": 2 + 2 * N, "full": 5 + 4 * N}[mode] * T * d * es
+    return bytes_, {"inference": fwd, "forward": fwd, "full": full}[mode]
+
+
+def cases(quick=False):
+    shapes = [(TOKENS, 768, 48, N) for N in (2, 4, 8)]  # BERT-base, AdapterHub's reduction factor 16
+    if not quick:
+        shapes += [(TOKENS, 4096, 256, N) for N in (2, 4, 8)]
+    for (T, d, r, N), mode, provider in itertools.product(
+        shapes, ("inference", "forward", "full"), ("eager", "peftkern")
+    ):
+        dtype = torch.bfloat16
+        ideal, fl = step_cost(mode, T, d, N, r, torch.finfo(dtype).bits // 8)
+        yield Case(
+            FAMILY,
+            dict(tokens=T, d=d, r=r, adapters=N),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, d, N, r, dtype),
+            ideal,
+            fl,
+        )
