@@ -167,6 +167,54 @@ class EagerMaskedLinear(nn.Module):
         return masked_linear(x, self.weight, self.bias, self.scores, self.threshold)
 
 
+class EagerAdaMix(nn.Module):
+    """AdaMix written out on the stacked experts: in training one down and one up expert drawn per call
+    (two uniform draws from torch's CPU generator, as AdaMix's paper routes), in eval their means."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.down_weight, self.down_bias, self.up_weight, self.up_bias = (
+            m.down_weight,
+            m.down_bias,
+            m.up_weight,
+            m.up_bias,
+        )
+        self.scale, self.activation = m.scale, m.activation
+
+    def forward(self, x, residual=None):
+        route = torch.randint(self.down_weight.shape[0], (2,)).tolist() if self.training else None
+        stacked = (self.down_weight, self.down_bias, self.up_weight, self.up_bias)
+        return adamix(x, *stacked, route, self.activation, self.scale, residual)
+
+
+class EagerAdapterFusion(nn.Module):
+    """AdapterFusion as AdapterHub computes it: each adapter on x in turn, then adapter_fusion."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.adapters, self.query, self.key, self.value = m.adapters, m.query, m.key, m.value
+        self.temperature = m.temperature
+
+    def forward(self, x, residual=None):
+        a = self.adapters
+        stack = adapter_stack(x, a.down_weight, a.down_bias, a.up_weight, a.up_bias, a.activation, a.scale)
+
+        def w(lin, name):
+            return None if lin is None else getattr(lin, name)
+
+        return adapter_fusion(
+            x,
+            stack,
+            w(self.query, "weight"),
+            w(self.query, "bias"),
+            w(self.key, "weight"),
+            w(self.key, "bias"),
+            w(self.value, "weight"),
+            residual,
+            self.temperature,
+        )
+
+
 def to_eager(model):
     """Swaps every peftkern module of a model for its eager twin, in place (the same Parameters, so
     the same names, values and trainable flags, and the same training mode); returns the model."""
@@ -182,6 +230,10 @@ def to_eager(model):
         elif isinstance(m, peftkern.nn.Adapter):
             new = EagerAdapter(m.d_model, m.bottleneck, m.scale, m.activation, device="meta")
             new.down, new.up = m.down, m.up
+        elif isinstance(m, peftkern.nn.AdaMixAdapter):
+            new = EagerAdaMix(m)
+        elif isinstance(m, peftkern.nn.AdapterFusion):
+            new = EagerAdapterFusion(m)
         else:
             continue
         new.train(m.training)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkern
-from peftkern.nn import Adapter, LoRALinear, MaskedLinear
+from peftkern.nn import AdaMixAdapter, Adapter, AdapterFusion, LoRALinear, MaskedLinear
 from tests import reference
 from tests.tiny_models import bert as tiny_bert
 from tests.tiny_models import llama as tiny_llama
@@ -45,8 +45,12 @@ def names_of(model, cls):
     return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
 
 
-def adapter_sites(model):
-    return sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), Adapter))
+ADAPTER_MODULES = (Adapter, AdaMixAdapter, AdapterFusion)
+
+
+def adapter_sites(model, kind=ADAPTER_MODULES):
+    """The modules holding an adapter child (a plain one, an AdaMix mixture or a fusion)."""
+    return sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), kind))
 
 
 # --- where the presets put each method ----------------------------------------------------------
@@ -225,6 +229,8 @@ CONFIGS = {
     "parallel": peftkern.AdapterConfig(bottleneck=5, placement="parallel"),
     "mask": peftkern.MaskConfig(),
     "bitfit": peftkern.BitFitConfig(),
+    "adapterdrop": peftkern.AdapterConfig(bottleneck=5, drop_layers=1, drop_prob=0.25),
+    "adamix": peftkern.AdapterConfig(bottleneck=5, num_experts=3),
 }
 
 
@@ -242,9 +248,10 @@ def test_save_load_round_trip(tmp_path, method):
     with torch.no_grad():
         assert torch.equal(loaded(x).last_hidden_state, model(x).last_hidden_state)
     assert peftkern.trainable_parameters(loaded) == peftkern.trainable_parameters(model)
+    assert adapter_sites(loaded) == adapter_sites(model)
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "mask"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "mask", "adapterdrop", "adamix"])
 def test_merge(method, capsys):
     model = randomize_peft_params(peftkern.inject(tiny_bert(), copy.deepcopy(CONFIGS[method])))
     if method == "mask":  # drop about half the weights
@@ -264,8 +271,12 @@ def test_merge(method, capsys):
         assert "LoRA merged into 4 linear layers" in said
     elif method == "mask":
         assert "12 masks baked" in said
-    else:
-        assert "4 adapters kept" in said and len(adapter_sites(model)) == 4
+    elif method == "adamix":  # each mixture replaced by one Adapter, its experts' mean
+        assert "4 AdaMix adapters merged into one adapter each" in said
+        assert adapter_sites(model, Adapter) == adapter_sites(model) and len(adapter_sites(model)) == 4
+    else:  # AdapterDrop's drop_layers=1 leaves the adapters of one of the two layers
+        kept = 4 if method == "adapter" else 2
+        assert f"{kept} adapters kept" in said and len(adapter_sites(model)) == kept
     with pytest.raises(ValueError, match="merged"):
         peftkern.save_pretrained(model, "unused")
 
@@ -347,6 +358,27 @@ def test_inject_argument_types():
         (lambda: peftkern.AdapterConfig(bottleneck=0), ValueError, "AdapterConfig: bottleneck"),
         (lambda: peftkern.AdapterConfig(reduction_factor=0), ValueError, "AdapterConfig: reduction_factor"),
         (lambda: peftkern.AdapterConfig(scale=float("nan")), ValueError, "AdapterConfig: scale"),
+        (lambda: peftkern.AdapterConfig(drop_layers=-1), ValueError, "AdapterConfig: drop_layers"),
+        (lambda: peftkern.AdapterConfig(drop_layers=1.0), TypeError, "AdapterConfig: drop_layers"),
+        (lambda: peftkern.AdapterConfig(drop_layers=True), TypeError, "AdapterConfig: drop_layers"),
+        (lambda: peftkern.AdapterConfig(drop_layers="2"), TypeError, "AdapterConfig: drop_layers"),
+        (lambda: peftkern.AdapterConfig(drop_prob=1.0), ValueError, "AdapterConfig: drop_prob"),
+        (lambda: peftkern.AdapterConfig(drop_prob=-0.1), ValueError, "AdapterConfig: drop_prob"),
+        (lambda: peftkern.AdapterConfig(drop_prob=float("nan")), ValueError, "AdapterConfig: drop_prob"),
+        (lambda: peftkern.AdapterConfig(drop_prob=False), TypeError, "AdapterConfig: drop_prob"),
+        (lambda: peftkern.AdapterConfig(drop_prob="0.1"), TypeError, "AdapterConfig: drop_prob"),
+        (lambda: peftkern.AdapterConfig(num_experts=0), ValueError, "AdapterConfig: num_experts"),
+        (lambda: peftkern.AdapterConfig(num_experts=2.0), TypeError, "AdapterConfig: num_experts"),
+        (lambda: peftkern.AdapterConfig(fusion={}), TypeError, "AdapterConfig: fusion must be"),
+        (lambda: peftkern.AdapterConfig(fusion=["a/b"]), TypeError, "AdapterConfig: fusion must be"),
+        (lambda: peftkern.AdapterConfig(fusion={"": "a"}), TypeError, "AdapterConfig: fusion's names"),
+        (lambda: peftkern.AdapterConfig(fusion={1: "a"}), TypeError, "AdapterConfig: fusion's names"),
+        (lambda: peftkern.AdapterConfig(fusion={"a": 3}), TypeError, "AdapterConfig: fusion['a'] must be"),
+        (
+            lambda: peftkern.AdapterConfig(fusion={"a": "x"}, num_experts=2),
+            ValueError,
+            "AdapterConfig: fusion fuses trained single adapters",
+        ),
         (lambda: peftkern.MaskConfig(threshold="high"), TypeError, "MaskConfig: threshold"),
         (
             lambda: peftkern.MaskConfig(threshold=0.5),
@@ -475,13 +507,14 @@ def test_autocast_bfloat16(method):
     assert rel_err(got, want) < 3e-2
 
 
-@pytest.mark.parametrize("method", ["lora", "parallel", "mask"])
+@pytest.mark.parametrize("method", ["lora", "parallel", "mask", "adamix"])
 def test_gradient_checkpointing_gives_the_same_gradients(method):
     def grads(checkpointing):
         model = randomize_peft_params(peftkern.inject(tiny_bert(), copy.deepcopy(CONFIGS[method]))).train()
         if checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
             enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
             enable()
+        torch.manual_seed(0)  # AdaMix's routes: the recompute restores the CPU generator, so draws them again
         model(ids()).last_hidden_state.square().mean().backward()
         return {n: t.grad for n, t in model.named_parameters() if t.requires_grad}
 
@@ -560,3 +593,461 @@ def test_parallel_adapter_needs_a_square_target():
         tiny_llama(), peftkern.AdapterConfig(placement="parallel", target_modules=["mlp"])
     )
     assert adapter_sites(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+# --- AdapterDrop ----------------------------------------------------------------------------------------
+
+# (tiny model, placement) -> the adapter sites of block i by the preset
+DROP_SITES = {
+    ("bert", "houlsby"): ["encoder.layer.{i}.attention.output.dense", "encoder.layer.{i}.output.dense"],
+    ("bert", "parallel"): ["encoder.layer.{i}.output"],
+    ("llama", "houlsby"): ["model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"],
+    ("llama", "parallel"): ["model.layers.{i}.mlp"],
+    ("vit", "houlsby"): ["layers.{i}.attention.o_proj", "layers.{i}.mlp.fc2"],  # blocks at the root
+}
+TINY = {"bert": tiny_bert, "llama": tiny_llama, "vit": tiny_vit}
+
+
+def output_of(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def run_logged(model, x):
+    """The model's output on x and the sites whose adapter ran in that call, in call order (forward
+    hooks on the adapter modules, peftkern's or eager: a skipped adapter is never called)."""
+    ran = []
+    handles = [
+        m.adapter.register_forward_hook(lambda *_, n=n: ran.append(n))
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "adapter", None), nn.Module)
+    ]
+    try:
+        return output_of(model, x), ran
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def drop_model(kind="bert", placement="houlsby", drop_prob=0.5, **config):
+    return randomize_peft_params(
+        peftkern.inject(
+            TINY[kind](),
+            peftkern.AdapterConfig(bottleneck=5, placement=placement, drop_prob=drop_prob, **config),
+        )
+    )
+
+
+def mixed_seed(model, x):
+    """The first seed under which a training forward of `model` both runs and skips adapters."""
+    sites = adapter_sites(model)
+    for seed in range(50):
+        torch.manual_seed(seed)
+        _, ran = run_logged(model, x)
+        if 0 < len(ran) < len(sites):
+            return seed, ran
+    raise AssertionError("no seed in 50 both ran and skipped an adapter")
+
+
+@pytest.mark.parametrize("kind, placement", DROP_SITES)
+def test_drop_layers_removes_the_lowest_blocks_adapters(kind, placement):
+    layers, bottleneck = 4, 3
+    per_adapter = 2 * 32 * bottleneck + bottleneck + 32  # down and up weights, their biases
+    for n in range(layers):
+        config = peftkern.AdapterConfig(bottleneck=bottleneck, placement=placement, drop_layers=n)
+        model = peftkern.inject(TINY[kind](num_hidden_layers=layers), config)
+        want = sorted(s.format(i=i) for i in range(n, layers) for s in DROP_SITES[kind, placement])
+        assert adapter_sites(model) == want, n
+        trainable = sorted(name for name, t in model.named_parameters() if t.requires_grad)
+        assert trainable == sorted(
+            f"{s}.adapter.{p}" for s in want for p in ("down.weight", "down.bias", "up.weight", "up.bias")
+        )
+        assert (
+            peftkern.trainable_parameters(model)[0]
+            == (layers - n) * len(DROP_SITES[kind, placement]) * per_adapter
+        )
+
+
+def test_drop_layers_with_explicit_targets():
+    # a regex naming the block modules themselves ("encoder.layer.N"): the block index is N
+    config = peftkern.AdapterConfig(
+        bottleneck=3, drop_layers=2, target_modules=r"encoder\.layer\.\d+(\.output\.dense)?"
+    )
+    model = peftkern.inject(tiny_bert(num_hidden_layers=3), config)
+    assert adapter_sites(model) == ["encoder.layer.2", "encoder.layer.2.output.dense"]
+    # sites outside the blocks are fine while nothing is dropped
+    model = peftkern.inject(
+        tiny_bert(), peftkern.AdapterConfig(bottleneck=3, target_modules=["pooler.dense"])
+    )
+    assert adapter_sites(model) == ["pooler.dense"]
+
+
+def test_drop_layers_errors_leave_the_model_unchanged():
+    model = tiny_bert(num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"drop_layers=3 removed every adapter"):
+        peftkern.inject(model, peftkern.AdapterConfig(drop_layers=3))
+    with pytest.raises(ValueError, match=r"drop_layers=7 removed every adapter"):
+        peftkern.inject(model, peftkern.AdapterConfig(drop_layers=7, placement="parallel"))
+    with pytest.raises(ValueError, match=r"AdapterConfig: drop_layers=1 .* pooler\.dense lies in no"):
+        peftkern.inject(
+            model, peftkern.AdapterConfig(drop_layers=1, target_modules=["pooler.dense", "output.dense"])
+        )
+    _unchanged(model, tiny_bert(num_hidden_layers=3))
+
+
+def test_drop_prob_is_deterministic_under_a_seed():
+    x = ids(2, 5)
+
+    def logs(model, seed, calls=8):
+        torch.manual_seed(seed)
+        runs = [run_logged(model, x) for _ in range(calls)]
+        return torch.stack([out for out, _ in runs]), [ran for _, ran in runs]
+
+    a, b = drop_model().train(), drop_model().train()
+    out_a, ran_a = logs(a, 0)
+    out_b, ran_b = logs(b, 0)
+    assert torch.equal(out_a, out_b) and ran_a == ran_b
+    sites = adapter_sites(a)
+    assert len({tuple(r) for r in ran_a}) > 1  # a fresh draw per call, not one per model
+    assert 0 < sum(map(len, ran_a)) < len(sites) * len(ran_a)
+    out_c, ran_c = logs(a, 1)
+    assert ran_c != ran_a and not torch.equal(out_c, out_a)  # the seed decides
+
+
+@pytest.mark.parametrize(
+    "kind, placement", [("bert", "houlsby"), ("bert", "parallel"), ("llama", "parallel")]
+)
+def test_a_skipped_adapter_computes_as_if_absent(kind, placement):
+    """A training forward equals that of the model without drops whose skipped adapters add nothing
+    (zero up-projection), and only the adapters that ran get gradients."""
+    x = ids(2, 5)
+    model = drop_model(kind, placement).train()
+    seed, ran = mixed_seed(model, x)
+    torch.manual_seed(seed)
+    out, ran_again = run_logged(model, x)
+    assert ran_again == ran
+    out.square().mean().backward()
+    want = drop_model(kind, placement, drop_prob=0.0).train()
+    for name, m in want.named_modules():
+        if name in adapter_sites(want) and name not in ran:
+            with torch.no_grad():
+                m.adapter.up.weight.zero_()
+                m.adapter.up.bias.zero_()
+    assert rel_err(out, output_of(want, x)) < 1e-6
+    for name, m in model.named_modules():
+        if name in adapter_sites(model):
+            grads = [t.grad for t in m.adapter.parameters()]
+            if name in ran:
+                assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+            else:
+                assert all(g is None for g in grads), name
+
+
+def test_drop_rate_is_drop_prob():
+    p, calls = 0.3, 400
+    model = drop_model(drop_prob=p).train()
+    sites = adapter_sites(model)
+    x = ids(1, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        skipped = torch.tensor([[s not in run_logged(model, x)[1] for s in sites] for _ in range(calls)])
+    skipped = skipped.double()
+    # each adapter's rate, over `calls` Bernoulli(p) draws, within 4 binomial standard deviations
+    tol = 4 * (p * (1 - p) / calls) ** 0.5
+    assert ((skipped.mean(0) - p).abs() <= tol).all(), skipped.mean(0)
+    # all the draws together
+    n = skipped.numel()
+    assert abs(skipped.mean().item() - p) <= 4 * (p * (1 - p) / n) ** 0.5
+    # independent per adapter: two adapters skip together at rate p^2 (one shared draw would give p)
+    both = (skipped[:, 0] * skipped[:, -1]).mean().item()
+    assert abs(both - p * p) <= 4 * (p * p * (1 - p * p) / calls) ** 0.5, both
+    # and per call: an adapter skips in two calls running at rate p^2
+    again = (skipped[1:] * skipped[:-1]).mean().item()
+    assert abs(again - p * p) <= 4 * (p * p * (1 - p * p) / ((calls - 1) * len(sites))) ** 0.5, again
+
+
+def test_eval_never_drops_and_draws_nothing():
+    model = drop_model(drop_prob=0.9).eval()
+    x = ids(2, 5)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        runs = [run_logged(model, x) for _ in range(30)]
+    assert all(sorted(ran) == adapter_sites(model) for _, ran in runs)
+    assert all(torch.equal(out, runs[0][0]) for out, _ in runs)
+    assert torch.equal(torch.get_rng_state(), state)  # no draw in eval mode
+    # drop_prob = 0 (the default) draws nothing in training either: the RNG streams stay as they were
+    model = drop_model(drop_prob=0.0).train()
+    state = torch.get_rng_state()
+    _, ran = run_logged(model, x)
+    assert sorted(ran) == adapter_sites(model) and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("kind, placement", [k for k in DROP_SITES if k[0] != "vit"])
+def test_drop_prob_near_one_gives_the_base_model(kind, placement):
+    x = ids(2, 5)
+    base = TINY[kind]().train()
+    model = drop_model(kind, placement, drop_prob=0.999).train()
+    with torch.no_grad():
+        want = output_of(base, x)
+        assert rel_err(output_of(model.eval(), x), want) > 1e-3  # the adapters do act when they run
+    model.train()
+    torch.manual_seed(0)
+    out, ran = run_logged(model, x)
+    assert ran == [] and torch.equal(out, want)
+    # no adapter joined the graph, so none can get a gradient (the base is frozen); with drop_prob = 0
+    # the same forward does reach them
+    assert not out.requires_grad
+    assert output_of(drop_model(kind, placement, drop_prob=0.0).train(), x).requires_grad
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_drop_prob_under_gradient_checkpointing(placement):
+    x = ids()
+    seed, ran = mixed_seed(drop_model(placement=placement).train(), x)
+
+    def grads(checkpointing):
+        model = drop_model(placement=placement).train()
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+            enable()
+        torch.manual_seed(seed)
+        out, ran_now = run_logged(model, x)
+        out.square().mean().backward()
+        return ran_now, {n: t.grad for n, t in model.named_parameters() if t.requires_grad}
+
+    (ran_plain, plain), (ran_ckpt, ckpt) = grads(False), grads(True)
+    assert ran_plain == ran and ran_ckpt[: len(ran)] == ran  # the recompute runs them again
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        if plain[n] is None:  # a skipped adapter
+            assert ckpt[n] is None, n
+        else:
+            assert ckpt[n] is not None and rel_err(ckpt[n], plain[n]) < 1e-6, n
+    assert any(g is None for g in plain.values()) and any(g is not None for g in plain.values())
+
+
+def test_adapterdrop_round_trips(tmp_path):
+    import json
+
+    from peftkern.integrations.config import config_from_dict
+    from peftkern.integrations.inject import injection_state
+
+    config = peftkern.AdapterConfig(bottleneck=5, placement="parallel", drop_layers=1, drop_prob=0.4)
+    assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    model = randomize_peft_params(peftkern.inject(tiny_bert(num_hidden_layers=3), config))
+    peftkern.save_pretrained(model, tmp_path)
+    saved = json.loads((tmp_path / "peftkern_config.json").read_text())
+    assert saved["drop_layers"] == 1 and saved["drop_prob"] == 0.4
+    loaded = peftkern.from_pretrained(tiny_bert(num_hidden_layers=3), tmp_path)
+    assert (
+        adapter_sites(loaded) == adapter_sites(model) == ["encoder.layer.1.output", "encoder.layer.2.output"]
+    )
+    assert injection_state(loaded).config == config
+    # the loaded model drops as the saved one did: same draws, same skipped adapters, same outputs
+    x = ids(2, 5)
+    model.train(), loaded.train()
+    calls = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out, ran = run_logged(model, x)
+        torch.manual_seed(seed)
+        out_loaded, ran_loaded = run_logged(loaded, x)
+        assert ran_loaded == ran and torch.equal(out_loaded, out), seed
+        calls += len(ran)
+    assert 0 < calls < 6 * 2  # some adapters ran and some were skipped
+
+
+# --- AdaMix and AdapterFusion through inject -------------------------------------------------------------
+
+
+def test_adamix_sites_train_as_the_eager_twin():
+    model = peftkern.inject(tiny_bert(), peftkern.AdapterConfig(bottleneck=5, num_experts=3))
+    assert adapter_sites(model, AdaMixAdapter) == adapter_sites(model) and len(adapter_sites(model)) == 4
+    assert peftkern.trainable_parameters(model)[0] == 4 * 3 * (2 * 32 * 5 + 5 + 32)
+    model = randomize_peft_params(model).train()
+    twin = reference.eager_twin(model)
+    x = ids()
+    for seed in range(3):  # each forward draws each site's route from the CPU generator
+        torch.manual_seed(seed)
+        got = model(x).last_hidden_state
+        torch.manual_seed(seed)
+        want = twin(x).last_hidden_state
+        assert rel_err(got, want) < 1e-6, seed
+    routes = {m.last_route for m in model.modules() if isinstance(m, AdaMixAdapter)}
+    assert all(r is not None for r in routes) and len(routes) > 1  # independent per site
+    got.square().mean().backward()
+    want.square().mean().backward()
+    twin_params = dict(twin.named_parameters())
+    for n, t in model.named_parameters():
+        if t.requires_grad:
+            assert rel_err(t.grad, twin_params[n].grad) < 1e-5, n
+    model.eval(), twin.eval()  # eval: the experts' means, no draw
+    with torch.no_grad():
+        assert rel_err(model(x).last_hidden_state, twin(x).last_hidden_state) < 1e-6
+
+
+def save_sources(tmp_path, n=2, kind="bert", **config):
+    """n adapters (random weights, seeds 10, 11, ...) saved as fusion sources; {name: dir}, [models]."""
+    config = {"bottleneck": 5, **config}
+    dirs, models = {}, []
+    for k in range(n):
+        model = randomize_peft_params(peftkern.inject(TINY[kind](), peftkern.AdapterConfig(**config)), 10 + k)
+        path = tmp_path / f"task{k}"
+        peftkern.save_pretrained(model, path)
+        dirs[f"task{k}"] = str(path)
+        models.append(model)
+    return dirs, models
+
+
+def test_fusion_over_saved_adapters(tmp_path):
+    dirs, sources = save_sources(tmp_path, 3)
+    # named out of order: the adapters stack in the order of their names
+    config = peftkern.AdapterConfig(bottleneck=5, fusion={"task2": dirs["task2"], "task0": dirs["task0"]})
+    assert list(config.fusion) == ["task0", "task2"]
+    model = peftkern.inject(tiny_bert(), config)
+    sites = adapter_sites(model, AdapterFusion)
+    assert sites == adapter_sites(sources[0]) and len(sites) == 4
+    # only the fusion's query, key and value train (AdapterFusion's second stage)
+    trainable = sorted(n for n, t in model.named_parameters() if t.requires_grad)
+    assert trainable == sorted(
+        f"{s}.adapter.{p}"
+        for s in sites
+        for p in ("query.weight", "query.bias", "key.weight", "key.bias", "value.weight")
+    )
+    assert peftkern.trainable_parameters(model)[0] == 4 * (3 * 32 * 32 + 2 * 32)
+    # the fusion's own init (random query and key, identity value): larger random projections saturate
+    # the softmax over the adapters, and the query's and key's gradients vanish
+    modules = dict(model.named_modules())
+    h = torch.randn(3, 7, 32)
+    for site in sites:
+        fusion = modules[site].adapter
+        chosen = [
+            dict(sources[0].named_modules())[site].adapter,
+            dict(sources[2].named_modules())[site].adapter,
+        ]
+        with torch.no_grad():
+            stack = torch.stack([a(h) - h for a in chosen], dim=-2)  # each adapter's branch
+            want = reference.adapter_fusion(
+                h,
+                stack,
+                fusion.query.weight,
+                fusion.query.bias,
+                fusion.key.weight,
+                fusion.key.bias,
+                fusion.value.weight,
+            )
+            assert rel_err(fusion(h), want) < 1e-5, site
+    # the whole model: the eager twin (AdapterHub's computation) in training, forward and gradients
+    model.train()
+    twin = reference.eager_twin(model)
+    x = ids()
+    out, twin_out = model(x).last_hidden_state, twin(x).last_hidden_state
+    assert rel_err(out, twin_out) < 1e-5
+    # a random projection of the output (its squares' mean is about 1 after the last LayerNorm, with
+    # vanishing gradients)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * probe).sum().backward()
+    (twin_out * probe).sum().backward()
+    twin_params, params = dict(twin.named_parameters()), dict(model.named_parameters())
+    for n, t in model.named_parameters():
+        if n.endswith(
+            ".adapter.key.bias"
+        ):  # no gradient in exact arithmetic (it adds q . b to every score): rounding
+            scale = params[n.replace("bias", "weight")].grad.norm()
+            assert t.grad.norm() < 1e-4 * scale and twin_params[n].grad.norm() < 1e-4 * scale, n
+        elif n in trainable:
+            assert t.grad is not None and rel_err(t.grad, twin_params[n].grad) < 1e-4, n
+        else:
+            assert t.grad is None, n
+
+
+def test_fusion_checkpoint_holds_its_adapters(tmp_path, capsys):
+    import shutil
+
+    dirs, _ = save_sources(tmp_path / "sources", placement="parallel")
+    model = peftkern.inject(
+        tiny_bert(), peftkern.AdapterConfig(bottleneck=5, placement="parallel", fusion=dirs)
+    )
+    randomize_peft_params(model)
+    peftkern.save_pretrained(model, tmp_path / "fusion")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "fusion" / "peftkern_weights.safetensors")
+    assert sorted(saved) == sorted(
+        n for n, _ in model.named_parameters() if n.startswith("encoder.layer.") and ".adapter." in n
+    )
+    assert any(".adapter.adapters.down_weight" in n for n in saved)  # the frozen adapters too
+    shutil.rmtree(tmp_path / "sources")  # from_pretrained does not read the sources
+    loaded = peftkern.from_pretrained(tiny_bert(), tmp_path / "fusion")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, model(x).last_hidden_state)
+    assert peftkern.trainable_parameters(loaded) == peftkern.trainable_parameters(model)
+    assert [n for n, t in loaded.named_parameters() if t.requires_grad] == [
+        n for n, t in model.named_parameters() if t.requires_grad
+    ]
+    # but inject does: the same config on a fresh base finds them gone, and changes nothing
+    fresh = tiny_bert()
+    with pytest.raises(ValueError, match=r"fusion\['task0'\] .* is missing"):
+        peftkern.inject(fresh, peftkern.AdapterConfig(bottleneck=5, placement="parallel", fusion=dirs))
+    _unchanged(fresh, tiny_bert())
+    # merge keeps the fusions
+    with torch.no_grad():
+        before = loaded(x).last_hidden_state
+        peftkern.merge(loaded)
+        assert torch.equal(loaded(x).last_hidden_state, before)
+    assert "2 adapter fusions kept" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "source, fusion, message",
+    [
+        (dict(activation="relu"), {}, r"has activation='relu', the fusion 'gelu'"),
+        (dict(scale=2.0), {}, r"has scale=2.0, the fusion 1.0"),
+        (
+            dict(placement="pfeiffer"),
+            {},
+            r"places adapters at \['encoder.layer.0.output.dense', .*the fusion at",
+        ),
+        (dict(drop_layers=1), {}, r"places adapters at"),
+        (dict(bottleneck=4), {}, r"has bottleneck 4 at encoder.layer.0.attention.output.dense, the fusion 5"),
+        (dict(num_experts=2), {}, r"must be a checkpoint of single adapters"),
+        ({}, dict(bottleneck=None, reduction_factor=8), r"has bottleneck 5 at .*, the fusion 4"),
+    ],
+)
+def test_fusion_refuses_sources_that_do_not_match(tmp_path, source, fusion, message):
+    dirs, _ = save_sources(tmp_path, **source)
+    model = tiny_bert()
+    config = peftkern.AdapterConfig(**{"bottleneck": 5, **fusion, "fusion": dirs})
+    with pytest.raises(ValueError, match=r"AdapterConfig: fusion\['task0'\] \(.*task0\) " + message):
+        peftkern.inject(model, config)
+    _unchanged(model, tiny_bert())
+
+
+def test_fusion_refuses_other_checkpoints(tmp_path):
+    model = tiny_bert()
+    lora = peftkern.inject(tiny_bert(), peftkern.LoRAConfig(r=2))
+    peftkern.save_pretrained(lora, tmp_path / "lora")
+    with pytest.raises(
+        ValueError, match=r"fusion\['a'\] .* must be a checkpoint of single adapters.*LoRAConfig"
+    ):
+        peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion={"a": tmp_path / "lora"}))
+    dirs, _ = save_sources(tmp_path / "src")
+    fused = peftkern.inject(tiny_bert(), peftkern.AdapterConfig(bottleneck=5, fusion=dirs))
+    peftkern.save_pretrained(fused, tmp_path / "fusion")
+    with pytest.raises(ValueError, match=r"fusion\['a'\] .* must be a checkpoint of single adapters"):
+        peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion={"a": tmp_path / "fusion"}))
+    # another architecture's adapters
+    llama_dirs, _ = save_sources(tmp_path / "llama", kind="llama")
+    with pytest.raises(
+        ValueError, match=r"fusion\['task0'\] .* has encoder.layer.0.attention.* which .* lacks"
+    ):
+        peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion=llama_dirs))
+    # a damaged source (one flipped byte in its weights)
+    weights = tmp_path / "src" / "task1" / "peftkern_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"fusion\['task1'\] .* does not match the SHA-256"):
+        peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion=dirs))
+    _unchanged(model, tiny_bert())

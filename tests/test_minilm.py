@@ -5,9 +5,10 @@ sentiment task with the model's own tokenizer.
 For each method: the trainable count is the method's formula; where the method starts as the
 identity the output is the base model's; AdamW lowers the loss and gives the losses of an eager
 twin (the same model with peftkern's modules swapped for the eager formulas, same init, same data,
-same dropout draws); save -> load into a fresh base gives identical outputs; merge keeps the
+same dropout and AdapterDrop draws); save -> load into a fresh base gives identical outputs; merge keeps the
 outputs; a profile shows the peftkern ops running."""
 
+import contextlib
 import copy
 import functools
 
@@ -61,6 +62,22 @@ METHODS = {
         1e-3,
         True,
     ),
+    # AdapterDrop: no adapter in the lowest 2 of the 6 layers, each other one skipped in 1 of 10 steps.
+    # At lr 1e-3 the loss falls to ~1e-3 by step 25; then a skipped adapter makes it jump and AdamW's
+    # tiny second moments amplify float32 rounding past the twin check's 1e-4, so a lower rate
+    "adapterdrop": (
+        peftkern.AdapterConfig(bottleneck=32, init="lora", drop_layers=2, drop_prob=0.1),
+        (LAYERS - 2) * 2 * (2 * D * 32 + 32 + D),
+        3e-4,
+        True,
+    ),
+    # AdaMix: 4 experts per site, a random down and up expert per site and training forward
+    "adamix": (
+        peftkern.AdapterConfig(bottleneck=32, init="lora", num_experts=4),
+        LAYERS * 2 * 4 * (2 * D * 32 + 32 + D),
+        1e-3,
+        True,
+    ),
     "parallel": (
         peftkern.AdapterConfig(placement="parallel", reduction_factor=16, scale=4.0),
         LAYERS * (2 * D * 24 + 24 + D),
@@ -75,7 +92,15 @@ METHODS = {
     "bitfit": (peftkern.BitFitConfig(), LAYERS * (7 * D + FFN) + D + D, 3e-3, False),
 }
 STEPS = 40
-OPS = {"lora": "lora_linear", "adapter": "adapter", "parallel": "adapter", "mask": "masked_linear"}
+OPS = {
+    "lora": "lora_linear",
+    "adapter": "adapter",
+    "adapterdrop": "adapter",
+    "adamix": "adapter",
+    "parallel": "adapter",
+    "mask": "masked_linear",
+}
+ADAPTER_METHODS = [m for m in METHODS if isinstance(METHODS[m][0], peftkern.AdapterConfig)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,8 +137,9 @@ def injected(method):
     return peftkern.inject(encoder, copy.deepcopy(METHODS[method][0]))
 
 
-def train(model, lr, steps=STEPS):
+def train(model, lr, steps=STEPS, flip_labels=False):
     ids, mask, labels = _batch()
+    labels = 1 - labels if flip_labels else labels
     model.train()
     opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=lr)
     losses = []
@@ -151,26 +177,64 @@ def reference_rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def adapter_sites(model):
+    return [n for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), nn.Module)]
+
+
+@contextlib.contextmanager
+def adapter_calls(model):
+    """A list that gets the site name of every adapter call (peftkern's or the eager twin's adapter; one
+    that AdapterDrop skips is not called) while the context is open."""
+    calls = []
+    handles = [
+        m.adapter.register_forward_hook(lambda *_, n=n: calls.append(n))
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "adapter", None), nn.Module)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.fixture(scope="module")
 def trained():
-    """method -> (the trained peftkern classifier, its losses, the eager twin's losses)."""
+    """method -> (the trained peftkern classifier, its losses, the eager twin's losses, the adapter
+    calls of the model's training, the twin's)."""
     out = {}
     for method, (_, _, lr, _) in METHODS.items():
         model = Classifier(injected(method))
         twin = reference.eager_twin(model)
-        model, losses = train(model, lr)
-        _, twin_losses = train(twin, lr)
-        out[method] = (model, losses, twin_losses)
+        with adapter_calls(model) as calls:
+            model, losses = train(model, lr)
+        with adapter_calls(twin) as twin_calls:
+            _, twin_losses = train(twin, lr)
+        out[method] = (model, losses, twin_losses, calls, twin_calls)
     return out
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fine_tuning_lowers_the_loss_as_the_eager_twin_does(trained, method):
-    _, losses, twin_losses = trained[method]
+    _, losses, twin_losses, _, _ = trained[method]
     assert losses[-1] < 0.7 * losses[0], losses
     # float32: the fused ops round differently from eager, and AdamW amplifies it a little per step
     for step, (a, b) in enumerate(zip(losses, twin_losses)):
         assert abs(a - b) <= 1e-4 * abs(b), (step, a, b)
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_the_eager_twin_runs_the_same_adapters(trained, method):
+    model, _, _, calls, twin_calls = trained[method]
+    sites = adapter_sites(model)
+    assert calls == twin_calls  # the same adapters, skipped in the same steps
+    trials = STEPS * len(sites)
+    skipped = trials - len(calls)
+    p = METHODS[method][0].drop_prob
+    # AdapterDrop skips about drop_prob of the adapter calls (within 4 binomial standard deviations)
+    assert abs(skipped - p * trials) <= 4 * (trials * p * (1 - p)) ** 0.5, (skipped, trials)
+    if p:
+        assert skipped > 0
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -178,10 +242,11 @@ def test_save_then_load_into_a_fresh_base(trained, method, tmp_path):
     model = trained[method][0]
     peftkern.save_pretrained(model.encoder, tmp_path)
     loaded = peftkern.from_pretrained(copy.deepcopy(_base()), tmp_path)
+    assert adapter_sites(loaded) == adapter_sites(model.encoder)  # AdapterDrop: the same layers left out
     assert torch.equal(encode(loaded), encode(model.encoder))
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "mask"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "adapterdrop", "adamix", "mask"])
 def test_merge_keeps_the_outputs(trained, method, capsys):
     encoder = copy.deepcopy(trained[method][0].encoder)
     before = encode(encoder)
@@ -201,3 +266,58 @@ def test_profile_shows_the_peftkern_ops(method):
     assert f"peftkern::{op}_forward" in names and f"peftkern::{op}_backward" in names, sorted(
         n for n in names if "peftkern" in n
     )
+
+
+def test_adapter_fusion_through_inject(tmp_path):
+    """AdapterFusion's two stages: a sentiment adapter and an adapter for the opposite labels trained
+    and saved; a fusion over both (adapters frozen) learns the sentiment task, step for step as
+    AdapterHub's eager computation; its checkpoint loads without the sources."""
+    import shutil
+
+    sources = {}
+    for name, flip in (("sentiment", False), ("opposite", True)):
+        encoder = copy.deepcopy(_base())
+        torch.manual_seed(1)
+        peftkern.inject(encoder, peftkern.AdapterConfig(bottleneck=32, init="lora", placement="pfeiffer"))
+        _, losses = train(Classifier(encoder), 1e-3, flip_labels=flip)
+        assert losses[-1] < 0.1 * losses[0], (name, losses)
+        peftkern.save_pretrained(encoder, tmp_path / name)
+        sources[name] = str(tmp_path / name)
+    encoder = copy.deepcopy(_base())
+    torch.manual_seed(1)
+    config = peftkern.AdapterConfig(bottleneck=32, init="lora", placement="pfeiffer", fusion=sources)
+    peftkern.inject(encoder, config)
+    assert peftkern.trainable_parameters(encoder)[0] == LAYERS * (3 * D * D + 2 * D)  # query, key, value
+    model = Classifier(encoder)
+    twin = reference.eager_twin(model)
+    model, losses = train(model, 1e-4)
+    _, twin_losses = train(twin, 1e-4)
+    assert losses[-1] < 0.7 * losses[0], losses
+    for step, (a, b) in enumerate(zip(losses, twin_losses)):
+        assert abs(a - b) <= 1e-4 * abs(b), (step, a, b)
+    # the fusion learned to attend to the sentiment adapter (stacked second: the names sort), most in
+    # the top layer (0.96 when written)
+    ids, mask, labels = _batch()
+    top = model.encoder.encoder.layer[-1].output.dense
+    seen = []
+    # the projection's output, which the fusion reads: a hook that runs before peftkern's
+    handle = top.register_forward_hook(lambda m, args, out: seen.append(out), prepend=True)
+    with torch.no_grad():
+        model(ids, mask)
+        f, a = top.adapter, top.adapter.adapters
+        stack = reference.adapter_stack(
+            seen[0], a.down_weight, a.down_bias, a.up_weight, a.up_bias, a.activation, a.scale
+        )
+        p = torch.softmax((f.key(stack) @ f.query(seen[0]).unsqueeze(-1)).squeeze(-1), -1)
+    handle.remove()
+    assert p[mask.bool()].mean(0)[1] > 0.8, p[mask.bool()].mean(0)
+    peftkern.save_pretrained(model.encoder, tmp_path / "fusion")
+    shutil.rmtree(tmp_path / "sentiment")
+    shutil.rmtree(tmp_path / "opposite")
+    loaded = peftkern.from_pretrained(copy.deepcopy(_base()), tmp_path / "fusion")
+    assert torch.equal(encode(loaded), encode(model.encoder))
+    # the profile: the N adapters in one adapter_stack op, forward and backward
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.cross_entropy(model.train()(ids, mask), labels).backward()
+    names = {e.key for e in prof.key_averages()}
+    assert {"peftkern::adapter_stack_forward", "peftkern::adapter_stack_backward"} <= names

@@ -15,8 +15,8 @@ import os
 import torch
 from torch import nn
 
-from .config import config_from_dict
-from .inject import apply, expected_trainable_shapes, injection_state, plan
+from .config import AdapterConfig, config_from_dict
+from .inject import _copy_into, apply, expected_saved_shapes, injection_state, plan
 
 CONFIG_NAME = "peftkern_config.json"
 WEIGHTS_NAME = "peftkern_weights.safetensors"
@@ -87,27 +87,85 @@ def _read(path):
     return config, tensors
 
 
-def from_pretrained(base_model: nn.Module, path) -> nn.Module:
-    """Injects the config saved at `path` into `base_model` (a freshly loaded base, in place) and
-    loads the saved PEFT parameters; returns the model. Every check (config, file, names, shapes)
-    runs before the model changes: on any error it is left as it was."""
-    config, tensors = _read(path)
-    p = plan(base_model, config)
-    expected = expected_trainable_shapes(base_model, p)
+def _check_names_and_shapes(expected, tensors, path, who="from_pretrained") -> None:
     for name, shape in expected.items():
         if name not in tensors:
-            raise ValueError(f"from_pretrained: the base model has {name} {tuple(shape)}, which {path} lacks")
+            raise ValueError(f"{who}: the base model has {name} {tuple(shape)}, which {path} lacks")
         if tensors[name].shape != shape:
             raise ValueError(
-                f"from_pretrained: {name} is {tuple(tensors[name].shape)} in {path} but "
-                f"{tuple(shape)} in the base model"
+                f"{who}: {name} is {tuple(tensors[name].shape)} in {path} but {tuple(shape)} in the "
+                "base model"
             )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ValueError(f"from_pretrained: {path} holds {extra[0]}, which the base model has no place for")
+        raise ValueError(f"{who}: {path} holds {extra[0]}, which the base model has no place for")
+
+
+def from_pretrained(base_model: nn.Module, path) -> nn.Module:
+    """Injects the config saved at `path` into `base_model` (a freshly loaded base, in place) and
+    loads the saved PEFT parameters; returns the model. Every check (config, file, names, shapes)
+    runs before the model changes: on any error it is left as it was. A fusion's checkpoint holds
+    its adapters, so the directories its config names are not read."""
+    config, tensors = _read(path)
+    p = plan(base_model, config)
+    _check_names_and_shapes(expected_saved_shapes(base_model, p), tensors, path)
     apply(base_model, p)
-    params = dict(base_model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    _copy_into(base_model, tensors)
     return base_model
+
+
+# the fields a fusion's sources must share with it (the sites and the bottleneck are checked on the model)
+_FUSION_SHARED = ("activation", "scale")
+
+
+def fused_adapter_weights(model: nn.Module, p) -> dict:
+    """AdapterConfig(fusion=...): the frozen adapters of every fusion site of plan `p`, read from the
+    sources' checkpoints and stacked in the config's order: {"<site>.adapter.adapters.down_weight":
+    [N, r, d], ...}. Each source must be an AdapterConfig checkpoint of single adapters, with the
+    same sites, bottleneck, activation and scale; raises a ValueError naming it otherwise."""
+    config, stacks = p.config, {}
+    for name, path in config.fusion.items():
+        who = f"AdapterConfig: fusion[{name!r}] ({path})"
+        try:
+            source, tensors = _read(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{who}: {e}") from None
+        if not isinstance(source, AdapterConfig) or source.fusion is not None or source.num_experts != 1:
+            raise ValueError(
+                f"{who} must be a checkpoint of single adapters (AdapterConfig without fusion or "
+                f"num_experts); it holds {type(source).__name__} {source.to_dict()}"
+            )
+        for field in _FUSION_SHARED:
+            if getattr(source, field) != getattr(config, field):
+                raise ValueError(
+                    f"{who} has {field}={getattr(source, field)!r}, the fusion {getattr(config, field)!r}"
+                )
+        try:
+            sp = plan(model, source)
+        except ValueError as e:
+            raise ValueError(f"{who} does not fit this model: {e}") from None
+        sites = [(s.name, s.kind) for s in sp.sites]
+        if sites != [(s.name, s.kind) for s in p.sites]:
+            raise ValueError(
+                f"{who} places adapters at {[n for n, _ in sites]}, the fusion at {[s.name for s in p.sites]}"
+            )
+        _check_names_and_shapes(expected_saved_shapes(model, sp), tensors, path, who)
+        for s in p.sites:
+            r = config.bottleneck_for(s.d_model)
+            have = tensors[f"{s.name}.adapter.down.weight"].shape[0]
+            if have != r:
+                raise ValueError(f"{who} has bottleneck {have} at {s.name}, the fusion {r}")
+            for ours, theirs in _STACKED.items():
+                stacks.setdefault(f"{s.name}.adapter.adapters.{ours}", []).append(
+                    tensors[f"{s.name}.adapter.{theirs}"]
+                )
+    return {n: torch.stack(ts) for n, ts in stacks.items()}
+
+
+# a MultiAdapter's stacked parameter -> the Adapter parameter it stacks
+_STACKED = {
+    "down_weight": "down.weight",
+    "down_bias": "down.bias",
+    "up_weight": "up.weight",
+    "up_bias": "up.bias",
+}

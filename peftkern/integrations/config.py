@@ -15,9 +15,10 @@ field) and round-trips through ``to_dict`` / ``config_from_dict`` (the JSON that
 import dataclasses
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 from ..nn import _checks
 from ..nn.adapter import ADAPTER_INITS
@@ -63,6 +64,27 @@ def _choice(config, field, value, choices):
     return value
 
 
+def _fusion_sources(value):
+    """None, or {name: directory} as a new dict in the order of the names."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise TypeError(
+            f"AdapterConfig: fusion must be None or a non-empty dict {{name: directory}}; got {value!r:.80}"
+        )
+    out = {}
+    for name in sorted(value, key=str):
+        path = value[name]
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"AdapterConfig: fusion's names must be non-empty strings; got {name!r:.40}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"AdapterConfig: fusion[{name!r}] must be a directory path; got {type(path).__name__}"
+            )
+        out[name] = os.fspath(path)
+    return out
+
+
 @dataclass
 class _Config:
     method = ""  # class attribute: the name save_pretrained writes
@@ -92,6 +114,34 @@ class AdapterConfig(_Config):
     the block's dropout (AdapterHub puts it after); in eval mode the two are the same. In BERT-family
     blocks the FFN's output module adds the FFN input back as its residual, and the parallel adapter
     joins there (its output skips the hidden dropout).
+
+    AdapterDrop (Rücklé et al. 2021):
+
+    ``drop_layers``  no adapter in the lowest ``drop_layers`` transformer blocks: a site's block index
+                     is the N of its module name's ``layer.N.`` / ``layers.N.`` part (the outermost);
+                     sites with N < drop_layers are left out when inject plans, so they neither train
+                     nor save. With drop_layers > 0 every site must lie in a block (a ValueError names
+                     one that does not), and one site at least must be left.
+    ``drop_prob``    in training mode, each adapter is skipped with probability drop_prob, independently
+                     per adapter and per forward call: its site computes as if it had no adapter (a
+                     serial adapter's module returns its output as is; a parallel adapter adds nothing),
+                     and the adapter gets no gradient from that call. The draw is ``torch.rand(())`` on
+                     torch's default CPU generator (no GPU sync; ``torch.manual_seed`` fixes it;
+                     activation checkpointing's recompute restores that generator, so it draws the
+                     same). Never in eval mode; drop_prob = 0 draws nothing.
+
+    AdaMix (Wang et al. 2022) and AdapterFusion (Pfeiffer et al. 2021):
+
+    ``num_experts``  above 1: each site holds a ``peftkern.nn.AdaMixAdapter`` of that many experts
+                     (a random down and up expert per training forward, their mean in eval mode);
+                     ``peftkern.merge`` replaces each by its ``merge_experts()`` Adapter.
+    ``fusion``       ``{name: directory}`` of adapters trained and saved before
+                     (``peftkern.save_pretrained`` of an AdapterConfig with the same sites, bottleneck,
+                     activation and scale): each site holds a ``peftkern.nn.AdapterFusion`` over them
+                     (stacked in the order of their names), the adapters frozen, only the fusion's
+                     query, key and value training (AdapterFusion's second stage). ``inject`` reads
+                     the directories; ``save_pretrained`` writes the frozen adapters with the fusion,
+                     so ``from_pretrained`` never reads them.
     """
 
     bottleneck: Optional[int] = None
@@ -100,6 +150,10 @@ class AdapterConfig(_Config):
     activation: str = "gelu"
     scale: float = 1.0
     init: str = "houlsby"
+    drop_layers: int = 0
+    drop_prob: float = 0.0
+    num_experts: int = 1
+    fusion: Optional[Dict[str, str]] = None
     target_modules: Targets = None
     modules_to_save: Targets = None
     method = "adapter"
@@ -115,6 +169,15 @@ class AdapterConfig(_Config):
         _choice("AdapterConfig", "activation", self.activation, ADAPTER_ACTIVATIONS)
         _choice("AdapterConfig", "init", self.init, ADAPTER_INITS)
         self.scale = _real("AdapterConfig", "scale", self.scale)
+        self.drop_layers = _checks.dim("AdapterConfig", "drop_layers", self.drop_layers, minimum=0)
+        self.drop_prob = _checks.probability("AdapterConfig", "drop_prob", self.drop_prob)
+        self.num_experts = _checks.dim("AdapterConfig", "num_experts", self.num_experts)
+        self.fusion = _fusion_sources(self.fusion)
+        if self.fusion is not None and self.num_experts > 1:
+            raise ValueError(
+                "AdapterConfig: fusion fuses trained single adapters; it cannot take num_experts "
+                f"({self.num_experts}) > 1"
+            )
 
     def bottleneck_for(self, d_model: int) -> int:
         return self.bottleneck or max(1, int(d_model // self.reduction_factor))

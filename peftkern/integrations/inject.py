@@ -18,17 +18,20 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn import Adapter, LoRALinear, MaskedLinear
+from ..nn import AdaMixAdapter, Adapter, AdapterFusion, LoRALinear, MaskedLinear, MultiAdapter
 from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config, config_from_dict
-from .targets import matches, preset_for
+from .targets import layer_index, matches, preset_for
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
+_PEFTKERN_MODULES = (Adapter, AdaMixAdapter, AdapterFusion, MultiAdapter, LoRALinear, MaskedLinear)
+_ADAPTER_KINDS = ("adapter", "parallel_adapter")
 
 
 @dataclass
 class InjectionState:
     config: _Config
-    param_names: List[str]  # the parameters inject made trainable (what save_pretrained writes)
+    # what save_pretrained writes: the parameters inject made trainable, and a fusion's frozen adapters
+    param_names: List[str]
     merged: bool = False
 
 
@@ -104,7 +107,7 @@ def plan(model: nn.Module, config: _Config) -> Plan:
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")
     for n, m in model.named_modules():
         state = injection_state(m)
-        if state is not None or isinstance(m, (Adapter, LoRALinear, MaskedLinear)):
+        if state is not None or isinstance(m, _PEFTKERN_MODULES):
             where = f"its submodule {n}" if n else "it"
             holds = _describe(state.config) if state is not None else f"a peftkern {type(m).__name__}"
             raise ValueError(
@@ -163,6 +166,8 @@ def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
             n for pat in patterns for n, _ in _matched(model, config, pat, f"the {config.placement} preset")
         ]
         residual_arg = preset.ffn_residual_arg if parallel else None
+    if config.drop_layers:
+        names = _drop_lowest_layers(config, names)
     modules = dict(model.named_modules())
     sites = []
     for n in names:
@@ -179,6 +184,27 @@ def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
         d = _out_features(m, model, cname, n)
         sites.append(_Site(n, "parallel_adapter" if parallel else "adapter", residual_arg, d))
     return sites
+
+
+def _drop_lowest_layers(config: AdapterConfig, names: List[str]) -> List[str]:
+    """AdapterDrop: the sites of `names` outside the lowest config.drop_layers blocks."""
+    n_drop, kept, layers = config.drop_layers, [], set()
+    for n in names:
+        i = layer_index(n)
+        if i is None:
+            raise ValueError(
+                f"AdapterConfig: drop_layers={n_drop} drops adapters by transformer block, but {n} lies in "
+                "none (its name has no layer.N. / layers.N. part); target block modules only"
+            )
+        layers.add(i)
+        if i >= n_drop:
+            kept.append(n)
+    if not kept:
+        raise ValueError(
+            f"{_describe(config)}: drop_layers={n_drop} removed every adapter (the sites lie in blocks "
+            f"{min(layers)} to {max(layers)})"
+        )
+    return kept
 
 
 def _factory(module: nn.Module, model: nn.Module) -> dict:
@@ -211,36 +237,54 @@ def _build(site: _Site, module: nn.Module, model: nn.Module, config, meta: bool 
                 module.in_features, module.out_features, bias=module.bias is not None, device="meta", **kw
             )
         return MaskedLinear.from_linear(module, **kw)
-    factory = dict(device="meta") if meta else _factory(module, model)
-    return Adapter(
-        site.d_model,
-        config.bottleneck_for(site.d_model),
-        activation=config.activation,
-        scale=config.scale,
-        init=config.init,
-        **factory,
-    )
+    kw = dict(activation=config.activation, scale=config.scale, init=config.init)
+    kw.update(dict(device="meta") if meta else _factory(module, model))
+    d, r = site.d_model, config.bottleneck_for(site.d_model)
+    if config.fusion is not None:  # the adapters frozen: inject loads them, the fusion trains
+        fusion = AdapterFusion(d, len(config.fusion), r, **kw)
+        fusion.adapters.requires_grad_(False)
+        return fusion
+    if config.num_experts > 1:
+        return AdaMixAdapter(d, r, config.num_experts, **kw)
+    return Adapter(d, r, **kw)
 
 
 def _param_prefix(site: _Site) -> str:
-    return site.name + (".adapter." if site.kind in ("adapter", "parallel_adapter") else ".")
+    return site.name + (".adapter." if site.kind in _ADAPTER_KINDS else ".")
 
 
-def expected_trainable_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
-    """Name -> shape of every parameter inject(model, p.config) would make trainable."""
+def _saved_params(site: _Site, new: nn.Module) -> Dict[str, torch.Tensor]:
+    """The parameters of a site's new module that save_pretrained writes, under their model names:
+    an adapter child's all (a fusion's frozen adapters too); a replacement's the trainable ones (not
+    the base weight and bias it holds)."""
+    prefix = _param_prefix(site)
+    return {
+        prefix + n: t for n, t in new.named_parameters() if site.kind in _ADAPTER_KINDS or t.requires_grad
+    }
+
+
+def expected_saved_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
+    """Name -> shape of every parameter save_pretrained writes after inject(model, p.config)."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     shapes = {n: params[n].shape for n in p.selected}
     for site in p.sites:
         new = _build(site, modules[site.name], model, p.config, meta=True)
-        prefix = _param_prefix(site)
-        shapes.update({prefix + n: t.shape for n, t in new.named_parameters() if t.requires_grad})
+        shapes.update({n: t.shape for n, t in _saved_params(site, new).items()})
     return shapes
 
 
 # Hooks: module-level functions that find everything through the module they run on and keep no
 # state between calls, so deep copies, DataParallel replicas, threads and activation-checkpointing
 # recomputes each see only their own call.
+def _dropped(module) -> bool:
+    """AdapterDrop: whether this call of `module` skips its adapter. In training mode only, one draw
+    per adapter and call from torch's default CPU generator (no GPU sync; torch.utils.checkpoint
+    restores that generator for its recompute, which so draws the same); none when drop_prob is 0."""
+    p = module._peftkern_drop_prob
+    return p > 0 and module.training and torch.rand(()).item() < p
+
+
 def _apply_adapter(module, output, x=None):
     if isinstance(output, tuple):  # modules returning (hidden, extras...): adapt the hidden states
         return (_apply_adapter(module, output[0], x), *output[1:])
@@ -248,17 +292,21 @@ def _apply_adapter(module, output, x=None):
 
 
 def _serial_adapter_hook(module, args, kwargs, output):
-    return _apply_adapter(module, output)
+    return output if _dropped(module) else _apply_adapter(module, output)
 
 
 def _parallel_adapter_hook(module, args, kwargs, output):
     """On the FFN itself: out = ffn(x) + scale * adapter_branch(x)."""
+    if _dropped(module):
+        return output
     return _apply_adapter(module, output, args[0] if args else next(iter(kwargs.values())))
 
 
 def _parallel_adapter_residual_hook(module, args, kwargs):
     """On a module that adds the FFN input x as its residual (BertOutput: LayerNorm(dropout(dense(h))
     + x)): x becomes x + scale * adapter_branch(x), so the adapter's output joins the FFN's."""
+    if _dropped(module):
+        return None  # the arguments as they are
     name, position = module._peftkern_residual_arg
     if name in kwargs:
         kwargs = {**kwargs, name: module.adapter(kwargs[name])}
@@ -281,11 +329,12 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
     for site in p.sites:
         target = modules[site.name]
         new = _build(site, target, model, p.config).train(target.training)
-        names += [_param_prefix(site) + n for n, t in new.named_parameters() if t.requires_grad]
+        names += list(_saved_params(site, new))
         if site.kind in ("lora", "mask"):
             _set_module(model, site.name, new)
             continue
         target.add_module("adapter", new)
+        target._peftkern_drop_prob = p.config.drop_prob
         if site.kind == "adapter":
             target.register_forward_hook(_serial_adapter_hook, with_kwargs=True)
         elif site.residual_arg is None:
@@ -307,7 +356,23 @@ def inject(model: nn.Module, config: _Config) -> nn.Module:
     adapters) or selected ones (BitFit's biases) and those of ``config.modules_to_save``. Raises a
     ValueError naming the config when it matches nothing, when the model is already injected, or
     when a target is the wrong kind of module; the model is unchanged then."""
-    return apply(model, plan(model, config))
+    p = plan(model, config)
+    fused = None
+    if isinstance(p.config, AdapterConfig) and p.config.fusion is not None:
+        from .checkpoint import fused_adapter_weights  # checkpoint imports this module
+
+        fused = fused_adapter_weights(model, p)  # read and checked before the model changes
+    apply(model, p)
+    if fused is not None:
+        _copy_into(model, fused)
+    return model
+
+
+def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -330,13 +395,14 @@ def print_trainable_parameters(model: nn.Module) -> None:
 @torch.no_grad()
 def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
     """For deployment: folds each LoRA update into its base weight and bakes each mask (both become
-    plain ``nn.Linear`` layers, named as before); adapters stay, as an adapter's nonlinearity cannot
-    fold into a weight. Returns the model; with `verbose` prints what it merged. A merged model
+    plain ``nn.Linear`` layers, named as before) and replaces each AdaMix adapter by its
+    ``merge_experts()`` Adapter; adapters and fusions stay, as an adapter's nonlinearity cannot fold
+    into a weight. Returns the model; with `verbose` prints what it merged. A merged model
     cannot be saved with peftkern.save_pretrained (its LoRA and mask parameters are gone)."""
     state = injection_state(model)
     if state is None:
         raise ValueError("merge: the model holds no peftkern method (call peftkern.inject first)")
-    lora = masks = adapters = 0
+    lora = masks = adapters = mixtures = fusions = 0
     uses = {}
     for _, t in model.named_parameters(remove_duplicate=False):
         uses[id(t)] = uses.get(id(t), 0) + 1
@@ -356,8 +422,13 @@ def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
         elif isinstance(module, MaskedLinear):
             _set_module(model, name, module.bake().requires_grad_(False))
             masks += 1
+        elif isinstance(module, AdaMixAdapter):
+            _set_module(model, name, module.merge_experts())
+            mixtures += 1
         elif isinstance(module, Adapter):
             adapters += 1
+        elif isinstance(module, AdapterFusion):
+            fusions += 1
     state.merged = True
     if verbose:
         parts = []
@@ -365,8 +436,12 @@ def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
             parts.append(f"LoRA merged into {lora} linear layers")
         if masks:
             parts.append(f"{masks} masks baked into their weights")
+        if mixtures:
+            parts.append(f"{mixtures} AdaMix adapters merged into one adapter each (their experts averaged)")
         if adapters:
             parts.append(f"{adapters} adapters kept (an adapter cannot merge into a weight)")
+        if fusions:
+            parts.append(f"{fusions} adapter fusions kept")
         print(
             "peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(state.config).__name__}")
         )
