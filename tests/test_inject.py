@@ -3,6 +3,7 @@ injected blocks compute, save/load and merge, the bad-input errors, and the mode
 rely on (generate, torch.compile, autocast, gradient checkpointing, the base's save_pretrained)."""
 
 import copy
+import functools
 import os
 import re
 
@@ -375,6 +376,11 @@ def test_inject_argument_types():
         (lambda: peftkern.AdapterConfig(fusion={1: "a"}), TypeError, "AdapterConfig: fusion's names"),
         (lambda: peftkern.AdapterConfig(fusion={"a": 3}), TypeError, "AdapterConfig: fusion['a'] must be"),
         (
+            lambda: peftkern.AdapterConfig(fusion={"a": ""}),
+            ValueError,
+            "AdapterConfig: fusion['a'] is an empty",
+        ),
+        (
             lambda: peftkern.AdapterConfig(fusion={"a": "x"}, num_experts=2),
             ValueError,
             "AdapterConfig: fusion fuses trained single adapters",
@@ -682,6 +688,23 @@ def test_drop_layers_with_explicit_targets():
     assert adapter_sites(model) == ["pooler.dense"]
 
 
+def test_drop_layers_counts_blocks_not_sub_layers():
+    """T5 nests its sub-layers in a list of its own (``block.N.layer.M``): the block is N."""
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(
+        transformers.T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=48, num_layers=4, num_heads=4)
+    )
+    config = peftkern.AdapterConfig(
+        bottleneck=4, drop_layers=1, target_modules=["SelfAttention.o", "DenseReluDense.wo"]
+    )
+    model = peftkern.inject(t5, config)
+    assert adapter_sites(model) == sorted(
+        f"encoder.block.{i}.layer.{j}.{s}"
+        for i in (1, 2, 3)
+        for j, s in ((0, "SelfAttention.o"), (1, "DenseReluDense.wo"))
+    )
+
+
 def test_drop_layers_errors_leave_the_model_unchanged():
     model = tiny_bert(num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"drop_layers=3 removed every adapter"):
@@ -764,6 +787,17 @@ def test_drop_rate_is_drop_prob():
     # and per call: an adapter skips in two calls running at rate p^2
     again = (skipped[1:] * skipped[:-1]).mean().item()
     assert abs(again - p * p) <= 4 * (p * p * (1 - p * p) / ((calls - 1) * len(sites))) ** 0.5, again
+
+
+def test_drop_draws_on_the_cpu_whatever_the_default_device():
+    x = ids(2, 5)
+    model = drop_model(drop_prob=0.5).train()
+    torch.manual_seed(4)
+    want, ran = run_logged(model, x)
+    torch.manual_seed(4)
+    with torch.device("meta"):  # a draw on the default device would be a meta tensor here
+        got, ran_meta = run_logged(model, x)
+    assert ran_meta == ran and torch.equal(got, want)
 
 
 def test_eval_never_drops_and_draws_nothing():
@@ -1024,6 +1058,39 @@ def test_fusion_refuses_sources_that_do_not_match(tmp_path, source, fusion, mess
     _unchanged(model, tiny_bert())
 
 
+def test_fusion_takes_a_source_by_its_sites(tmp_path):
+    """A source whose target_modules name the preset's sites fits; its modules_to_save (a task head)
+    are not read: the fusion trains and saves its own."""
+    source = peftkern.AdapterConfig(bottleneck=5, target_modules=["output.dense"], modules_to_save=["pooler"])
+    peftkern.save_pretrained(randomize_peft_params(peftkern.inject(tiny_bert(), source)), tmp_path / "a")
+    config = peftkern.AdapterConfig(bottleneck=5, fusion={"a": tmp_path / "a"}, modules_to_save=["pooler"])
+    model = peftkern.inject(tiny_bert(), config)
+    assert len(adapter_sites(model, AdapterFusion)) == 4
+    assert torch.equal(model.pooler.dense.weight, tiny_bert().pooler.dense.weight)
+    assert model.pooler.dense.weight.requires_grad
+
+
+def test_fusion_refuses_a_source_reading_another_tensor(tmp_path):
+    """On BERT the parallel preset reads BertOutput's residual argument (the FFN input); a source
+    placed by target_modules on the same modules read their first argument (the FFN's hidden
+    activation): the same names and shapes, another computation."""
+    source = peftkern.AdapterConfig(
+        bottleneck=5, placement="parallel", target_modules=r"encoder\.layer\.\d+\.output"
+    )
+    bert = functools.partial(tiny_bert, intermediate_size=32)  # the FFN as wide as the model
+    peftkern.save_pretrained(peftkern.inject(bert(), source), tmp_path / "a")
+    model = bert()
+    with pytest.raises(
+        ValueError,
+        match=r"fusion\['a'\] .*'s adapter at encoder.layer.0.output reads the module's input, the fusion's "
+        r"the module's argument input_tensor",
+    ):
+        peftkern.inject(
+            model, peftkern.AdapterConfig(bottleneck=5, placement="parallel", fusion={"a": tmp_path / "a"})
+        )
+    _unchanged(model, bert())
+
+
 def test_fusion_refuses_other_checkpoints(tmp_path):
     model = tiny_bert()
     lora = peftkern.inject(tiny_bert(), peftkern.LoRAConfig(r=2))
@@ -1049,5 +1116,10 @@ def test_fusion_refuses_other_checkpoints(tmp_path):
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"fusion\['task1'\] .* does not match the SHA-256"):
+        peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion=dirs))
+    # a damaged source config: a ValueError naming the source and the field
+    config_file = tmp_path / "src" / "task0" / "peftkern_config.json"
+    config_file.write_text(config_file.read_text().replace('"drop_prob": 0.0', '"drop_prob": true'))
+    with pytest.raises(ValueError, match=r"fusion\['task0'\] .*AdapterConfig: drop_prob"):
         peftkern.inject(model, peftkern.AdapterConfig(bottleneck=5, fusion=dirs))
     _unchanged(model, tiny_bert())

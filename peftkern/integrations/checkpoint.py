@@ -8,6 +8,7 @@ BitFit's biases, modules_to_save), under the model's own parameter names; the co
 file's SHA-256, so a corrupt file is refused even where its header still parses.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -128,7 +129,7 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
         who = f"AdapterConfig: fusion[{name!r}] ({path})"
         try:
             source, tensors = _read(path)
-        except (OSError, ValueError) as e:
+        except (OSError, TypeError, ValueError) as e:  # a damaged config raises its fields' TypeErrors
             raise ValueError(f"{who}: {e}") from None
         if not isinstance(source, AdapterConfig) or source.fusion is not None or source.num_experts != 1:
             raise ValueError(
@@ -140,16 +141,19 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
                 raise ValueError(
                     f"{who} has {field}={getattr(source, field)!r}, the fusion {getattr(config, field)!r}"
                 )
-        try:
-            sp = plan(model, source)
+        try:  # its modules_to_save (a task head, say) are not the fusion's: only its adapters are read
+            sp = plan(model, dataclasses.replace(source, modules_to_save=None))
         except ValueError as e:
             raise ValueError(f"{who} does not fit this model: {e}") from None
-        sites = [(s.name, s.kind) for s in sp.sites]
-        if sites != [(s.name, s.kind) for s in p.sites]:
-            raise ValueError(
-                f"{who} places adapters at {[n for n, _ in sites]}, the fusion at {[s.name for s in p.sites]}"
-            )
-        _check_names_and_shapes(expected_saved_shapes(model, sp), tensors, path, who)
+        sites, ours = ({s.name: _reads(s) for s in q.sites} for q in (sp, p))
+        if sites.keys() != ours.keys():
+            raise ValueError(f"{who} places adapters at {sorted(sites)}, the fusion at {sorted(ours)}")
+        for n in sites:
+            if sites[n] != ours[n]:
+                raise ValueError(f"{who}'s adapter at {n} reads {sites[n]}, the fusion's {ours[n]}")
+        expected = expected_saved_shapes(model, sp)
+        adapters = {n: t for n, t in tensors.items() if any(n.startswith(f"{s}.adapter.") for s in sites)}
+        _check_names_and_shapes(expected, adapters, path, who)
         for s in p.sites:
             r = config.bottleneck_for(s.d_model)
             have = tensors[f"{s.name}.adapter.down.weight"].shape[0]
@@ -160,6 +164,15 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
                     tensors[f"{s.name}.adapter.{theirs}"]
                 )
     return {n: torch.stack(ts) for n, ts in stacks.items()}
+
+
+def _reads(site) -> str:
+    """What the adapter of a site reads (sources and fusion must agree)."""
+    if site.kind == "adapter":
+        return "the module's output"
+    if site.residual_arg is None:
+        return "the module's input"
+    return f"the module's argument {site.residual_arg[0]}"
 
 
 # a MultiAdapter's stacked parameter -> the Adapter parameter it stacks

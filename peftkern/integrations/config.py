@@ -82,6 +82,8 @@ def _fusion_sources(value):
                 f"AdapterConfig: fusion[{name!r}] must be a directory path; got {type(path).__name__}"
             )
         out[name] = os.fspath(path)
+        if not out[name]:
+            raise ValueError(f"AdapterConfig: fusion[{name!r}] is an empty path")
     return out
 
 
@@ -117,18 +119,21 @@ class AdapterConfig(_Config):
 
     AdapterDrop (Rücklé et al. 2021):
 
-    ``drop_layers``  no adapter in the lowest ``drop_layers`` transformer blocks: a site's block index
-                     is the N of its module name's ``layer.N.`` / ``layers.N.`` part (the outermost);
-                     sites with N < drop_layers are left out when inject plans, so they neither train
-                     nor save. With drop_layers > 0 every site must lie in a block (a ValueError names
-                     one that does not), and one site at least must be left.
+    ``drop_layers``  no adapter in the lowest ``drop_layers`` transformer blocks: a site's block is its
+                     index in the outermost ``nn.ModuleList`` on its path (``encoder.layer.N``,
+                     ``model.layers.N``, T5's ``block.N``; an encoder-decoder's encoder and decoder
+                     alike; Swin's stage); sites in blocks below drop_layers are left out when inject
+                     plans, so they neither train nor save. With drop_layers > 0 every site must lie
+                     in a block (a ValueError names one that does not), and one site at least must be
+                     left.
     ``drop_prob``    in training mode, each adapter is skipped with probability drop_prob, independently
                      per adapter and per forward call: its site computes as if it had no adapter (a
                      serial adapter's module returns its output as is; a parallel adapter adds nothing),
                      and the adapter gets no gradient from that call. The draw is ``torch.rand(())`` on
                      torch's default CPU generator (no GPU sync; ``torch.manual_seed`` fixes it;
                      activation checkpointing's recompute restores that generator, so it draws the
-                     same). Never in eval mode; drop_prob = 0 draws nothing.
+                     same, except where threads share it: nn.DataParallel's replicas). Never in eval
+                     mode; drop_prob = 0 draws nothing.
 
     AdaMix (Wang et al. 2022) and AdapterFusion (Pfeiffer et al. 2021):
 
@@ -140,8 +145,9 @@ class AdapterConfig(_Config):
                      activation and scale): each site holds a ``peftkern.nn.AdapterFusion`` over them
                      (stacked in the order of their names), the adapters frozen, only the fusion's
                      query, key and value training (AdapterFusion's second stage). ``inject`` reads
-                     the directories; ``save_pretrained`` writes the frozen adapters with the fusion,
-                     so ``from_pretrained`` never reads them.
+                     the directories' adapters (not their ``modules_to_save``, a task head say: give
+                     the fusion its own); ``save_pretrained`` writes the frozen adapters with the
+                     fusion, so ``from_pretrained`` never reads them.
     """
 
     bottleneck: Optional[int] = None

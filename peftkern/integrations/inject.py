@@ -20,7 +20,7 @@ from torch import nn
 
 from ..nn import AdaMixAdapter, Adapter, AdapterFusion, LoRALinear, MaskedLinear, MultiAdapter
 from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config, config_from_dict
-from .targets import layer_index, matches, preset_for
+from .targets import matches, preset_for
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
 _PEFTKERN_MODULES = (Adapter, AdaMixAdapter, AdapterFusion, MultiAdapter, LoRALinear, MaskedLinear)
@@ -167,7 +167,7 @@ def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
         ]
         residual_arg = preset.ffn_residual_arg if parallel else None
     if config.drop_layers:
-        names = _drop_lowest_layers(config, names)
+        names = _drop_lowest_layers(model, config, names)
     modules = dict(model.named_modules())
     sites = []
     for n in names:
@@ -186,23 +186,35 @@ def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
     return sites
 
 
-def _drop_lowest_layers(config: AdapterConfig, names: List[str]) -> List[str]:
+def _block_index(model: nn.Module, name: str) -> Optional[int]:
+    """The index of module `name` in the outermost nn.ModuleList on its path (a transformer's blocks:
+    BERT's ``encoder.layer``, Llama's ``model.layers``, T5's ``encoder.block``, GPT-2's ``h``); None
+    when no ModuleList holds it."""
+    module = model
+    for part in name.split("."):
+        if isinstance(module, nn.ModuleList):
+            return int(part)
+        module = getattr(module, part)
+    return None
+
+
+def _drop_lowest_layers(model, config: AdapterConfig, names: List[str]) -> List[str]:
     """AdapterDrop: the sites of `names` outside the lowest config.drop_layers blocks."""
-    n_drop, kept, layers = config.drop_layers, [], set()
+    n_drop, kept, blocks = config.drop_layers, [], set()
     for n in names:
-        i = layer_index(n)
+        i = _block_index(model, n)
         if i is None:
             raise ValueError(
                 f"AdapterConfig: drop_layers={n_drop} drops adapters by transformer block, but {n} lies in "
-                "none (its name has no layer.N. / layers.N. part); target block modules only"
+                "none (no nn.ModuleList of blocks holds it); target block modules only"
             )
-        layers.add(i)
+        blocks.add(i)
         if i >= n_drop:
             kept.append(n)
     if not kept:
         raise ValueError(
             f"{_describe(config)}: drop_layers={n_drop} removed every adapter (the sites lie in blocks "
-            f"{min(layers)} to {max(layers)})"
+            f"{min(blocks)} to {max(blocks)})"
         )
     return kept
 
@@ -276,13 +288,21 @@ def expected_saved_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
 
 # Hooks: module-level functions that find everything through the module they run on and keep no
 # state between calls, so deep copies, DataParallel replicas, threads and activation-checkpointing
-# recomputes each see only their own call.
+# recomputes each see only their own call (AdapterDrop's draws aside: see _dropped).
+@torch.compiler.disable  # eager under torch.compile: inductor would draw from its own generator
+def _uniform() -> float:
+    return torch.rand((), device="cpu").item()
+
+
 def _dropped(module) -> bool:
     """AdapterDrop: whether this call of `module` skips its adapter. In training mode only, one draw
-    per adapter and call from torch's default CPU generator (no GPU sync; torch.utils.checkpoint
-    restores that generator for its recompute, which so draws the same); none when drop_prob is 0."""
+    per adapter and call from torch's default CPU generator (no GPU sync, whatever the default
+    device; torch.utils.checkpoint restores that generator for its recompute, which so draws the
+    same); none when drop_prob is 0. The generator is the process's: threads drawing at once (the
+    replicas of nn.DataParallel) interleave their draws, so a checkpointed recompute there does not
+    see its own; use DistributedDataParallel."""
     p = module._peftkern_drop_prob
-    return p > 0 and module.training and torch.rand(()).item() < p
+    return p > 0 and module.training and _uniform() < p
 
 
 def _apply_adapter(module, output, x=None):

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 _BLOCK = r"(.*\.)?layers?\.\d+\."
-_BLOCK_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -78,13 +77,6 @@ def preset_for(model, config_name: str) -> Preset:
             "pass target_modules to say where the method goes"
         )
     return PRESETS[kind]
-
-
-def layer_index(name: str) -> Optional[int]:
-    """N of the block a module name lies in (``encoder.layer.N...``, ``model.layers.N...``, or the block
-    ``...layer.N`` itself), the outermost where several parts match; None outside the blocks."""
-    m = _BLOCK_INDEX.search(name)
-    return None if m is None else int(m.group(1))
 
 
 def matches(name: str, targets) -> bool:

@@ -54,7 +54,9 @@ class AdaMixAdapter(nn.Module):
       The means are recomputed at every call (gradients reach every expert); to deploy, merge once.
 
     The draw runs eagerly on the host, so under ``torch.compile`` a training-mode forward has a graph
-    break there (and draws the same routes as eager code); eval mode has none.
+    break there (and draws the same routes as eager code); eval mode has none. Activation
+    checkpointing restores the CPU generator for its recompute, which so takes the same routes,
+    except where threads share the generator (nn.DataParallel's replicas: use DistributedDataParallel).
 
     Train with ``adamix_consistency_loss`` between two forward passes of the same batch (two routes)
     to keep the experts close, as the paper does, so that their average stays a good model.
