@@ -242,6 +242,23 @@ def to_eager(model):
     return model
 
 
+@contextlib.contextmanager
+def adapter_calls(model):
+    """A list that gets the site name of every adapter call (peftkern's or the eager twin's adapter; one
+    that AdapterDrop skips is not called) while the context is open."""
+    calls = []
+    handles = [
+        m.adapter.register_forward_hook(lambda *_, n=n: calls.append(n))
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "adapter", None), nn.Module)
+    ]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def eager_twin(model):
     """A deep copy of a peftkern-injected model, computing eagerly (to_eager)."""
     return to_eager(copy.deepcopy(model))

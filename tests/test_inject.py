@@ -620,19 +620,9 @@ def output_of(model, x):
 
 
 def run_logged(model, x):
-    """The model's output on x and the sites whose adapter ran in that call, in call order (forward
-    hooks on the adapter modules, peftkern's or eager: a skipped adapter is never called)."""
-    ran = []
-    handles = [
-        m.adapter.register_forward_hook(lambda *_, n=n: ran.append(n))
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "adapter", None), nn.Module)
-    ]
-    try:
+    """The model's output on x and the sites whose adapter ran in that call, in call order."""
+    with reference.adapter_calls(model) as ran:
         return output_of(model, x), ran
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def drop_model(kind="bert", placement="houlsby", drop_prob=0.5, **config):

@@ -8,7 +8,6 @@ twin (the same model with peftkern's modules swapped for the eager formulas, sam
 same dropout and AdapterDrop draws); save -> load into a fresh base gives identical outputs; merge keeps the
 outputs; a profile shows the peftkern ops running."""
 
-import contextlib
 import copy
 import functools
 
@@ -181,23 +180,6 @@ def adapter_sites(model):
     return [n for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), nn.Module)]
 
 
-@contextlib.contextmanager
-def adapter_calls(model):
-    """A list that gets the site name of every adapter call (peftkern's or the eager twin's adapter; one
-    that AdapterDrop skips is not called) while the context is open."""
-    calls = []
-    handles = [
-        m.adapter.register_forward_hook(lambda *_, n=n: calls.append(n))
-        for n, m in model.named_modules()
-        if isinstance(getattr(m, "adapter", None), nn.Module)
-    ]
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.fixture(scope="module")
 def trained():
     """method -> (the trained peftkern classifier, its losses, the eager twin's losses, the adapter
@@ -206,9 +188,9 @@ def trained():
     for method, (_, _, lr, _) in METHODS.items():
         model = Classifier(injected(method))
         twin = reference.eager_twin(model)
-        with adapter_calls(model) as calls:
+        with reference.adapter_calls(model) as calls:
             model, losses = train(model, lr)
-        with adapter_calls(twin) as twin_calls:
+        with reference.adapter_calls(twin) as twin_calls:
             _, twin_losses = train(twin, lr)
         out[method] = (model, losses, twin_losses, calls, twin_calls)
     return out

@@ -16,6 +16,7 @@ import os
 import torch
 from torch import nn
 
+from ..nn.adapter import STACKED_PARAMS
 from .config import AdapterConfig, config_from_dict
 from .inject import _copy_into, apply, expected_saved_shapes, injection_state, plan
 
@@ -159,7 +160,7 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
             have = tensors[f"{s.name}.adapter.down.weight"].shape[0]
             if have != r:
                 raise ValueError(f"{who} has bottleneck {have} at {s.name}, the fusion {r}")
-            for ours, theirs in _STACKED.items():
+            for ours, theirs in STACKED_PARAMS.items():
                 stacks.setdefault(f"{s.name}.adapter.adapters.{ours}", []).append(
                     tensors[f"{s.name}.adapter.{theirs}"]
                 )
@@ -173,12 +174,3 @@ def _reads(site) -> str:
     if site.residual_arg is None:
         return "the module's input"
     return f"the module's argument {site.residual_arg[0]}"
-
-
-# a MultiAdapter's stacked parameter -> the Adapter parameter it stacks
-_STACKED = {
-    "down_weight": "down.weight",
-    "down_bias": "down.bias",
-    "up_weight": "up.weight",
-    "up_bias": "up.bias",
-}

@@ -129,7 +129,7 @@ class AdapterConfig(_Config):
     ``drop_prob``    in training mode, each adapter is skipped with probability drop_prob, independently
                      per adapter and per forward call: its site computes as if it had no adapter (a
                      serial adapter's module returns its output as is; a parallel adapter adds nothing),
-                     and the adapter gets no gradient from that call. The draw is ``torch.rand(())`` on
+                     and the adapter gets no gradient from that call. The draw is uniform, from
                      torch's default CPU generator (no GPU sync; ``torch.manual_seed`` fixes it;
                      activation checkpointing's recompute restores that generator, so it draws the
                      same, except where threads share it: nn.DataParallel's replicas). Never in eval

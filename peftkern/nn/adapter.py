@@ -100,6 +100,15 @@ def _check_init(module: str, activation: str, init: str) -> None:
         raise ValueError(f"{module}: init must be one of {ADAPTER_INITS}; got {init!r}")
 
 
+# a MultiAdapter's stacked parameter -> the Adapter parameter it stacks
+STACKED_PARAMS = {
+    "down_weight": "down.weight",
+    "down_bias": "down.bias",
+    "up_weight": "up.weight",
+    "up_bias": "up.bias",
+}
+
+
 class MultiAdapter(nn.Module):
     """``num_adapters`` bottleneck adapters over one batch, each token its own (one model serving many
     tasks): ``forward(x, adapter_ids, residual=None)`` with ``ops.adapter_multi``.
@@ -177,13 +186,8 @@ class MultiAdapter(nn.Module):
             dtype=w.dtype,
         )
         with torch.no_grad():
-            for stacked, get in (
-                (new.down_weight, lambda a: a.down.weight),
-                (new.down_bias, lambda a: a.down.bias),
-                (new.up_weight, lambda a: a.up.weight),
-                (new.up_bias, lambda a: a.up.bias),
-            ):
-                stacked.copy_(torch.stack([get(a) for a in adapters]))
+            for stacked, name in STACKED_PARAMS.items():
+                new.get_parameter(stacked).copy_(torch.stack([a.get_parameter(name) for a in adapters]))
         return new
 
     def adapter(self, i: int) -> Adapter:
@@ -204,10 +208,8 @@ class MultiAdapter(nn.Module):
             dtype=w.dtype,
         )
         with torch.no_grad():
-            a.down.weight.copy_(self.down_weight[i])
-            a.down.bias.copy_(self.down_bias[i])
-            a.up.weight.copy_(self.up_weight[i])
-            a.up.bias.copy_(self.up_bias[i])
+            for stacked, name in STACKED_PARAMS.items():
+                a.get_parameter(name).copy_(self.get_parameter(stacked)[i])
         return a
 
     def forward(self, x: Tensor, adapter_ids: Tensor, residual: Optional[Tensor] = None) -> Tensor:
