@@ -4,7 +4,7 @@ peftkern.ops           one autograd op per PEFT computation (torch.ops.peftkern.
 peftkern.nn            drop-in torch.nn modules built on those ops
 peftkern.integrations  model surgery (inject, merge, save/load) and interop with Hugging Face peft
 
-    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))   # or AdapterConfig, MaskConfig, BitFitConfig
+    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))   # or another method's config
     peftkern.save_pretrained(model, path); peftkern.from_pretrained(fresh_base, path)
 """
 
@@ -25,11 +25,15 @@ from .integrations import (  # noqa: E402
     BitFitConfig,
     LoRAConfig,
     MaskConfig,
+    PrefixConfig,
+    PromptConfig,
+    VPTConfig,
     from_pretrained,
     inject,
     merge,
     print_trainable_parameters,
     save_pretrained,
+    task_ids,
     trainable_parameters,
 )
 
@@ -55,5 +59,9 @@ __all__ = [
     "LoRAConfig",
     "MaskConfig",
     "BitFitConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "VPTConfig",
+    "task_ids",
 ]
 __version__ = "0.1.0"

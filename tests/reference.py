@@ -345,3 +345,95 @@ def adapter_fusion(x, stack, wq, bq, wk, bk, wv, residual=None, temperature=1.0)
     probs = torch.softmax(scores / temperature, dim=-1)
     mixed = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
     return (x if residual is None else residual) + mixed
+
+
+# ---------------------------------------------------------------- virtual tokens on Hugging Face models
+def _cache_kwarg(model):
+    """transformers 5's forward takes the KV cache as ``cache`` (older versions: ``past_key_values``)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_as_past_key_values(prefix, batch, task_ids=None):
+    """peft's prefix tuning: every layer's prefix (from a peftkern.nn.PrefixKV) in a DynamicCache as P
+    past tokens of each sample (its task's, with task_ids)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in range(prefix.num_layers):
+        k, v = prefix(layer)
+        if k.dim() == 3:
+            k, v = k.expand(batch, *k.shape), v.expand(batch, *v.shape)
+        else:
+            k, v = k[task_ids], v[task_ids]
+        cache.update(k, v, layer)
+    return cache
+
+
+def prefix_model(base, prefix, input_ids, attention_mask=None, task_ids=None, **kwargs):
+    """A base model's forward with the prefix as peft gives it: the cache above and the attention mask
+    extended with P ones (the positions then start at P)."""
+    B, L = input_ids.shape
+    mask = torch.ones(B, L, dtype=torch.long) if attention_mask is None else attention_mask
+    mask = torch.cat([mask.new_ones(B, prefix.prefix_len), mask], 1)
+    cache = prefix_as_past_key_values(prefix, B, task_ids)
+    return base(input_ids=input_ids, attention_mask=mask, **{_cache_kwarg(base): cache}, **kwargs)
+
+
+@torch.no_grad()
+def prefix_greedy(base, prefix, input_ids, attention_mask, steps, task_ids=None):
+    """Greedy decoding with the prefix in the cache as past tokens and the mask extended, the way peft
+    runs generate(); positions from the extended mask (as generate makes them). Returns the tokens
+    and each step's last-position logits [steps, B, V]."""
+    B, P = input_ids.shape[0], prefix.prefix_len
+    cache = prefix_as_past_key_values(prefix, B, task_ids)
+    mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, P:]
+    tokens, step_ids, scores = input_ids, input_ids, []
+    for _ in range(steps):
+        out = base(
+            input_ids=step_ids, attention_mask=mask, position_ids=positions, **{_cache_kwarg(base): cache}
+        )
+        scores.append(out.logits[:, -1])
+        step_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, step_ids], 1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+        positions = positions[:, -1:] + 1
+    return tokens, torch.stack(scores)
+
+
+@torch.no_grad()
+def prompt_greedy(base, prompts, input_ids, attention_mask, steps):
+    """Greedy decoding with per-sample prompts [B, N, E] in front of the token embeddings, every step
+    recomputed from scratch (no cache); positions from the extended mask. Returns the tokens and each
+    step's last-position logits [steps, B, V]."""
+    B, N = input_ids.shape[0], prompts.shape[1]
+    tokens, mask, scores = input_ids, attention_mask, []
+    for _ in range(steps):
+        embeds = torch.cat([prompts, base.get_input_embeddings()(tokens)], 1)
+        full = torch.cat([mask.new_ones(B, N), mask], 1)
+        positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
+        logits = base(inputs_embeds=embeds, attention_mask=full, position_ids=positions).logits
+        scores.append(logits[:, -1])
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+    return tokens, torch.stack(scores)
+
+
+def vpt_vit(base, prompts, pixel_values):
+    """VPT (Jia et al. 2022) on a transformers ViTModel, written out: the patch embeddings, prompts
+    [n_sets, N, E] inserted after CLS (set 0), replaced before each later block when there is a set per
+    block (deep), dropped after the last; then the final LayerNorm and the pooler."""
+    N = prompts.shape[1]
+    h = base.embeddings(pixel_values)
+    B = h.shape[0]
+    blocks = base.layers if hasattr(base, "layers") else base.encoder.layer
+    for i, block in enumerate(blocks):
+        if i == 0 or prompts.shape[0] > 1:
+            h = torch.cat([h[:, :1], prompts[i].expand(B, -1, -1), h[:, 1 + (N if i else 0) :]], 1)
+        out = block(h)
+        h = out if isinstance(out, torch.Tensor) else out[0]
+    h = torch.cat([h[:, :1], h[:, 1 + N :]], 1)
+    h = base.layernorm(h)
+    return h, (base.pooler(h) if base.pooler is not None else None)

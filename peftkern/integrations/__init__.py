@@ -10,8 +10,9 @@ transformers.
 import importlib
 
 from .checkpoint import from_pretrained, save_pretrained
-from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig
+from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, PrefixConfig, PromptConfig, VPTConfig
 from .inject import inject, merge, print_trainable_parameters, trainable_parameters
+from .virtual_tokens import task_ids
 
 _SUBMODULES = ("peft",)
 
@@ -32,10 +33,14 @@ __all__ = [
     "BitFitConfig",
     "LoRAConfig",
     "MaskConfig",
+    "PrefixConfig",
+    "PromptConfig",
+    "VPTConfig",
     "from_pretrained",
     "inject",
     "merge",
     "print_trainable_parameters",
     "save_pretrained",
+    "task_ids",
     "trainable_parameters",
 ]

@@ -252,7 +252,126 @@ class BitFitConfig(_Config):
         self.modules_to_save = _names("BitFitConfig", "modules_to_save", self.modules_to_save)
 
 
-CONFIGS = {c.method: c for c in (AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig)}
+def _token_ids(config, field, value):
+    """None, or a non-empty list of non-negative int token ids (a tuple is taken as a list)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{config}: {field} must be None or a non-empty list of token ids; got {value!r:.80}")
+    return [_checks.dim(config, f"{field}[{i}]", v, minimum=0) for i, v in enumerate(value)]
+
+
+@dataclass
+class PrefixConfig(_Config):
+    """Prefix tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022): every attention layer
+    attends to ``num_virtual_tokens`` learned keys and values in front of the sequence's, through
+    ``peftkern.ops.prefix_attention`` (no concatenated KV, no KV-cache tricks).
+
+    ``projection_dim``  None: P-tuning v2, the prefixes are the parameters. Set: Li & Liang's
+                        reparametrisation (``peftkern.nn.PrefixKV``: an embedding through a tanh MLP
+                        of that width, as peft's ``prefix_projection``); ``peftkern.merge`` evaluates
+                        it once and keeps the prefixes.
+    ``num_tasks``       above 1: a prefix per task, chosen per sample by ``task_ids [B]`` given to the
+                        model's forward (or ``peftkern.task_ids(model, ids)`` around the call).
+
+    As peft's prefix tuning (a ``past_key_values`` prefix of length P): the prefix sits in front of
+    the sequence as P past tokens, the sequence's positions start at P (the position ids the model
+    is given or makes are shifted by P), and padding masks cover the sequence keys only. Injection
+    registers peftkern's attention with transformers' ``AttentionInterface`` and sets the model to
+    use it; the prefix never enters the KV cache, so ``generate()`` works with any cache.
+    """
+
+    num_virtual_tokens: int = 20
+    projection_dim: Optional[int] = None
+    num_tasks: int = 1
+    modules_to_save: Targets = None
+    method = "prefix"
+
+    def __post_init__(self):
+        self.modules_to_save = _names("PrefixConfig", "modules_to_save", self.modules_to_save)
+        self.num_virtual_tokens = _checks.dim("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
+        if self.projection_dim is not None:
+            self.projection_dim = _checks.dim("PrefixConfig", "projection_dim", self.projection_dim)
+        self.num_tasks = _checks.dim("PrefixConfig", "num_tasks", self.num_tasks)
+
+
+PROMPT_ENCODERS = (None, "mlp", "lstm")
+
+
+@dataclass
+class PromptConfig(_Config):
+    """Prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021): ``num_virtual_tokens``
+    learned input embeddings prepended to each sample's token embeddings
+    (``peftkern.nn.SoftPrompt``); the attention mask gains as many ones, token-level ``labels``
+    ``[B, L]`` as many -100 (so a causal-LM loss is peft's), and the token-level outputs (logits,
+    hidden states) are trimmed back to the input length.
+
+    ``encoder``               None: prompt tuning, the prompts are the parameters. ``"mlp"`` /
+                              ``"lstm"``: P-tuning, the prompts come from peft's prompt encoder (an
+                              embedding through a 3-layer ReLU MLP, or a bidirectional LSTM and a
+                              2-layer MLP); ``peftkern.merge`` evaluates it once into plain prompts.
+    ``encoder_hidden_size``   its width (None: the model's hidden size).
+    ``encoder_num_layers``    the LSTM's layers.
+    ``init_token_ids``        prompt tuning: start the prompts from these tokens' input embeddings
+                              (repeated or cut to num_virtual_tokens, as peft's ``prompt_tuning_init_text``
+                              tokenized); None: random.
+    ``num_tasks``             above 1: a prompt per task, chosen per sample by ``task_ids [B]``.
+    """
+
+    num_virtual_tokens: int = 20
+    encoder: Optional[str] = None
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    init_token_ids: Optional[List[int]] = None
+    num_tasks: int = 1
+    modules_to_save: Targets = None
+    method = "prompt"
+
+    def __post_init__(self):
+        name = "PromptConfig"
+        self.modules_to_save = _names(name, "modules_to_save", self.modules_to_save)
+        self.num_virtual_tokens = _checks.dim(name, "num_virtual_tokens", self.num_virtual_tokens)
+        _choice(name, "encoder", self.encoder, PROMPT_ENCODERS)
+        if self.encoder_hidden_size is not None:
+            self.encoder_hidden_size = _checks.dim(name, "encoder_hidden_size", self.encoder_hidden_size)
+        self.encoder_num_layers = _checks.dim(name, "encoder_num_layers", self.encoder_num_layers)
+        self.init_token_ids = _token_ids(name, "init_token_ids", self.init_token_ids)
+        self.num_tasks = _checks.dim(name, "num_tasks", self.num_tasks)
+        if self.init_token_ids is not None and self.encoder is not None:
+            raise ValueError(
+                f"{name}: init_token_ids starts plain prompts (encoder=None); P-tuning's encoder "
+                f"({self.encoder!r}) makes its own"
+            )
+
+
+@dataclass
+class VPTConfig(_Config):
+    """Visual prompt tuning (Jia et al. 2022) for ViT-style models: ``num_tokens`` learned tokens
+    inserted after the CLS token of the patch embeddings (``peftkern.nn.VisualPrompt``).
+
+    ``deep``  False (VPT-shallow): one set, inserted once. True (VPT-deep): a fresh set per layer,
+              replacing the previous layer's prompt tokens.
+
+    The prompt tokens are removed from the encoder's output, so ``last_hidden_state`` and the
+    pooler see the base model's tokens.
+    """
+
+    num_tokens: int = 10
+    deep: bool = False
+    modules_to_save: Targets = None
+    method = "vpt"
+
+    def __post_init__(self):
+        self.modules_to_save = _names("VPTConfig", "modules_to_save", self.modules_to_save)
+        self.num_tokens = _checks.dim("VPTConfig", "num_tokens", self.num_tokens)
+        if not isinstance(self.deep, bool):
+            raise TypeError(f"VPTConfig: deep must be a bool; got {self.deep!r:.40}")
+
+
+CONFIGS = {
+    c.method: c
+    for c in (AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, PromptConfig, VPTConfig)
+}
 
 
 def config_from_dict(d: dict) -> _Config:

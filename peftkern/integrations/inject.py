@@ -18,12 +18,44 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn import AdaMixAdapter, Adapter, AdapterFusion, LoRALinear, MaskedLinear, MultiAdapter
-from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, _Config, config_from_dict
+from ..nn import (
+    AdaMixAdapter,
+    Adapter,
+    AdapterFusion,
+    LoRALinear,
+    MaskedLinear,
+    MultiAdapter,
+    PrefixKV,
+    SoftPrompt,
+    VisualPrompt,
+)
+from . import virtual_tokens
+from .config import (
+    AdapterConfig,
+    BitFitConfig,
+    LoRAConfig,
+    MaskConfig,
+    PrefixConfig,
+    PromptConfig,
+    VPTConfig,
+    _Config,
+    config_from_dict,
+)
 from .targets import matches, preset_for
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
-_PEFTKERN_MODULES = (Adapter, AdaMixAdapter, AdapterFusion, MultiAdapter, LoRALinear, MaskedLinear)
+_PEFTKERN_MODULES = (
+    Adapter,
+    AdaMixAdapter,
+    AdapterFusion,
+    MultiAdapter,
+    LoRALinear,
+    MaskedLinear,
+    PrefixKV,
+    SoftPrompt,
+    VisualPrompt,
+)
+_TOKEN_CONFIGS = (PrefixConfig, PromptConfig, VPTConfig)
 _ADAPTER_KINDS = ("adapter", "parallel_adapter")
 
 
@@ -53,6 +85,7 @@ class Plan:
     sites: List[_Site] = field(default_factory=list)
     # existing parameters that train (BitFit's biases, modules_to_save)
     selected: List[str] = field(default_factory=list)
+    tokens: Optional[virtual_tokens.TokensPlan] = None  # prefix, prompt, VPT
 
 
 def injection_state(model: nn.Module) -> Optional[InjectionState]:
@@ -100,8 +133,8 @@ def plan(model: nn.Module, config: _Config) -> Plan:
     """The sites and selected parameters of `config` on `model`; raises before changing anything."""
     if not isinstance(config, _Config):
         raise TypeError(
-            f"inject: config must be an AdapterConfig, LoRAConfig, MaskConfig or BitFitConfig; "
-            f"got {type(config).__name__}"
+            "inject: config must be an AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, "
+            f"PromptConfig or VPTConfig; got {type(config).__name__}"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -142,6 +175,8 @@ def plan(model: nn.Module, config: _Config) -> Plan:
                 f"({'parameters named bias' if config.bias_names is None else repr(config.bias_names)})"
             )
         p.selected += names
+    elif isinstance(config, _TOKEN_CONFIGS):
+        p.tokens = virtual_tokens.plan(model, config)
     if config.modules_to_save is not None:
         for n, m in _matched(model, config, config.modules_to_save, "modules_to_save"):
             p.selected += [f"{n}.{pn}" for pn, _ in m.named_parameters()]
@@ -283,6 +318,8 @@ def expected_saved_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
     for site in p.sites:
         new = _build(site, modules[site.name], model, p.config, meta=True)
         shapes.update({n: t.shape for n, t in _saved_params(site, new).items()})
+    if p.tokens is not None:
+        shapes.update(virtual_tokens.expected_shapes(p.tokens, p.config))
     return shapes
 
 
@@ -362,6 +399,8 @@ def apply(model: nn.Module, p: Plan) -> nn.Module:
         else:
             target._peftkern_residual_arg = site.residual_arg
             target.register_forward_pre_hook(_parallel_adapter_residual_hook, with_kwargs=True)
+    if p.tokens is not None:
+        names += virtual_tokens.apply(model, p.tokens, p.config, _factory(model, model))
     params = dict(model.named_parameters(remove_duplicate=False))
     for n in p.selected:
         params[n].requires_grad_(True)
@@ -415,14 +454,16 @@ def print_trainable_parameters(model: nn.Module) -> None:
 @torch.no_grad()
 def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
     """For deployment: folds each LoRA update into its base weight and bakes each mask (both become
-    plain ``nn.Linear`` layers, named as before) and replaces each AdaMix adapter by its
-    ``merge_experts()`` Adapter; adapters and fusions stay, as an adapter's nonlinearity cannot fold
-    into a weight. Returns the model; with `verbose` prints what it merged. A merged model
-    cannot be saved with peftkern.save_pretrained (its LoRA and mask parameters are gone)."""
+    plain ``nn.Linear`` layers, named as before), replaces each AdaMix adapter by its
+    ``merge_experts()`` Adapter, and evaluates a prefix's reparametrisation or P-tuning's prompt
+    encoder once into plain virtual tokens; adapters and fusions stay, as an adapter's
+    nonlinearity cannot fold into a weight. Returns the model; with `verbose` prints what it
+    merged. A merged model cannot be saved with peftkern.save_pretrained (its LoRA and mask
+    parameters, or the prefix's projection, are gone)."""
     state = injection_state(model)
     if state is None:
         raise ValueError("merge: the model holds no peftkern method (call peftkern.inject first)")
-    lora = masks = adapters = mixtures = fusions = 0
+    lora = masks = adapters = mixtures = fusions = projections = 0
     uses = {}
     for _, t in model.named_parameters(remove_duplicate=False):
         uses[id(t)] = uses.get(id(t), 0) + 1
@@ -449,6 +490,12 @@ def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
             adapters += 1
         elif isinstance(module, AdapterFusion):
             fusions += 1
+        elif isinstance(module, PrefixKV) and module.prefix is None:
+            module.freeze_projection()
+            projections += 1
+        elif isinstance(module, SoftPrompt) and module.prompt is None:
+            module.merge_encoder()
+            projections += 1
     state.merged = True
     if verbose:
         parts = []
@@ -462,6 +509,8 @@ def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
             parts.append(f"{adapters} adapters kept (an adapter cannot merge into a weight)")
         if fusions:
             parts.append(f"{fusions} adapter fusions kept")
+        if projections:
+            parts.append("the prefix / prompt encoder evaluated once into plain (frozen) virtual tokens")
         print(
             "peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(state.config).__name__}")
         )

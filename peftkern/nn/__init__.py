@@ -4,7 +4,7 @@ from .adamix import AdaMixAdapter, adamix_consistency_loss
 from .adapter import Adapter, AdapterFusion, MultiAdapter
 from .lora import LoRALinear
 from .mask import MaskedLinear
-from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt
+from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt, VisualPrompt
 from .side_tuning import SideTuning
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "PrefixKV",
     "PrefixSelfAttention",
     "SoftPrompt",
+    "VisualPrompt",
     "SideTuning",
 ]

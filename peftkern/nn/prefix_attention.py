@@ -1,5 +1,6 @@
-"""Prefix tuning (Li & Liang 2021), P-tuning v2 and prompt tuning modules on peftkern.ops."""
+"""Prefix tuning (Li & Liang 2021), P-tuning v2, prompt tuning, P-tuning and VPT modules."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -205,12 +206,21 @@ class PrefixSelfAttention(nn.Module):
 
 
 class SoftPrompt(nn.Module):
-    """Prompt tuning / P-tuning input prompts: prepends each sample's task prompt
-    ``[num_tokens, d_model]`` to its input embeddings and extends the attention mask.
+    """Prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021) input prompts: prepends each
+    sample's task prompt ``[num_tokens, d_model]`` to its input embeddings and extends the attention mask.
 
     ``forward(inputs_embeds [B, L, E], attention_mask=None [B, L], task_ids=None [B])`` ->
-    ``(embeds [B, N + L, E], mask [B, N + L] or None)``. ``from_embeddings(token_embeddings)``
-    initialises the prompts from given token embeddings (``[N, E]``, or ``[T, N, E]`` per task)."""
+    ``(embeds [B, N + L, E], mask [B, N + L] or None)``. ``prompts()`` -> ``[num_tasks, N, E]``.
+
+    ``encoder=None``: the prompts are the parameter ``prompt``; ``from_embeddings(token_embeddings)``
+    starts them from given token embeddings (``[N, E]``, or ``[T, N, E]`` per task).
+    ``encoder="mlp"`` / ``"lstm"``: P-tuning's prompt encoder, laid out as peft's ``PromptEncoder``
+    (so its weights load as they are): ``embedding [num_tasks * N, E]``, then for "mlp" ``mlp_head`` =
+    Linear(E, h), ReLU, Linear(h, h), ReLU, Linear(h, E); for "lstm" ``lstm_head`` = a bidirectional
+    LSTM(E, h, encoder_num_layers) and ``mlp_head`` = Linear(2h, 2h), ReLU, Linear(2h, E); h is
+    ``encoder_hidden_size`` (default E). Each task's N tokens run through it as one sequence.
+    ``merge_encoder()`` evaluates it once and keeps the prompts (frozen) instead.
+    """
 
     def __init__(
         self,
@@ -218,6 +228,9 @@ class SoftPrompt(nn.Module):
         d_model: int,
         *,
         num_tasks: int = 1,
+        encoder: Optional[str] = None,
+        encoder_hidden_size: Optional[int] = None,
+        encoder_num_layers: int = 2,
         init_std: float = 0.02,
         device=None,
         dtype=None,
@@ -226,9 +239,34 @@ class SoftPrompt(nn.Module):
         num_tokens = _checks.dim("SoftPrompt", "num_tokens", num_tokens)
         d_model = _checks.dim("SoftPrompt", "d_model", d_model)
         num_tasks = _checks.dim("SoftPrompt", "num_tasks", num_tasks)
+        if encoder not in (None, "mlp", "lstm"):
+            raise ValueError(f"SoftPrompt: encoder must be None, 'mlp' or 'lstm'; got {encoder!r:.40}")
+        hidden = d_model if encoder_hidden_size is None else encoder_hidden_size
+        hidden = _checks.dim("SoftPrompt", "encoder_hidden_size", hidden)
+        encoder_num_layers = _checks.dim("SoftPrompt", "encoder_num_layers", encoder_num_layers)
         factory = _checks.factory("SoftPrompt", device, dtype)
-        self.num_tokens, self.d_model, self.num_tasks = num_tokens, d_model, num_tasks
-        self.prompt = nn.Parameter(torch.randn(num_tasks, num_tokens, d_model, **factory) * init_std)
+        self.num_tokens, self.d_model, self.num_tasks, self.encoder = num_tokens, d_model, num_tasks, encoder
+        self.prompt = self.embedding = self.lstm_head = self.mlp_head = None
+        if encoder is None:
+            self.prompt = nn.Parameter(torch.randn(num_tasks, num_tokens, d_model, **factory) * init_std)
+            return
+        self.embedding = nn.Embedding(num_tasks * num_tokens, d_model, **factory)
+        if encoder == "lstm":
+            self.lstm_head = nn.LSTM(
+                d_model,
+                hidden,
+                num_layers=encoder_num_layers,
+                bidirectional=True,
+                batch_first=True,
+                **factory,
+            )
+            widths = [2 * hidden, 2 * hidden, d_model]
+        else:
+            widths = [d_model, hidden, hidden, d_model]
+        layers = []
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            layers += [nn.Linear(a, b, **factory)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+        self.mlp_head = nn.Sequential(*layers)
 
     @classmethod
     def from_embeddings(cls, token_embeddings: Tensor) -> "SoftPrompt":
@@ -238,6 +276,25 @@ class SoftPrompt(nn.Module):
             layer.prompt.copy_(emb)
         return layer
 
+    def prompts(self) -> Tensor:
+        """Every task's prompt, ``[num_tasks, N, E]``."""
+        if self.prompt is not None:
+            return self.prompt
+        x = self.embedding.weight.view(self.num_tasks, self.num_tokens, self.d_model)
+        if self.lstm_head is not None:
+            x = self.lstm_head(x)[0]
+        return self.mlp_head(x)
+
+    @torch.no_grad()
+    def merge_encoder(self) -> None:
+        """Replace P-tuning's encoder by the prompts it gives now (for inference)."""
+        if self.prompt is not None:
+            return
+        prompt = self.prompts().detach().clone()
+        self.embedding = self.lstm_head = self.mlp_head = None
+        self.encoder = None
+        self.prompt = nn.Parameter(prompt, requires_grad=False)
+
     def forward(
         self,
         inputs_embeds: Tensor,
@@ -245,15 +302,20 @@ class SoftPrompt(nn.Module):
         task_ids: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         B = inputs_embeds.shape[0]
+        prompts = self.prompts()
         if task_ids is None:
             if self.num_tasks > 1:
                 raise ValueError(
                     f"SoftPrompt: {self.num_tasks} task prompts; task_ids [B] must choose one per sample"
                 )
-            prompts = self.prompt[0].expand(B, -1, -1)
+            prompts = prompts[0].expand(B, -1, -1)
         else:
             _check_task_ids(task_ids, self.num_tasks, "SoftPrompt")
-            prompts = self.prompt[task_ids]
+            if task_ids.shape != (B,):
+                raise ValueError(
+                    f"SoftPrompt: task_ids must be [{B}] (one per sample); got {tuple(task_ids.shape)}"
+                )
+            prompts = prompts[task_ids]
         embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
         if attention_mask is None:
             return embeds, None
@@ -261,4 +323,54 @@ class SoftPrompt(nn.Module):
         return embeds, torch.cat([ones, attention_mask], dim=1)
 
     def extra_repr(self) -> str:
-        return f"num_tokens={self.num_tokens}, d_model={self.d_model}, num_tasks={self.num_tasks}"
+        return (
+            f"num_tokens={self.num_tokens}, d_model={self.d_model}, num_tasks={self.num_tasks}, "
+            f"encoder={self.encoder!r}"
+        )
+
+
+class VisualPrompt(nn.Module):
+    """Visual prompt tuning (Jia et al. 2022): ``num_tokens`` learned tokens ``prompt [N, E]`` for the
+    token sequence of a ViT block (CLS first).
+
+    ``insert(h [B, 1 + S, E])`` -> ``[B, 1 + N + S, E]``: the prompts after the CLS token.
+    ``replace(h [B, 1 + N + S, E])``: the N tokens after CLS become these prompts (VPT-deep).
+    ``VisualPrompt.remove(h [B, 1 + N + S, E], N)`` -> ``[B, 1 + S, E]`` (after the last block).
+    Initialised uniform in ``±init_range``; None: the paper's ``sqrt(6 / (3 * patch_area + E))``.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        d_model: int,
+        *,
+        patch_area: int = 256,
+        init_range: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        num_tokens = _checks.dim("VisualPrompt", "num_tokens", num_tokens)
+        d_model = _checks.dim("VisualPrompt", "d_model", d_model)
+        patch_area = _checks.dim("VisualPrompt", "patch_area", patch_area)
+        factory = _checks.factory("VisualPrompt", device, dtype)
+        self.num_tokens, self.d_model = num_tokens, d_model
+        bound = math.sqrt(6.0 / (3 * patch_area + d_model)) if init_range is None else float(init_range)
+        prompt = torch.empty(num_tokens, d_model, **factory)
+        self.prompt = nn.Parameter(prompt if prompt.is_meta else prompt.uniform_(-bound, bound))
+
+    def _tokens(self, h: Tensor) -> Tensor:
+        return self.prompt.to(h.dtype).expand(h.shape[0], -1, -1)
+
+    def insert(self, h: Tensor) -> Tensor:
+        return torch.cat([h[:, :1], self._tokens(h), h[:, 1:]], dim=1)
+
+    def replace(self, h: Tensor) -> Tensor:
+        return torch.cat([h[:, :1], self._tokens(h), h[:, 1 + self.num_tokens :]], dim=1)
+
+    @staticmethod
+    def remove(h: Tensor, num_tokens: int) -> Tensor:
+        return torch.cat([h[:, :1], h[:, 1 + num_tokens :]], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"num_tokens={self.num_tokens}, d_model={self.d_model}"

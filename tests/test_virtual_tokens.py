@@ -1,0 +1,498 @@
+"""Prefix tuning, P-tuning v2, prompt tuning, P-tuning and VPT through peftkern.inject on tiny random
+Hugging Face models (BERT; Llama with grouped-query attention; ViT).
+
+The references: peft's prefix tuning written out (the prefix as P past tokens in a DynamicCache, the
+mask extended; tests/reference.py), Hugging Face peft itself for prompt tuning and P-tuning, a
+greedy decode that recomputes every step for generate(), and VPT written out on the ViT's blocks."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import peftkern
+from peftkern.nn import PrefixKV, SoftPrompt, VisualPrompt
+from tests import reference, tiny_models
+
+transformers = pytest.importorskip("transformers")
+
+P, N = 5, 4  # prefix length, prompt length
+
+
+def rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def greedy(model, ids, mask, steps):
+    """generate()'s tokens and each step's logits [steps, B, V]."""
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+def batch(seed=1, B=3, L=9, pad=True, left=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if pad:  # sample 0 padded by 3, sample 1 by 1
+        if left:
+            mask[0, :3], mask[1, :1] = 0, 0
+        else:
+            mask[0, -3:], mask[1, -1:] = 0, 0
+    return ids, mask
+
+
+def module_of(model, cls):
+    found = [m for m in model.modules() if isinstance(m, cls)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def randomize(module, seed=3, std=1.0):
+    """Trained-looking values (the init is near zero, which would hide a misplaced prefix)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for t in module.parameters():
+            t.normal_(0, std)
+
+
+MODELS = {"bert": tiny_models.bert, "llama": tiny_models.llama}
+
+
+def hidden(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def prefixed(kind, **config):
+    model = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P, **config))
+    prefix = module_of(model, PrefixKV)
+    randomize(prefix, std=0.5 if config.get("projection_dim") else 1.0)
+    return model, prefix
+
+
+# ------------------------------------------------------------------------------------------ prefix
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("projection_dim", [None, 8])
+@pytest.mark.parametrize("left", [True, False])
+def test_prefix_equals_peft_past_key_values(kind, projection_dim, left):
+    """Logits and every prefix gradient equal the peft-style reference on a padded batch."""
+    model, prefix = prefixed(kind, projection_dim=projection_dim)
+    base, twin = MODELS[kind](), copy.deepcopy(prefix)
+    ids, mask = batch(left=left)
+    out = hidden(model(input_ids=ids, attention_mask=mask))
+    ref = hidden(reference.prefix_model(base, twin, ids, mask))
+    assert out.shape == ref.shape
+    keep = mask.bool()  # padded query rows are not compared (they differ in the base model too)
+    assert rel_err(out[keep], ref[keep]) < 1e-5
+    grad = torch.randn_like(out) * keep[..., None]
+    out.backward(grad)
+    ref.backward(grad)
+    for (name, t), t_ref in zip(prefix.named_parameters(), twin.parameters()):
+        assert t.grad is not None and rel_err(t.grad, t_ref.grad) < 1e-5, name
+    assert all(t.grad is None for n, t in model.named_parameters() if "peftkern_prefix" not in n)
+
+
+def test_prefix_positions_start_at_p():
+    """Rotary (Llama) and learned absolute (BERT) positions: the sequence sits at P.. as in the
+    reference; given position ids are shifted by P too; positions from 0 would give other outputs."""
+    for kind in MODELS:
+        model, prefix = prefixed(kind)
+        ids, mask = batch(pad=False)
+        out = hidden(model(input_ids=ids, attention_mask=mask))
+        positions = torch.arange(ids.shape[1])[None]
+        given = hidden(model(input_ids=ids, attention_mask=mask, position_ids=positions))
+        assert rel_err(given, out) < 1e-6
+        ref = hidden(reference.prefix_model(MODELS[kind](), prefix, ids, mask))
+        assert rel_err(out, ref) < 1e-5
+        wrong = hidden(reference.prefix_model(MODELS[kind](), prefix, ids, mask, position_ids=positions))
+        assert rel_err(out, wrong) > 1e-3
+
+
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_prefix_generate_equals_the_cache_reference(projection_dim):
+    model, prefix = prefixed("llama", projection_dim=projection_dim)
+    ids, mask = batch()
+    tokens, logits = greedy(model, ids, mask, 8)
+    ref, ref_logits = reference.prefix_greedy(tiny_models.llama(), prefix, ids, mask, 8)
+    assert torch.equal(tokens, ref)
+    assert rel_err(logits, ref_logits) < 1e-5
+    # the prefix matters: without it the tokens differ
+    assert not torch.equal(tokens, greedy(tiny_models.llama(), ids, mask, 8)[0])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_prefix_per_sample_tasks(kind):
+    model, prefix = prefixed(kind, num_tasks=3)
+    ids, mask = batch()
+    task_ids = torch.tensor([2, 0, 2])
+    out = hidden(model(input_ids=ids, attention_mask=mask, task_ids=task_ids))
+    ref = hidden(reference.prefix_model(MODELS[kind](), prefix, ids, mask, task_ids=task_ids))
+    keep = mask.bool()
+    assert rel_err(out[keep], ref[keep]) < 1e-5
+    with peftkern.task_ids(task_ids):
+        again = hidden(model(input_ids=ids, attention_mask=mask))
+    assert torch.equal(again, out)
+    with pytest.raises(ValueError, match=r"PrefixConfig\(num_tasks=3\): pass task_ids"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\)"):
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError, match=r"task_ids must be an int tensor \[3\]"):
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1]))
+
+
+def test_prefix_generate_per_sample_tasks():
+    model, prefix = prefixed("llama", num_tasks=2)
+    ids, mask = batch()
+    task_ids = torch.tensor([1, 0, 1])
+    with peftkern.task_ids(task_ids):
+        tokens, logits = greedy(model, ids, mask, 6)
+    ref, ref_logits = reference.prefix_greedy(tiny_models.llama(), prefix, ids, mask, 6, task_ids=task_ids)
+    assert torch.equal(tokens, ref)
+    assert rel_err(logits, ref_logits) < 1e-5
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_prefix_profile_shows_the_op_in_every_layer(kind):
+    model, _ = prefixed(kind)
+    ids, mask = batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hidden(model.train()(input_ids=ids, attention_mask=mask)).sum().backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    layers = model.config.num_hidden_layers
+    assert counts.get("peftkern::prefix_attention_forward") == layers, counts
+    assert counts.get("peftkern::prefix_attention_backward") == layers, counts
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_prefix_gradient_checkpointing_gives_the_same_gradients(kind, projection_dim):
+    def grads(checkpointing):
+        model, prefix = prefixed(kind, projection_dim=projection_dim)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids, mask = batch()
+        hidden(model(input_ids=ids, attention_mask=mask))[mask.bool()].pow(2).sum().backward()
+        return [t.grad.clone() for t in prefix.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_prefix_reentrant_gradient_checkpointing():
+    def grads(checkpointing):
+        model, prefix = prefixed("llama", projection_dim=8)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        ids, mask = batch()
+        model(input_ids=ids, attention_mask=mask).logits.sum().backward()
+        return [t.grad.clone() for t in prefix.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_prefix_torch_compile():
+    model, _ = prefixed("llama")
+    ids, mask = batch()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    compiled = torch.compile(model, backend="aot_eager")
+    out = compiled(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "config, formula",
+    [
+        (dict(), 2 * 2 * 2 * 8 * P),  # llama: layers x (k, v) x kv heads x head dim x P
+        (dict(num_tasks=3), 3 * 2 * 2 * 2 * 8 * P),
+        # embedding [P, Hkv*D], Linear(Hkv*D, 8), Linear(8, layers * 2 * Hkv*D)
+        (dict(projection_dim=8), P * 16 + (16 * 8 + 8) + (8 * 64 + 64)),
+    ],
+)
+def test_prefix_trainable_count_is_the_formula(config, formula):
+    model, _ = prefixed("llama", **config)
+    trainable, total = peftkern.trainable_parameters(model)
+    assert trainable == formula
+    assert total == sum(t.numel() for t in tiny_models.llama().parameters()) + formula
+
+
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_prefix_save_load_and_merge(tmp_path, projection_dim):
+    model, _ = prefixed("bert", projection_dim=projection_dim)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    peftkern.save_pretrained(model, tmp_path)
+    loaded = peftkern.from_pretrained(tiny_models.bert(), tmp_path)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, out)
+    peftkern.merge(loaded, verbose=False)
+    prefix = module_of(loaded, PrefixKV)
+    assert prefix.embedding is None and prefix.prefix.requires_grad == (projection_dim is None)
+    assert rel_err(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, out) < 1e-6
+
+
+def test_prefix_attention_dropout_runs_the_composite_path():
+    """BERT with attention dropout in training: the concatenated-KV path (warned); with a dropout of
+    1e-9 it must give the reference's numbers (masks, GQA and task prefixes right); in eval the
+    fused op runs."""
+    for kind, field in (("bert", "attention_probs_dropout_prob"), ("llama", "attention_dropout")):
+        model = peftkern.inject(
+            MODELS[kind](**{field: 1e-9}), peftkern.PrefixConfig(num_virtual_tokens=P, num_tasks=2)
+        )
+        prefix = module_of(model, PrefixKV)
+        randomize(prefix)
+        ids, mask = batch()
+        task_ids = torch.tensor([1, 0, 1])
+        import peftkern.integrations.virtual_tokens as vt
+
+        vt._warned_dropout = False
+        with pytest.warns(UserWarning, match="slow composite path"):
+            out = hidden(model.train()(input_ids=ids, attention_mask=mask, task_ids=task_ids))
+        ref = hidden(reference.prefix_model(MODELS[kind](), prefix, ids, mask, task_ids=task_ids))
+        keep = mask.bool()
+        assert rel_err(out[keep], ref[keep]) < 1e-5
+
+
+def test_prefix_refusals():
+    with pytest.raises(ValueError, match="PrefixConfig needs a Hugging Face transformers model"):
+        peftkern.inject(torch.nn.Linear(2, 2), peftkern.PrefixConfig())
+    old_style = tiny_models.bert()
+    type(old_style)._supports_attention_backend, saved = False, type(old_style)._supports_attention_backend
+    try:
+        with pytest.raises(ValueError, match="does not take its attention from transformers"):
+            peftkern.inject(old_style, peftkern.PrefixConfig())
+    finally:
+        type(old_style)._supports_attention_backend = saved
+    model = tiny_models.bert(is_decoder=True, add_cross_attention=True)
+    with pytest.raises(ValueError, match="cross-attention"):
+        peftkern.inject(model, peftkern.PrefixConfig())
+    assert not any(isinstance(m, PrefixKV) for m in model.modules())
+    for bad, err, message in [
+        (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be in"),
+        (dict(projection_dim=1.5), TypeError, "projection_dim must be an int"),
+        (dict(num_tasks=0), ValueError, "num_tasks must be in"),
+    ]:
+        with pytest.raises(err, match=f"PrefixConfig: {message}"):
+            peftkern.PrefixConfig(**bad)
+
+
+def test_prefix_attention_outside_the_injected_call_is_refused():
+    model, _ = prefixed("llama")
+    layer = model.model.layers[0].self_attn
+    x = torch.randn(1, 3, 32)
+    cos_sin = model.model.rotary_emb(x, torch.arange(3)[None])
+    with pytest.raises(RuntimeError, match="without the prefix"):
+        layer(x, position_embeddings=cos_sin, attention_mask=None)
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def peft_prompt_model(encoder):
+    peft = pytest.importorskip("peft")
+    if encoder is None:
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    else:
+        config = peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=N,
+            encoder_hidden_size=16,
+            encoder_reparameterization_type=encoder.upper(),
+        )
+    torch.manual_seed(5)
+    return peft.get_peft_model(tiny_models.llama(), config)
+
+
+def prompted(encoder, kind="llama", **config):
+    hidden_size = 16 if encoder else None
+    cfg = peftkern.PromptConfig(
+        num_virtual_tokens=N, encoder=encoder, encoder_hidden_size=hidden_size, **config
+    )
+    return peftkern.inject(MODELS[kind](), cfg)
+
+
+@pytest.mark.parametrize("encoder", [None, "mlp", "lstm"])
+def test_prompt_equals_peft(encoder):
+    """Prompt tuning and P-tuning against Hugging Face peft with the same weights: logits (trimmed to
+    the input), loss with labels, and every prompt gradient."""
+    theirs = peft_prompt_model(encoder)
+    ours = prompted(encoder)
+    prompt = module_of(ours, SoftPrompt)
+    state = {
+        k.split("prompt_encoder.default.")[1]: v
+        for k, v in theirs.state_dict().items()
+        if "prompt_encoder.default." in k
+    }
+    if encoder is None:
+        with torch.no_grad():
+            prompt.prompt.copy_(state["embedding.weight"][None])
+    else:
+        prompt.load_state_dict(state, strict=True)
+    ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = theirs(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == ids.shape + (97,)
+    assert rel_err(out.logits, ref.logits[:, N:]) < 1e-6
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-6 * ref.loss.item()
+    out.loss.backward()
+    ref.loss.backward()
+    theirs_params = dict(theirs.named_parameters())
+    for name, t in prompt.named_parameters():
+        if encoder is None:
+            t_ref = theirs_params["prompt_encoder.default.embedding.weight"]
+            assert rel_err(t.grad[0], t_ref.grad) < 1e-5
+        else:
+            t_ref = theirs_params[f"prompt_encoder.default.{name}"]
+            assert rel_err(t.grad, t_ref.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("encoder", [None, "mlp"])
+def test_prompt_generate_equals_recomputing_every_step(encoder):
+    model = prompted(encoder)
+    prompt = module_of(model, SoftPrompt)
+    randomize(prompt)
+    ids, mask = batch()
+    tokens, logits = greedy(model, ids, mask, 8)
+    prompts = prompt.prompts().detach()[0].expand(ids.shape[0], -1, -1)
+    ref, ref_logits = reference.prompt_greedy(tiny_models.llama(), prompts, ids, mask, 8)
+    assert torch.equal(tokens, ref)
+    assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_prompt_on_bert_with_token_types_and_tasks():
+    model = prompted(None, kind="bert", num_tasks=2)
+    prompt = module_of(model, SoftPrompt)
+    randomize(prompt)
+    ids, mask = batch(left=False)
+    types = torch.randint(0, 2, ids.shape)
+    task_ids = torch.tensor([1, 1, 0])
+    out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, task_ids=task_ids).last_hidden_state
+    base = tiny_models.bert()
+    embeds = torch.cat([prompt.prompt[task_ids], base.get_input_embeddings()(ids)], 1)
+    full_mask = torch.cat([torch.ones(3, N, dtype=torch.long), mask], 1)
+    full_types = torch.cat([torch.zeros(3, N, dtype=torch.long), types], 1)
+    ref = base(inputs_embeds=embeds, attention_mask=full_mask, token_type_ids=full_types).last_hidden_state
+    assert out.shape == (3, ids.shape[1], 32)
+    assert rel_err(out, ref[:, N:]) < 1e-6
+
+
+def test_prompt_token_level_labels_and_positions():
+    """Token-level labels [B, L] gain N -100s (the loss is the model's over the prompted sequence);
+    given position ids put the prompts at 0..N-1 and the tokens after them."""
+    model = prompted(None)
+    randomize(module_of(model, SoftPrompt))
+    ids, mask = batch(pad=False)
+    positions = torch.arange(ids.shape[1])[None]
+    a = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=ids)
+    b = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert torch.equal(a.logits, b.logits) and a.loss == b.loss
+    # the loss by hand: next-token cross-entropy over [prompts; tokens], the prompts' labels ignored
+    base = tiny_models.llama()
+    prompts = module_of(model, SoftPrompt).prompt[0].expand(3, -1, -1)
+    embeds = torch.cat([prompts, base.get_input_embeddings()(ids)], 1)
+    logits = base(inputs_embeds=embeds).logits
+    labels = torch.cat([torch.full((3, N), -100), ids], 1)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))
+    assert abs(b.loss.item() - loss.item()) < 1e-5
+
+
+def test_prompt_init_from_tokens_and_counts():
+    model = prompted(None, init_token_ids=[5, 7, 9])
+    words = tiny_models.llama().get_input_embeddings().weight
+    assert torch.equal(module_of(model, SoftPrompt).prompt[0], words[torch.tensor([5, 7, 9, 5])])
+    assert peftkern.trainable_parameters(model)[0] == N * 32
+    h = 16
+    mlp = 32 * h + h + h * h + h + h * 32 + 32
+    assert peftkern.trainable_parameters(prompted("mlp"))[0] == N * 32 + mlp
+    lstm_layer = lambda i: 2 * (4 * h * (i + h) + 8 * h)  # noqa: E731  (both directions)
+    lstm = lstm_layer(32) + lstm_layer(2 * h) + (2 * h * 2 * h + 2 * h) + (2 * h * 32 + 32)
+    assert peftkern.trainable_parameters(prompted("lstm"))[0] == N * 32 + lstm
+    with pytest.raises(ValueError, match="init_token_ids holds 500, beyond the model's vocabulary"):
+        prompted(None, init_token_ids=[500])
+    with pytest.raises(ValueError, match="init_token_ids starts plain prompts"):
+        peftkern.PromptConfig(encoder="mlp", init_token_ids=[1])
+
+
+@pytest.mark.parametrize("encoder", [None, "lstm"])
+def test_prompt_save_load_and_merge(tmp_path, encoder):
+    model = prompted(encoder)
+    randomize(module_of(model, SoftPrompt), std=0.3)
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask).logits
+    peftkern.save_pretrained(model, tmp_path)
+    loaded = peftkern.from_pretrained(tiny_models.llama(), tmp_path)
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, out)
+    peftkern.merge(loaded, verbose=False)
+    prompt = module_of(loaded, SoftPrompt)
+    assert prompt.encoder is None and prompt.prompt.requires_grad == (encoder is None)
+    assert rel_err(loaded(input_ids=ids, attention_mask=mask).logits, out) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ VPT
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_equals_the_written_out_reference(deep):
+    model = peftkern.inject(tiny_models.vit(), peftkern.VPTConfig(num_tokens=3, deep=deep))
+    vpts = [m for m in model.modules() if isinstance(m, VisualPrompt)]
+    assert len(vpts) == (2 if deep else 1)
+    pixels = torch.randn(2, 3, 16, 16)
+    out = model(pixel_values=pixels)
+    prompts = torch.stack([v.prompt for v in vpts])
+    ref_h, ref_pool = reference.vpt_vit(tiny_models.vit(), prompts, pixels)
+    assert out.last_hidden_state.shape == (2, 5, 32)  # CLS + 4 patches: the prompts removed
+    assert rel_err(out.last_hidden_state, ref_h) < 1e-6
+    assert rel_err(out.pooler_output, ref_pool) < 1e-6
+    out.pooler_output.sum().backward()
+    ref_pool.sum().backward()
+    for v in vpts:
+        assert v.prompt.grad is not None and v.prompt.grad.abs().sum() > 0
+    assert peftkern.trainable_parameters(model)[0] == (2 if deep else 1) * 3 * 32
+    # the prompts change the output
+    assert rel_err(out.pooler_output, tiny_models.vit()(pixel_values=pixels).pooler_output) > 1e-3
+
+
+def test_vpt_gradients_equal_the_reference(tmp_path):
+    model = peftkern.inject(tiny_models.vit(), peftkern.VPTConfig(num_tokens=3, deep=True))
+    vpts = [m for m in model.modules() if isinstance(m, VisualPrompt)]
+    prompts = torch.stack([v.prompt.detach() for v in vpts]).requires_grad_(True)
+    pixels = torch.randn(2, 3, 16, 16)
+    model(pixel_values=pixels).pooler_output.pow(2).sum().backward()
+    reference.vpt_vit(tiny_models.vit(), prompts, pixels)[1].pow(2).sum().backward()
+    for i, v in enumerate(vpts):
+        assert rel_err(v.prompt.grad, prompts.grad[i]) < 1e-6
+    peftkern.save_pretrained(model, tmp_path)
+    loaded = peftkern.from_pretrained(tiny_models.vit(), tmp_path)
+    assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+
+
+def test_vpt_refuses_a_model_without_vit_blocks():
+    with pytest.raises(ValueError, match="VPT needs a ViT-style model"):
+        peftkern.inject(tiny_models.llama(), peftkern.VPTConfig())
+
+
+def test_configs_round_trip():
+    from peftkern.integrations.config import config_from_dict
+
+    for c in (
+        peftkern.PrefixConfig(num_virtual_tokens=3, projection_dim=4, num_tasks=2),
+        peftkern.PromptConfig(encoder="lstm", encoder_hidden_size=8),
+        peftkern.PromptConfig(init_token_ids=(1, 2)),
+        peftkern.VPTConfig(num_tokens=2, deep=True),
+    ):
+        assert config_from_dict(c.to_dict()) == c
+
+
+def test_inject_twice_is_refused():
+    model, _ = prefixed("llama")
+    with warnings.catch_warnings():
+        with pytest.raises(ValueError, match="already injected"):
+            peftkern.inject(model, peftkern.PromptConfig())
