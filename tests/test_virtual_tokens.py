@@ -496,3 +496,47 @@ def test_inject_twice_is_refused():
     with warnings.catch_warnings():
         with pytest.raises(ValueError, match="already injected"):
             peftkern.inject(model, peftkern.PromptConfig())
+
+
+# ------------------------------------------------------------------------------------------ peft checkpoints
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_peft_prefix_checkpoint_gives_peft_logits(tmp_path, kind, projection):
+    """peft's prefix tuning trained (here: randomized), saved with peft's save_pretrained, loaded into a
+    peftkern PrefixConfig model: the same outputs as peft's own model on a padded batch."""
+    peft = pytest.importorskip("peft")
+    task = "CAUSAL_LM" if kind == "llama" else "FEATURE_EXTRACTION"
+    config = peft.PrefixTuningConfig(
+        task_type=task, num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=8
+    )
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(MODELS[kind](), config)
+    randomize(theirs.prompt_encoder, std=0.5)
+    theirs.save_pretrained(tmp_path)
+    ours = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P))
+    peftkern.integrations.peft.load_prompt_embeddings(ours, tmp_path)
+    ids, mask = batch(left=kind == "llama")
+    with torch.no_grad():
+        out = hidden(ours(input_ids=ids, attention_mask=mask))
+        ref = hidden(theirs(input_ids=ids, attention_mask=mask))
+    keep = mask.bool()
+    assert rel_err(out[keep], ref[keep]) < 1e-5
+
+
+@pytest.mark.parametrize("encoder", [None, "MLP"])
+def test_a_peft_prompt_checkpoint_gives_peft_logits(tmp_path, encoder):
+    peft = pytest.importorskip("peft")
+    theirs = peft_prompt_model(None if encoder is None else encoder.lower())
+    randomize(theirs.prompt_encoder, std=0.3)
+    theirs.save_pretrained(tmp_path)
+    ours = prompted(None)
+    peftkern.integrations.peft.load_prompt_embeddings(ours, tmp_path)
+    ids, mask = batch()
+    with torch.no_grad():
+        out = ours(input_ids=ids, attention_mask=mask).logits
+        ref = theirs(input_ids=ids, attention_mask=mask).logits[:, N:]
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match=r"needs \(4, 32\)"):
+        peftkern.integrations.peft.load_prompt_embeddings(ours, torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="without a projection or encoder"):
+        peftkern.integrations.peft.load_prompt_embeddings(prompted("mlp"), tmp_path)

@@ -1,4 +1,6 @@
-"""Run Hugging Face peft's LoRA layers through peftkern.ops.lora_linear.
+"""Interop with Hugging Face peft: its LoRA layers through peftkern.ops.lora_linear, and its
+prompt-learning checkpoints (prefix tuning, P-tuning v2, prompt tuning, P-tuning) into a model
+injected with peftkern's PrefixConfig / PromptConfig (``load_prompt_embeddings``).
 
     report = peftkern.integrations.peft.fuse(model)     # every supported peft lora.Linear
     ...train, peft's save_pretrained / loading keep working (same parameters)...
@@ -111,3 +113,71 @@ def unfuse(model: nn.Module) -> List[str]:
             delattr(module, _FUSED_ATTR)
             restored.append(name)
     return restored
+
+
+def load_prompt_embeddings(model: nn.Module, source) -> None:
+    """Loads the virtual tokens of a peft prompt-learning checkpoint into `model`, injected with the
+    matching peftkern config: ``PrefixConfig(projection_dim=None)`` for peft's PREFIX_TUNING (with or
+    without ``prefix_projection``: peft saves the projected prefixes), ``PromptConfig(encoder=None)``
+    for PROMPT_TUNING and P_TUNING (peft saves the encoder's output). The values are copied into the
+    prefix / prompt parameter, which keeps training if it did. Same logits as peft's model then
+    (tests/test_virtual_tokens.py).
+
+    `source`: the checkpoint's directory (``adapter_model.safetensors`` or ``adapter_model.bin``) or
+    its ``prompt_embeddings`` tensor: ``[P, num_layers * 2 * Hkv * D]`` for a prefix (layer l's
+    keys are block 2l, its values block 2l + 1, each ``[Hkv, D]`` per token), ``[N, E]`` for a prompt."""
+    import os
+
+    from ..nn import PrefixKV, SoftPrompt
+
+    if isinstance(source, (str, os.PathLike)):
+        source = _read_prompt_embeddings(os.fspath(source))
+    if not isinstance(source, torch.Tensor) or source.dim() != 2:
+        raise ValueError(
+            f"load_prompt_embeddings: expected peft's prompt_embeddings, a 2-D tensor; got {source!r:.80}"
+        )
+    found = [m for m in model.modules() if isinstance(m, (PrefixKV, SoftPrompt))]
+    plain = [
+        m for m in found if getattr(m, "prefix", None) is not None or getattr(m, "prompt", None) is not None
+    ]
+    if len(found) != 1 or found[0].num_tasks != 1 or not plain:
+        raise ValueError(
+            "load_prompt_embeddings: the model must hold one single-task peftkern prefix or prompt without a "
+            "projection or encoder (peftkern.inject with PrefixConfig(projection_dim=None) or "
+            "PromptConfig(encoder=None)): peft's checkpoint holds the virtual tokens themselves"
+        )
+    target = found[0]
+    if isinstance(target, PrefixKV):
+        L, Hkv, P, D = target.num_layers, target.num_kv_heads, target.prefix_len, target.head_dim
+        shape, param = (P, L * 2 * Hkv * D), target.prefix
+        values = source.view(P, L, 2, Hkv, D).permute(1, 2, 3, 0, 4) if source.shape == shape else None
+    else:
+        shape, param = (target.num_tokens, target.d_model), target.prompt
+        values = source if source.shape == shape else None
+    if values is None:
+        raise ValueError(
+            f"load_prompt_embeddings: peft's prompt_embeddings are {tuple(source.shape)}; this model's "
+            f"{type(target).__name__} needs {shape}"
+        )
+    with torch.no_grad():
+        param.copy_(values[None])
+
+
+def _read_prompt_embeddings(path):
+    import os
+
+    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        state = load_file(st)
+    elif os.path.isfile(pt):
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_prompt_embeddings: {path} holds no adapter_model.safetensors or .bin")
+    if "prompt_embeddings" not in state:
+        raise ValueError(
+            f"load_prompt_embeddings: {path} is not a peft prompt-learning checkpoint (no prompt_embeddings; "
+            f"it holds {sorted(state)[:4]})"
+        )
+    return state["prompt_embeddings"]
