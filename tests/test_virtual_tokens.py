@@ -525,7 +525,7 @@ def test_a_peft_prefix_checkpoint_gives_peft_logits(tmp_path, kind, projection):
 
 @pytest.mark.parametrize("encoder", [None, "MLP"])
 def test_a_peft_prompt_checkpoint_gives_peft_logits(tmp_path, encoder):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     theirs = peft_prompt_model(None if encoder is None else encoder.lower())
     randomize(theirs.prompt_encoder, std=0.3)
     theirs.save_pretrained(tmp_path)
