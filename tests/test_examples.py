@@ -19,7 +19,9 @@ def _finetune():
     return module
 
 
-@pytest.mark.parametrize("method", ["adapter", "lora", "mask", "bitfit"])
+@pytest.mark.parametrize(
+    "method", ["adapter", "lora", "mask", "bitfit", "prefix", "ptuning-v2", "prompt", "ptuning"]
+)
 def test_finetune_example(method, tmp_path, capsys):
     _finetune().main(["--method", method, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
