@@ -369,6 +369,24 @@ def test_prompt_generate_equals_recomputing_every_step(encoder):
     assert rel_err(logits, ref_logits) < 1e-5
 
 
+def test_prompt_generate_per_sample_tasks_and_compile():
+    model = prompted(None, num_tasks=2)
+    prompt = module_of(model, SoftPrompt)
+    randomize(prompt)
+    ids, mask = batch()
+    task_ids = torch.tensor([1, 0, 0])
+    with peftkern.task_ids(task_ids):  # generate() refuses arguments the forward does not name
+        tokens, logits = greedy(model, ids, mask, 6)
+    ref, ref_logits = reference.prompt_greedy(
+        tiny_models.llama(), prompt.prompt[task_ids].detach(), ids, mask, 6
+    )
+    assert torch.equal(tokens, ref)
+    assert rel_err(logits, ref_logits) < 1e-5
+    expected = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+    compiled = torch.compile(model, backend="aot_eager")
+    assert rel_err(compiled(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits, expected) < 1e-6
+
+
 def test_prompt_on_bert_with_token_types_and_tasks():
     model = prompted(None, kind="bert", num_tasks=2)
     prompt = module_of(model, SoftPrompt)
@@ -472,6 +490,32 @@ def test_vpt_gradients_equal_the_reference(tmp_path):
     peftkern.save_pretrained(model, tmp_path)
     loaded = peftkern.from_pretrained(tiny_models.vit(), tmp_path)
     assert torch.equal(loaded(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output)
+
+
+def test_vpt_under_gradient_checkpointing_and_compile():
+    def run(checkpointing):
+        model = peftkern.inject(tiny_models.vit(), peftkern.VPTConfig(num_tokens=3, deep=True))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(pixel_values=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+        out.pooler_output.pow(2).sum().backward()
+        return (
+            model,
+            out.pooler_output,
+            [v.prompt.grad for v in model.modules() if isinstance(v, VisualPrompt)],
+        )
+
+    model, out, grads = run(False)
+    _, out_ckpt, grads_ckpt = run(True)
+    assert rel_err(out_ckpt, out) < 1e-6
+    for a, b in zip(grads, grads_ckpt):
+        assert rel_err(b, a) < 1e-6
+    compiled = torch.compile(model.eval(), backend="aot_eager")
+    pixels = torch.randn(2, 3, 16, 16)
+    assert (
+        rel_err(compiled(pixel_values=pixels).pooler_output, model(pixel_values=pixels).pooler_output) < 1e-6
+    )
 
 
 def test_vpt_refuses_a_model_without_vit_blocks():
