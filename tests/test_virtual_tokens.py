@@ -264,6 +264,80 @@ def test_prefix_attention_dropout_runs_the_composite_path():
         assert rel_err(out[keep], ref[keep]) < 1e-5
 
 
+@pytest.mark.parametrize("left", [True, False])
+def test_prefix_roberta_positions(left):
+    """RoBERTa counts positions from padding_idx + 1 over non-padding tokens: after a prefix of P past
+    tokens they start at padding_idx + 1 + P (what peft's cache gives)."""
+    model = peftkern.inject(tiny_models.roberta(), peftkern.PrefixConfig(num_virtual_tokens=P))
+    prefix = module_of(model, PrefixKV)
+    randomize(prefix)
+    ids, mask = batch(left=left)
+    ids = ids.masked_fill(mask == 0, 1)  # RoBERTa finds padding by its id
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ref = reference.prefix_model(tiny_models.roberta(), prefix, ids, mask).last_hidden_state
+    keep = mask.bool()
+    assert rel_err(out[keep], ref[keep]) < 1e-5
+
+
+def test_prefix_on_a_head_model_that_calls_its_base_positionally():
+    """BertForSequenceClassification calls self.bert(input_ids, ...): task ids and output flags still
+    reach the base."""
+    model = peftkern.inject(
+        tiny_models.bert_head("BertForSequenceClassification", num_labels=3),
+        peftkern.PrefixConfig(num_virtual_tokens=P, num_tasks=2),
+    )
+    prefix = module_of(model, PrefixKV)
+    randomize(prefix)
+    ids, mask = batch()
+    task_ids = torch.tensor([0, 1, 1])
+    out = model(ids, attention_mask=mask, task_ids=task_ids, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == 3
+    base = tiny_models.bert_head("BertForSequenceClassification", num_labels=3)
+    ref = reference.prefix_model(base, prefix, ids, mask, task_ids=task_ids)
+    assert rel_err(out.logits, ref.logits) < 1e-5
+
+
+def test_prefix_beams_and_return_sequences_take_per_sample_tasks():
+    """generate() repeats each sample num_beams times: task ids for the B samples follow."""
+    model, _ = prefixed("llama", num_tasks=2)
+    ids, mask = batch(pad=False)
+    task_ids = torch.tensor([1, 0, 1])
+    kw = dict(max_new_tokens=5, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    with peftkern.task_ids(task_ids):
+        together = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    for i in range(3):
+        with peftkern.task_ids(task_ids[i : i + 1]):
+            alone = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **kw)
+        assert torch.equal(together[2 * i : 2 * i + 2], alone)
+
+
+def test_a_single_task_model_ignores_peftkern_task_ids():
+    model, _ = prefixed("llama")
+    ids, mask = batch()
+    out = model(input_ids=ids, attention_mask=mask).logits
+    with peftkern.task_ids(torch.tensor([3, 3, 3])):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, out)
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 1\)"):
+        model(input_ids=ids, attention_mask=mask, task_ids=torch.tensor([0, 1, 0]))
+
+
+def test_dropout_path_per_head_float_masks():
+    """The composite path itself, with a per-head additive mask, GQA and per-task prefixes: against
+    the reference formula (dropout 1e-9, so the draws do not matter)."""
+    from peftkern.integrations.virtual_tokens import _prefix_attention_with_dropout
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, S, D, T = 2, 4, 2, 3, 6, 8, 3
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    pk, pv = torch.randn(T, Hkv, P, D), torch.randn(T, Hkv, P, D)
+    ids = torch.tensor([2, 0])
+    mask = torch.randn(B, H, L, S).masked_fill(torch.rand(B, H, L, S) < 0.3, float("-inf"))
+    for causal in (False, True):
+        out, _ = _prefix_attention_with_dropout(q, k, v, pk, pv, ids, mask, causal, None, 1e-9)
+        ref = reference.prefix_attention(q, k, v, pk, pv, prefix_ids=ids, attn_mask=mask, causal=causal)
+        assert rel_err(out.transpose(1, 2), ref) < 1e-5
+
+
 def test_prefix_refusals():
     with pytest.raises(ValueError, match="PrefixConfig needs a Hugging Face transformers model"):
         peftkern.inject(torch.nn.Linear(2, 2), peftkern.PrefixConfig())
@@ -278,6 +352,16 @@ def test_prefix_refusals():
     with pytest.raises(ValueError, match="cross-attention"):
         peftkern.inject(model, peftkern.PrefixConfig())
     assert not any(isinstance(m, PrefixKV) for m in model.modules())
+    for unknown in (  # positions from the mask (OPT); no layer index in its attention (DistilBERT)
+        transformers.OPTForCausalLM(
+            transformers.OPTConfig(**tiny_models.BERT, ffn_dim=48, word_embed_proj_dim=32)
+        ),
+        transformers.DistilBertModel(
+            transformers.DistilBertConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4)
+        ),
+    ):
+        with pytest.raises(ValueError, match="knows how the positions of these model types start"):
+            peftkern.inject(unknown, peftkern.PrefixConfig())
     for bad, err, message in [
         (dict(num_virtual_tokens=0), ValueError, "num_virtual_tokens must be in"),
         (dict(projection_dim=1.5), TypeError, "projection_dim must be an int"),
@@ -385,6 +469,43 @@ def test_prompt_generate_per_sample_tasks_and_compile():
     expected = model(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
     compiled = torch.compile(model, backend="aot_eager")
     assert rel_err(compiled(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits, expected) < 1e-6
+
+
+def test_prompt_trims_only_token_level_outputs():
+    """A sequence classifier's logits [B, C] stay whole even when C = N + L; a QA model's start and end
+    scores are cut back to the input's tokens."""
+    ids, mask = batch(pad=False, L=6)
+    cls = peftkern.inject(
+        tiny_models.bert_head("BertForSequenceClassification", num_labels=N + 6), peftkern.PromptConfig(N)
+    )
+    assert cls(ids, attention_mask=mask).logits.shape == (3, N + 6)
+    qa = peftkern.inject(tiny_models.bert_head("BertForQuestionAnswering"), peftkern.PromptConfig(N))
+    out = qa(ids, attention_mask=mask)
+    assert out.start_logits.shape == out.end_logits.shape == (3, 6)
+    base = tiny_models.bert_head("BertForQuestionAnswering")
+    embeds = torch.cat(
+        [module_of(qa, SoftPrompt).prompt[0].expand(3, -1, -1), base.get_input_embeddings()(ids)], 1
+    )
+    ref = base(inputs_embeds=embeds, attention_mask=torch.ones(3, N + 6, dtype=torch.long))
+    assert rel_err(out.start_logits, ref.start_logits[:, N:]) < 1e-6
+
+
+def test_prompt_refusals():
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(vocab_size=97, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    )
+    with pytest.raises(ValueError, match="is an encoder-decoder"):
+        peftkern.inject(t5, peftkern.PromptConfig(N))
+    model = prompted(None)
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="static cache"):
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=2,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
 
 
 def test_prompt_on_bert_with_token_types_and_tasks():

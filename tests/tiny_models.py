@@ -52,3 +52,22 @@ def vit(**overrides):
     import transformers
 
     return _build(transformers.ViTModel, transformers.ViTConfig, VIT, overrides)
+
+
+def roberta(**overrides):
+    """RobertaModel (positions from padding_idx + 1, pad id 1) without dropout."""
+    import transformers
+
+    config = dict(BERT, pad_token_id=1, max_position_embeddings=80)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _build(transformers.RobertaModel, transformers.RobertaConfig, {**config, **no_dropout}, overrides)
+
+
+def bert_head(cls_name, **overrides):
+    """A BERT model with a task head (BertForSequenceClassification, ...), which calls its base
+    positionally."""
+    import transformers
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model_cls = getattr(transformers, cls_name)
+    return _build(model_cls, transformers.BertConfig, {**BERT, **no_dropout}, overrides)

@@ -272,7 +272,7 @@ class PrefixConfig(_Config):
                         of that width, as peft's ``prefix_projection``); ``peftkern.merge`` evaluates
                         it once and keeps the prefixes.
     ``num_tasks``       above 1: a prefix per task, chosen per sample by ``task_ids [B]`` given to the
-                        model's forward (or ``peftkern.task_ids(model, ids)`` around the call).
+                        model's forward (or ``with peftkern.task_ids(ids):`` around the call, for generate()).
 
     As peft's prefix tuning (a ``past_key_values`` prefix of length P): the prefix sits in front of
     the sequence as P past tokens, the sequence's positions start at P (the position ids the model
@@ -352,8 +352,8 @@ class VPTConfig(_Config):
     ``deep``  False (VPT-shallow): one set, inserted once. True (VPT-deep): a fresh set per layer,
               replacing the previous layer's prompt tokens.
 
-    The prompt tokens are removed from the encoder's output, so ``last_hidden_state`` and the
-    pooler see the base model's tokens.
+    The prompt tokens are removed from the last block's output, so ``last_hidden_state`` and the
+    pooler see the base model's tokens (``output_hidden_states``' inner states keep them).
     """
 
     num_tokens: int = 10

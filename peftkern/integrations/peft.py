@@ -150,7 +150,7 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
     if isinstance(target, PrefixKV):
         L, Hkv, P, D = target.num_layers, target.num_kv_heads, target.prefix_len, target.head_dim
         shape, param = (P, L * 2 * Hkv * D), target.prefix
-        values = source.view(P, L, 2, Hkv, D).permute(1, 2, 3, 0, 4) if source.shape == shape else None
+        values = source.reshape(P, L, 2, Hkv, D).permute(1, 2, 3, 0, 4) if source.shape == shape else None
     else:
         shape, param = (target.num_tokens, target.d_model), target.prompt
         values = source if source.shape == shape else None

@@ -2,12 +2,15 @@
 prompt tuning / P-tuning (``PromptConfig``) and VPT (``VPTConfig``).
 
 Prefix: the ``peftkern.nn.PrefixKV`` goes on the model's base (``model.base_model``) as
-``peftkern_prefix``; peftkern's attention function is registered with transformers'
-``AttentionInterface`` (and sdpa's mask function with ``AttentionMaskInterface``) and the model is
-set to use it. A forward pre-hook on the base shifts the position ids by P and hands the prefix
-module and the task ids to every attention call through the forward's keyword arguments, which
-transformers passes down to the attention function; so activation checkpointing's recompute sees
-the same call, and each layer computes its prefix inside its own (checkpointed) region.
+``peftkern_prefix``, for the model types whose position rule is known (``_POSITION_RULES``);
+peftkern's attention function is registered with transformers' ``AttentionInterface`` (and sdpa's
+mask function with ``AttentionMaskInterface``) and the model is set to use it. A forward pre-hook
+on the base shifts the position ids by P and hands the prefix module and the task ids to every
+attention call through the forward's keyword arguments, which transformers passes down to the
+attention function; so activation checkpointing's recompute sees the same call, and each layer
+computes its prefix inside its own (checkpointed) region. Task ids set by ``peftkern.task_ids``
+live in a context variable, which the worker threads of nn.DataParallel do not see: pass them to
+the forward there (or use DistributedDataParallel).
 
 Prompt: the ``peftkern.nn.SoftPrompt`` goes on the model itself as ``peftkern_prompt``; a pre-hook
 on the model's forward prepends the prompts to the input embeddings (and extends the mask, the
@@ -15,9 +18,10 @@ position ids, the token type ids and token-level labels), a forward hook trims t
 outputs back. With a KV cache that already holds tokens (``generate()``'s later steps) the prompts
 are in the cache: the hooks then only extend the mask and shift the positions.
 
-VPT: the ``peftkern.nn.VisualPrompt`` goes on the base as ``peftkern_vpt``: hooks insert the prompts
-after the patch embeddings' CLS token, replace them before each layer (deep) and remove them from
-the encoder's output.
+VPT: a ``peftkern.nn.VisualPrompt`` goes on the first transformer block (on every block when deep)
+as ``peftkern_vpt``: hooks insert the prompts after the CLS token before the first block, replace
+them before each later block (deep) and remove them from the last block's output (the hidden states
+between blocks, ``output_hidden_states``, keep them).
 
 The hooks find everything through the module they run on and keep no state between calls.
 """
@@ -80,6 +84,11 @@ def plan(model: nn.Module, config) -> TokensPlan:
     if isinstance(config, PrefixConfig):
         return _plan_prefix(model, config, hf, cname)
     if isinstance(config, PromptConfig):
+        if getattr(hf, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{cname}: {type(model).__name__} is an encoder-decoder; prompts are supported on "
+                "decoder-only and encoder-only models"
+            )
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(emb, nn.Embedding):
             raise ValueError(f"{cname}: {type(model).__name__} has no input embedding (get_input_embeddings)")
@@ -129,12 +138,17 @@ def _plan_prefix(model, config, hf, cname) -> TokensPlan:
             f"{cname}: {type(model).__name__} has cross-attention (an encoder-decoder); prefixes are "
             "supported on decoder-only and encoder-only models"
         )
-    for field in ("sliding_window", "attn_logit_softcapping"):
-        if getattr(hf, field, None) is not None and getattr(hf, "use_sliding_window", True):
-            raise ValueError(
-                f"{cname}: the model's config sets {field}={getattr(hf, field)!r}, which "
-                "peftkern.ops.prefix_attention does not compute"
-            )
+    kind = getattr(hf, "model_type", None)
+    if kind not in _POSITION_RULES:
+        raise ValueError(
+            f"{cname}: peftkern knows how the positions of these model types start after P past tokens: "
+            f"{sorted(_POSITION_RULES)}; {type(model).__name__} is {kind!r}"
+        )
+    if getattr(hf, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"{cname}: the model's config sets attn_logit_softcapping={hf.attn_logit_softcapping!r}, which "
+            "peftkern.ops.prefix_attention does not compute"
+        )
     heads = hf.num_attention_heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
@@ -227,10 +241,11 @@ def apply(model: nn.Module, tp: TokensPlan, config, factory: dict) -> List[str]:
 @torch.no_grad()
 def _init_from_tokens(prompt: SoftPrompt, model, config) -> None:
     """Prompt tuning's init from words: the tokens' embeddings, repeated or cut to N (as peft)."""
-    ids = torch.tensor(config.init_token_ids, device=prompt.prompt.device)
+    table = model.get_input_embeddings().weight
+    ids = torch.tensor(config.init_token_ids, device=table.device)
     N = config.num_virtual_tokens
     ids = ids.repeat((N + len(ids) - 1) // len(ids))[:N]
-    words = model.get_input_embeddings().weight[ids].to(prompt.prompt.dtype)
+    words = table[ids].to(prompt.prompt.device, prompt.prompt.dtype)
     prompt.prompt.copy_(words.expand_as(prompt.prompt))
 
 
@@ -255,10 +270,12 @@ def task_ids(ids: Tensor):
 
 
 def _task_ids(kwargs, num_tasks: int, batch: int, cname: str) -> Optional[Tensor]:
-    """The call's task ids (its ``task_ids`` argument, else peftkern.task_ids), checked; None with
-    one task."""
+    """The call's task ids (its ``task_ids`` argument, else peftkern.task_ids's, which a single-task
+    model ignores), checked; None with one task. Ids for B samples serve a batch of k * B rows
+    (generate()'s beams and return sequences: each sample's rows are adjacent), repeated per row."""
     ids = kwargs.pop("task_ids", None)
-    ids = _TASK_IDS.get() if ids is None else ids
+    if ids is None and num_tasks > 1:
+        ids = _TASK_IDS.get()
     if ids is None:
         if num_tasks > 1:
             raise ValueError(
@@ -266,18 +283,27 @@ def _task_ids(kwargs, num_tasks: int, batch: int, cname: str) -> Optional[Tensor
                 "inside peftkern.task_ids(ids)"
             )
         return None
-    if not isinstance(ids, Tensor) or ids.shape != (batch,):
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or not ids.numel() or batch % ids.numel():
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
         raise ValueError(f"{cname}: task_ids must be an int tensor [{batch}] (one per sample); got {shape}")
     _check_task_ids(ids, num_tasks, cname)
-    return ids if num_tasks > 1 else None
+    if num_tasks == 1:
+        return None
+    return ids if ids.numel() == batch else ids.repeat_interleave(batch // ids.numel())
 
 
 def _bound(module, args, kwargs) -> dict:
-    """The call's arguments, all by name."""
+    """The call's arguments, all by name (models call their base positionally: BERT's heads)."""
     if not args:
         return dict(kwargs)
-    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
+    signature = inspect.signature(module.forward)
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL and bound.get(name):
+            raise TypeError(f"peftkern: {type(module).__name__} was called with extra positional arguments")
+    return bound
 
 
 def _batch_and_length(kwargs):
@@ -313,15 +339,45 @@ def _prefix_pre_hook(module, args, kwargs):
     """On the base model: positions shifted by P; the prefix module and task ids for the attention."""
     kwargs = _bound(module, args, kwargs)
     prefix: PrefixKV = getattr(module, PREFIX_ATTR)
-    batch, length, device = _batch_and_length(kwargs)
-    ids = _task_ids(kwargs, prefix.num_tasks, batch, "PrefixConfig")
+    ids = _task_ids(kwargs, prefix.num_tasks, _batch_and_length(kwargs)[0], "PrefixConfig")
     positions = kwargs.get("position_ids")
     if positions is None:
-        past = _past_length(kwargs)
-        positions = torch.arange(past, past + length, device=device).unsqueeze(0)
-    kwargs["position_ids"] = positions + prefix.prefix_len
+        rule = _POSITION_RULES[module.config.model_type]
+        kwargs["position_ids"] = rule(module, kwargs, _past_length(kwargs) + prefix.prefix_len)
+    else:
+        kwargs["position_ids"] = positions + prefix.prefix_len
     kwargs[_PREFIX_KWARG], kwargs[_TASK_IDS_KWARG] = prefix, ids
     return (), kwargs
+
+
+def _arange_positions(base, kwargs, start):
+    """Llama, BERT and most models: the tokens at start, start + 1, ..."""
+    _, length, device = _batch_and_length(kwargs)
+    return torch.arange(start, start + length, device=device).unsqueeze(0)
+
+
+def _roberta_positions(base, kwargs, start):
+    """RoBERTa: non-padding tokens count from padding_idx + 1 (after `start` earlier tokens); padding
+    tokens sit at padding_idx."""
+    pad = base.embeddings.padding_idx
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        batch, length, device = _batch_and_length(kwargs)
+        return torch.arange(pad + 1 + start, pad + 1 + start + length, device=device).expand(batch, length)
+    keep = ids.ne(pad).long()
+    return (keep.cumsum(1) + start) * keep + pad
+
+
+# model_type -> the positions its base makes for the sequence after `start` earlier tokens (what a
+# peft prefix of P past tokens gives: start = cache length + P)
+_ARANGE_TYPES = (
+    "bert gemma gpt2 granite llama mistral mixtral olmo olmo2 phi3 qwen2 qwen2_moe qwen3 qwen3_moe".split()
+)
+_POSITION_RULES = {
+    **{t: _arange_positions for t in _ARANGE_TYPES},
+    "roberta": _roberta_positions,
+    "xlm-roberta": _roberta_positions,
+}
 
 
 _warned_dropout = False
@@ -349,9 +405,20 @@ def prefix_attention_forward(
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise RuntimeError(f"peftkern's prefix attention: {type(module).__name__} has no layer_idx")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"peftkern's prefix attention does not compute {name} ({type(module).__name__})")
     prefix_k, prefix_v = prefix(layer)
-    prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    window = kwargs.get("sliding_window")
+    if window is not None and prefix_k.shape[-2] + key.shape[2] > window:
+        raise ValueError(
+            f"peftkern's prefix attention: {type(module).__name__} attends within a sliding window of "
+            f"{window} keys, and the prefix ({prefix_k.shape[-2]}) plus the sequence ({key.shape[2]}) pass it"
+        )
+    prefix_k = prefix_k.to(query.device, query.dtype)
+    prefix_v = prefix_v.to(query.device, query.dtype)
     ids = kwargs.get(_TASK_IDS_KWARG)
+    ids = None if ids is None else ids.to(query.device)
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     L, S = query.shape[2], key.shape[2]
     if attention_mask is not None:
@@ -400,15 +467,10 @@ def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causa
     seq = torch.ones(L, S, dtype=torch.bool, device=q.device)
     if causal:
         seq = seq.tril(S - L)
-    seq = seq.expand(B, 1, L, S)
     if mask is not None:
-        seq = mask.bool() & seq if mask.dtype == torch.bool else torch.where(seq, mask, float("-inf"))
-    if seq.dtype == torch.bool:
-        full = torch.cat([seq.new_ones(B, 1, L, P), seq], dim=-1)
-    else:
-        full = torch.cat(
-            [seq.new_zeros(*seq.shape[:-1], P).expand(B, 1, L, P), seq.expand(B, 1, L, S)], dim=-1
-        )
+        seq = mask & seq if mask.dtype == torch.bool else torch.where(seq, mask.to(q.dtype), float("-inf"))
+    # the prefix columns in front: always visible (True, or 0 added)
+    full = F.pad(seq, (P, 0), value=True if seq.dtype == torch.bool else 0.0)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=full, dropout_p=p, scale=scale, enable_gqa=Hkv != H
     )
@@ -427,7 +489,9 @@ def _prompt_pre_hook(module, args, kwargs):
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and mask.dim() != 2:
         raise ValueError(
-            f"PromptConfig: attention_mask must be the 2-D padding mask [B, L]; got {tuple(mask.shape)}"
+            f"PromptConfig: attention_mask must be the 2-D padding mask [B, L]; got {tuple(mask.shape)} "
+            "(generate() makes a 4-D mask for a static cache, which has no room for the prompts: use the "
+            "default dynamic cache)"
         )
     if _past_length(kwargs) > 0:  # a cache that holds the prompts already: extend the mask only
         if mask is not None:
@@ -462,14 +526,22 @@ def _prompt_hook(module, args, kwargs, output):
     return _trim(output, total, lambda t: t[:, N:])
 
 
+_TOKEN_SCORES = ("start_logits", "end_logits")  # question answering: [B, total], one score per token
+
+
 def _trim(output, total, cut):
-    """Applies `cut` to the token-level tensors ([B, total, ...]) of a model output."""
+    """Applies `cut` to the token-level tensors of a model output: those [B, total, ...] of 3 or more
+    dimensions (logits, hidden states; a sequence-level [B, C] never, whatever C is) and a question
+    answering model's token scores."""
     if isinstance(output, Tensor):
-        return cut(output) if output.dim() >= 2 and output.shape[1] == total else output
+        return cut(output) if output.dim() >= 3 and output.shape[1] == total else output
     if isinstance(output, dict):  # ModelOutput
-        for k in ("logits", "last_hidden_state", "hidden_states"):
-            if output.get(k) is not None:
-                output[k] = _trim(output[k], total, cut)
+        for k in ("logits", "last_hidden_state", "hidden_states", *_TOKEN_SCORES):
+            t = output.get(k)
+            if k in _TOKEN_SCORES and isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] == total:
+                output[k] = cut(t)
+            elif t is not None:
+                output[k] = _trim(t, total, cut)
         return output
     if isinstance(output, tuple):
         return type(output)(_trim(t, total, cut) for t in output)
