@@ -412,9 +412,11 @@ def inject(model: nn.Module, config: _Config) -> nn.Module:
     """Puts the PEFT method of `config` into `model` in place and returns it.
 
     Every parameter is frozen except the method's new parameters (LoRA factors, mask scores,
-    adapters) or selected ones (BitFit's biases) and those of ``config.modules_to_save``. Raises a
-    ValueError naming the config when it matches nothing, when the model is already injected, or
-    when a target is the wrong kind of module; the model is unchanged then."""
+    adapters, prefixes, prompts) or selected ones (BitFit's biases) and those of
+    ``config.modules_to_save``. Raises a ValueError naming the config when it matches nothing, when
+    the model is already injected, when a target is the wrong kind of module, or when the model
+    cannot take the method (a prefix on a model type whose positions peftkern does not know, say);
+    the model is unchanged then."""
     p = plan(model, config)
     fused = None
     if isinstance(p.config, AdapterConfig) and p.config.fusion is not None:
