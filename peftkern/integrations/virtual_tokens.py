@@ -128,7 +128,8 @@ def _plan_prefix(model, config, hf, cname) -> TokensPlan:
         import transformers  # noqa: F401
     except ImportError:  # pragma: no cover - the test environment has transformers
         raise ImportError(f"{cname} needs Hugging Face transformers (its AttentionInterface)") from None
-    if not getattr(model, "_supports_attention_backend", False):
+    can_set = getattr(model, "_can_set_attn_implementation", lambda: True)
+    if not (getattr(model, "_supports_attention_backend", False) and can_set()):
         raise ValueError(
             f"{cname}: {type(model).__name__} does not take its attention from transformers' "
             "AttentionInterface, so peftkern cannot put the prefix there"
