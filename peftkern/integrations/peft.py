@@ -19,6 +19,7 @@ op; peft keeps them in their own dtype (often float32) for its separate matmuls.
 the computation dtype's rounding.
 """
 
+import os
 import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -126,8 +127,6 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
     `source`: the checkpoint's directory (``adapter_model.safetensors`` or ``adapter_model.bin``) or
     its ``prompt_embeddings`` tensor: ``[P, num_layers * 2 * Hkv * D]`` for a prefix (layer l's
     keys are block 2l, its values block 2l + 1, each ``[Hkv, D]`` per token), ``[N, E]`` for a prompt."""
-    import os
-
     from ..nn import PrefixKV, SoftPrompt
 
     if isinstance(source, (str, os.PathLike)):
@@ -164,8 +163,6 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
 
 
 def _read_prompt_embeddings(path):
-    import os
-
     st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
     if os.path.isfile(st):
         from safetensors.torch import load_file

@@ -217,10 +217,8 @@ def apply(model: nn.Module, tp: TokensPlan, config, factory: dict) -> List[str]:
     owner = model.get_submodule(tp.owners[0]) if tp.owners[0] else model
     if tp.kind == "prefix":
         _register_attention()
-        model.set_attn_implementation(ATTENTION_NAME)
-        if (
-            model.config._attn_implementation != ATTENTION_NAME
-        ):  # transformers refused it (logged, not raised)
+        model.set_attn_implementation(ATTENTION_NAME)  # a refusal is logged, not raised: check
+        if model.config._attn_implementation != ATTENTION_NAME:
             raise ValueError(
                 f"PrefixConfig: {type(model).__name__} would not switch to peftkern's attention "
                 f"(it uses {model.config._attn_implementation!r})"
@@ -270,10 +268,11 @@ def task_ids(ids: Tensor):
         _TASK_IDS.reset(token)
 
 
-def _task_ids(kwargs, num_tasks: int, batch: int, cname: str) -> Optional[Tensor]:
+def _task_ids(kwargs, num_tasks: int, batch: int, device, cname: str) -> Optional[Tensor]:
     """The call's task ids (its ``task_ids`` argument, else peftkern.task_ids's, which a single-task
     model ignores), checked; None with one task. Ids for B samples serve a batch of k * B rows
-    (generate()'s beams and return sequences: each sample's rows are adjacent), repeated per row."""
+    (generate()'s beams and return sequences: each sample's rows are adjacent), repeated per row;
+    on the inputs' device."""
     ids = kwargs.pop("task_ids", None)
     if ids is None and num_tasks > 1:
         ids = _TASK_IDS.get()
@@ -290,6 +289,7 @@ def _task_ids(kwargs, num_tasks: int, batch: int, cname: str) -> Optional[Tensor
     _check_task_ids(ids, num_tasks, cname)
     if num_tasks == 1:
         return None
+    ids = ids.to(device)
     return ids if ids.numel() == batch else ids.repeat_interleave(batch // ids.numel())
 
 
@@ -340,7 +340,8 @@ def _prefix_pre_hook(module, args, kwargs):
     """On the base model: positions shifted by P; the prefix module and task ids for the attention."""
     kwargs = _bound(module, args, kwargs)
     prefix: PrefixKV = getattr(module, PREFIX_ATTR)
-    ids = _task_ids(kwargs, prefix.num_tasks, _batch_and_length(kwargs)[0], "PrefixConfig")
+    batch, _, device = _batch_and_length(kwargs)
+    ids = _task_ids(kwargs, prefix.num_tasks, batch, device, "PrefixConfig")
     positions = kwargs.get("position_ids")
     if positions is None:
         rule = _POSITION_RULES[module.config.model_type]
@@ -419,7 +420,6 @@ def prefix_attention_forward(
     prefix_k = prefix_k.to(query.device, query.dtype)
     prefix_v = prefix_v.to(query.device, query.dtype)
     ids = kwargs.get(_TASK_IDS_KWARG)
-    ids = None if ids is None else ids.to(query.device)
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     L, S = query.shape[2], key.shape[2]
     if attention_mask is not None:
@@ -486,7 +486,7 @@ def _prompt_pre_hook(module, args, kwargs):
     prompt: SoftPrompt = getattr(module, PROMPT_ATTR)
     N = prompt.num_tokens
     batch, length, device = _batch_and_length(kwargs)
-    ids = _task_ids(kwargs, prompt.num_tasks, batch, "PromptConfig")
+    ids = _task_ids(kwargs, prompt.num_tasks, batch, device, "PromptConfig")
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and mask.dim() != 2:
         raise ValueError(
