@@ -33,6 +33,17 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None):
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
 
 
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, mask=None):
+    """peft's DoRA forward: the adapted weight W + s·B·A materialised, its row norm detached;
+    mask = dropout factors (training), which make peft's form run the base product on dropout(x) too."""
+    c = magnitude / torch.linalg.norm(weight + scaling * lora_B @ lora_A, dim=1).detach()
+    dropped = x if mask is None else x * mask
+    lora = scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+    if mask is None:
+        return c * (F.linear(x, weight) + lora) + (0 if bias is None else bias)
+    return F.linear(x, weight, bias) + (c - 1) * F.linear(dropped, weight) + c * lora
+
+
 def lora_linear_multi(x, weight, bias, lora_A, lora_B, adapter_ids, scalings):
     """A per-token loop over single-adapter LoRA: the definition of the multi-adapter op."""
     x2 = x.reshape(-1, x.shape[-1])

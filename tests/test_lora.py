@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from peftkern.nn import LoRALinear
-from peftkern.ops import dropout_mask, lora_linear, lora_linear_multi
+from peftkern.ops import dora_linear, dora_weight_norm, dropout_mask, lora_linear, lora_linear_multi
 
 from . import reference as ref
 from .conftest import (
@@ -137,6 +137,39 @@ def test_dropout_mask_statistics(device):
     # independent across rows and columns: no row or column is all kept or all dropped
     assert 0 < (m > 0).double().mean(0).min() and (m > 0).double().mean(0).max() < 1
     assert 0 < (m > 0).double().mean(1).min() and (m > 0).double().mean(1).max() < 1
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_seen_through_the_op(device, p):
+    """The dropout lora_linear applies, read off its own output and gradient: with W = 0 and
+    A = B = I the op computes dropout(x), and its gradient to x is the mask itself."""
+    rows, n = 2000, 64
+    x = torch.ones(rows, n, device=device, requires_grad=True)
+    w = torch.zeros(n, n, device=device)
+    eye = torch.eye(n, device=device)
+
+    def call():
+        return lora_linear(x, w, None, eye, eye, scaling=1.0, dropout_p=p)
+
+    torch.manual_seed(3)
+    out = call()
+    kept = out != 0
+    # kept values are scaled by 1 / (1 - p), dropped ones are exactly 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)), rtol=1e-6, atol=0)
+    # the keep rate lies within binomial bounds (5 sigma)
+    count = out.numel()
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / count)
+    # the backward regenerates the same mask: d out / d x is the factor the forward applied
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, out.detach())
+    # the mask follows torch.manual_seed and differs from one call to the next
+    again = call().detach()
+    torch.manual_seed(3)
+    assert torch.equal(call().detach(), out.detach())
+    assert not torch.equal(again, out.detach())
+    torch.manual_seed(4)
+    assert not torch.equal(call().detach(), out.detach())
 
 
 def test_gradcheck_float64():
@@ -552,3 +585,150 @@ def test_cuda_multi_reads_the_ids_with_one_sync():
     inputs, ids, scalings = make_multi((300,), 64, 64, 8, 4, torch.float16, "cuda")
     x, w, b, A, B = (t.detach() for t in inputs)
     assert count_cuda_syncs(lambda: lora_linear_multi(x, w, b, A, B, ids, scalings=scalings)) == 1
+
+
+# ---------------------------------------------------------------- DoRA (composite over lora_linear)
+
+DORA_NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "magnitude")
+
+
+def make_dora_inputs(lead, n_in, n_out, r, dtype, device, bias=True, grad=DORA_NAMES):
+    x, w, b, A, B = make_inputs(lead, n_in, n_out, r, dtype, device, bias=bias, grad=())
+    # a magnitude near the row norms, as DoRA starts, but not equal to them
+    m = (torch.linalg.vector_norm(w.float(), dim=1) * (1 + 0.3 * torch.rand(n_out, device=device))).to(dtype)
+    inputs = (x, w, b, A, B, m)
+    return tuple(t if t is None or n not in grad else t.requires_grad_() for n, t in zip(DORA_NAMES, inputs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_weight_norm_matches_the_materialised_norm(device):
+    for n_in, n_out, r in ((33, 17, 1), (129, 64, 8), (7, 200, 16)):
+        _, w, _, A, B = make_inputs((1,), n_in, n_out, r, torch.float32, device, grad=())
+        expected = torch.linalg.vector_norm(w.double() + 1.7 * B.double() @ A.double(), dim=1)
+        assert_close(dora_weight_norm(w, A, B, scaling=1.7), expected, torch.float32, "norm")
+        # a Conv1D-style [in, out] weight goes in as its transposed view, and ‖W_i‖² may be given
+        stored = w.t().contiguous()
+        sq = torch.linalg.vector_norm(w, dim=1).square()
+        got = dora_weight_norm(stored.t(), A, B, scaling=1.7, weight_sq_norm=sq)
+        assert_close(got, expected, torch.float32, "norm, transposed weight")
+        assert got.dtype == torch.float32 and not got.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_weight_norm_of_half_weights_keeps_float32_accuracy(device):
+    """bf16 / fp16 weights: W·Aᵀ is accumulated and kept in float32 (not rounded to the weight's
+    dtype), which matters where W + s·B·A is smaller than W (here about a third of it)."""
+    n_in, n_out, r, s = 512, 64, 8, 1.0
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(r, n_in, generator=g) / n_in**0.5
+    B = torch.randn(n_out, r, generator=g)
+    w = -0.7 * s * B @ A + 0.3 * torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    A, B = A.to(device), B.to(device)
+    for dtype in (torch.bfloat16, torch.float16):
+        wd = w.to(device=device, dtype=dtype)
+        expected = torch.linalg.vector_norm(wd.double() + s * B.double() @ A.double(), dim=1)
+        got = dora_weight_norm(wd, A, B, scaling=s)
+        assert_close(got, expected, torch.float32, f"norm, {dtype} weight", tol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "lead,n_in,n_out,r", [((7,), 33, 17, 1), ((2, 5), 64, 129, 8), ((3, 1, 4), 40, 24, 16)]
+)
+def test_dora_linear_matches_reference(device, lead, n_in, n_out, r):
+    for dtype in dtypes_for(device):
+        for bias in (True, False):
+            inputs = make_dora_inputs(lead, n_in, n_out, r, dtype, device, bias=bias)
+            check_against_reference(
+                lambda *ts: dora_linear(*ts, scaling=0.8),
+                lambda *ts: ref.dora_linear(*ts, 0.8),
+                inputs,
+                DORA_NAMES,
+                dtype,
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_linear_with_dropout_matches_peft_form(device):
+    """In training with dropout, peft's form: the base product on x and on dropout(x), the mask drawn
+    by torch's generator as nn.Dropout draws it."""
+    p = 0.3
+    inputs = make_dora_inputs((6, 5), 48, 40, 8, torch.float32, device)
+    torch.manual_seed(11)
+    mask = torch.nn.functional.dropout(torch.ones_like(inputs[0]), p)
+
+    def fn(*ts):
+        torch.manual_seed(11)
+        return dora_linear(*ts, scaling=1.3, dropout_p=p)
+
+    out = check_against_reference(
+        fn, lambda *ts: ref.dora_linear(*ts, 1.3, mask.double().cpu()), inputs, DORA_NAMES, torch.float32
+    )
+    assert not torch.allclose(out, dora_linear(*inputs, scaling=1.3, dropout_p=p, training=False))
+
+
+def test_dora_gradcheck_float64():
+    """To the inputs the detached norm does not depend on (the reference test checks the others: a
+    numerical gradient would follow the norm through weight, lora_A and lora_B)."""
+    for p in (0.0, 0.4):
+        inputs = make_dora_inputs((2, 3), 6, 5, 3, torch.float64, "cpu", grad=("x", "bias", "magnitude"))
+
+        def fn(*ts):
+            torch.manual_seed(0)
+            return dora_linear(*ts, scaling=0.7, dropout_p=p)
+
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_dora_bad_input():
+    x, w, b, A, B, m = make_dora_inputs((3,), 8, 6, 2, torch.float32, "cpu", grad=())
+    cases = [
+        (
+            dict(magnitude=m[:5]),
+            r"dora_linear: magnitude must have shape \[out_features\] = \[6\]; got \(5,\)",
+        ),
+        (dict(bias=b[:2]), r"dora_linear: bias must have shape \[out_features\] = \[6\]; got \(2,\)"),
+        (dict(bias=b.double()), r"dora_linear: bias must have x's dtype torch.float32; got torch.float64"),
+        (dict(lora_B=B[:, :1]), r"dora_weight_norm: expected weight \[out, in\], lora_A \[r, in\], lora_B"),
+        (dict(weight_sq_norm=m[:2]), r"dora_weight_norm: weight_sq_norm must be \[6\]; got \(2,\)"),
+    ]
+    for change, message in cases:
+        args = dict(x=x, weight=w, bias=b, lora_A=A, lora_B=B, magnitude=m, weight_sq_norm=None)
+        args.update(change)
+        with pytest.raises(ValueError, match=message):
+            dora_linear(**args, scaling=1.0)
+    for p in (1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"dora_linear: dropout_p must be in \[0, 1\); got"):
+            dora_linear(x, w, b, A, B, m, scaling=1.0, dropout_p=p)
+    with pytest.raises(
+        ValueError, match=r"dora_linear: weight must have shape \[out_features, in_features\]"
+    ):
+        dora_linear(x, w[0], b, A, B, m, scaling=1.0)
+    with pytest.raises(TypeError, match=r"dora_linear: x must be a floating-point tensor; got torch.int64"):
+        dora_linear(x.long(), w, b, A, B, m, scaling=1.0)
+    with pytest.raises(TypeError, match=r"dora_linear: magnitude must be a tensor; got list"):
+        dora_linear(x, w, b, A, B, [1.0] * 6, scaling=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_weight_view_is_not_copied(device):
+    """A Conv1D base keeps its weight [in, out]; lora_linear takes the .t() view by strides: right
+    values and gradients, and no out x in copy in the forward or the backward."""
+    x, w, b, A, B = make_inputs((4, 9), 96, 80, 8, torch.float32, device)
+    stored = w.detach().t().contiguous().requires_grad_()  # [in, out], as Conv1D stores it
+
+    def fn(x, stored, b, A, B):
+        return lora_linear(x, stored.t(), b, A, B, scaling=2.0)
+
+    check_against_reference(
+        fn,
+        lambda x, s, b, A, B: ref.lora_linear(x, s.t(), b, A, B, 2.0),
+        (x, stored, b, A, B),
+        NAMES,
+        torch.float32,
+    )
+    stored.requires_grad_(False)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        lora_linear(x, stored.t(), b, A, B, scaling=2.0).sum().backward()
+    copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert not [e for e in copies if list(stored.shape) in e.input_shapes or [80, 96] in e.input_shapes]

@@ -1,7 +1,7 @@
 """peftkern's autograd ops: one public function per op (see each docstring for the exact math)."""
 
 from .adapter import ADAPTER_ACTIVATIONS, adapter, adapter_multi, adapter_stack
-from .lora import dropout_mask, lora_linear, lora_linear_multi
+from .lora import dora_linear, dora_weight_norm, dropout_mask, lora_linear, lora_linear_multi
 from .mask import masked_linear, masked_linear_multi, masked_linear_packed, pack_mask, unpack_mask
 from .prefix_attention import prefix_attention
 
@@ -12,6 +12,8 @@ __all__ = [
     "ADAPTER_ACTIVATIONS",
     "lora_linear",
     "lora_linear_multi",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "masked_linear",
     "masked_linear_packed",
