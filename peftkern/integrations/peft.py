@@ -1,24 +1,41 @@
-"""Interop with Hugging Face peft: its LoRA layers through peftkern.ops.lora_linear, and its
+"""Interop with Hugging Face peft: its LoRA layers through peftkern's LoRA ops, and its
 prompt-learning checkpoints (prefix tuning, P-tuning v2, prompt tuning, P-tuning) into a model
 injected with peftkern's PrefixConfig / PromptConfig (``load_prompt_embeddings``).
 
-    report = peftkern.integrations.peft.fuse(model)     # every supported peft lora.Linear
+    report = peftkern.integrations.peft.fuse(model)     # every peft lora.Linear on a supported base
     ...train, peft's save_pretrained / loading keep working (same parameters)...
+    peftkern.integrations.peft.coverage(model)          # which layers compute fused now, and why not
     peftkern.integrations.peft.unfuse(model)
 
-``fuse`` replaces the ``forward`` of each peft ``lora.Linear`` with one that computes
-``base(x) + scaling * lora_B(lora_A(dropout(x)))`` in one fused op; the module, its parameters and
-its state dict are untouched. Layers it cannot handle keep peft's own forward and are listed in the
-report with the reason: LoRA variants (DoRA, ...), several active adapters, ``fan_in_fan_out``
-(Conv1D bases), quantized or non-Linear bases, a bias on lora_B. At call time the fused forward
-defers to peft's whenever peft would not take its plain-LoRA path (adapters disabled, weights
-merged, ``adapter_names`` mixed batches, extra arguments).
+``fuse`` replaces the ``forward`` of each peft ``lora.Linear`` whose base is an ``nn.Linear`` or a
+transformers ``Conv1D`` (``fan_in_fan_out``: its ``[in, out]`` weight goes in as a transposed view,
+no copy); the module, its parameters and its state dict are untouched. Each call takes one of
+these paths, or peft's own forward, and counts it (``call_counts``):
+
+- one active adapter: ``lora_linear`` (base GEMM and fused update, dropout in-kernel). A bias on
+  lora_B is folded into the base bias (``b + s·b_B``, an ``[out]`` vector per call);
+- several active adapters (peft sums their updates): one ``lora_linear`` of rank Σr, the adapters'
+  A concatenated and their B scaled by their scaling and concatenated. With dropout active in
+  training their masks must be independent: peft's path then;
+- DoRA (one active adapter): ``dora_linear``, the row norms from ``dora_weight_norm``;
+- ``adapter_names`` mixed batches (inference): ``lora_linear_multi``, per-token adapter ids from the
+  per-sample names (``"__base__"`` and adapters absent from the layer are -1), the adapters used
+  stacked, zero-padded to the largest rank.
+
+The concatenated / stacked adapters (an ``r × (in + out)`` copy per adapter) and ``‖W_i‖²`` (one
+read of W) are rebuilt on every call, not cached: peft writes parameters through ``.data`` (hotswap,
+unsafe merge), which no version counter sees, so a cache could serve stale weights.
+
+peft's own forward computes the rest, each with the reason ``coverage`` gives: adapters disabled or
+merged (base layer only: nothing to fuse), other LoRA variants, custom dropout modules, extra
+forward arguments, a bias on lora_B in a mixed batch or with DoRA.
 
 Precision: the LoRA factors are cast to the computation dtype (x's, or autocast's) for the fused
 op; peft keeps them in their own dtype (often float32) for its separate matmuls. Results agree to
 the computation dtype's rounding.
 """
 
+import collections
 import os
 import types
 from dataclasses import dataclass, field
@@ -26,16 +43,19 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ..ops.lora import lora_linear
+from ..ops.lora import dora_linear, lora_linear, lora_linear_multi
 
 _FUSED_ATTR = "_peftkern_fused"
+_CALLS_ATTR = "_peftkern_calls"
+NOT_FUSED = "not fused (call peftkern.integrations.peft.fuse)"
 
 
 @dataclass
 class FuseReport:
-    fused: List[str] = field(default_factory=list)  # module names now computing through peftkern
-    skipped: Dict[str, str] = field(default_factory=dict)  # module name -> why it was left as is
+    fused: List[str] = field(default_factory=list)  # module names that compute through peftkern now
+    skipped: Dict[str, str] = field(default_factory=dict)  # module name -> why peft's forward runs
 
 
 def _lora_linear_class():
@@ -46,62 +66,250 @@ def _lora_linear_class():
     return Linear
 
 
+def _is_conv1d(module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _base_weight(layer):
+    """The base weight as ``[out, in]``: a Conv1D's ``[in, out]`` weight as its transposed view."""
+    weight = layer.get_base_layer().weight
+    return weight.t() if layer.fan_in_fan_out else weight
+
+
 def unsupported_reason(layer) -> Optional[str]:
-    """Why a peft lora.Linear cannot compute through lora_linear now, or None."""
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out (Conv1D-style base weight)"
+    """Why `layer` (a peft lora.Linear) can never compute through peftkern, or None: its base."""
     base = layer.get_base_layer()
-    if type(base) is not nn.Linear or not base.weight.is_floating_point():
-        return f"base layer {type(base).__name__} is not a floating-point nn.Linear (quantized?)"
-    active = list(layer.active_adapters)
-    if len(active) != 1:
-        return f"{len(active)} active adapters (needs exactly one)"
-    name = active[0]
-    if name not in layer.lora_A:
-        return f"active adapter {name!r} has no LoRA weights in this layer"
-    if name in getattr(layer, "lora_variant", {}):
+    conv1d = _is_conv1d(base)
+    if not (type(base) is nn.Linear or conv1d) or not base.weight.is_floating_point():
         return (
-            f"LoRA variant {type(layer.lora_variant[name]).__name__} (DoRA and other variants are not fused)"
+            f"base layer {type(base).__name__} is not a floating-point nn.Linear or transformers Conv1D "
+            f"(quantized?)"
         )
-    if layer.lora_B[name].bias is not None:
-        return "lora_B has a bias"
+    if bool(layer.fan_in_fan_out) != conv1d:
+        return f"fan_in_fan_out={layer.fan_in_fan_out} does not match the {type(base).__name__} base"
+    if base.weight.dim() != 2 or _base_weight(layer).shape != (layer.out_features, layer.in_features):
+        return f"base weight {tuple(base.weight.shape)} does not match in/out features"
+    return None
+
+
+def _is_dora(layer, name) -> bool:
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    return variant is not None and type(variant).__name__ == "DoraLinearVariant"
+
+
+def _dropout_p(layer, name) -> float:
+    """The dropout probability peft applies to adapter `name` now (0 when inactive)."""
+    dropout = layer.lora_dropout[name]
+    return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _adapter_reason(layer, name, alone) -> Optional[str]:
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if variant is not None:
+        if not _is_dora(layer, name):
+            return f"LoRA variant {type(variant).__name__} (only DoRA is fused)"
+        if not alone:
+            return "DoRA among several active adapters"
+        if layer.lora_B[name].bias is not None:
+            return "DoRA with a bias on lora_B"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"dropout module {type(layer.lora_dropout[name]).__name__}"
     return None
 
 
+def _mixed_adapters(layer, adapter_names):
+    """The adapters of a mixed batch that this layer holds, in a fixed order."""
+    return sorted({n for n in adapter_names if n != "__base__"} & set(layer.lora_A.keys()))
+
+
+def _active(layer):
+    return [n for n in layer.active_adapters if n in layer.lora_A]  # peft skips the others too
+
+
+def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
+    """Why this forward call of `layer` goes to peft's own path, or None (it computes fused)."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments"
+    static = unsupported_reason(layer)
+    if static is not None:
+        return static
+    if layer.disable_adapters:
+        return "adapters disabled: base layer only"
+    if adapter_names is not None:
+        if x is None or x.dim() < 2:
+            return "adapter_names with an input of fewer than 2 dimensions"
+        used = _mixed_adapters(layer, adapter_names)
+        if not used:
+            return "no adapter of the mixed batch in this layer: base layer only"
+        for name in used:
+            if getattr(layer, "lora_variant", {}).get(name) is not None:
+                return f"LoRA variant {type(layer.lora_variant[name]).__name__} in a mixed batch"
+            if layer.lora_B[name].bias is not None:
+                return "a bias on lora_B in a mixed batch"
+            reason = _adapter_reason(layer, name, alone=False)
+            if reason is not None:
+                return reason
+            if _dropout_p(layer, name) > 0:
+                return "dropout in training with adapter_names"
+        return None
+    if layer.merged:
+        return "adapters merged into the weight: base layer only"
+    active = _active(layer)
+    if not active:
+        return "no active adapter in this layer: base layer only"
+    for name in active:
+        reason = _adapter_reason(layer, name, alone=len(active) == 1)
+        if reason is not None:
+            return reason
+    if len(active) > 1 and any(_dropout_p(layer, n) > 0 for n in active):
+        return "several active adapters with dropout in training (independent masks)"
+    return None
+
+
+def _compute_dtype(x):
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _base_args(layer, names, dt):
+    """weight ``[out, in]`` and bias in dtype dt, a bias on lora_B folded in (``b + s·b_B``)."""
+    base = layer.get_base_layer()
+    weight = _base_weight(layer).to(dt)
+    lora_biases = [
+        (layer.scaling[n], layer.lora_B[n].bias) for n in names if layer.lora_B[n].bias is not None
+    ]
+    if not lora_biases:
+        return weight, None if base.bias is None else base.bias.to(dt)
+    bias = torch.zeros(weight.shape[0], device=weight.device) if base.bias is None else base.bias.float()
+    for s, b in lora_biases:
+        bias = bias + s * b.float()
+    return weight, bias.to(dt)
+
+
 def _fused_forward(self, x, *args, **kwargs):
-    if args or kwargs or self.disable_adapters or self.merged or unsupported_reason(self) is not None:
+    self._check_forward_args(x, *args, **kwargs)  # peft's own argument errors, unchanged
+    rest = dict(kwargs)
+    adapter_names = rest.pop("adapter_names", None)
+    reason = _call_reason(self, x, args, rest, adapter_names)
+    calls = self.__dict__.setdefault(_CALLS_ATTR, collections.Counter())
+    if reason is not None:
+        calls[f"peft: {reason}"] += 1
         return type(self).forward(self, x, *args, **kwargs)  # peft's own path
-    name = self.active_adapters[0]
-    base = self.get_base_layer()
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    tensors = [x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight]
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    x, weight, bias, lora_A, lora_B = (
-        None if t is None else t.to(dt) for t in tensors
-    )  # no copy if same dtype
-    return lora_linear(
-        x, weight, bias, lora_A, lora_B, scaling=self.scaling[name], dropout_p=p, training=dropout.training
+    dt = _compute_dtype(x)
+    if adapter_names is not None:
+        calls["fused: mixed batch"] += 1
+        return _mixed_batch_forward(self, x.to(dt), adapter_names, dt)
+    active = _active(self)
+    if len(active) == 1 and _is_dora(self, active[0]):
+        calls["fused: DoRA"] += 1
+        return _dora_forward(self, x.to(dt), active[0], dt)
+    calls["fused: LoRA" if len(active) == 1 else "fused: several adapters"] += 1
+    return _lora_forward(self, x.to(dt), active, dt)
+
+
+def _lora_forward(layer, x, active, dt):
+    weight, bias = _base_args(layer, active, dt)
+    if len(active) == 1:
+        name = active[0]
+        lora_A, lora_B = layer.lora_A[name].weight.to(dt), layer.lora_B[name].weight.to(dt)
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_linear(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            scaling=layer.scaling[name],
+            dropout_p=p,
+            training=dropout.training,
+        )
+
+    # rank Σr: [A_1; A_2; ...] and [s_1·B_1, s_2·B_2, ...], an r × (in + out) copy per adapter
+    lora_A = torch.cat([layer.lora_A[n].weight.to(dt) for n in active])
+    lora_B = torch.cat([layer.lora_B[n].weight.to(dt) * layer.scaling[n] for n in active], dim=1)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling=1.0)
+
+
+def _dora_forward(layer, x, name, dt):
+    weight, bias = _base_args(layer, [name], dt)
+    # peft's form with dropout runs only when the layer trains and its dropout is a Dropout
+    p = _dropout_p(layer, name) if layer.training else 0.0
+    return dora_linear(
+        x,
+        weight,
+        bias,
+        layer.lora_A[name].weight.to(dt),
+        layer.lora_B[name].weight.to(dt),
+        layer.lora_magnitude_vector[name].weight,
+        scaling=layer.scaling[name],
+        dropout_p=p,
+        training=True,
     )
 
 
+def _mixed_batch_forward(layer, x, adapter_names, dt):
+    used = _mixed_adapters(layer, adapter_names)
+    weight, bias = _base_args(layer, [], dt)
+    slot = {name: i for i, name in enumerate(used)}
+    per_sample = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32)
+    adapter_ids = per_sample.repeat_interleave(x[0].numel() // x.shape[-1])  # each sample's tokens
+    # [L, r_max, in] and [L, out, r_max]: zero rows / columns pad the smaller ranks
+    As, Bs = [layer.lora_A[n].weight.to(dt) for n in used], [layer.lora_B[n].weight.to(dt) for n in used]
+    r_max = max(a.shape[0] for a in As)
+    lora_A = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])) for a in As])
+    lora_B = torch.stack([F.pad(b, (0, r_max - b.shape[1])) for b in Bs])
+    return lora_linear_multi(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        adapter_ids.to(x.device, non_blocking=True),
+        scalings=[float(layer.scaling[n]) for n in used],
+    )
+
+
+def _peft_lora_layers(model):
+    cls = _lora_linear_class()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+
+
+def coverage(model: nn.Module) -> Dict[str, Optional[str]]:
+    """For each peft lora.Linear of `model`, as the model is now: None if a plain forward call
+    computes through peftkern, else why peft's own forward runs."""
+    out = {}
+    for name, layer in _peft_lora_layers(model):
+        if not getattr(layer, _FUSED_ATTR, False):
+            out[name] = unsupported_reason(layer) or NOT_FUSED
+        else:
+            out[name] = _call_reason(layer, None, (), {}, None)
+    return out
+
+
+def call_counts(model: nn.Module) -> Dict[str, int]:
+    """Forward calls of the fused layers since `fuse`, by path: ``"fused: ..."`` or ``"peft: <reason>"``."""
+    total = collections.Counter()
+    for _, layer in _peft_lora_layers(model):
+        total.update(layer.__dict__.get(_CALLS_ATTR, {}))
+    return dict(total)
+
+
 def fuse(model: nn.Module) -> FuseReport:
-    """Make every supported peft LoRA Linear of `model` compute through peftkern (idempotent)."""
-    lora_linear_cls = _lora_linear_class()
+    """Make every peft LoRA Linear of `model` on a supported base compute through peftkern where it
+    can (idempotent). The report is ``coverage`` at this moment: the layers that compute fused now,
+    and every other layer with its reason."""
+    for _, layer in _peft_lora_layers(model):
+        if unsupported_reason(layer) is None and not getattr(layer, _FUSED_ATTR, False):
+            layer.forward = types.MethodType(_fused_forward, layer)
+            setattr(layer, _FUSED_ATTR, True)
+            layer.__dict__[_CALLS_ATTR] = collections.Counter()
     report = FuseReport()
-    for name, module in model.named_modules():
-        if not isinstance(module, lora_linear_cls):
-            continue
-        reason = unsupported_reason(module)
-        if reason is not None:
+    for name, reason in coverage(model).items():
+        if reason is None:
+            report.fused.append(name)
+        else:
             report.skipped[name] = reason
-            continue
-        if not getattr(module, _FUSED_ATTR, False):
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _FUSED_ATTR, True)
-        report.fused.append(name)
     return report
 
 
@@ -112,6 +320,7 @@ def unfuse(model: nn.Module) -> List[str]:
         if getattr(module, _FUSED_ATTR, False):
             del module.forward
             delattr(module, _FUSED_ATTR)
+            module.__dict__.pop(_CALLS_ATTR, None)
             restored.append(name)
     return restored
 
