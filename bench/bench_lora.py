@@ -9,6 +9,12 @@ Frozen base weight, x requires grad (deeper layers' LoRA need dx). Ideal bytes p
 The base product dominates the flops (2*T*in*out each way): at these shapes LoRA steps are
 matmul-bound, and what the fused kernels save is the extra passes of the update and of dropout.
 
+peft interop ("lora-peft"): a Hugging Face peft lora.Linear as peft computes it (the baseline) vs the
+same layer after peftkern.integrations.peft.fuse, for DoRA (ideal: the LoRA step's bytes plus one
+read of W for the row norms), two active adapters (rank 2r) and an adapter_names batch of samples
+from 8 adapters (inference; ideal as the multi-adapter case). Both providers get the same layer, its
+adapters in bf16 (peft's default keeps them in float32 and casts x up for them: slower still).
+
 Multi-adapter (inference): eager per-adapter loop (index with each adapter's token ids) vs
 peftkern.ops.lora_linear_multi; ideal bytes: read x, read W, read the adapters used, write out.
 """
@@ -182,6 +188,78 @@ def _multi_work(provider, T, L, n, r, dtype):
     return make
 
 
+# ---------------------------------------------------------------- peft interop
+
+
+def _peft_interop_work(case, provider, mode, T, n, r, dtype, device="cuda"):
+    """One peft lora.Linear (base n -> n) with the adapters `case` needs, peft's forward or fused
+    (tests/test_peft_interop.py builds it on the CPU)."""
+
+    def make():
+        try:
+            import peft
+        except ImportError:
+            raise Skip("peft not installed")
+        from peftkern.integrations.peft import fuse
+
+        torch.manual_seed(0)
+        holder = nn.Module()
+        holder.base = nn.Linear(n, n, device=device, dtype=dtype)
+        config = dict(r=r, lora_alpha=2 * r, target_modules=["base"], use_dora=case == "dora")
+        model = peft.get_peft_model(holder, peft.LoraConfig(**config))
+        names = ["default"] + [f"a{i}" for i in range({"dora": 0, "two adapters": 1, "mixed 8": 7}[case])]
+        for name in names[1:]:
+            model.add_adapter(name, peft.LoraConfig(**config))
+        layer = model.base_model.model.base
+        with torch.no_grad():
+            for name in names:
+                layer.lora_B[name].weight.normal_(0, r**-0.5)  # a trained adapter, not B = 0
+        if case == "two adapters":
+            model.base_model.set_adapter(names)
+        layer.to(dtype).train(mode != "inference")
+        if provider == "peftkern" and len(fuse(model).fused) != 1:
+            raise RuntimeError(f"{case}: the layer did not fuse")
+        batch = 16 if case == "mixed 8" else 1
+        es = torch.finfo(dtype).bits // 8
+        n_sets = input_sets_for(2 * T * n * es) if device == "cuda" else 1
+        train = mode != "inference"
+        xs = [
+            torch.randn(batch, T // batch, n, device=device, dtype=dtype).requires_grad_(train)
+            for _ in range(n_sets)
+        ]
+        grad = torch.randn(batch, T // batch, n, device=device, dtype=dtype)
+        kwargs = {"adapter_names": [names[i % len(names)] for i in range(batch)]} if case == "mixed 8" else {}
+        return mode_work(
+            mode, lambda i: layer(xs[i], **kwargs), grad, lambda i: [xs[i], *layer.parameters()], n_sets
+        )
+
+    return make
+
+
+def _peft_interop_cases(dtype, es):
+    T, n, r = 8192, 4096, 16
+    runs = [("dora", m) for m in ("forward", "full", "inference")]
+    runs += [("two adapters", m) for m in ("full", "inference")] + [("mixed 8", "inference")]
+    for (case, mode), provider in itertools.product(runs, ("peft", "peftkern")):
+        if case == "mixed 8":
+            ideal, flops = (2 * T * n + n * n + 8 * 2 * n * r) * es, 2 * T * n * n + 4 * T * n * r
+        else:
+            rank = 2 * r if case == "two adapters" else r
+            ideal = _ideal(mode, T, n, n, rank, es) + (n * n * es if case == "dora" else 0)
+            flops = _flops(mode, T, n, n, rank)
+        yield Case(
+            "lora-peft",
+            dict(case=case, tokens=T, n=n, r=r),
+            dtype,
+            mode,
+            provider,
+            _peft_interop_work(case, provider, mode, T, n, r, dtype),
+            ideal,
+            flops,
+            tags={"baseline": True} if provider == "peft" else {},
+        )
+
+
 def cases(quick=False):
     dtype = torch.bfloat16
     es = 2
@@ -222,3 +300,4 @@ def cases(quick=False):
             ideal,
             2 * T * n * n + 4 * T * n * r,
         )
+    yield from _peft_interop_cases(dtype, es)
