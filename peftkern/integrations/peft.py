@@ -113,6 +113,10 @@ def _adapter_reason(layer, name, alone) -> Optional[str]:
             return "DoRA among several active adapters"
         if layer.lora_B[name].bias is not None:
             return "DoRA with a bias on lora_B"
+    return _dropout_module_reason(layer, name)
+
+
+def _dropout_module_reason(layer, name) -> Optional[str]:
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
         return f"dropout module {type(layer.lora_dropout[name]).__name__}"
     return None
@@ -147,7 +151,7 @@ def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
                 return f"LoRA variant {type(layer.lora_variant[name]).__name__} in a mixed batch"
             if layer.lora_B[name].bias is not None:
                 return "a bias on lora_B in a mixed batch"
-            reason = _adapter_reason(layer, name, alone=False)
+            reason = _dropout_module_reason(layer, name)
             if reason is not None:
                 return reason
             if _dropout_p(layer, name) > 0:
@@ -212,18 +216,8 @@ def _lora_forward(layer, x, active, dt):
     if len(active) == 1:
         name = active[0]
         lora_A, lora_B = layer.lora_A[name].weight.to(dt), layer.lora_B[name].weight.to(dt)
-        dropout = layer.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return lora_linear(
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            scaling=layer.scaling[name],
-            dropout_p=p,
-            training=dropout.training,
-        )
+        p = _dropout_p(layer, name)  # 0 when the dropout module is in eval
+        return lora_linear(x, weight, bias, lora_A, lora_B, scaling=layer.scaling[name], dropout_p=p)
 
     # rank Σr: [A_1; A_2; ...] and [s_1·B_1, s_2·B_2, ...], an r × (in + out) copy per adapter
     lora_A = torch.cat([layer.lora_A[n].weight.to(dt) for n in active])

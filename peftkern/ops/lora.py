@@ -193,8 +193,8 @@ def dora_weight_norm(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, weight_sq_norm: Optional[Tensor] = None
 ) -> Tensor:
     """DoRA's (Liu et al. 2024) row norms of the adapted weight, ``‖W + scaling·B·A‖`` per output row,
-    float32 ``[out]``, detached (DoRA treats the norm as a constant), without forming the
-    ``[out, in]`` matrix (float64 for float64 inputs)::
+    float32 ``[out]`` (float64 for float64 weights), detached (DoRA treats the norm as a constant),
+    without forming the ``[out, in]`` matrix::
 
         ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·B_i (A Aᵀ) B_iᵀ
 
