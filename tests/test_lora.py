@@ -606,10 +606,9 @@ def test_dora_weight_norm_matches_the_materialised_norm(device):
         _, w, _, A, B = make_inputs((1,), n_in, n_out, r, torch.float32, device, grad=())
         expected = torch.linalg.vector_norm(w.double() + 1.7 * B.double() @ A.double(), dim=1)
         assert_close(dora_weight_norm(w, A, B, scaling=1.7), expected, torch.float32, "norm")
-        # a Conv1D-style [in, out] weight goes in as its transposed view, and ‖W_i‖² may be given
+        # a Conv1D-style [in, out] weight goes in as its transposed view, and ‖W_i‖ may be given
         stored = w.t().contiguous()
-        sq = torch.linalg.vector_norm(w, dim=1).square()
-        got = dora_weight_norm(stored.t(), A, B, scaling=1.7, weight_sq_norm=sq)
+        got = dora_weight_norm(stored.t(), A, B, scaling=1.7, weight_norm=torch.linalg.vector_norm(w, dim=1))
         assert_close(got, expected, torch.float32, "norm, transposed weight")
         assert got.dtype == torch.float32 and not got.requires_grad
 
@@ -629,6 +628,39 @@ def test_dora_weight_norm_of_half_weights_keeps_float32_accuracy(device):
         expected = torch.linalg.vector_norm(wd.double() + s * B.double() @ A.double(), dim=1)
         got = dora_weight_norm(wd, A, B, scaling=s)
         assert_close(got, expected, torch.float32, f"norm, {dtype} weight", tol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_weight_norm_of_a_fresh_adapter_is_the_row_norm_exactly(device):
+    """B = 0: the result is torch.linalg.norm(W, dim=1) bit for bit, the value peft starts the
+    magnitude at, so DoRA's scale is exactly 1. The square root of a norm's square is not always the
+    norm again (a million one-element rows: a few are off by an ulp on this CPU), which the old
+    sqrt(‖W_i‖² + 0) form returned."""
+    for dtype in (torch.float32, torch.float64) if device == "cpu" else (torch.float32,):
+        rows = torch.linspace(1, 4, 1_000_000, dtype=dtype, device=device)[:, None]
+        for w in (rows, randn(1000, 1000, dtype=dtype, device=device)):
+            A = randn(8, w.shape[1], dtype=dtype, device=device)
+            B = torch.zeros(w.shape[0], 8, dtype=dtype, device=device)
+            got = dora_weight_norm(w, A, B, scaling=2.0)
+            assert torch.equal(got, torch.linalg.norm(w, dim=1)), (
+                (got - torch.linalg.norm(w, dim=1)).abs().max()
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(10,), (2, 5)], ids=["2d", "3d"])
+def test_dora_linear_of_a_fresh_adapter_is_the_base_linear(device, lead):
+    """DoRA's init (B = 0, magnitude = ‖W_i‖): F.linear(x, W, b) under torch.allclose's defaults,
+    whose absolute tolerance (1e-8) meets outputs near 0. A bias added after the GEMM rounds apart
+    from F.linear's, which adds it inside (1000 inputs: the GEMM sums in blocks)."""
+    for dtype in (torch.float32, torch.float64) if device == "cpu" else (torch.float32,):
+        for bias in (True, False):
+            x, w, b, A, _ = make_inputs(lead, 1000, 1000, 8, dtype, device, bias=bias, grad=())
+            x = torch.rand_like(x)  # peft's check feeds torch.rand
+            B = torch.zeros(1000, 8, dtype=dtype, device=device)
+            out = dora_linear(x, w, b, A, B, torch.linalg.norm(w, dim=1), scaling=2.0)
+            expected = torch.nn.functional.linear(x, w, b)
+            assert torch.allclose(out, expected), (dtype, bias, (out - expected).abs().max())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -690,10 +722,10 @@ def test_dora_bad_input():
         (dict(bias=b[:2]), r"dora_linear: bias must have shape \[out_features\] = \[6\]; got \(2,\)"),
         (dict(bias=b.double()), r"dora_linear: bias must have x's dtype torch.float32; got torch.float64"),
         (dict(lora_B=B[:, :1]), r"dora_weight_norm: expected weight \[out, in\], lora_A \[r, in\], lora_B"),
-        (dict(weight_sq_norm=m[:2]), r"dora_weight_norm: weight_sq_norm must be \[6\]; got \(2,\)"),
+        (dict(weight_norm=m[:2]), r"dora_weight_norm: weight_norm must be \[6\]; got \(2,\)"),
     ]
     for change, message in cases:
-        args = dict(x=x, weight=w, bias=b, lora_A=A, lora_B=B, magnitude=m, weight_sq_norm=None)
+        args = dict(x=x, weight=w, bias=b, lora_A=A, lora_B=B, magnitude=m, weight_norm=None)
         args.update(change)
         with pytest.raises(ValueError, match=message):
             dora_linear(**args, scaling=1.0)

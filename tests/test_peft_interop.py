@@ -497,3 +497,42 @@ def test_features_in_bf16_on_cuda(arch, feature):
     assert set(grads_fused) == set(grads_peft)
     for name in grads_peft:
         assert_close(grads_fused[name], grads_peft[name].double(), torch.bfloat16, f"grad {name}")
+
+
+# ---------------------------------------------------------------- DoRA: a fresh adapter is a no-op
+
+
+def test_fresh_dora_adapter_leaves_the_output_unchanged():
+    """peft's own check (tests/test_initialization.py): one 1000 × 1000 nn.Linear with a bias, fed
+    torch.rand, DoRA at init (B = 0): the fused layer's output equals the base's under
+    torch.allclose's defaults (its absolute tolerance 1e-8 meets outputs near 0), in eval and in
+    training without dropout."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(collections.OrderedDict(linear=torch.nn.Linear(1000, 1000))).eval()
+    data = torch.rand(10, 1000)
+    with torch.no_grad():
+        base = net(data)
+    model = peft.get_peft_model(net, peft.LoraConfig(target_modules=["linear"], use_dora=True))
+    assert fuse(model).fused == ["base_model.model.linear"]
+    with torch.no_grad():
+        for train in (False, True):
+            out = model.train(train)(data)
+            assert call_counts(model) == {"fused: DoRA": 1 + train}
+            assert torch.allclose(base, out), (train, (out - base).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fresh_dora_adapters_leave_a_model_unchanged(arch):
+    """The same on a tiny Llama (no biases) and GPT-2 (Conv1D layers, biases): logits after fuse()
+    equal the base model's under torch.allclose's defaults."""
+    base = BASES[arch]("cpu").eval()
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    config = dict(r=8, lora_alpha=16, target_modules=TARGETS[arch], use_dora=True)
+    model = peft.get_peft_model(base, peft.LoraConfig(**config, fan_in_fan_out=arch == "gpt2"))
+    assert not fuse(model).skipped
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert set(call_counts(model)) == {"fused: DoRA"}
+    assert torch.allclose(expected, logits), (logits - expected).abs().max()

@@ -190,27 +190,30 @@ torch.library.register_autograd(
 
 
 def dora_weight_norm(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, weight_sq_norm: Optional[Tensor] = None
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling: float, weight_norm: Optional[Tensor] = None
 ) -> Tensor:
     """DoRA's (Liu et al. 2024) row norms of the adapted weight, ``‖W + scaling·B·A‖`` per output row,
     float32 ``[out]`` (float64 for float64 weights), detached (DoRA treats the norm as a constant),
     without forming the ``[out, in]`` matrix::
 
-        ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·B_i (A Aᵀ) B_iᵀ
+        sqrt(‖W_i‖² + δ_i),   δ_i = 2s·Σ_k B_ik (W Aᵀ)_ik + s²·B_i (A Aᵀ) B_iᵀ
 
-    one thin GEMM ``W Aᵀ`` (``[out, r]``, one read of W) and an r × r Gram. weight ``[out, in]`` (any
-    strides: a Conv1D's ``[in, out]`` weight goes in as its ``.t()`` view); ``weight_sq_norm``:
-    ``‖W_i‖²`` (float32 ``[out]``) when the caller keeps it for a frozen weight, else computed here.
-    A composite of ATen ops. The expansion cancels where a row of W + s·B·A is much smaller than W's
-    (relative error ~ eps·‖W_i‖² / ‖W_i + s·B_i·A‖², eps of float32); DoRA's update is small
-    against W in practice."""
+    one thin GEMM ``W Aᵀ`` (``[out, r]``, one read of W) and an r × r Gram. Where δ_i is exactly 0
+    (B = 0, as DoRA starts) the result is ``‖W_i‖`` itself, ``torch.linalg.norm(W, dim=1)`` bit for
+    bit, the value peft starts the magnitude at: the square root of its square is not always
+    ‖W_i‖ again, and the DoRA scale must be exactly 1 there. weight ``[out, in]`` (any strides: a
+    Conv1D's ``[in, out]`` weight goes in as its ``.t()`` view); ``weight_norm``: ``‖W_i‖`` (float32
+    ``[out]``) when the caller keeps it for a frozen weight, else computed here. A composite of
+    ATen ops. The expansion cancels where a row of W + s·B·A is much smaller than W's (relative
+    error ~ eps·‖W_i‖² / ‖W_i + s·B_i·A‖², eps of float32); DoRA's update is small against W in
+    practice."""
     _checks.tensors(
         "dora_weight_norm",
-        ("weight_sq_norm",),
+        ("weight_norm",),
         weight=weight,
         lora_A=lora_A,
         lora_B=lora_B,
-        weight_sq_norm=weight_sq_norm,
+        weight_norm=weight_norm,
     )
     s = _checks.real("dora_weight_norm", "scaling", scaling)
     n_out, n_in = weight.shape if weight.dim() == 2 else (-1, -1)
@@ -220,17 +223,16 @@ def dora_weight_norm(
             f"dora_weight_norm: expected weight [out, in], lora_A [r, in], lora_B [out, r]; got weight "
             f"{tuple(weight.shape)}, lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
         )
-    if weight_sq_norm is not None and weight_sq_norm.shape != (n_out,):
-        raise ValueError(
-            f"dora_weight_norm: weight_sq_norm must be [{n_out}]; got {tuple(weight_sq_norm.shape)}"
-        )
+    if weight_norm is not None and weight_norm.shape != (n_out,):
+        raise ValueError(f"dora_weight_norm: weight_norm must be [{n_out}]; got {tuple(weight_norm.shape)}")
     _checks.same_device(
-        "dora_weight_norm", ("weight", weight), lora_A=lora_A, lora_B=lora_B, weight_sq_norm=weight_sq_norm
+        "dora_weight_norm", ("weight", weight), lora_A=lora_A, lora_B=lora_B, weight_norm=weight_norm
     )
     acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
     with torch.no_grad():
-        if weight_sq_norm is None:
-            weight_sq_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
+        if weight_norm is None:
+            weight_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
+        w_norm = weight_norm.to(acc)
         a, b = lora_A.to(acc), lora_B.to(acc)
         if weight.dtype == acc:
             w_at = torch.mm(weight, a.t())
@@ -238,8 +240,10 @@ def dora_weight_norm(
             w_at = torch.mm(weight, lora_A.to(weight.dtype).t(), out_dtype=acc)
         else:  # the CPU path: a float32 copy of W
             w_at = torch.mm(weight.to(acc), a.t())
-        sq = weight_sq_norm.to(acc) + 2 * s * (b * w_at).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
-        return sq.clamp_min(0).sqrt()  # rounding can take an exact zero a hair below it
+        delta = 2 * s * (b * w_at).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
+        # rounding can take an exact zero a hair below it: clamp
+        adapted = (w_norm.square() + delta).clamp_min(0).sqrt()
+        return torch.where(delta == 0, w_norm, adapted)
 
 
 def dora_linear(
@@ -253,7 +257,7 @@ def dora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = True,
-    weight_sq_norm: Optional[Tensor] = None,
+    weight_norm: Optional[Tensor] = None,
 ) -> Tensor:
     """DoRA linear layer, as Hugging Face peft computes it (the norm detached)::
 
@@ -262,11 +266,15 @@ def dora_linear(
         out = bias + (x − x̃) Wᵀ + c ⊙ (x̃ Wᵀ + s·(x̃ Aᵀ) Bᵀ),  x̃ = dropout(x)  (training, dropout_p > 0)
 
     Shapes as ``lora_linear``; magnitude ``[out]``. Gradients to x, weight, bias, lora_A, lora_B and
-    magnitude. A composite: the bracket is one ``lora_linear`` (base GEMM, fused low-rank update),
-    the scale and bias one ``addcmul`` pass, which saves the bracket (``[..., out]``) for
-    magnitude's gradient. With dropout in training, x̃ is drawn by ``torch.nn.functional.dropout``
-    (torch's generator, as peft's ``nn.Dropout``) and stored, and the base product runs twice, as
-    peft's form requires: the slower path."""
+    magnitude. A composite. Without dropout: one ``lora_linear`` with the bias (base GEMM with the
+    bias in it, as ``F.linear`` adds it; fused low-rank update), then one ``addcmul`` pass,
+    ``c ⊙ bracket + (1 − c) ⊙ bias``, which saves the bracket (``[..., out]``) for magnitude's
+    gradient. So a fresh adapter (B = 0, magnitude = ``torch.linalg.norm(W, dim=1)``: c = 1
+    exactly) gives ``F.linear(x, W, bias)`` bit for bit, as peft's layer does. With dropout in
+    training, x̃ is drawn by ``torch.nn.functional.dropout`` (torch's generator, as peft's
+    ``nn.Dropout``) and stored, and the base product runs twice, as peft's form requires: the slower
+    path, whose fresh-adapter output equals the base to float rounding, not bit for bit (on x − x̃
+    and x̃, its two GEMMs round apart)."""
     _checks.tensors("dora_linear", ("bias",), x=x, magnitude=magnitude, weight=weight, bias=bias)
     if not x.is_floating_point():
         raise TypeError(f"dora_linear: x must be a floating-point tensor; got {x.dtype}")
@@ -286,11 +294,11 @@ def dora_linear(
     dropout_p = _checks.real("dora_linear", "dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dora_linear: dropout_p must be in [0, 1); got {dropout_p}")
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling=scaling, weight_sq_norm=weight_sq_norm)
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling=scaling, weight_norm=weight_norm)
     scale = (magnitude / norm).to(x.dtype)
     if not (training and dropout_p > 0):
-        bracket = lora_linear(x, weight, None, lora_A, lora_B, scaling=scaling)
-        return bracket * scale if bias is None else torch.addcmul(bias, bracket, scale)
+        bracket = lora_linear(x, weight, bias, lora_A, lora_B, scaling=scaling)
+        return bracket * scale if bias is None else torch.addcmul((1 - scale) * bias, bracket, scale)
     dropped = torch.nn.functional.dropout(x, dropout_p, training=True)
     bracket = lora_linear(dropped, weight, None, lora_A, lora_B, scaling=scaling)
     return torch.addcmul(torch.nn.functional.linear(x - dropped, weight, bias), bracket, scale)
