@@ -499,6 +499,109 @@ def test_features_in_bf16_on_cuda(arch, feature):
         assert_close(grads_fused[name], grads_peft[name].double(), torch.bfloat16, f"grad {name}")
 
 
+# ---------------------------------------------------------------- PeftMixedModel: tuners nested in one module
+
+
+class TwoLayerMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0 = torch.nn.Linear(16, 24)
+        self.lin1 = torch.nn.Linear(24, 8)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+MLP_TARGETS = ["lin0", "lin1"]
+OTHER_TUNERS = {  # each with a non-zero update from the start (init_weights=False)
+    "loha": (lambda: peft.LoHaConfig(target_modules=MLP_TARGETS, init_weights=False), "loha.Linear"),
+    "lokr": (lambda: peft.LoKrConfig(target_modules=MLP_TARGETS, init_weights=False), "lokr.Linear"),
+    "adalora": (
+        lambda: peft.AdaLoraConfig(target_modules=MLP_TARGETS, init_lora_weights=False, total_step=10),
+        "adalora.SVDLinear",
+    ),
+    "oft": (
+        lambda: peft.OFTConfig(target_modules=MLP_TARGETS, r=0, oft_block_size=4, init_weights=False),
+        "oft.Linear",
+    ),
+    "shira": (lambda: peft.ShiraConfig(target_modules=MLP_TARGETS, r=2, init_weights=False), "shira.Linear"),
+}
+# (tuner, LoRA's layer outside): every order peft builds (SHiRA refuses to wrap another tuner's layer)
+NESTINGS = [
+    (t, outside) for t in OTHER_TUNERS for outside in (True, False) if (t, outside) != ("shira", False)
+]
+
+
+def nested_model(other, lora_outside):
+    """A PeftMixedModel with a LoRA adapter and `other` on both layers; the adapter added second
+    wraps the first: lora_outside puts LoRA's layer around the other tuner's."""
+    torch.manual_seed(0)
+    lora = peft.LoraConfig(target_modules=MLP_TARGETS, r=4, lora_alpha=8, init_lora_weights=False)
+    first, second = (OTHER_TUNERS[other][0](), lora) if lora_outside else (lora, OTHER_TUNERS[other][0]())
+    model = peft.PeftMixedModel(TwoLayerMLP(), first, "first")
+    model.add_adapter("second", second)
+    model.set_adapter(["first", "second"])
+    return model
+
+
+def run_mlp(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "other,lora_outside", NESTINGS, ids=[f"lora-over-{t}" if o else f"{t}-over-lora" for t, o in NESTINGS]
+)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_nested_tuners_match_peft(other, lora_outside, train):
+    """LoRA's layer around another tuner's layer (LoHa, LoKr, AdaLoRA, OFT, SHiRA): its base layer's
+    forward adds that tuner's update, which a fused forward reading the innermost weight would drop,
+    so peft computes it and coverage / call_counts say why. The other way round, LoRA's layer is the
+    inner one, on the nn.Linear itself: fused. Output and every gradient equal those of the same
+    model left to peft, and so do merge / unmerge and disable_adapter."""
+    model, peft_model = (nested_model(other, lora_outside).train(train) for _ in range(2))
+    other_name, lora_name = ("first", "second") if lora_outside else ("second", "first")
+    x = torch.randn(5, 16)
+    out_peft, grads_peft = run_mlp(peft_model, x)
+    assert any(f".{other_name}" in n for n in grads_peft)  # the other tuner's parameters train too
+
+    report = fuse(model)
+    nested = f"base layer is another tuner's layer ({OTHER_TUNERS[other][1]}): nested tuners run through peft"
+    layers = ["base_model.model.lin0", "base_model.model.lin1"]
+    if lora_outside:
+        assert report.fused == [] and report.skipped == dict.fromkeys(layers, nested)
+        assert coverage(model) == dict.fromkeys(layers, nested)
+    else:
+        assert report.fused == [f"{name}.base_layer" for name in layers] and not report.skipped
+    out_fused, grads_fused = run_mlp(model, x)
+    assert call_counts(model) == {f"peft: {nested}" if lora_outside else "fused: LoRA": 2}
+    assert_close(out_fused, out_peft.double(), torch.float32, "output")
+    assert set(grads_fused) == set(grads_peft)
+    for name in grads_peft:
+        assert_close(grads_fused[name], grads_peft[name].double(), torch.float32, f"grad {name}")
+
+    # merge / unmerge of both tuners, and disable_adapter, with the fused forward in place (peft's
+    # merge is not always its forward, OFT's with LoRA's: the reference is peft's own merged model)
+    with torch.no_grad():
+        for m in (model, peft_model):
+            m.base_model.merge_adapter()
+        assert_close(model(x), peft_model(x).double(), torch.float32, "merged")
+        for m in (model, peft_model):
+            m.base_model.unmerge_adapter()
+        assert_close(model(x), peft_model(x).double(), torch.float32, "unmerged")
+        with model.disable_adapter():
+            assert_close(
+                model(x), TwoLayerMLP.forward(model.base_model.model, x).double(), torch.float32, "off"
+            )
+
+    # the other tuner's update is there to lose: LoRA alone gives another output
+    peft_model.set_adapter(lora_name)
+    with torch.no_grad():
+        assert not torch.allclose(peft_model(x), out_peft, rtol=1e-3, atol=1e-5)
+
+
 # ---------------------------------------------------------------- DoRA: a fresh adapter is a no-op
 
 

@@ -28,7 +28,10 @@ unsafe merge), which no version counter sees, so a cache could serve stale weigh
 
 peft's own forward computes the rest, each with the reason ``coverage`` gives: adapters disabled or
 merged (base layer only: nothing to fuse), other LoRA variants, custom dropout modules, extra
-forward arguments, a bias on lora_B in a mixed batch or with DoRA.
+forward arguments, a bias on lora_B in a mixed batch or with DoRA, and a LoRA layer whose base layer
+is another tuner's layer (a ``PeftMixedModel`` given LoHa, LoKr, AdaLoRA, ... before LoRA): that
+layer's forward adds its own update, which a fused forward on the innermost weight would drop. The
+other nesting (LoRA's layer inside the other tuner's) computes fused.
 
 Precision: the LoRA factors are cast to the computation dtype (x's, or autocast's) for the fused
 op; peft keeps them in their own dtype (often float32) for its separate matmuls. Results agree to
@@ -75,6 +78,19 @@ def _base_weight(layer):
     """The base weight as ``[out, in]``: a Conv1D's ``[in, out]`` weight as its transposed view."""
     weight = layer.get_base_layer().weight
     return weight.t() if layer.fan_in_fan_out else weight
+
+
+def _nested_reason(layer) -> Optional[str]:
+    """Why `layer` computes through peft while another tuner's layer (a PeftMixedModel's LoHa, LoKr,
+    AdaLoRA, ...) sits between it and the base nn.Linear, or None. peft's forward then calls that
+    layer's own forward, which adds its update; peftkern's fused forward would read the innermost
+    weight only and lose it."""
+    inner = layer.base_layer
+    if inner is layer.get_base_layer():
+        return None
+    cls = type(inner)
+    tuner = cls.__module__.split(".")[2] if cls.__module__.startswith("peft.tuners.") else cls.__module__
+    return f"base layer is another tuner's layer ({tuner}.{cls.__name__}): nested tuners run through peft"
 
 
 def unsupported_reason(layer) -> Optional[str]:
@@ -135,7 +151,7 @@ def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
     """Why this forward call of `layer` goes to peft's own path, or None (it computes fused)."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments"
-    static = unsupported_reason(layer)
+    static = unsupported_reason(layer) or _nested_reason(layer)
     if static is not None:
         return static
     if layer.disable_adapters:
