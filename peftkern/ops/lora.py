@@ -230,9 +230,9 @@ def dora_weight_norm(
     )
     acc = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
     with torch.no_grad():
-        if weight_norm is None:
-            weight_norm = torch.linalg.vector_norm(weight, dim=1, dtype=acc)
-        w_norm = weight_norm.to(acc)
+        w_norm = (
+            torch.linalg.vector_norm(weight, dim=1, dtype=acc) if weight_norm is None else weight_norm.to(acc)
+        )
         a, b = lora_A.to(acc), lora_B.to(acc)
         if weight.dtype == acc:
             w_at = torch.mm(weight, a.t())
@@ -241,8 +241,7 @@ def dora_weight_norm(
         else:  # the CPU path: a float32 copy of W
             w_at = torch.mm(weight.to(acc), a.t())
         delta = 2 * s * (b * w_at).sum(1) + s * s * ((b @ (a @ a.t())) * b).sum(1)
-        # rounding can take an exact zero a hair below it: clamp
-        adapted = (w_norm.square() + delta).clamp_min(0).sqrt()
+        adapted = (w_norm.square() + delta).clamp_min(0).sqrt()  # rounding can take a 0 a hair below it
         return torch.where(delta == 0, w_norm, adapted)
 
 
