@@ -1,0 +1,6 @@
+// The low-rank backward kernels for float (lowrank_backward.cuh), one dtype per translation unit.
+#include "lowrank_backward.cuh"
+
+namespace peftkern::kernels::lowrank_backward_detail {
+template cudaError_t launch<float>(const LowRankBackwardArgs&, const Plan&, unsigned char*, bool, cudaStream_t);
+}  // namespace peftkern::kernels::lowrank_backward_detail
