@@ -1,3 +1,5 @@
+import faulthandler
+import signal
 import zlib
 
 import pytest
@@ -13,9 +15,43 @@ REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--case-timeout",
+        type=float,
+        default=0,
+        help="seconds per test (0 = none): past it the test fails with a TimeoutError; a test stuck "
+        "in native code (a hung kernel) has its process killed 30 s later, with every thread's stack "
+        "dumped (under pytest-xdist the worker is replaced and the test reported as crashed)",
+    )
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("cuda") and not CUDA:
         pytest.skip("needs a CUDA GPU")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """--case-timeout: SIGALRM raises in the test; faulthandler kills a process that never returns to
+    Python. (pytest-timeout does the same; the GPU machine does not have it.)"""
+    limit = item.config.getoption("--case-timeout")
+    if not limit or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid}: over --case-timeout={limit:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    faulthandler.dump_traceback_later(limit + 30, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def rel_err(out, ref):

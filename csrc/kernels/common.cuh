@@ -236,6 +236,11 @@ template <typename Layout> __device__ __forceinline__ int b_at(int k, int j, int
   return std::is_same_v<Layout, wmma::row_major> ? k * ld + j : j * ld + k;
 }
 
+// Records, as a PTX comment at the top of a kernel, the most dynamic shared memory its launcher
+// gives it (a compile-time constant), so scripts/static_budget.py can count each instance's shared
+// memory per block without a GPU. Costs no instruction.
+#define PEFTKERN_DYNAMIC_SMEM(bytes) asm volatile("// peftkern.dynamic_smem %0" ::"n"(bytes))
+
 // Raises a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename Kernel> cudaError_t set_smem_limit(Kernel kernel, int bytes) {
   return bytes > 48 * 1024 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)

@@ -8,7 +8,9 @@
 namespace peftkern::kernels {
 namespace {
 
-__global__ void dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArgs d, float* out) {
+constexpr int kDropoutThreads = 256;
+
+__global__ void __launch_bounds__(kDropoutThreads) dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArgs d, float* out) {
   const SeedOffset so = resolve_seed_offset(d);
   if (d.seed_offset_out && blockIdx.x == 0 && threadIdx.x == 0) {
     d.seed_offset_out[0] = int64_t(so.seed);
@@ -29,8 +31,8 @@ __global__ void dropout_mask_kernel(int64_t rows, int64_t cols, const DropoutArg
 cudaError_t dropout_mask(int64_t rows, int64_t cols, const DropoutArgs& dropout, float* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   const int64_t groups = rows * ceil_div<int64_t>(cols, 4);
-  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(groups, 256), 65535);
-  dropout_mask_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rows, cols, dropout, out);
+  const int64_t blocks = std::min<int64_t>(ceil_div<int64_t>(groups, kDropoutThreads), 65535);
+  dropout_mask_kernel<<<static_cast<unsigned>(blocks), kDropoutThreads, 0, stream>>>(rows, cols, dropout, out);
   return cudaGetLastError();
 }
 

@@ -59,6 +59,13 @@ struct LowRankForwardArgs {
   AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z rows of no adapter untouched
 };
 
+// Dynamic shared memory per block of the fused kernels for this dtype and rank (1..256): the
+// forward's, and the larger of the backward's two. The host compares them with the device's
+// per-block limit (sm_86/sm_89: 99 KB, sm_80: 163 KB, sm_90: 227 KB) and takes the composite where
+// they do not fit.
+int lowrank_forward_smem_bytes(DType dtype, int r);
+int lowrank_backward_smem_bytes(DType dtype, int r);
+
 // One kernel: each 64-row block reads its rows of x once (dropout applied on chip), keeps act(z)
 // in shared memory, and writes its rows of y once; res is read once (L2-resident when it is x).
 cudaError_t lowrank_forward(const LowRankForwardArgs& args, cudaStream_t stream);

@@ -6,6 +6,19 @@ namespace peftkern::kernels {
 
 using namespace lowrank_backward_detail;
 
+int lowrank_backward_smem_bytes(DType dtype, int r) {
+  int bytes = 0;
+  dispatch_dtype(dtype, [&](auto t) {
+    return dispatch_padded_rank(std::min(r, kLowRankMaxFusedRank), [&](auto rank) {
+      using T = typename decltype(t)::type;
+      constexpr int RP = decltype(rank)::value;
+      bytes = std::max(rows_smem_bytes<T, RP>(), ColsCfg<T, RP>::kSmemBytes);
+      return cudaSuccess;
+    });
+  });
+  return bytes;
+}
+
 size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& a) { return a.rows == 0 ? 0 : make_plan(a).total; }
 
 cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) {

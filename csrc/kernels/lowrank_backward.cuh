@@ -98,6 +98,7 @@ template <typename T, int RP> constexpr int rows_smem_bytes() { return StreamCfg
 template <typename T, int RP>
 __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(const RowsArgs a) {
   using M = Mma<T>;
+  PEFTKERN_DYNAMIC_SMEM((rows_smem_bytes<T, RP>()));
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* scr = reinterpret_cast<float*>(smem + StreamCfg<T, RP>::kBytes) + warp * 16 * kScratchLd;
@@ -176,13 +177,14 @@ template <typename T, int RP> struct ColsCfg {
   static constexpr int kWgFragsPerWarp = kWgFrags / kColsWarps;
   static constexpr int kDxFrags = (kColsBM / 16) * (kBN / 16);
   static_assert(kWgFrags % kColsWarps == 0, "weight-gradient fragments split evenly over warps");
-  static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_80/90 limit");
+  static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_90 limit (smaller devices: lowrank_fused)");
 };
 
 template <typename T, int RP>
 __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(const ColsArgs a) {
   using C = ColsCfg<T, RP>;
   using M = Mma<T>;
+  PEFTKERN_DYNAMIC_SMEM(C::kSmemBytes);
   extern __shared__ __align__(128) unsigned char smem[];
   T* wd_s = reinterpret_cast<T*>(smem);
   auto stage = [&](int s) { return reinterpret_cast<T*>(smem + C::kWdBytes + s * C::kStageBytes); };
@@ -373,7 +375,9 @@ struct ReduceArgs {
   void *dw_up, *dw_down, *db_up, *db_down;
 };
 
-template <typename T> __global__ void lowrank_backward_reduce_kernel(const ReduceArgs a) {
+constexpr int kReduceThreads = 256;
+
+template <typename T> __global__ void __launch_bounds__(kReduceThreads) lowrank_backward_reduce_kernel(const ReduceArgs a) {
   const int64_t n_wu = int64_t(a.n_out) * a.r, n_wd = int64_t(a.n_in) * a.r;
   const int64_t total = n_wu + n_wd + a.n_out + a.r;
   const int64_t split_w = a.n_pad * a.rp;
@@ -496,10 +500,9 @@ cudaError_t launch(const LowRankBackwardArgs& a, const Plan& p, unsigned char* w
                           a.db_up,
                           a.db_down};
       const int64_t total = (int64_t(a.n_in) + a.n_out) * a.r + a.n_out + a.r;
-      const int threads = 256;
       const int64_t blocks =
-          std::min<int64_t>(ceil_div<int64_t>(total, threads), 8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
-      lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(ra);
+          std::min<int64_t>(ceil_div<int64_t>(total, kReduceThreads), 8 * int64_t(a.num_sms > 0 ? a.num_sms : 1));
+      lowrank_backward_reduce_kernel<T><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(ra);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     return cudaSuccess;

@@ -29,7 +29,7 @@ template <typename T, int RP> struct FwdCfg {
   static constexpr int kUpStageStride = kUpBytes / 2 / int(sizeof(T));
   static constexpr int kScrBytes = kRowWarps * 16 * kLdScr * 4;
   static constexpr int kSmemBytes = kHBytes + kUnionBytes + kScrBytes;
-  static_assert(kSmemBytes <= 227 * 1024, "low-rank forward: shared memory over the sm_80/90 limit");
+  static_assert(kSmemBytes <= 227 * 1024, "low-rank forward: shared memory over the sm_90 limit (smaller devices: lowrank_fused)");
   static_assert(kLdScr >= 16, "scratch holds a 16x16 fragment");
 };
 
@@ -63,6 +63,7 @@ template <typename T, int RP>
 __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowRankForwardArgs a, const FwdVec vec) {
   using C = FwdCfg<T, RP>;
   using M = Mma<T>;
+  PEFTKERN_DYNAMIC_SMEM(C::kSmemBytes);
   extern __shared__ __align__(128) unsigned char smem[];
   T* h_s = reinterpret_cast<T*>(smem);
   T* shared_region = reinterpret_cast<T*>(smem + C::kHBytes);
@@ -214,6 +215,17 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
 }
 
 }  // namespace
+
+int lowrank_forward_smem_bytes(DType dtype, int r) {
+  int bytes = 0;
+  dispatch_dtype(dtype, [&](auto t) {
+    return dispatch_padded_rank(std::min(r, kLowRankMaxFusedRank), [&](auto rank) {
+      bytes = FwdCfg<typename decltype(t)::type, decltype(rank)::value>::kSmemBytes;
+      return cudaSuccess;
+    });
+  });
+  return bytes;
+}
 
 cudaError_t lowrank_forward(const LowRankForwardArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;

@@ -107,6 +107,7 @@ __device__ __forceinline__ void apply_bits8(float (&v)[8], const int32_t* row_bi
 
 template <typename T, typename TS, bool kBits>
 __global__ void __launch_bounds__(kMvWarps * 32) masked_matvec_kernel(const MaskedMatvecArgs a, bool vec_w) {
+  PEFTKERN_DYNAMIC_SMEM(kMaskedMatvecMaxTokens * kMvChunk * int(sizeof(T)));  // at the most tokens
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [tokens][kMvChunk]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

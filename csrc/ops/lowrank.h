@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -32,9 +33,17 @@ inline Activation parse_activation(const char* op, c10::string_view name) {
 }
 
 #ifdef PEFTKERN_WITH_CUDA
-// The fused kernels cover CUDA float32/float16/bfloat16 and r <= 256; the rest takes the composite.
+// The fused kernels cover CUDA float32/float16/bfloat16 and r <= 256 where their shared memory fits
+// the device's per-block limit (forward and backward alike, so both passes take the same path):
+// on sm_86/sm_89 (99 KB) float32 at every rank and half types at r > 128 take the composite, on
+// sm_80 (163 KB) float32 at r > 128 (bench/results/static_sm90.md lists each instance's bytes).
 inline bool lowrank_fused(const at::Tensor& x, int64_t r) {
-  return x.is_cuda() && x.scalar_type() != at::kDouble && r <= kernels::kLowRankMaxFusedRank;
+  if (!x.is_cuda() || x.scalar_type() == at::kDouble || r > kernels::kLowRankMaxFusedRank) return false;
+  const DType dtype = kernel_dtype(x.scalar_type());
+  const int rank = static_cast<int>(std::max<int64_t>(r, 1));
+  const size_t need = static_cast<size_t>(
+      std::max(kernels::lowrank_forward_smem_bytes(dtype, rank), kernels::lowrank_backward_smem_bytes(dtype, rank)));
+  return need <= at::cuda::getDeviceProperties(x.get_device())->sharedMemPerBlockOptin;
 }
 
 // Forward or backward launch args with the fields every low-rank launch shares set (the checks
