@@ -20,26 +20,26 @@ FAMILY = "adapter"
 TARGET = dict(tokens=16384, d=4096, r=64)  # the issue's target shape (bf16)
 
 
-def _modules(d, r, dtype, scale=0.5):
-    eager = reference.EagerAdapter(d, r, scale).to("cuda", dtype)
+def _modules(d, r, dtype, device, scale=0.5):
+    eager = reference.EagerAdapter(d, r, scale).to(device, dtype)
     with torch.no_grad():  # random non-zero weights (an adapter mid-training, not at init)
         for p in eager.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
-    fused = peftkern.nn.Adapter(d, r, scale=scale).to("cuda", dtype)
+    fused = peftkern.nn.Adapter(d, r, scale=scale).to(device, dtype)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
 
-def _work(provider, mode, T, d, r, dtype):
+def _work(provider, mode, T, d, r, dtype, device="cuda"):
     def make():
         torch.manual_seed(0)
-        eager, fused = _modules(d, r, dtype)
+        eager, fused = _modules(d, r, dtype, device)
         module = {"eager": eager, "compile": torch.compile(eager), "peftkern": fused}[provider]
         es = torch.finfo(dtype).bits // 8
         n = input_sets_for(2 * T * d * es)
         train = mode != "inference"
-        xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
-        grad = torch.randn(T, d, device="cuda", dtype=dtype)
+        xs = [torch.randn(T, d, device=device, dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, d, device=device, dtype=dtype)
         return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
 
     return make
@@ -82,5 +82,21 @@ def cases(quick=False):
             provider,
             _work(provider, mode, T, d, r, dtype),
             _ideal(mode, T, d, r, es),
+            _flops(mode, T, d, r),
+        )
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): a MiniLM-sized adapter, float32, against eager."""
+    T, d, r, dtype = 1024, 384, 64, torch.float32
+    for mode, provider in itertools.product(("forward", "full", "inference"), ("eager", "peftkern")):
+        yield Case(
+            FAMILY,
+            dict(tokens=T, d=d, r=r),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, d, r, dtype, "cpu"),
+            _ideal(mode, T, d, r, 4),
             _flops(mode, T, d, r),
         )

@@ -70,14 +70,14 @@ def build(provider, d, N, r, dtype, device, seed=0):
     return AdapterHubFusion(fusion) if provider == "eager" else fusion
 
 
-def _work(provider, mode, T, d, N, r, dtype):
+def _work(provider, mode, T, d, N, r, dtype, device="cuda"):
     def make():
-        module = build(provider, d, N, r, dtype, "cuda")
+        module = build(provider, d, N, r, dtype, device)
         es = torch.finfo(dtype).bits // 8
         n = input_sets_for(2 * T * d * es)
         train = mode != "inference"
-        xs = [torch.randn(T, d, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
-        grad = torch.randn(T, d, device="cuda", dtype=dtype)
+        xs = [torch.randn(T, d, device=device, dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, d, device=device, dtype=dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *params], n)
 
@@ -108,6 +108,23 @@ def cases(quick=False):
             mode,
             provider,
             _work(provider, mode, T, d, N, r, dtype),
+            ideal,
+            fl,
+        )
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): a fusion of 4 MiniLM-sized adapters, float32."""
+    T, d, r, N, dtype = 1024, 384, 24, 4, torch.float32
+    for mode, provider in itertools.product(("inference", "full"), ("eager", "peftkern")):
+        ideal, fl = step_cost(mode, T, d, N, r, 4)
+        yield Case(
+            FAMILY,
+            dict(tokens=T, d=d, r=r, adapters=N),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, d, N, r, dtype, "cpu"),
             ideal,
             fl,
         )

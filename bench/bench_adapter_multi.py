@@ -49,17 +49,17 @@ def forward_fn(provider, weights, scale=0.5):
     return lambda x, ids: peftkern.ops.adapter_multi(x, *w, ids, scale=scale)
 
 
-def _work(provider, mode, T, d, r, L, dtype):
+def _work(provider, mode, T, d, r, L, dtype, device="cuda"):
     def make():
         g = torch.Generator().manual_seed(0)
-        weights = make_weights(L, d, r, dtype, "cuda", g)
+        weights = make_weights(L, d, r, dtype, device, g)
         run = forward_fn(provider, weights)
         es = torch.finfo(dtype).bits // 8
         n = input_sets_for(2 * T * d * es)
         train = mode != "inference"
-        xs = [torch.randn(T, d, generator=g).to("cuda", dtype).requires_grad_(train) for _ in range(n)]
-        ids = [make_ids(T, L, "cuda", g) for _ in range(n)]
-        grad = torch.randn(T, d, generator=g).to("cuda", dtype)
+        xs = [torch.randn(T, d, generator=g).to(device, dtype).requires_grad_(train) for _ in range(n)]
+        ids = [make_ids(T, L, device, g) for _ in range(n)]
+        grad = torch.randn(T, d, generator=g).to(device, dtype)
         return mode_work(mode, lambda i: run(xs[i], ids[i]), grad, lambda i: [xs[i], *weights.values()], n)
 
     return make
@@ -93,5 +93,21 @@ def cases(quick=False):
             provider,
             _work(provider, mode, T, d, r, L, dtype),
             ideal_bytes(mode, T, d, r, L, es),
+            flops(mode, T, d, r),
+        )
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): 8 MiniLM-sized adapters, one per token, float32."""
+    T, d, r, L, dtype = 1024, 384, 16, 8, torch.float32
+    for mode, provider in itertools.product(("inference", "full"), ("eager", "peftkern")):
+        yield Case(
+            FAMILY,
+            dict(tokens=T, d=d, r=r, adapters=L),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, d, r, L, dtype, "cpu"),
+            ideal_bytes(mode, T, d, r, L, 4),
             flops(mode, T, d, r),
         )

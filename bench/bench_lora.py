@@ -96,9 +96,9 @@ def _peft_layer(eager, r, alpha, p):
     return layer
 
 
-def _module(provider, n_in, n_out, r, p, dtype):
+def _module(provider, n_in, n_out, r, p, dtype, device):
     alpha = 2 * r
-    eager = EagerLoRA(n_in, n_out, r, alpha, p).to("cuda", dtype)
+    eager = EagerLoRA(n_in, n_out, r, alpha, p).to(device, dtype)
     with torch.no_grad():
         eager.lora_B.weight.normal_(0, r**-0.5)  # a trained adapter, not B = 0
     if provider == "eager":
@@ -106,13 +106,13 @@ def _module(provider, n_in, n_out, r, p, dtype):
     if provider == "compile":
         return torch.compile(eager)
     if provider == "addmm":
-        m = AddmmLoRA(n_in, n_out, r, alpha, p).to("cuda", dtype)
+        m = AddmmLoRA(n_in, n_out, r, alpha, p).to(device, dtype)
         m.load_state_dict(eager.state_dict())
         return m
     if provider == "peft":
         return _peft_layer(eager, r, alpha, p)
     fused = peftkern.nn.LoRALinear(
-        n_in, n_out, r, lora_alpha=alpha, lora_dropout=p, device="cuda", dtype=dtype
+        n_in, n_out, r, lora_alpha=alpha, lora_dropout=p, device=device, dtype=dtype
     )
     with torch.no_grad():
         fused.weight.copy_(eager.base.weight)
@@ -126,15 +126,15 @@ def _module(provider, n_in, n_out, r, p, dtype):
     return fused
 
 
-def _work(provider, mode, T, n_in, n_out, r, p, dtype):
+def _work(provider, mode, T, n_in, n_out, r, p, dtype, device="cuda"):
     def make():
         torch.manual_seed(0)
-        module = _module(provider, n_in, n_out, r, p, dtype).train(mode != "inference")
+        module = _module(provider, n_in, n_out, r, p, dtype, device).train(mode != "inference")
         es = torch.finfo(dtype).bits // 8
         n = input_sets_for((T * n_in + T * n_out) * es)
         train = mode != "inference"
-        xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
-        grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
+        xs = [torch.randn(T, n_in, device=device, dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, n_out, device=device, dtype=dtype)
         return mode_work(mode, lambda i: module(xs[i]), grad, lambda i: [xs[i], *module.parameters()], n)
 
     return make
@@ -157,16 +157,16 @@ def _flops(mode, T, n_in, n_out, r):
 # ---------------------------------------------------------------- multi-adapter
 
 
-def _multi_work(provider, T, L, n, r, dtype):
+def _multi_work(provider, T, L, n, r, dtype, device="cuda"):
     def make():
         torch.manual_seed(0)
-        x = torch.randn(T, n, device="cuda", dtype=dtype)
-        w = torch.randn(n, n, device="cuda", dtype=dtype) * n**-0.5
-        b = torch.randn(n, device="cuda", dtype=dtype) * 0.1
-        A = torch.randn(L, r, n, device="cuda", dtype=dtype) * n**-0.5
-        B = torch.randn(L, n, r, device="cuda", dtype=dtype) * r**-0.5
-        ids = torch.randint(0, L, (T,), device="cuda")
-        scalings = torch.full((L,), 2.0, device="cuda")
+        x = torch.randn(T, n, device=device, dtype=dtype)
+        w = torch.randn(n, n, device=device, dtype=dtype) * n**-0.5
+        b = torch.randn(n, device=device, dtype=dtype) * 0.1
+        A = torch.randn(L, r, n, device=device, dtype=dtype) * n**-0.5
+        B = torch.randn(L, n, r, device=device, dtype=dtype) * r**-0.5
+        ids = torch.randint(0, L, (T,), device=device)
+        scalings = torch.full((L,), 2.0, device=device)
         if provider == "peftkern":
 
             def step(i):
@@ -301,3 +301,33 @@ def cases(quick=False):
             2 * T * n * n + 4 * T * n * r,
         )
     yield from _peft_interop_cases(dtype, es)
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): a MiniLM-sized LoRA layer (384 -> 384, r 8, float32)
+    against eager and peft's lora.Linear; the multi-adapter op against the eager loop."""
+    T, n, r, dtype = 1024, 384, 8, torch.float32
+    runs = [("full", 0.0), ("full", 0.1), ("inference", 0.0)]
+    for (mode, p), provider in itertools.product(runs, ("eager", "peft", "peftkern")):
+        yield Case(
+            FAMILY,
+            dict(tokens=T, n_in=n, n_out=n, r=r, dropout=p),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, T, n, n, r, p, dtype, "cpu"),
+            _ideal(mode, T, n, n, r, 4),
+            _flops(mode, T, n, n, r),
+        )
+    T, L = 256, 8
+    for provider in ("eager", "peftkern"):
+        yield Case(
+            "lora-multi",
+            dict(tokens=T, adapters=L, n=n, r=r),
+            dtype,
+            "inference",
+            provider,
+            _multi_work(provider, T, L, n, r, dtype, "cpu"),
+            (2 * T * n + n * n + L * 2 * n * r) * 4,
+            2 * T * n * n + 4 * T * n * r,
+        )

@@ -38,18 +38,18 @@ def fused_masked(x, w, b, s):
 _compiled = torch.compile(eager_masked)
 
 
-def _work(provider, mode, T, n_in, n_out, dtype):
+def _work(provider, mode, T, n_in, n_out, dtype, device="cuda"):
     fn = {"eager": eager_masked, "compile": _compiled, "peftkern": fused_masked}[provider]
 
     def make():
         torch.manual_seed(0)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in**-0.5
-        b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.1
-        s = torch.randn(n_out, n_in, device="cuda").requires_grad_(mode != "inference")
+        w = torch.randn(n_out, n_in, device=device, dtype=dtype) * n_in**-0.5
+        b = torch.randn(n_out, device=device, dtype=dtype) * 0.1
+        s = torch.randn(n_out, n_in, device=device).requires_grad_(mode != "inference")
         n = input_sets_for(2 * T * (n_in + n_out))
         train = mode != "inference"
-        xs = [torch.randn(T, n_in, device="cuda", dtype=dtype).requires_grad_(train) for _ in range(n)]
-        grad = torch.randn(T, n_out, device="cuda", dtype=dtype)
+        xs = [torch.randn(T, n_in, device=device, dtype=dtype).requires_grad_(train) for _ in range(n)]
+        grad = torch.randn(T, n_out, device=device, dtype=dtype)
         return mode_work(mode, lambda i: fn(xs[i], w, b, s), grad, lambda i: (xs[i], s), n)
 
     return make
@@ -66,16 +66,16 @@ def _flops(mode, T, n_in, n_out):
     return {"inference": 2, "forward": 2, "backward": 4, "full": 6}[mode] * T * n_in * n_out
 
 
-def _packed_work(provider, T, n_in, n_out, dtype):
+def _packed_work(provider, T, n_in, n_out, dtype, device="cuda"):
     def make():
         torch.manual_seed(0)
-        w = torch.randn(n_out, n_in, device="cuda", dtype=dtype) * n_in**-0.5
-        b = torch.randn(n_out, device="cuda", dtype=dtype) * 0.1
-        bits = peftkern.ops.pack_mask(torch.randn(n_out, n_in, device="cuda"), THRESHOLD)
+        w = torch.randn(n_out, n_in, device=device, dtype=dtype) * n_in**-0.5
+        b = torch.randn(n_out, device=device, dtype=dtype) * 0.1
+        bits = peftkern.ops.pack_mask(torch.randn(n_out, n_in, device=device), THRESHOLD)
         n = input_sets_for(2 * n_in * n_out)  # the weight is what must not sit in L2
         ws = [w] + [w.clone() for _ in range(n - 1)]
-        x = torch.randn(T, n_in, device="cuda", dtype=dtype)
-        shifts = torch.arange(32, device="cuda", dtype=torch.int32)
+        x = torch.randn(T, n_in, device=device, dtype=dtype)
+        shifts = torch.arange(32, device=device, dtype=torch.int32)
 
         def eager(i):  # unpack, materialise W * m, then linear
             keep = ((bits.unsqueeze(-1) >> shifts) & 1).view(n_out, -1)[:, :n_in].to(dtype)
@@ -132,5 +132,33 @@ def cases(quick=False):
             provider,
             _packed_work(provider, T, n_in, n_out, dtype),
             ideal,
+            2 * T * n_in * n_out,
+        )
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): a MiniLM-sized masked linear (384 -> 1536, float32)
+    against eager; the packed mask at decode sizes against eager and the plain linear."""
+    dtype, n_in, n_out = torch.float32, 384, 1536
+    for mode, provider in itertools.product(("full", "inference"), ("eager", "peftkern")):
+        yield Case(
+            FAMILY,
+            dict(tokens=1024, n_in=n_in, n_out=n_out),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, 1024, n_in, n_out, dtype, "cpu"),
+            _ideal(mode, 1024, n_in, n_out),
+            _flops(mode, 1024, n_in, n_out),
+        )
+    for T, provider in itertools.product((1, 16), ("eager", "plain-linear", "peftkern")):
+        yield Case(
+            "mask-packed",
+            dict(tokens=T, n_in=n_in, n_out=n_out),
+            dtype,
+            "inference",
+            provider,
+            _packed_work(provider, T, n_in, n_out, dtype, "cpu"),
+            4 * n_in * n_out + n_in * n_out // 8 + 4 * T * (n_in + n_out),
             2 * T * n_in * n_out,
         )

@@ -49,7 +49,7 @@ import torch
 import peftkern
 from tests import reference
 
-from .harness import Case, Skip, Work
+from .harness import Case, ProviderFailed, Skip, Work
 
 FAMILY = "model"
 TOKENS = 16384
@@ -160,13 +160,28 @@ def training_step(model, data, lr=1e-4):
     return step
 
 
-def _work(kind, config, method, provider, batch, seq, dtype):
+def _work(kind, config, method, provider, batch, seq, dtype, device="cuda"):
     def make():
-        model = with_method(build_model(kind, config, "cuda", dtype, method), kind, method, provider)
-        data = batches(kind, config, batch, seq, "cuda")
-        return Work(training_step(model, data), None, len(data))
+        model = with_method(build_model(kind, config, device, dtype, method), kind, method, provider)
+        data = batches(kind, config, batch, seq, device)
+        step = training_step(model, data)
+        return Work(_peer_failures(step) if provider == "peft" else step, None, len(data))
 
-    return make
+    return make if provider != "peft" else _peer_failures(make)
+
+
+def _peer_failures(fn):
+    """fn with peft's own exceptions turned into ProviderFailed: its row reports peft failing."""
+
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except (Skip, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as e:  # peft's, as the peft provider's result
+            raise ProviderFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+    return wrapped
 
 
 def step_cost(kind, config, seq, dtype):
@@ -204,4 +219,36 @@ def cases(quick=False):
                 ideal,
                 flops,
                 tags=dict(tokens=TOKENS, **({"baseline": True} if provider != "peftkern" else {})),
+            )
+
+
+MINILM = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+)
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): one training step of a MiniLM-sized BERT
+    (all-MiniLM-L6-v2's shape, random weights), float32, 8 x 128 tokens, each method against its
+    baseline (LoRA and prefix tuning: peft; adapters and masks: eager). peft's prefix tuning on
+    BERT fails in transformers 5 (no past key values): that row reports its error."""
+    batch, seq, dtype = 8, 128, torch.float32
+    ideal, flops = step_cost("bert", MINILM, seq, dtype)
+    for method in METHODS:
+        for provider in (BASELINE[method], "peftkern"):
+            yield Case(
+                FAMILY,
+                dict(model="minilm", method=method, seq=seq, batch=batch),
+                dtype,
+                "train",
+                provider,
+                _work("bert", MINILM, method, provider, batch, seq, dtype, "cpu"),
+                ideal,
+                flops * batch * seq / TOKENS,
+                tags=dict(tokens=batch * seq, **({"baseline": True} if provider != "peftkern" else {})),
             )

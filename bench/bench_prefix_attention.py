@@ -47,7 +47,7 @@ PROVIDERS = {
 }
 
 
-def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype):
+def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype, device="cuda"):
     fn = PROVIDERS[provider]
 
     def make():
@@ -56,13 +56,13 @@ def _work(provider, mode, B, H, Hkv, L, S, P, D, causal, dtype):
         n = input_sets_for(2 * (2 * B * H * L * D + 2 * B * Hkv * S * D))
         sets = []
         for _ in range(n):
-            q = torch.randn(B, H, L, D, device="cuda", dtype=dtype).requires_grad_(train)
-            k = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype).requires_grad_(train)
-            v = torch.randn(B, Hkv, S, D, device="cuda", dtype=dtype).requires_grad_(train)
+            q = torch.randn(B, H, L, D, device=device, dtype=dtype).requires_grad_(train)
+            k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype).requires_grad_(train)
+            v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype).requires_grad_(train)
             sets.append((q, k, v))
-        pk = torch.randn(Hkv, P, D, device="cuda", dtype=dtype).requires_grad_(train)
-        pv = torch.randn(Hkv, P, D, device="cuda", dtype=dtype).requires_grad_(train)
-        grad = torch.randn(B, H, L, D, device="cuda", dtype=dtype)
+        pk = torch.randn(Hkv, P, D, device=device, dtype=dtype).requires_grad_(train)
+        pv = torch.randn(Hkv, P, D, device=device, dtype=dtype).requires_grad_(train)
+        grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
         return mode_work(mode, lambda i: fn(*sets[i], pk, pv, causal), grad, lambda i: (*sets[i], pk, pv), n)
 
     return make
@@ -113,4 +113,21 @@ def cases(quick=False):
             _work(provider, "decode", B, H, Hkv, 1, S, P, D, False, dtype),
             _ideal("decode", B, H, Hkv, 1, S, P, D),
             _flops("decode", B, H, 1, S, P, D, False),
+        )
+
+
+def cpu_cases():
+    """The CPU table (bench.run without a GPU): P-tuning v2 on a MiniLM-sized encoder layer (B 8,
+    H 12, L = S 128, P 20, D 32, float32) against cat + SDPA and SDPA over the sequence alone."""
+    B, H, Hkv, L, S, P, D, dtype = 8, 12, 12, 128, 128, 20, 32, torch.float32
+    for mode, provider in itertools.product(("forward", "full"), ("eager", "sdpa-seq-only", "peftkern")):
+        yield Case(
+            FAMILY,
+            dict(B=B, H=H, Hkv=Hkv, L=L, S=S, P=P, D=D, causal=False),
+            dtype,
+            mode,
+            provider,
+            _work(provider, mode, B, H, Hkv, L, S, P, D, False, dtype, "cpu"),
+            _ideal(mode, B, H, Hkv, L, S, P, D) * 2,
+            _flops(mode, B, H, L, S, P, D, False),
         )

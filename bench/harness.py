@@ -16,6 +16,7 @@ import math
 import os
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional
 
@@ -95,15 +96,33 @@ class Skip(Exception):
     """Raised by Case.make when a provider is unavailable (library missing, shape unsupported)."""
 
 
+class ProviderFailed(Exception):
+    """Raised by a peer library's work when that library itself fails on the case (its row says so,
+    with the message: it is that provider's result). Never for peftkern, eager or compile."""
+
+
 def input_sets_for(bytes_per_set: float, l2_bytes: Optional[int] = None, cap: int = 8) -> int:
     """Enough distinct input sets that cycling through them keeps the working set out of L2."""
+    if not torch.cuda.is_available():
+        return 1  # the CPU table: no L2 to keep out of on a GPU
     if l2_bytes is None:
         l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     return max(1, min(cap, math.ceil(3 * l2_bytes / max(bytes_per_set, 1))))
 
 
-def measure_copy_bandwidth(n_bytes: int = 1 << 30, reps: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+def measure_copy_bandwidth(n_bytes: int = 1 << 30, reps: int = 20, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (on the
+    CPU: a 256 MB tensor copy, timed by the wall clock)."""
+    if device == "cpu":
+        src = torch.ones(256 << 20, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        return 2 * src.numel() / statistics.median(times)
     src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -124,6 +143,38 @@ def measure_copy_bandwidth(n_bytes: int = 1 << 30, reps: int = 20) -> float:
 def _percentile(sorted_vals: List[float], q: float) -> float:
     idx = min(len(sorted_vals) - 1, max(0, round(q * (len(sorted_vals) - 1))))
     return sorted_vals[idx]
+
+
+def time_work_cpu(work: Work, warmup: int = 2, reps: int = 5, min_time_s: float = 0.5) -> dict:
+    """Median, p20 and p80 of one step in milliseconds on the CPU (the wall clock around each step).
+    A step over 0.2 s (a whole model) gets one warm-up and 3 timed runs, so the table keeps to minutes."""
+    for i in range(warmup):
+        if work.prepare:
+            work.prepare(i % work.n_sets)
+        t0 = time.perf_counter()
+        work.step(i % work.n_sets)
+        if time.perf_counter() - t0 > 0.2:
+            reps, min_time_s = 3, 0.0
+            break
+    times: List[float] = []
+    i = 0
+    while i < reps or sum(times) / 1e3 < min_time_s:
+        k = i % work.n_sets
+        if work.prepare:
+            work.prepare(k)
+        t0 = time.perf_counter()
+        work.step(k)
+        times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+        if i >= 20 * reps:
+            break
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": _percentile(times, 0.2),
+        "p80_ms": _percentile(times, 0.8),
+        "reps": len(times),
+    }
 
 
 def time_work(work: Work, warmup: int = 5, reps: int = 30, min_time_s: float = 0.25) -> dict:
@@ -171,7 +222,10 @@ def peak_memory_bytes(work: Work) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
+def run_cases(cases: Iterable[Case], copy_bw: float, log=print, device: str = "cuda") -> List[dict]:
+    """Times each case on `device` (cuda: CUDA events and peak memory; cpu: the wall clock, no
+    peak memory)."""
+    cuda = device == "cuda"
     rows = []
     for case in cases:
         row = {
@@ -184,8 +238,8 @@ def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
         }
         try:
             work = case.make()
-            row.update(time_work(work))
-            row["peak_mem_mb"] = peak_memory_bytes(work) / 2**20
+            row.update(time_work(work) if cuda else time_work_cpu(work))
+            row["peak_mem_mb"] = peak_memory_bytes(work) / 2**20 if cuda else None
             secs = row["median_ms"] / 1e3
             row["ideal_mb"] = case.ideal_bytes / 2**20
             row["gbps"] = case.ideal_bytes / secs / 1e9
@@ -195,11 +249,14 @@ def run_cases(cases: Iterable[Case], copy_bw: float, log=print) -> List[dict]:
                 row["tokens_per_s"] = case.tags["tokens"] / secs
         except Skip as e:
             row["skipped"] = str(e)
+        except ProviderFailed as e:
+            row["skipped"] = f"fails: {e}"
         except torch.cuda.OutOfMemoryError as e:  # large shapes on smaller cards
             row["skipped"] = f"out of memory: {str(e).splitlines()[0]}"
         finally:
             work = None
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
         log(format_row(row))
         rows.append(row)
     add_speedups(rows)
@@ -224,9 +281,10 @@ def format_row(r: dict) -> str:
     head = f"{r['family']:16s} {r['shape']:34s} {r['dtype']:8s} {r['mode']:9s} {r['provider']:10s}"
     if "skipped" in r:
         return f"{head} skipped: {r['skipped']}"
+    mem = "      n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:9.1f}"
     return (
         f"{head} {r['median_ms']:9.4f} ms [{r['p20_ms']:.4f}, {r['p80_ms']:.4f}]  "
-        f"{r['peak_mem_mb']:9.1f} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)"
+        f"{mem} MB  {r['gbps']:7.0f} GB/s ({100 * r['frac_copy_bw']:4.0f}% copy)"
         + (f"  {r['tokens_per_s']:,.0f} tokens/s, {r['tflops']:.0f} TFLOPS" if "tokens_per_s" in r else "")
     )
 
@@ -241,8 +299,15 @@ def markdown_table(rows: List[dict], meta: dict) -> str:
         f"# peftkern benchmarks: {meta['gpu']} ({meta['date']})",
         "",
         f"torch {meta['torch']}, CUDA {meta['cuda']}, peftkern build {meta['build']}. "
-        f"Measured device-to-device copy bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
-        "Times are CUDA-event medians [p20, p80]; bandwidth is the bytes an ideal kernel must move "
+        f"Measured {'device-to-device' if meta.get('device', 'cuda') == 'cuda' else 'memory'} copy "
+        f"bandwidth: {meta['copy_bw_gbps']:.0f} GB/s (read + write). "
+        + (
+            "Times are CUDA-event medians [p20, p80];"
+            if meta.get("device", "cuda") == "cuda"
+            else "CPU rows: wall-clock medians [p20, p80] of the CPU path (what users without a GPU run: "
+            "real figures); peak memory is not measured on the CPU;"
+        )
+        + " bandwidth is the bytes an ideal kernel must move "
         "over the median time; speedup is eager time / this time, same run. Whole-model rows (mode "
         "train) also give tokens/s and TFLOPS (bench/bench_model.py counts the flops).",
         "",
@@ -261,7 +326,8 @@ def markdown_table(rows: List[dict], meta: dict) -> str:
         tokens = f"{r['tokens_per_s']:,.0f} | {r['tflops']:.0f}" if "tokens_per_s" in r else " | "
         lines.append(
             f"| {r['family']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | "
-            f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | {r['peak_mem_mb']:.1f} | "
+            f"{r['median_ms']:.4f} | {r['p20_ms']:.4f} | {r['p80_ms']:.4f} | "
+            f"{'' if r['peak_mem_mb'] is None else format(r['peak_mem_mb'], '.1f')} | "
             f"{r['gbps']:.0f} | {100 * r['frac_copy_bw']:.0f}% | {'' if sp is None else f'{sp:.2f}x'} | "
             f"{tokens} |"
         )
@@ -325,12 +391,32 @@ def plot_speedups(rows: List[dict], meta: dict, path: str) -> bool:
     return True
 
 
-def run_meta(copy_bw: float) -> dict:
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run_meta(copy_bw: float, device: str = "cuda") -> dict:
     import peftkern
 
+    if device == "cpu":
+        label = f"CPU (no GPU visible): {cpu_name()}, {torch.get_num_threads()} threads"
+        if torch.cuda.is_available():
+            label = f"CPU (--device cpu): {cpu_name()}, {torch.get_num_threads()} threads"
+        slug = "CPU-" + re.sub(r"[^A-Za-z0-9]+", "-", cpu_name()).strip("-")[:40]
+    else:
+        label, slug = torch.cuda.get_device_name(0), gpu_slug()
     return {
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_slug": gpu_slug(),
+        "device": device,
+        "gpu": label,
+        "gpu_slug": slug,
         "date": _dt.date.today().isoformat(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
