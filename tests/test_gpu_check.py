@@ -206,3 +206,18 @@ def test_case_timeout_fails_a_stuck_test(tmp_path):
     assert proc.returncode == 1, proc.stdout
     assert "TimeoutError" in proc.stdout and "over --case-timeout=1 s" in proc.stdout
     assert "1 failed, 1 passed" in proc.stdout
+
+
+def test_static_budget_explained_spills(monkeypatch):
+    def row(name, **kw):
+        base = dict(
+            file="x.cu", name=name, threads=128, dyn=0, stack=0, spill_st=0, spill_ld=0, regs=64, smem=0
+        )
+        return dict(base, **kw)
+
+    monkeypatch.setattr(static_budget, "SPILLS_EXPLAINED", {"a<float>": "why it stays", "b<float>": "stale"})
+    rows = [row("a<float>", stack=8, spill_st=4, spill_ld=4), row("b<float>")]
+    problems = static_budget.judge(rows)
+    assert problems == ["b<float>: listed in SPILLS_EXPLAINED but no longer spills: remove it"]
+    md = static_budget.markdown(rows, problems, "90", "nvcc test")
+    assert "- `a<float>`: why it stays" in md and "1 spilling (1 explained below)" in md
