@@ -27,9 +27,15 @@ constexpr int kColsWarps = 4;
 constexpr int kColsThreads = kColsWarps * 32;
 constexpr size_t kAlign = 256;  // workspace buffers start on 256-byte boundaries
 
-// Column block of the columns kernel: BN * RP = 4096 keeps the two weight-gradient accumulators
-// at 64 float32 registers per thread for every rank.
-constexpr int cols_block_n(int rp) { return rp <= 32 ? 128 : 4096 / rp; }
+// Column block of the columns kernel (the one place the host plan and ColsCfg take it from), for
+// rank RP and element size es: BN * RP = 4096 keeps the two weight-gradient accumulators at 64
+// float32 registers per thread for 16-bit types. float32 takes BN * RP = 2048 (32 registers): its
+// 3xTF32 operand fragments are twice as large (hi + lo), and with 64 it spilled at RP = 64, 128.
+// BN is a multiple of 16 in 16..128 (RP = 256 float32 stays at 16, 64 registers).
+constexpr int cols_block_n(int rp, int es) {
+  const int bn = (es == 4 ? 2048 : 4096) / rp;
+  return bn > 128 ? 128 : bn < 16 ? 16 : bn;
+}
 
 struct Plan {
   int rp, bn, splits;
@@ -47,7 +53,8 @@ inline Plan make_plan(const LowRankBackwardArgs& a) {
     p.rp = decltype(rank)::value;
     return cudaSuccess;
   });
-  p.bn = cols_block_n(p.rp);
+  const size_t es = elem_size(a.dtype);
+  p.bn = cols_block_n(p.rp, static_cast<int>(es));
   p.col_blocks = ceil_div<int64_t>(std::max(a.n_in, a.n_out), p.bn);
   p.n_pad = p.col_blocks * p.bn;
   p.tiles = ceil_div<int64_t>(a.rows, kColsBM);
@@ -59,7 +66,6 @@ inline Plan make_plan(const LowRankBackwardArgs& a) {
   p.need_dz = a.dx || a.dw_down || a.db_down;
   p.need_h = a.dw_up != nullptr;
 
-  const size_t es = elem_size(a.dtype);
   const size_t rank_buf = round_up(size_t(a.rows) * p.rp * es, kAlign);
   const size_t w_part = round_up(size_t(p.splits) * p.n_pad * p.rp * 4, kAlign);
   size_t off = 0;
@@ -161,7 +167,7 @@ struct ColsArgs {
 };
 
 template <typename T, int RP> struct ColsCfg {
-  static constexpr int kBN = cols_block_n(RP);
+  static constexpr int kBN = cols_block_n(RP, int(sizeof(T)));
   static constexpr int kStages = RP <= 64 ? 3 : 2;
   static constexpr int kLdN = kBN + kSmemPad<T>;
   static constexpr int kLdR = RP + kSmemPad<T>;
