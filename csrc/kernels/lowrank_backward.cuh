@@ -185,6 +185,30 @@ template <typename T, int RP> struct ColsCfg {
   static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_80/90 limit");
 };
 
+// acc[q] += (a_s^T)(column block ni) x b_s(rank block ri) over the tile's kColsBM rows, for this
+// warp's fragments f = warp * kWgFragsPerWarp + q (ni = f / (RP / 16), ri = f % (RP / 16)).
+// One product at a time, k not unrolled: only one k step's operand fragments are live next to the
+// accumulators (the fully unrolled q x k nest of both products hoisted them all and spilled).
+template <typename T, int RP>
+__device__ __forceinline__ void wg_accumulate(typename Mma<T>::Acc (&acc)[ColsCfg<T, RP>::kWgFragsPerWarp],
+                                              const T* a_s, const T* b_s, int warp) {
+  using C = ColsCfg<T, RP>;
+  using M = Mma<T>;
+#pragma unroll 1
+  for (int k = 0; k < kColsBM; k += M::kK) {
+#pragma unroll
+    for (int q = 0; q < C::kWgFragsPerWarp; ++q) {
+      const int f = warp * C::kWgFragsPerWarp + q;
+      const int ni = f / (RP / 16), ri = f % (RP / 16);
+      typename M::template A<wmma::col_major> fa;  // A(n, k) = a_s tile [k][n]
+      fa.load(a_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
+      typename M::template B<wmma::row_major> fb;
+      fb.load(b_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
+      M::mma(acc[q], fa, fb);
+    }
+  }
+}
+
 template <typename T, int RP>
 __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(const ColsArgs a) {
   using C = ColsCfg<T, RP>;
@@ -265,7 +289,9 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
         const int mi = f / (C::kBN / 16), ni = f % (C::kBN / 16);
         typename M::Acc acc;
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
+        // unrolled by 2 only: fully unrolled, all k steps' fragments were loaded ahead, live next to
+        // acc_u/acc_d (they spilled)
+#pragma unroll 2
         for (int k = 0; k < RP; k += M::kK) {
           typename M::template A<wmma::row_major> fa;
           fa.load(dz_s + a_at<wmma::row_major>(mi * 16, k, C::kLdR), C::kLdR);
@@ -312,28 +338,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
       }
     }
 
-#pragma unroll
-    for (int q = 0; q < C::kWgFragsPerWarp; ++q) {
-      const int f = warp * C::kWgFragsPerWarp + q;
-      const int ni = f / (RP / 16), ri = f % (RP / 16);
-#pragma unroll
-      for (int k = 0; k < kColsBM; k += M::kK) {
-        if (need_dwu) {  // (grad_out^T)(n, k) = grad_out tile [k][n]: column-major A
-          typename M::template A<wmma::col_major> fa;
-          fa.load(g_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
-          typename M::template B<wmma::row_major> fb;
-          fb.load(h_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
-          M::mma(acc_u[q], fa, fb);
-        }
-        if (need_dwd) {
-          typename M::template A<wmma::col_major> fa;
-          fa.load(x_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
-          typename M::template B<wmma::row_major> fb;
-          fb.load(dz_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
-          M::mma(acc_d[q], fa, fb);
-        }
-      }
-    }
+    if (need_dwu) wg_accumulate<T, RP>(acc_u, g_s, h_s, warp);   // += grad_out^T h
+    if (need_dwd) wg_accumulate<T, RP>(acc_d, x_s, dz_s, warp);  // += drop(x)^T dz
 
     if (need_dbu && threadIdx.x < C::kBN)
       for (int rrow = 0; rrow < kColsBM; ++rrow) dbu_sum += to_float(g_s[rrow * C::kLdN + threadIdx.x]);
