@@ -183,6 +183,12 @@ template <typename T, int RP> struct ColsCfg {
   static constexpr int kDxFrags = (kColsBM / 16) * (kBN / 16);
   static_assert(kWgFrags % kColsWarps == 0, "weight-gradient fragments split evenly over warps");
   static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_80/90 limit");
+  // Minimum CTAs per SM for __launch_bounds__: as many as the shared memory allows on sm_90 (228 KB,
+  // 1 KB reserved per CTA), at most 3 (RP <= 64) or 2 (RP >= 128 needs ~200 registers). Told nothing,
+  // ptxas spilled a few values to reach 3 or 4 CTAs' registers that the shared memory rules out.
+  static constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
+  static constexpr int kMaxCtas = RP <= 64 ? 3 : 2;
+  static constexpr int kMinBlocks = kSmemCtas < 1 ? 1 : kSmemCtas < kMaxCtas ? kSmemCtas : kMaxCtas;
 };
 
 // acc[q] += (a_s^T)(column block ni) x b_s(rank block ri) over the tile's kColsBM rows, for this
@@ -210,7 +216,8 @@ __device__ __forceinline__ void wg_accumulate(typename Mma<T>::Acc (&acc)[ColsCf
 }
 
 template <typename T, int RP>
-__global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(const ColsArgs a) {
+__global__ void __launch_bounds__(kColsThreads, (ColsCfg<T, RP>::kMinBlocks))
+    lowrank_backward_cols_kernel(const ColsArgs a) {
   using C = ColsCfg<T, RP>;
   using M = Mma<T>;
   extern __shared__ __align__(128) unsigned char smem[];
