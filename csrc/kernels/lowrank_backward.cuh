@@ -27,9 +27,15 @@ constexpr int kColsWarps = 4;
 constexpr int kColsThreads = kColsWarps * 32;
 constexpr size_t kAlign = 256;  // workspace buffers start on 256-byte boundaries
 
-// Column block of the columns kernel: BN * RP = 4096 keeps the two weight-gradient accumulators
-// at 64 float32 registers per thread for every rank.
-constexpr int cols_block_n(int rp) { return rp <= 32 ? 128 : 4096 / rp; }
+// Column block of the columns kernel (the one place the host plan and ColsCfg take it from), for
+// rank RP and element size es: BN * RP = 4096 keeps the two weight-gradient accumulators at 64
+// float32 registers per thread for 16-bit types. float32 takes BN * RP = 2048 (32 registers): its
+// 3xTF32 operand fragments are twice as large (hi + lo), and with 64 it spilled at RP = 64, 128.
+// BN is a multiple of 16 in 16..128 (RP = 256 float32 stays at 16, 64 registers).
+constexpr int cols_block_n(int rp, int es) {
+  const int bn = (es == 4 ? 2048 : 4096) / rp;
+  return bn > 128 ? 128 : bn < 16 ? 16 : bn;
+}
 
 struct Plan {
   int rp, bn, splits;
@@ -47,7 +53,8 @@ inline Plan make_plan(const LowRankBackwardArgs& a) {
     p.rp = decltype(rank)::value;
     return cudaSuccess;
   });
-  p.bn = cols_block_n(p.rp);
+  const size_t es = elem_size(a.dtype);
+  p.bn = cols_block_n(p.rp, static_cast<int>(es));
   p.col_blocks = ceil_div<int64_t>(std::max(a.n_in, a.n_out), p.bn);
   p.n_pad = p.col_blocks * p.bn;
   p.tiles = ceil_div<int64_t>(a.rows, kColsBM);
@@ -59,7 +66,6 @@ inline Plan make_plan(const LowRankBackwardArgs& a) {
   p.need_dz = a.dx || a.dw_down || a.db_down;
   p.need_h = a.dw_up != nullptr;
 
-  const size_t es = elem_size(a.dtype);
   const size_t rank_buf = round_up(size_t(a.rows) * p.rp * es, kAlign);
   const size_t w_part = round_up(size_t(p.splits) * p.n_pad * p.rp * 4, kAlign);
   size_t off = 0;
@@ -162,7 +168,7 @@ struct ColsArgs {
 };
 
 template <typename T, int RP> struct ColsCfg {
-  static constexpr int kBN = cols_block_n(RP);
+  static constexpr int kBN = cols_block_n(RP, int(sizeof(T)));
   static constexpr int kStages = RP <= 64 ? 3 : 2;
   static constexpr int kLdN = kBN + kSmemPad<T>;
   static constexpr int kLdR = RP + kSmemPad<T>;
@@ -178,10 +184,41 @@ template <typename T, int RP> struct ColsCfg {
   static constexpr int kDxFrags = (kColsBM / 16) * (kBN / 16);
   static_assert(kWgFrags % kColsWarps == 0, "weight-gradient fragments split evenly over warps");
   static_assert(kSmemBytes <= 227 * 1024, "low-rank backward: shared memory over the sm_90 limit (smaller devices: lowrank_fused)");
+  // Minimum CTAs per SM for __launch_bounds__: as many as the shared memory allows on sm_90 (228 KB,
+  // 1 KB reserved per CTA), at most 3 (RP <= 64) or 2 (RP >= 128 needs ~200 registers). Told nothing,
+  // ptxas spilled a few values to reach 3 or 4 CTAs' registers that the shared memory rules out.
+  static constexpr int kSmemCtas = (228 * 1024) / (kSmemBytes + 1024);
+  static constexpr int kMaxCtas = RP <= 64 ? 3 : 2;
+  static constexpr int kMinBlocks = kSmemCtas < 1 ? 1 : kSmemCtas < kMaxCtas ? kSmemCtas : kMaxCtas;
 };
 
+// acc[q] += (a_s^T)(column block ni) x b_s(rank block ri) over the tile's kColsBM rows, for this
+// warp's fragments f = warp * kWgFragsPerWarp + q (ni = f / (RP / 16), ri = f % (RP / 16)).
+// One product at a time, k not unrolled: only one k step's operand fragments are live next to the
+// accumulators (the fully unrolled q x k nest of both products hoisted them all and spilled).
 template <typename T, int RP>
-__global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(const ColsArgs a) {
+__device__ __forceinline__ void wg_accumulate(typename Mma<T>::Acc (&acc)[ColsCfg<T, RP>::kWgFragsPerWarp],
+                                              const T* a_s, const T* b_s, int warp) {
+  using C = ColsCfg<T, RP>;
+  using M = Mma<T>;
+#pragma unroll 1
+  for (int k = 0; k < kColsBM; k += M::kK) {
+#pragma unroll
+    for (int q = 0; q < C::kWgFragsPerWarp; ++q) {
+      const int f = warp * C::kWgFragsPerWarp + q;
+      const int ni = f / (RP / 16), ri = f % (RP / 16);
+      typename M::template A<wmma::col_major> fa;  // A(n, k) = a_s tile [k][n]
+      fa.load(a_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
+      typename M::template B<wmma::row_major> fb;
+      fb.load(b_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
+      M::mma(acc[q], fa, fb);
+    }
+  }
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kColsThreads, (ColsCfg<T, RP>::kMinBlocks))
+    lowrank_backward_cols_kernel(const ColsArgs a) {
   using C = ColsCfg<T, RP>;
   using M = Mma<T>;
   PEFTKERN_DYNAMIC_SMEM(C::kSmemBytes);
@@ -261,7 +298,9 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
         const int mi = f / (C::kBN / 16), ni = f % (C::kBN / 16);
         typename M::Acc acc;
         wmma::fill_fragment(acc, 0.f);
-#pragma unroll
+        // unrolled by 2 only: fully unrolled, all k steps' fragments were loaded ahead, live next to
+        // acc_u/acc_d (they spilled)
+#pragma unroll 2
         for (int k = 0; k < RP; k += M::kK) {
           typename M::template A<wmma::row_major> fa;
           fa.load(dz_s + a_at<wmma::row_major>(mi * 16, k, C::kLdR), C::kLdR);
@@ -308,28 +347,8 @@ __global__ void __launch_bounds__(kColsThreads) lowrank_backward_cols_kernel(con
       }
     }
 
-#pragma unroll
-    for (int q = 0; q < C::kWgFragsPerWarp; ++q) {
-      const int f = warp * C::kWgFragsPerWarp + q;
-      const int ni = f / (RP / 16), ri = f % (RP / 16);
-#pragma unroll
-      for (int k = 0; k < kColsBM; k += M::kK) {
-        if (need_dwu) {  // (grad_out^T)(n, k) = grad_out tile [k][n]: column-major A
-          typename M::template A<wmma::col_major> fa;
-          fa.load(g_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
-          typename M::template B<wmma::row_major> fb;
-          fb.load(h_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
-          M::mma(acc_u[q], fa, fb);
-        }
-        if (need_dwd) {
-          typename M::template A<wmma::col_major> fa;
-          fa.load(x_s + a_at<wmma::col_major>(ni * 16, k, C::kLdN), C::kLdN);
-          typename M::template B<wmma::row_major> fb;
-          fb.load(dz_s + b_at<wmma::row_major>(k, ri * 16, C::kLdR), C::kLdR);
-          M::mma(acc_d[q], fa, fb);
-        }
-      }
-    }
+    if (need_dwu) wg_accumulate<T, RP>(acc_u, g_s, h_s, warp);   // += grad_out^T h
+    if (need_dwd) wg_accumulate<T, RP>(acc_d, x_s, dz_s, warp);  // += drop(x)^T dz
 
     if (need_dbu && threadIdx.x < C::kBN)
       for (int rrow = 0; rrow < kColsBM; ++rrow) dbu_sum += to_float(g_s[rrow * C::kLdN + threadIdx.x]);

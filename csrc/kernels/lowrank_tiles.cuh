@@ -105,7 +105,9 @@ __device__ __forceinline__ void stream_rows_times_weight(typename Mma<T>::Acc (&
 
     const T* a = a_stage(kc % C::kStages) + warp * 16 * C::kLdA;
     const T* w = w_stage(kc % C::kStages);
-#pragma unroll
+    // float32 at RP = 256 (acc alone is 128 registers): the 4 k steps not unrolled, so one step's
+    // split hi/lo fragments are live next to acc (unrolled, it spilled). Others: unrolled.
+#pragma unroll(std::is_same_v<T, float> && RP >= 256 ? 1 : C::kBK / M::kK)
     for (int k = 0; k < C::kBK; k += M::kK) {
       typename M::template A<wmma::row_major> fa;
       fa.load(a + k, C::kLdA);

@@ -105,8 +105,14 @@ __device__ __forceinline__ void apply_bits8(float (&v)[8], const int32_t* row_bi
   for (int e = 0; e < 8; ++e) v[e] = (b8 >> e) & 1u ? v[e] : 0.f;
 }
 
+// Minimum CTAs per SM for __launch_bounds__: the most each variant's registers allow (bits ~92 -> 2,
+// float32 scores ~70 -> 3, 16-bit scores 64 -> 4). Told nothing, ptxas spilled <float, float, false>
+// to fit 4 CTAs' 64 registers.
+template <typename TS, bool kBits> constexpr int kMvMinBlocks = kBits ? 2 : sizeof(TS) == 4 ? 3 : 4;
+
 template <typename T, typename TS, bool kBits>
-__global__ void __launch_bounds__(kMvWarps * 32) masked_matvec_kernel(const MaskedMatvecArgs a, bool vec_w) {
+__global__ void __launch_bounds__(kMvWarps * 32, (kMvMinBlocks<TS, kBits>))
+    masked_matvec_kernel(const MaskedMatvecArgs a, bool vec_w) {
   PEFTKERN_DYNAMIC_SMEM(kMaskedMatvecMaxTokens * kMvChunk * int(sizeof(T)));  // at the most tokens
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [tokens][kMvChunk]

@@ -337,8 +337,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------ backward
 
+// Minimum CTAs per SM for the backward's __launch_bounds__: 3 (D <= 128, <= 168 registers) or 2
+// (D = 256 needs ~220). Told nothing, ptxas spilled D = 64 to fit 4 CTAs' 128 registers.
+template <int kMaxD> constexpr int kBackwardMinBlocks = kMaxD == 256 ? 2 : 3;
+
 template <typename T, int kMaxD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
     prefix_attention_backward_kernel(PrefixAttentionShape s, PrefixAttentionBackward a, int64_t row_tiles) {
   using Cfg = Tiles<kMaxD, true>;
   constexpr int kPT = Cfg::kPT;
@@ -374,18 +378,15 @@ __global__ void __launch_bounds__(kThreads)
   delta_b = quad_sum(delta_b);
   const float lse_a = row_a.valid ? *stat_ptr(a.lse, pos.b, row_a) * kLog2e : kInf;
   const float lse_b = row_b.valid ? *stat_ptr(a.lse, pos.b, row_b) * kLog2e : kInf;
-  T* probs_a = nullptr;
-  T* probs_b = nullptr;
-  T* dscores_a = nullptr;
-  T* dscores_b = nullptr;
-  auto ws_row = [&](void* base, const Row& row) -> T* {  // workspace [B, H, L, probs_ld]
-    if (base == nullptr || !row.valid) return nullptr;
-    return static_cast<T*>(base) + ((static_cast<int64_t>(pos.b) * s.H + row.h) * s.L + row.i) * a.probs_ld;
+  // Workspace [B, H, L, probs_ld] rows of probs and dscores: one offset per row (-1: none) for both,
+  // the pointers formed where written (four row pointers held through the loop spilled on sm_80).
+  auto ws_off = [&](const Row& row) -> int64_t {
+    return row.valid ? ((static_cast<int64_t>(pos.b) * s.H + row.h) * s.L + row.i) * a.probs_ld : -1;
   };
-  probs_a = ws_row(a.probs, row_a);
-  probs_b = ws_row(a.probs, row_b);
-  dscores_a = ws_row(a.dscores, row_a);
-  dscores_b = ws_row(a.dscores, row_b);
+  const int64_t ws_a = ws_off(row_a), ws_b = ws_off(row_b);
+  auto ws_store = [&](void* base, int64_t off, int64_t c, uint32_t v) {
+    if (base != nullptr && off >= 0) *reinterpret_cast<uint32_t*>(static_cast<T*>(base) + off + c) = v;
+  };
 
   float dq[kMaxD / 8][4] = {};
   for (int p0 = 0; p0 < pos.P; p0 += kPT) {
@@ -412,19 +413,19 @@ __global__ void __launch_bounds__(kThreads)
     for (int nt = 0; nt < kPT / 8; ++nt) {
       const int64_t c = p0 + nt * 8 + 2 * t;
       if (c >= a.probs_ld) break;
-      if (probs_a) *reinterpret_cast<uint32_t*>(probs_a + c) = pack2<T>(p[nt][0], p[nt][1]);
-      if (probs_b) *reinterpret_cast<uint32_t*>(probs_b + c) = pack2<T>(p[nt][2], p[nt][3]);
-      if (dscores_a) *reinterpret_cast<uint32_t*>(dscores_a + c) = pack2<T>(s.scale * ds[nt][0], s.scale * ds[nt][1]);
-      if (dscores_b) *reinterpret_cast<uint32_t*>(dscores_b + c) = pack2<T>(s.scale * ds[nt][2], s.scale * ds[nt][3]);
+      ws_store(a.probs, ws_a, c, pack2<T>(p[nt][0], p[nt][1]));
+      ws_store(a.probs, ws_b, c, pack2<T>(p[nt][2], p[nt][3]));
+      ws_store(a.dscores, ws_a, c, pack2<T>(s.scale * ds[nt][0], s.scale * ds[nt][1]));
+      ws_store(a.dscores, ws_b, c, pack2<T>(s.scale * ds[nt][2], s.scale * ds[nt][3]));
     }
     if (a.dq.ptr != nullptr) regs_times_tile<T, kMaxD, kPT, Cfg::kLdCol>(dq, ds, kt_tile, s.D, g, t);
   }
   // Workspace columns past the tiles (all of them for a sample whose task id is out of range): zeros.
   for (int64_t c = round_up<int64_t>(pos.P, kPT) + 2 * t; c < a.probs_ld; c += 8) {
-    if (probs_a) *reinterpret_cast<uint32_t*>(probs_a + c) = 0u;
-    if (probs_b) *reinterpret_cast<uint32_t*>(probs_b + c) = 0u;
-    if (dscores_a) *reinterpret_cast<uint32_t*>(dscores_a + c) = 0u;
-    if (dscores_b) *reinterpret_cast<uint32_t*>(dscores_b + c) = 0u;
+    ws_store(a.probs, ws_a, c, 0u);
+    ws_store(a.probs, ws_b, c, 0u);
+    ws_store(a.dscores, ws_a, c, 0u);
+    ws_store(a.dscores, ws_b, c, 0u);
   }
   if (a.dq.ptr == nullptr) return;
 #pragma unroll
