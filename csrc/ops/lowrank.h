@@ -35,8 +35,8 @@ inline Activation parse_activation(const char* op, c10::string_view name) {
 #ifdef PEFTKERN_WITH_CUDA
 // The fused kernels cover CUDA float32/float16/bfloat16 and r <= 256 where their shared memory fits
 // the device's per-block limit (forward and backward alike, so both passes take the same path):
-// on sm_86/sm_89 (99 KB) float32 at every rank and half types at r > 128 take the composite, on
-// sm_80 (163 KB) float32 at r > 128 (bench/results/static_sm90.md lists each instance's bytes).
+// on sm_86/sm_89 (99 KB) float32 outside 17 <= r <= 32 and half types at r > 128 take the
+// composite, on sm_80 (163 KB) float32 at r > 128 (bench/results/static_sm90.md lists the bytes).
 inline bool lowrank_fused(const at::Tensor& x, int64_t r) {
   if (!x.is_cuda() || x.scalar_type() == at::kDouble || r > kernels::kLowRankMaxFusedRank) return false;
   const DType dtype = kernel_dtype(x.scalar_type());
