@@ -5,6 +5,11 @@ Ideal bytes per step (es = element size, W = weights and biases):
   forward    + write the pre-activation z (saved for backward)   2*T*d*es + T*r*es + W
   backward   read grad_out and x, write dx, read z, write dW     3*T*d*es + T*r*es + 2W
   full       forward + backward
+
+Predicted occupancy (sm_90, bench/results/static_sm90.md; 4 warps per block):
+at the target (bf16, r 64 -> RP 64)
+the forward kernel runs 3 blocks per SM (shared memory, 63.5 KB each), the rows backward 3 and the
+columns backward 3 (registers: 164 and 145 per thread): 12 warps per SM, 19% of the 64 the SM holds.
 """
 
 import itertools

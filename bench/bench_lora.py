@@ -8,6 +8,10 @@ Frozen base weight, x requires grad (deeper layers' LoRA need dx). Ideal bytes p
   full       forward + backward
 The base product dominates the flops (2*T*in*out each way): at these shapes LoRA steps are
 matmul-bound, and what the fused kernels save is the extra passes of the update and of dropout.
+Predicted occupancy (sm_90, bench/results/static_sm90.md; 4 warps per block):
+at
+the target (bf16, r 16 -> RP 16) the forward kernel 4 blocks per SM (112 registers), the rows
+backward 4, the columns backward 3 (136 registers), the reduce 6 (256 threads).
 
 peft interop ("lora-peft"): a Hugging Face peft lora.Linear as peft computes it (the baseline) vs the
 same layer after peftkern.integrations.peft.fuse, for DoRA (ideal: the LoRA step's bytes plus one

@@ -11,6 +11,11 @@ At large T the two products dominate (2*T*in*out flops each way); at decode size
 
 Packed inference (the serving path): masked_linear_packed vs eager (unpack the bits, materialise
 W * m, then linear) vs a plain linear with the unmasked W (the floor: it reads W alone).
+
+Predicted occupancy (sm_90, bench/results/static_sm90.md; 8 warps per block):
+mask_apply 4 blocks of 256
+threads (32 warps), mask_ste 8 (64 warps, full); the packed mat-vec 2 blocks of 8 warps (98
+registers) with 32 KB of x staged at 16 tokens.
 """
 
 import itertools

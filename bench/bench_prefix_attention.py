@@ -11,6 +11,11 @@ Ideal bytes (es = 2): forward reads q, k, v, the prefix once, writes out (and a 
   es * (2*B*H*L*D + 2*B*Hkv*S*D + 2*Hkv*P*D) + 4*B*H*L
 the backward reads those and dout, writes dq, dk, dv, dprefix: about twice that.
 Flops: 4*B*H*L*(P + S')*D forward, S' = S/2 when causal (L = S); the backward 2.5x that.
+
+Predicted occupancy (sm_90, bench/results/static_sm90.md; 4 warps per block):
+the prefix forward kernel 4 blocks
+per SM at D 64 (128 registers) and 3 at D 128 (160), the prefix backward 3 at both (136, 166): the
+sequence part is PyTorch's fused attention, whose occupancy is its own.
 """
 
 import itertools
