@@ -4,7 +4,9 @@ peftkern.ops           one autograd op per PEFT computation (torch.ops.peftkern.
 peftkern.nn            drop-in torch.nn modules built on those ops
 peftkern.integrations  model surgery (inject, merge, save/load) and interop with Hugging Face peft
 
-    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))   # or another method's config
+    model = peftkern.inject(model, peftkern.LoRAConfig(r=8), name="a")   # or another method's config
+    peftkern.inject(model, peftkern.AdapterConfig(bottleneck=16), name="b")
+    with peftkern.tasks(["a", "b", None]): out = model(**batch)      # each sample its own adapter
     peftkern.save_pretrained(model, path); peftkern.from_pretrained(fresh_base, path)
 """
 
@@ -28,12 +30,18 @@ from .integrations import (  # noqa: E402
     PrefixConfig,
     PromptConfig,
     VPTConfig,
+    active,
+    adapters,
+    delete_adapter,
     from_pretrained,
     inject,
+    load_adapter,
     merge,
     print_trainable_parameters,
     save_pretrained,
+    set_active,
     task_ids,
+    tasks,
     trainable_parameters,
 )
 
@@ -63,5 +71,11 @@ __all__ = [
     "PromptConfig",
     "VPTConfig",
     "task_ids",
+    "tasks",
+    "adapters",
+    "active",
+    "set_active",
+    "delete_adapter",
+    "load_adapter",
 ]
 __version__ = "0.1.0"

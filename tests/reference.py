@@ -232,7 +232,13 @@ def to_eager(model):
     import peftkern
 
     for name, m in list(model.named_modules()):
-        if isinstance(m, peftkern.nn.LoRALinear):
+        if isinstance(m, peftkern.nn.AdaptedLinear):  # peftkern.inject's layers: one adapter, "default"
+            if len(m.lora_A):
+                scaling, p = m.lora_settings["default"]
+                new = EagerLoRALinear(m.weight, m.bias, m.lora_A["default"], m.lora_B["default"], scaling, p)
+            else:
+                new = EagerMaskedLinear(m.weight, m.bias, m.scores["default"], m.mask_thresholds["default"])
+        elif isinstance(m, peftkern.nn.LoRALinear):
             if m.merged:
                 raise ValueError(f"to_eager: {name} is merged; its twin is a plain nn.Linear")
             new = EagerLoRALinear(m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, m.lora_dropout)
@@ -259,9 +265,10 @@ def adapter_calls(model):
     that AdapterDrop skips is not called) while the context is open."""
     calls = []
     handles = [
-        m.adapter.register_forward_hook(lambda *_, n=n: calls.append(n))
+        a.register_forward_hook(lambda *_, n=n: calls.append(n))
         for n, m in model.named_modules()
-        if isinstance(getattr(m, "adapter", None), nn.Module)
+        if isinstance(getattr(m, "adapter", None), nn.ModuleDict)
+        for a in m.adapter.values()
     ]
     try:
         yield calls

@@ -33,9 +33,9 @@ def test_training_step_follows_the_baseline(kind, method):
     if method == "lora":  # peft draws its own lora_A: start it from peftkern's
         with torch.no_grad():
             for n, m in models["peftkern"].named_modules():
-                if isinstance(m, peftkern.nn.LoRALinear):
+                if isinstance(m, peftkern.nn.AdaptedLinear):
                     models["peft"].get_submodule("base_model.model." + n).lora_A["default"].weight.copy_(
-                        m.lora_A
+                        m.lora_A["default"]
                     )
     losses = {}
     for provider, model in models.items():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftkern
-from peftkern.nn import AdaMixAdapter, Adapter, AdapterFusion, LoRALinear, MaskedLinear
+from peftkern.nn import AdaMixAdapter, AdaptedLinear, Adapter, AdapterFusion
 from tests import reference
 from tests.tiny_models import bert as tiny_bert
 from tests.tiny_models import llama as tiny_llama
@@ -42,16 +42,31 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def names_of(model, cls):
-    return sorted(n for n, m in model.named_modules() if isinstance(m, cls))
+LORA, MASK = "lora", "mask"
+
+
+def names_of(model, what):
+    """The linear layers holding a LoRA update (what="lora") or a mask (what="mask")."""
+    attr = {LORA: "lora_A", MASK: "scores"}[what]
+    return sorted(
+        n for n, m in model.named_modules() if isinstance(m, AdaptedLinear) and len(getattr(m, attr))
+    )
 
 
 ADAPTER_MODULES = (Adapter, AdaMixAdapter, AdapterFusion)
 
 
+def adapter_of(module, name="default"):
+    return module.adapter[name]
+
+
 def adapter_sites(model, kind=ADAPTER_MODULES):
-    """The modules holding an adapter child (a plain one, an AdaMix mixture or a fusion)."""
-    return sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "adapter", None), kind))
+    """The modules holding an adapter (a plain one, an AdaMix mixture or a fusion) named "default"."""
+    return sorted(
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "adapter", None), nn.ModuleDict) and isinstance(m.adapter["default"], kind)
+    )
 
 
 # --- where the presets put each method ----------------------------------------------------------
@@ -80,14 +95,14 @@ def test_llama_presets():
     model = peftkern.inject(tiny_llama(), peftkern.AdapterConfig(bottleneck=4, placement="parallel"))
     assert adapter_sites(model) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     model = peftkern.inject(tiny_llama(), peftkern.LoRAConfig(r=4))
-    assert names_of(model, LoRALinear) == sorted(
+    assert names_of(model, LORA) == sorted(
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     )
     # GQA: k/v project to 2 heads of 8 = 16 features
     assert peftkern.trainable_parameters(model)[0] == 2 * (4 * (32 + 32) + 4 * (32 + 16))
     model = peftkern.inject(tiny_llama(), peftkern.MaskConfig())
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    assert len(names_of(model, MaskedLinear)) == 2 * len(linears)
+    assert len(names_of(model, MASK)) == 2 * len(linears)
     assert type(model.lm_head) is nn.Linear  # the head is no block's linear
 
 
@@ -97,11 +112,11 @@ def test_vit_presets():
         f"layers.{i}.{s}" for i in range(2) for s in ("attention.o_proj", "mlp.fc2")
     )
     model = peftkern.inject(tiny_vit(), peftkern.LoRAConfig(r=2))
-    assert names_of(model, LoRALinear) == sorted(
+    assert names_of(model, LORA) == sorted(
         f"layers.{i}.attention.{p}" for i in range(2) for p in ("q_proj", "v_proj")
     )
     model = peftkern.inject(tiny_vit(), peftkern.MaskConfig())
-    assert len(names_of(model, MaskedLinear)) == 2 * 6
+    assert len(names_of(model, MASK)) == 2 * 6
     assert type(model.pooler.dense) is nn.Linear
 
 
@@ -109,13 +124,13 @@ def test_target_modules_suffixes_and_regex():
     model = peftkern.inject(
         tiny_bert(), peftkern.LoRAConfig(r=2, target_modules=["key", "intermediate.dense"])
     )
-    assert names_of(model, LoRALinear) == sorted(
+    assert names_of(model, LORA) == sorted(
         f"encoder.layer.{i}.{s}" for i in range(2) for s in ("attention.self.key", "intermediate.dense")
     )
     model = peftkern.inject(
         tiny_bert(), peftkern.LoRAConfig(r=2, target_modules=r"encoder\.layer\.1\..*query")
     )
-    assert names_of(model, LoRALinear) == ["encoder.layer.1.attention.self.query"]
+    assert names_of(model, LORA) == ["encoder.layer.1.attention.self.query"]
 
 
 # --- what the injected blocks compute -------------------------------------------------------------
@@ -130,7 +145,7 @@ def test_houlsby_adapters_sit_before_each_residual_add():
     layer = model.encoder.layer[0]
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
-        so, a = layer.attention.output, layer.attention.output.dense.adapter
+        so, a = layer.attention.output, adapter_of(layer.attention.output.dense)
         h = torch.randn(2, 7, 32)
         proj = F.linear(h, so.dense.weight, so.dense.bias)
         expected = so.LayerNorm(
@@ -150,7 +165,7 @@ def test_parallel_adapter_reads_the_ffn_input_and_adds_to_its_output():
         inter, out = layer.intermediate, layer.output
         h = inter.intermediate_act_fn(F.linear(attn, inter.dense.weight, inter.dense.bias))
         ffn = F.linear(h, out.dense.weight, out.dense.bias)
-        a = out.adapter
+        a = adapter_of(out)
         ffn = reference.adapter(
             attn, a.down.weight, a.down.bias, a.up.weight, a.up.bias, "gelu", 0.5, residual=ffn
         )
@@ -168,7 +183,7 @@ def test_llama_parallel_adapter_wraps_the_mlp():
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         base = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        a = mlp.adapter
+        a = adapter_of(mlp)
         expected = reference.adapter(x, a.down.weight, a.down.bias, a.up.weight, a.up.bias, "gelu", 1.0, base)
         assert rel_err(mlp(x), expected) < 1e-6
 
@@ -200,7 +215,8 @@ def test_llama_generate_after_injection(config):
 def test_bitfit_trains_only_biases():
     model = peftkern.inject(tiny_bert(), peftkern.BitFitConfig())
     trainable = [n for n, t in model.named_parameters() if t.requires_grad]
-    assert trainable and all(n.endswith(".bias") for n in trainable)
+    # each bias's task copy trains; the base's biases stay frozen for the model's other tasks
+    assert trainable and all(n.endswith(".peftkern_bias.default") for n in trainable)
     # per layer q, k, v, o, intermediate, output, two LayerNorms; the embeddings' LayerNorm; the pooler
     assert peftkern.trainable_parameters(model)[0] == 2 * (4 * 32 + 48 + 32 + 2 * 32) + 32 + 32
     model = peftkern.inject(tiny_bert(), peftkern.BitFitConfig(bias_names=["query.bias", "value.bias"]))
@@ -213,7 +229,8 @@ def test_modules_to_save_train_and_round_trip(tmp_path):
         return transformers.BertForSequenceClassification(tiny_bert().config).eval()
 
     model = peftkern.inject(fresh(), peftkern.LoRAConfig(r=2, modules_to_save=["classifier"]))
-    assert model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    head = model.classifier.peftkern_copies["default"]  # the task's copy trains, the base's stays
+    assert head.weight.requires_grad and head.bias.requires_grad and not model.classifier.weight.requires_grad
     randomize_peft_params(model)
     peftkern.save_pretrained(model, tmp_path)
     loaded = peftkern.from_pretrained(fresh(), tmp_path)
@@ -243,7 +260,11 @@ def test_save_load_round_trip(tmp_path, method):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "peftkern_weights.safetensors")
-    assert sorted(saved) == sorted(n for n, t in model.named_parameters() if t.requires_grad)
+    from peftkern.integrations.inject import injection_state
+
+    names = injection_state(model).adapters["default"].params  # saved name -> the model's
+    assert sorted(names.values()) == sorted(n for n, t in model.named_parameters() if t.requires_grad)
+    assert sorted(saved) == sorted(names) and all(".default" not in n for n in saved)
     loaded = peftkern.from_pretrained(tiny_bert(), tmp_path)
     x = ids()
     with torch.no_grad():
@@ -258,8 +279,8 @@ def test_merge(method, capsys):
     if method == "mask":  # drop about half the weights
         with torch.no_grad():
             for m in model.modules():
-                if isinstance(m, MaskedLinear):
-                    m.scores.uniform_(0, 2 * m.threshold)
+                if isinstance(m, AdaptedLinear):
+                    m.scores["default"].uniform_(0, 2 * m.mask_thresholds["default"])
     x = ids()
     with torch.no_grad():
         before = model(x).last_hidden_state
@@ -267,7 +288,7 @@ def test_merge(method, capsys):
         after = model(x).last_hidden_state
     said = capsys.readouterr().out
     assert rel_err(after, before) < 1e-5
-    assert not names_of(model, LoRALinear) and not names_of(model, MaskedLinear)
+    assert not names_of(model, LORA) and not names_of(model, MASK)
     if method == "lora":
         assert "LoRA merged into 4 linear layers" in said
     elif method == "mask":
@@ -285,19 +306,18 @@ def test_merge(method, capsys):
 # --- bad input --------------------------------------------------------------------------------------
 
 
-def test_inject_twice_raises():
+def test_inject_twice_under_one_name_raises():
     model = peftkern.inject(tiny_bert(), peftkern.LoRAConfig(r=2))
-    with pytest.raises(ValueError, match=r"already injected .*LoRAConfig\(r=2"):
+    with pytest.raises(ValueError, match=r"inject: the model already holds an adapter named 'default'"):
         peftkern.inject(model, peftkern.AdapterConfig())
-    with pytest.raises(
-        ValueError,
-        match=r"already injected \(its submodule layer.0.attention.self.query holds a peftkern LoRALinear",
-    ):
-        peftkern.inject(model.encoder, peftkern.BitFitConfig())
-    with pytest.raises(ValueError, match="its submodule encoder"):
+    with pytest.raises(ValueError, match="name must be a non-empty string without '.'"):
+        peftkern.inject(model, peftkern.AdapterConfig(), name="a.b")
+    with pytest.raises(ValueError, match="its submodule encoder holds peftkern adapters already"):
         outer = nn.Sequential()
         outer.add_module("encoder", model)
         peftkern.inject(outer, peftkern.BitFitConfig())
+    peftkern.inject(model, peftkern.AdapterConfig(bottleneck=3), name="second")  # another name: fine
+    assert list(peftkern.adapters(model)) == ["default", "second"]
 
 
 def test_a_config_matching_nothing_raises_and_changes_nothing():
@@ -312,7 +332,7 @@ def test_a_config_matching_nothing_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="modules_to_save"):
         peftkern.inject(model, peftkern.LoRAConfig(modules_to_save=["head"]))
     assert before == {n: t.requires_grad for n, t in model.named_parameters()}
-    assert not hasattr(model, "_peftkern") and not names_of(model, LoRALinear)
+    assert not hasattr(model, "_peftkern") and not names_of(model, LORA)
 
 
 def test_unknown_architecture_asks_for_target_modules():
@@ -323,7 +343,7 @@ def test_unknown_architecture_asks_for_target_modules():
         ):
             peftkern.inject(model, config)
     model = peftkern.inject(model, peftkern.LoRAConfig(r=2, target_modules=["0", "2"]))
-    assert names_of(model, LoRALinear) == ["0", "2"]
+    assert names_of(model, LORA) == ["0", "2"]
 
 
 def test_non_linear_targets_are_refused():
@@ -418,7 +438,7 @@ def test_config_dict_round_trip():
 
 def _unchanged(model, reference_model):
     assert not hasattr(model, "_peftkern")
-    assert not names_of(model, LoRALinear) and not adapter_sites(model)
+    assert not names_of(model, LORA) and not adapter_sites(model)
     assert all(t.requires_grad for t in model.parameters())
     for (n, a), (_, b) in zip(model.state_dict().items(), reference_model.state_dict().items()):
         assert torch.equal(a, b), n
@@ -656,7 +676,9 @@ def test_drop_layers_removes_the_lowest_blocks_adapters(kind, placement):
         assert adapter_sites(model) == want, n
         trainable = sorted(name for name, t in model.named_parameters() if t.requires_grad)
         assert trainable == sorted(
-            f"{s}.adapter.{p}" for s in want for p in ("down.weight", "down.bias", "up.weight", "up.bias")
+            f"{s}.adapter.default.{p}"
+            for s in want
+            for p in ("down.weight", "down.bias", "up.weight", "up.bias")
         )
         assert (
             peftkern.trainable_parameters(model)[0]
@@ -744,12 +766,12 @@ def test_a_skipped_adapter_computes_as_if_absent(kind, placement):
     for name, m in want.named_modules():
         if name in adapter_sites(want) and name not in ran:
             with torch.no_grad():
-                m.adapter.up.weight.zero_()
-                m.adapter.up.bias.zero_()
+                adapter_of(m).up.weight.zero_()
+                adapter_of(m).up.bias.zero_()
     assert rel_err(out, output_of(want, x)) < 1e-6
     for name, m in model.named_modules():
         if name in adapter_sites(model):
-            grads = [t.grad for t in m.adapter.parameters()]
+            grads = [t.grad for t in adapter_of(m).parameters()]
             if name in ran:
                 assert all(g is not None and g.abs().sum() > 0 for g in grads), name
             else:
@@ -934,7 +956,7 @@ def test_fusion_over_saved_adapters(tmp_path):
     # only the fusion's query, key and value train (AdapterFusion's second stage)
     trainable = sorted(n for n, t in model.named_parameters() if t.requires_grad)
     assert trainable == sorted(
-        f"{s}.adapter.{p}"
+        f"{s}.adapter.default.{p}"
         for s in sites
         for p in ("query.weight", "query.bias", "key.weight", "key.bias", "value.weight")
     )
@@ -944,10 +966,10 @@ def test_fusion_over_saved_adapters(tmp_path):
     modules = dict(model.named_modules())
     h = torch.randn(3, 7, 32)
     for site in sites:
-        fusion = modules[site].adapter
+        fusion = adapter_of(modules[site])
         chosen = [
-            dict(sources[0].named_modules())[site].adapter,
-            dict(sources[2].named_modules())[site].adapter,
+            adapter_of(dict(sources[0].named_modules())[site]),
+            adapter_of(dict(sources[2].named_modules())[site]),
         ]
         with torch.no_grad():
             stack = torch.stack([a(h) - h for a in chosen], dim=-2)  # each adapter's branch
@@ -975,7 +997,7 @@ def test_fusion_over_saved_adapters(tmp_path):
     twin_params, params = dict(twin.named_parameters()), dict(model.named_parameters())
     for n, t in model.named_parameters():
         if n.endswith(
-            ".adapter.key.bias"
+            ".adapter.default.key.bias"
         ):  # no gradient in exact arithmetic (it adds q . b to every score): rounding
             scale = params[n.replace("bias", "weight")].grad.norm()
             assert t.grad.norm() < 1e-4 * scale and twin_params[n].grad.norm() < 1e-4 * scale, n
@@ -997,8 +1019,10 @@ def test_fusion_checkpoint_holds_its_adapters(tmp_path, capsys):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "fusion" / "peftkern_weights.safetensors")
-    assert sorted(saved) == sorted(
-        n for n, _ in model.named_parameters() if n.startswith("encoder.layer.") and ".adapter." in n
+    assert sorted(saved) == sorted(  # under the names a model of that adapter alone had before names
+        n.replace(".adapter.default.", ".adapter.")
+        for n, _ in model.named_parameters()
+        if n.startswith("encoder.layer.") and ".adapter." in n
     )
     assert any(".adapter.adapters.down_weight" in n for n in saved)  # the frozen adapters too
     shutil.rmtree(tmp_path / "sources")  # from_pretrained does not read the sources
@@ -1056,8 +1080,9 @@ def test_fusion_takes_a_source_by_its_sites(tmp_path):
     config = peftkern.AdapterConfig(bottleneck=5, fusion={"a": tmp_path / "a"}, modules_to_save=["pooler"])
     model = peftkern.inject(tiny_bert(), config)
     assert len(adapter_sites(model, AdapterFusion)) == 4
-    assert torch.equal(model.pooler.dense.weight, tiny_bert().pooler.dense.weight)
-    assert model.pooler.dense.weight.requires_grad
+    head = model.pooler.peftkern_copies["default"]  # the fusion's own copy of the head
+    assert torch.equal(head.dense.weight, tiny_bert().pooler.dense.weight)
+    assert head.dense.weight.requires_grad
 
 
 def test_fusion_refuses_a_source_reading_another_tensor(tmp_path):

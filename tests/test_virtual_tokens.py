@@ -254,9 +254,9 @@ def test_prefix_attention_dropout_runs_the_composite_path():
         randomize(prefix)
         ids, mask = batch()
         task_ids = torch.tensor([1, 0, 1])
-        import peftkern.integrations.virtual_tokens as vt
+        import peftkern.integrations.methods.prefix as prefix_method
 
-        vt._warned_dropout = False
+        prefix_method._warned_dropout = False
         with pytest.warns(UserWarning, match="slow composite path"):
             out = hidden(model.train()(input_ids=ids, attention_mask=mask, task_ids=task_ids))
         ref = hidden(reference.prefix_model(MODELS[kind](), prefix, ids, mask, task_ids=task_ids))
@@ -324,7 +324,7 @@ def test_a_single_task_model_ignores_peftkern_task_ids():
 def test_dropout_path_per_head_float_masks():
     """The composite path itself, with a per-head additive mask, GQA and per-task prefixes: against
     the reference formula (dropout 1e-9, so the draws do not matter)."""
-    from peftkern.integrations.virtual_tokens import _prefix_attention_with_dropout
+    from peftkern.integrations.methods.prefix import _prefix_attention_with_dropout
 
     torch.manual_seed(0)
     B, H, Hkv, L, S, D, T = 2, 4, 2, 3, 6, 8, 3
@@ -333,7 +333,7 @@ def test_dropout_path_per_head_float_masks():
     ids = torch.tensor([2, 0])
     mask = torch.randn(B, H, L, S).masked_fill(torch.rand(B, H, L, S) < 0.3, float("-inf"))
     for causal in (False, True):
-        out, _ = _prefix_attention_with_dropout(q, k, v, pk, pv, ids, mask, causal, None, 1e-9)
+        out = _prefix_attention_with_dropout(q, k, v, pk, pv, ids, mask, causal, None, 1e-9)
         ref = reference.prefix_attention(q, k, v, pk, pv, prefix_ids=ids, attn_mask=mask, causal=causal)
         assert rel_err(out.transpose(1, 2), ref) < 1e-5
 
@@ -656,10 +656,10 @@ def test_configs_round_trip():
         assert config_from_dict(c.to_dict()) == c
 
 
-def test_inject_twice_is_refused():
+def test_inject_twice_under_one_name_is_refused():
     model, _ = prefixed("llama")
     with warnings.catch_warnings():
-        with pytest.raises(ValueError, match="already injected"):
+        with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
             peftkern.inject(model, peftkern.PromptConfig())
 
 

@@ -9,9 +9,19 @@ transformers.
 
 import importlib
 
-from .checkpoint import from_pretrained, save_pretrained
+from .checkpoint import from_pretrained, load_adapter, save_pretrained
 from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, PrefixConfig, PromptConfig, VPTConfig
-from .inject import inject, merge, print_trainable_parameters, trainable_parameters
+from .inject import (
+    active,
+    adapters,
+    delete_adapter,
+    inject,
+    merge,
+    print_trainable_parameters,
+    set_active,
+    tasks,
+    trainable_parameters,
+)
 from .virtual_tokens import task_ids
 
 _SUBMODULES = ("peft",)
@@ -36,11 +46,17 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "VPTConfig",
+    "active",
+    "adapters",
+    "delete_adapter",
     "from_pretrained",
     "inject",
+    "load_adapter",
     "merge",
     "print_trainable_parameters",
     "save_pretrained",
+    "set_active",
     "task_ids",
+    "tasks",
     "trainable_parameters",
 ]

@@ -12,13 +12,14 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..nn.adapter import STACKED_PARAMS
 from .config import AdapterConfig, config_from_dict
-from .inject import _copy_into, apply, expected_saved_shapes, injection_state, plan
+from .inject import DEFAULT_NAME, _check_name, apply, copy_into, expected_saved_shapes, injection_state, plan
 
 CONFIG_NAME = "peftkern_config.json"
 WEIGHTS_NAME = "peftkern_weights.safetensors"
@@ -35,25 +36,42 @@ def _safetensors():
     return safetensors.torch
 
 
-def save_pretrained(model: nn.Module, path) -> None:
-    """Writes the config and the PEFT parameters of an injected (not merged) model to directory `path`."""
-    state = injection_state(model)
-    if state is None:
-        raise ValueError("save_pretrained: the model holds no peftkern method (call peftkern.inject first)")
-    if state.merged:
+def _save_one(model, state, name, path) -> None:
+    a = state.adapters[name]
+    if a.merged:
         raise ValueError(
-            "save_pretrained: the model was merged (peftkern.merge), so its LoRA / mask parameters are "
-            "gone; save before merging"
+            f"save_pretrained: adapter {name!r} was merged (peftkern.merge), so its parameters are gone or "
+            "folded into the base; save before merging"
         )
     params = dict(model.named_parameters(remove_duplicate=False))
-    tensors = {n: params[n].detach().cpu().contiguous() for n in state.param_names}
+    tensors = {saved: params[n].detach().cpu().contiguous() for saved, n in a.params.items()}
     data = _safetensors().save(tensors, metadata={"format": "pt"})
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, WEIGHTS_NAME), "wb") as f:  # the weights first: a config names a whole file
         f.write(data)
     config = {"peftkern_format": FORMAT_VERSION, "weights_sha256": hashlib.sha256(data).hexdigest()}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump({**config, **state.config.to_dict()}, f, indent=2)
+        json.dump({**config, **a.config.to_dict()}, f, indent=2)
+
+
+def save_pretrained(model: nn.Module, path, names=None) -> None:
+    """Writes the config and the parameters of named adapters (not merged ones) of an injected model:
+    one adapter to directory `path` (``peftkern_config.json``, ``peftkern_weights.safetensors``),
+    several to ``path/<name>/`` each. `names`: a name, a list, or None for every adapter."""
+    state = injection_state(model)
+    if state is None or not state.adapters:
+        raise ValueError("save_pretrained: the model holds no peftkern adapter (call peftkern.inject first)")
+    chosen = list(state.adapters) if names is None else [names] if isinstance(names, str) else list(names)
+    for n in chosen:
+        if n not in state.adapters:
+            raise ValueError(
+                f"save_pretrained: no adapter named {n!r}; the model holds {sorted(state.adapters)}"
+            )
+    if len(chosen) == 1:
+        _save_one(model, state, chosen[0], path)
+        return
+    for n in chosen:
+        _save_one(model, state, n, os.path.join(path, n))
 
 
 def _read(path):
@@ -103,16 +121,32 @@ def _check_names_and_shapes(expected, tensors, path, who="from_pretrained") -> N
         raise ValueError(f"{who}: {path} holds {extra[0]}, which the base model has no place for")
 
 
-def from_pretrained(base_model: nn.Module, path) -> nn.Module:
-    """Injects the config saved at `path` into `base_model` (a freshly loaded base, in place) and
-    loads the saved PEFT parameters; returns the model. Every check (config, file, names, shapes)
-    runs before the model changes: on any error it is left as it was. A fusion's checkpoint holds
-    its adapters, so the directories its config names are not read."""
+def load_adapter(model: nn.Module, path, name: str = DEFAULT_NAME) -> nn.Module:
+    """Adds the adapter saved at `path` to `model` (a base, or a model holding other adapters) under
+    `name`, loads its parameters and makes it the active one; returns the model. Every check
+    (config, file, names, shapes) runs before the model changes: on any error it is left as it was.
+    A fusion's checkpoint holds its adapters, so the directories its config names are not read."""
     config, tensors = _read(path)
-    p = plan(base_model, config)
-    _check_names_and_shapes(expected_saved_shapes(base_model, p), tensors, path)
-    apply(base_model, p)
-    _copy_into(base_model, tensors)
+    _check_name(injection_state(model), name, "load_adapter")
+    p = plan(model, config)
+    _check_names_and_shapes(expected_saved_shapes(model, p), tensors, path)
+    apply(model, p, name)
+    params = injection_state(model).adapters[name].params
+    copy_into(model, {params[k]: t for k, t in tensors.items()})
+    return model
+
+
+def from_pretrained(base_model: nn.Module, path, name: Optional[str] = None) -> nn.Module:
+    """Loads what save_pretrained wrote into `base_model` (a freshly loaded base, in place): one
+    adapter (under `name`, default "default"), or every ``path/<name>/`` of a save of several,
+    under their names (the last one active). Returns the model."""
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)) or not os.path.isdir(path):
+        return load_adapter(base_model, path, DEFAULT_NAME if name is None else name)
+    subdirs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+    if not subdirs:
+        _read(path)  # raises: names the missing file
+    for d in subdirs:
+        load_adapter(base_model, os.path.join(path, d), d)
     return base_model
 
 
@@ -146,7 +180,7 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
             sp = plan(model, dataclasses.replace(source, modules_to_save=None))
         except ValueError as e:
             raise ValueError(f"{who} does not fit this model: {e}") from None
-        sites, ours = ({s.name: _reads(s) for s in q.sites} for q in (sp, p))
+        sites, ours = ({s.name: _reads(s) for s in q.sites.sites} for q in (sp, p))
         if sites.keys() != ours.keys():
             raise ValueError(f"{who} places adapters at {sorted(sites)}, the fusion at {sorted(ours)}")
         for n in sites:
@@ -155,7 +189,7 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
         expected = expected_saved_shapes(model, sp)
         adapters = {n: t for n, t in tensors.items() if any(n.startswith(f"{s}.adapter.") for s in sites)}
         _check_names_and_shapes(expected, adapters, path, who)
-        for s in p.sites:
+        for s in p.sites.sites:
             r = config.bottleneck_for(s.d_model)
             have = tensors[f"{s.name}.adapter.down.weight"].shape[0]
             if have != r:
@@ -169,8 +203,8 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
 
 def _reads(site) -> str:
     """What the adapter of a site reads (sources and fusion must agree)."""
-    if site.kind == "adapter":
+    if site.kind == "serial":
         return "the module's output"
-    if site.residual_arg is None:
+    if site.kind == "parallel":
         return "the module's input"
     return f"the module's argument {site.residual_arg[0]}"

@@ -1,80 +1,51 @@
-"""Model surgery: ``inject`` a PEFT method into any model, count, and ``merge`` for deployment.
+"""Model surgery: ``inject`` named PEFT adapters of any method into any model, choose which apply
+(``set_active``, or per sample with ``tasks``), count, ``merge`` for deployment.
 
-    model = peftkern.inject(model, peftkern.LoRAConfig(r=8))     # in place; only LoRA trains
-    peftkern.print_trainable_parameters(model)
-    ...train...
-    peftkern.merge(model)                                        # LoRA folded in, masks baked
+    peftkern.inject(model, LoRAConfig(r=8), name="sentiment")      # in place; only the adapter trains
+    peftkern.inject(model, AdapterConfig(bottleneck=32), name="topic")
+    peftkern.set_active(model, "topic")                             # or ["a", "b"] together, or None
+    with peftkern.tasks(["sentiment", "topic", None]):              # one entry per sample
+        logits = model(**batch).logits
+    peftkern.merge(model, "topic")
 
-The base model's parameter names never change: LoRA and masks replace an ``nn.Linear`` by a
-``LoRALinear`` / ``MaskedLinear`` that holds the same ``weight`` and ``bias`` Parameters, and an
-adapter becomes a child ``adapter`` of the module it follows, applied by a forward hook. So the
-base's own ``save_pretrained`` still writes a checkpoint the base loads (the extra keys are the
-PEFT parameters), and ``peftkern.save_pretrained`` writes the PEFT parameters alone.
+The base model's parameter names never change: LoRA and masks turn an ``nn.Linear`` into an
+``AdaptedLinear`` in place (same weight and bias Parameters), adapters become children of the
+modules they follow, applied by hooks. Each method lives in one file under ``methods/``; this module
+only drives them.
 """
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..nn import (
-    AdaMixAdapter,
-    Adapter,
-    AdapterFusion,
-    LoRALinear,
-    MaskedLinear,
-    MultiAdapter,
-    PrefixKV,
-    SoftPrompt,
-    VisualPrompt,
-)
+from ..nn import routing
 from . import virtual_tokens
 from .config import (
     AdapterConfig,
-    BitFitConfig,
-    LoRAConfig,
-    MaskConfig,
     PrefixConfig,
     PromptConfig,
     VPTConfig,
     _Config,
     config_from_dict,
 )
-from .targets import matches, preset_for
+from .methods import Method, copies, describe
+from .methods.adapter import AdapterMethod
+from .methods.bitfit import BitFit
+from .methods.lora import LoRA
+from .methods.mask import Mask
+from .methods.prefix import Prefix
+from .methods.prompt import Prompt
+from .methods.vpt import VPT
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
-_PEFTKERN_MODULES = (
-    Adapter,
-    AdaMixAdapter,
-    AdapterFusion,
-    MultiAdapter,
-    LoRALinear,
-    MaskedLinear,
-    PrefixKV,
-    SoftPrompt,
-    VisualPrompt,
-)
-_TOKEN_CONFIGS = (PrefixConfig, PromptConfig, VPTConfig)
-_ADAPTER_KINDS = ("adapter", "parallel_adapter")
-
-
-@dataclass
-class InjectionState:
-    config: _Config
-    # what save_pretrained writes: the parameters inject made trainable, and a fusion's frozen adapters
-    param_names: List[str]
-    merged: bool = False
-
-
-@dataclass
-class _Site:
-    name: str  # the module replaced (lora, mask) or that holds the adapter
-    kind: str  # "lora" | "mask" | "adapter" | "parallel_adapter"
-    # parallel_adapter: (name, position) of the module's argument that carries the FFN input as the
-    # residual it adds (BertOutput's input_tensor); None: the module is the FFN, its input the FFN input
-    residual_arg: Optional[tuple] = None
-    d_model: int = 0  # adapters
+METHODS: Dict[type, Method] = {
+    m.config_class: m for m in (LoRA(), Mask(), AdapterMethod(), BitFit(), Prefix(), Prompt(), VPT())
+}
+DEFAULT_NAME = "default"
+_ROUTE_TOKENS = virtual_tokens.CallStack("peftkern_route_tokens")
 
 
 @dataclass
@@ -82,55 +53,46 @@ class Plan:
     """What inject will do to a model, worked out before anything changes."""
 
     config: _Config
-    sites: List[_Site] = field(default_factory=list)
-    # existing parameters that train (BitFit's biases, modules_to_save)
-    selected: List[str] = field(default_factory=list)
-    tokens: Optional[virtual_tokens.TokensPlan] = None  # prefix, prompt, VPT
+    method: Method
+    sites: object  # the method's plan
+    copies: List[str] = field(default_factory=list)  # modules_to_save
 
 
-def injection_state(model: nn.Module) -> Optional[InjectionState]:
+@dataclass
+class AdapterState:
+    config: _Config
+    plan: Plan
+    params: Dict[str, str]  # saved name -> model parameter name
+    merged: bool = False
+
+
+@dataclass
+class PeftState:
+    adapters: Dict[str, AdapterState] = field(default_factory=dict)
+    active: Tuple[str, ...] = ()
+
+    @property
+    def config(self) -> _Config:
+        """The config of the model's one adapter."""
+        if len(self.adapters) != 1:
+            raise ValueError(f"the model holds {len(self.adapters)} named adapters: {sorted(self.adapters)}")
+        return next(iter(self.adapters.values())).config
+
+    @property
+    def merged(self) -> List[str]:
+        return [n for n, a in self.adapters.items() if a.merged]
+
+    @property
+    def param_names(self) -> List[str]:
+        return [p for a in self.adapters.values() for p in a.params.values()]
+
+
+def injection_state(model: nn.Module) -> Optional[PeftState]:
     return getattr(model, _STATE, None)
 
 
-def _describe(config) -> str:
-    fields = ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if k != "method")
-    return f"{type(config).__name__}({fields})"
-
-
-def _out_features(module: nn.Module, model: nn.Module, config_name: str, name: str) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if isinstance(hidden, int):
-        return hidden
-    raise ValueError(
-        f"{config_name}: cannot tell the width of {name} ({type(module).__name__}): target an "
-        "nn.Linear, or a model whose config has hidden_size"
-    )
-
-
-def _matched(model, config, pattern, what) -> List[Tuple[str, nn.Module]]:
-    found = [(n, m) for n, m in model.named_modules() if n and matches(n, pattern)]
-    if not found:
-        raise ValueError(
-            f"{_describe(config)} matched no module of {type(model).__name__} ({what} {pattern!r})"
-        )
-    return found
-
-
-def _linears(model, config, pattern, what):
-    found = _matched(model, config, pattern, what)
-    for n, m in found:
-        if type(m) is not nn.Linear:
-            raise ValueError(
-                f"{type(config).__name__}: {what} matched {n} ({type(m).__name__}), which is not an "
-                f"nn.Linear; name linear layers only"
-            )
-    return found
-
-
 def plan(model: nn.Module, config: _Config) -> Plan:
-    """The sites and selected parameters of `config` on `model`; raises before changing anything."""
+    """The sites of `config` on `model`; raises before changing anything."""
     if not isinstance(config, _Config):
         raise TypeError(
             "inject: config must be an AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, "
@@ -139,301 +101,265 @@ def plan(model: nn.Module, config: _Config) -> Plan:
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")
     for n, m in model.named_modules():
-        state = injection_state(m)
-        if state is not None or isinstance(m, _PEFTKERN_MODULES):
-            where = f"its submodule {n}" if n else "it"
-            holds = _describe(state.config) if state is not None else f"a peftkern {type(m).__name__}"
+        if n and injection_state(m) is not None:
             raise ValueError(
-                f"inject: {_describe(config)} on a model already injected ({where} holds "
-                f"{holds}); load a fresh base model to inject again"
+                f"inject: {describe(config)}: its submodule {n} holds peftkern adapters already; inject into "
+                "the model that holds them"
             )
     # a checked copy: the caller's object may have been edited since it was built, or may be later
     config = config_from_dict(config.to_dict())
-    cname = type(config).__name__
-    p = Plan(config)
-    explicit = getattr(config, "target_modules", None)
-    if isinstance(config, (LoRAConfig, MaskConfig)):
-        kind = "lora" if isinstance(config, LoRAConfig) else "mask"
-        pattern = explicit
-        if pattern is None:
-            preset = preset_for(model, cname)
-            pattern = preset.lora if kind == "lora" else preset.linears
-        p.sites = [_Site(n, kind) for n, _ in _linears(model, config, pattern, "target_modules")]
-    elif isinstance(config, AdapterConfig):
-        p.sites = _adapter_sites(model, config, explicit)
-    elif isinstance(config, BitFitConfig):
-        names = [
-            n
-            for n, _ in model.named_parameters()
-            if (
-                n.rsplit(".", 1)[-1] == "bias" if config.bias_names is None else matches(n, config.bias_names)
-            )
-        ]
-        if not names:
-            raise ValueError(
-                f"{_describe(config)} matched no parameter of {type(model).__name__} "
-                f"({'parameters named bias' if config.bias_names is None else repr(config.bias_names)})"
-            )
-        p.selected += names
-    elif isinstance(config, _TOKEN_CONFIGS):
-        p.tokens = virtual_tokens.plan(model, config)
-    if config.modules_to_save is not None:
-        for n, m in _matched(model, config, config.modules_to_save, "modules_to_save"):
-            p.selected += [f"{n}.{pn}" for pn, _ in m.named_parameters()]
-    p.selected = list(dict.fromkeys(p.selected))
-    return p
-
-
-def _adapter_sites(model, config: AdapterConfig, explicit) -> List[_Site]:
-    cname = type(config).__name__
-    parallel = config.placement == "parallel"
-    residual_arg = None
-    if explicit is not None:
-        names = [n for n, _ in _matched(model, config, explicit, "target_modules")]
-    else:
-        preset = preset_for(model, cname)
-        patterns = {
-            "houlsby": [preset.attention_output, preset.ffn_output],
-            "pfeiffer": [preset.ffn_output],
-            "parallel": [preset.ffn],
-        }[config.placement]
-        names = [
-            n for pat in patterns for n, _ in _matched(model, config, pat, f"the {config.placement} preset")
-        ]
-        residual_arg = preset.ffn_residual_arg if parallel else None
-    if config.drop_layers:
-        names = _drop_lowest_layers(model, config, names)
-    modules = dict(model.named_modules())
-    sites = []
-    for n in names:
-        m = modules[n]
-        if hasattr(m, "adapter"):
-            raise ValueError(
-                f"{cname}: {n} already has an attribute 'adapter'; cannot place an adapter there"
-            )
-        if parallel and isinstance(m, nn.Linear) and m.in_features != m.out_features:
-            raise ValueError(
-                f"{cname}: a parallel adapter reads {n}'s input ({m.in_features} features) and adds to its "
-                f"output ({m.out_features}); they must be the same width"
-            )
-        d = _out_features(m, model, cname, n)
-        sites.append(_Site(n, "parallel_adapter" if parallel else "adapter", residual_arg, d))
-    return sites
-
-
-def _block_index(model: nn.Module, name: str) -> Optional[int]:
-    """The index of module `name` in the outermost nn.ModuleList on its path (a transformer's blocks:
-    BERT's ``encoder.layer``, Llama's ``model.layers``, T5's ``encoder.block``, GPT-2's ``h``); None
-    when no ModuleList holds it."""
-    module = model
-    for part in name.split("."):
-        if isinstance(module, nn.ModuleList):
-            return int(part)
-        module = getattr(module, part)
-    return None
-
-
-def _drop_lowest_layers(model, config: AdapterConfig, names: List[str]) -> List[str]:
-    """AdapterDrop: the sites of `names` outside the lowest config.drop_layers blocks."""
-    n_drop, kept, blocks = config.drop_layers, [], set()
-    for n in names:
-        i = _block_index(model, n)
-        if i is None:
-            raise ValueError(
-                f"AdapterConfig: drop_layers={n_drop} drops adapters by transformer block, but {n} lies in "
-                "none (no nn.ModuleList of blocks holds it); target block modules only"
-            )
-        blocks.add(i)
-        if i >= n_drop:
-            kept.append(n)
-    if not kept:
-        raise ValueError(
-            f"{_describe(config)}: drop_layers={n_drop} removed every adapter (the sites lie in blocks "
-            f"{min(blocks)} to {max(blocks)})"
-        )
-    return kept
-
-
-def _factory(module: nn.Module, model: nn.Module) -> dict:
-    p = next(module.parameters(), None)
-    p = next(model.parameters(), None) if p is None else p
-    return {} if p is None else dict(device=p.device, dtype=p.dtype)
-
-
-def _build(site: _Site, module: nn.Module, model: nn.Module, config, meta: bool = False) -> nn.Module:
-    """The new module of a site: the replacement (lora, mask) or the adapter child. On "meta" (meta=True)
-    only its shapes are real (plan-time checks)."""
-    if site.kind == "lora":
-        kw = dict(
-            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora
-        )
-        if meta:
-            return LoRALinear(
-                module.in_features,
-                module.out_features,
-                config.r,
-                bias=module.bias is not None,
-                device="meta",
-                **kw,
-            )
-        return LoRALinear.from_linear(module, config.r, **kw)
-    if site.kind == "mask":
-        kw = dict(threshold=config.threshold, score_init=config.score_init)
-        if meta:
-            return MaskedLinear(
-                module.in_features, module.out_features, bias=module.bias is not None, device="meta", **kw
-            )
-        return MaskedLinear.from_linear(module, **kw)
-    kw = dict(activation=config.activation, scale=config.scale, init=config.init)
-    kw.update(dict(device="meta") if meta else _factory(module, model))
-    d, r = site.d_model, config.bottleneck_for(site.d_model)
-    if config.fusion is not None:  # the adapters frozen: inject loads them, the fusion trains
-        fusion = AdapterFusion(d, len(config.fusion), r, **kw)
-        fusion.adapters.requires_grad_(False)
-        return fusion
-    if config.num_experts > 1:
-        return AdaMixAdapter(d, r, config.num_experts, **kw)
-    return Adapter(d, r, **kw)
-
-
-def _param_prefix(site: _Site) -> str:
-    return site.name + (".adapter." if site.kind in _ADAPTER_KINDS else ".")
-
-
-def _saved_params(site: _Site, new: nn.Module) -> Dict[str, torch.Tensor]:
-    """The parameters of a site's new module that save_pretrained writes, under their model names:
-    an adapter child's all (a fusion's frozen adapters too); a replacement's the trainable ones (not
-    the base weight and bias it holds)."""
-    prefix = _param_prefix(site)
-    return {
-        prefix + n: t for n, t in new.named_parameters() if site.kind in _ADAPTER_KINDS or t.requires_grad
-    }
+    method = METHODS[type(config)]
+    return Plan(config, method, method.plan(model, config), copies.plan(model, config))
 
 
 def expected_saved_shapes(model: nn.Module, p: Plan) -> Dict[str, torch.Size]:
-    """Name -> shape of every parameter save_pretrained writes after inject(model, p.config)."""
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
-    shapes = {n: params[n].shape for n in p.selected}
-    for site in p.sites:
-        new = _build(site, modules[site.name], model, p.config, meta=True)
-        shapes.update({n: t.shape for n, t in _saved_params(site, new).items()})
-    if p.tokens is not None:
-        shapes.update(virtual_tokens.expected_shapes(p.tokens, p.config))
+    """Saved name -> shape of every parameter save_pretrained writes for an adapter of plan `p`."""
+    shapes = copies.expected_shapes(model, p.copies)
+    shapes.update(p.method.expected_shapes(model, p.sites, p.config))
     return shapes
 
 
-# Hooks: module-level functions that find everything through the module they run on and keep no
-# state between calls, so deep copies, DataParallel replicas, threads and activation-checkpointing
-# recomputes each see only their own call (AdapterDrop's draws aside: see _dropped).
-@torch.compiler.disable  # eager under torch.compile: inductor would draw from its own generator
-def _uniform() -> float:
-    return torch.rand((), device="cpu").item()
+def _check_name(state: Optional[PeftState], name, who: str) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{who}: name must be a non-empty string without '.'; got {name!r:.40}")
+    if state is not None and name in state.adapters:
+        raise ValueError(f"{who}: the model already holds an adapter named {name!r}; delete_adapter it first")
+    if state is not None and state.merged:
+        raise ValueError(
+            f"{who}: the model has {state.merged} merged into its base; load a fresh base model "
+            "to add adapters"
+        )
+    return name
 
 
-def _dropped(module) -> bool:
-    """AdapterDrop: whether this call of `module` skips its adapter. In training mode only, one draw
-    per adapter and call from torch's default CPU generator (no GPU sync, whatever the default
-    device; torch.utils.checkpoint restores that generator for its recompute, which so draws the
-    same); none when drop_prob is 0. The generator is the process's: threads drawing at once (the
-    replicas of nn.DataParallel) interleave their draws, so a checkpointed recompute there does not
-    see its own; use DistributedDataParallel."""
-    p = module._peftkern_drop_prob
-    return p > 0 and module.training and _uniform() < p
-
-
-def _apply_adapter(module, output, x=None):
-    if isinstance(output, tuple):  # modules returning (hidden, extras...): adapt the hidden states
-        return (_apply_adapter(module, output[0], x), *output[1:])
-    return module.adapter(output) if x is None else module.adapter(x, residual=output)
-
-
-def _serial_adapter_hook(module, args, kwargs, output):
-    return output if _dropped(module) else _apply_adapter(module, output)
-
-
-def _parallel_adapter_hook(module, args, kwargs, output):
-    """On the FFN itself: out = ffn(x) + scale * adapter_branch(x)."""
-    if _dropped(module):
-        return output
-    return _apply_adapter(module, output, args[0] if args else next(iter(kwargs.values())))
-
-
-def _parallel_adapter_residual_hook(module, args, kwargs):
-    """On a module that adds the FFN input x as its residual (BertOutput: LayerNorm(dropout(dense(h))
-    + x)): x becomes x + scale * adapter_branch(x), so the adapter's output joins the FFN's."""
-    if _dropped(module):
-        return None  # the arguments as they are
-    name, position = module._peftkern_residual_arg
-    if name in kwargs:
-        kwargs = {**kwargs, name: module.adapter(kwargs[name])}
-    else:
-        args = (*args[:position], module.adapter(args[position]), *args[position + 1 :])
-    return args, kwargs
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def apply(model: nn.Module, p: Plan) -> nn.Module:
-    """Carries out a plan: freezes the model, builds the sites, leaves the new or selected
-    parameters trainable, and marks the model injected."""
-    model.requires_grad_(False)
-    modules = dict(model.named_modules())
-    names = list(p.selected)
-    for site in p.sites:
-        target = modules[site.name]
-        new = _build(site, target, model, p.config).train(target.training)
-        names += list(_saved_params(site, new))
-        if site.kind in ("lora", "mask"):
-            _set_module(model, site.name, new)
-            continue
-        target.add_module("adapter", new)
-        target._peftkern_drop_prob = p.config.drop_prob
-        if site.kind == "adapter":
-            target.register_forward_hook(_serial_adapter_hook, with_kwargs=True)
-        elif site.residual_arg is None:
-            target.register_forward_hook(_parallel_adapter_hook, with_kwargs=True)
-        else:
-            target._peftkern_residual_arg = site.residual_arg
-            target.register_forward_pre_hook(_parallel_adapter_residual_hook, with_kwargs=True)
-    if p.tokens is not None:
-        names += virtual_tokens.apply(model, p.tokens, p.config, _factory(model, model))
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for n in p.selected:
-        params[n].requires_grad_(True)
-    setattr(model, _STATE, InjectionState(p.config, names))
+def apply(model: nn.Module, p: Plan, name: str = DEFAULT_NAME) -> nn.Module:
+    """Carries out a plan under `name`: on the first adapter freezes the model; builds the adapter
+    (trainable), makes it the active one, and records it."""
+    state = injection_state(model)
+    _check_name(state, name, "inject")
+    if state is None:
+        model.requires_grad_(False)
+        state = PeftState()
+        setattr(model, _STATE, state)
+        model.register_forward_pre_hook(_route_pre_hook, with_kwargs=True, prepend=True)
+        model.register_forward_hook(_route_hook, with_kwargs=True, always_call=True)
+    params = copies.apply(model, p.copies, name)
+    params.update(p.method.apply(model, p.sites, p.config, name))
+    state.adapters[name] = AdapterState(p.config, p, params)
+    set_active(model, name)
     return model
 
 
-def inject(model: nn.Module, config: _Config) -> nn.Module:
-    """Puts the PEFT method of `config` into `model` in place and returns it.
+def inject(model: nn.Module, config: _Config, name: str = DEFAULT_NAME) -> nn.Module:
+    """Adds the PEFT adapter of `config` to `model` under `name`, in place, makes it the active one
+    and returns the model.
 
-    Every parameter is frozen except the method's new parameters (LoRA factors, mask scores,
-    adapters, prefixes, prompts) or selected ones (BitFit's biases) and those of
-    ``config.modules_to_save``. Raises a ValueError naming the config when it matches nothing, when
-    the model is already injected, when a target is the wrong kind of module, or when the model
+    The first adapter freezes every parameter of the model; each adapter's own parameters (LoRA
+    factors, mask scores, adapters, prefixes, prompts, BitFit's bias copies, copies of
+    ``config.modules_to_save``) train. Raises a ValueError naming the config when it matches
+    nothing, when the name is taken, when a target is the wrong kind of module, or when the model
     cannot take the method (a prefix on a model type whose positions peftkern does not know, say);
     the model is unchanged then."""
+    state = injection_state(model)
+    _check_name(state, name, "inject")
     p = plan(model, config)
     fused = None
     if isinstance(p.config, AdapterConfig) and p.config.fusion is not None:
         from .checkpoint import fused_adapter_weights  # checkpoint imports this module
 
         fused = fused_adapter_weights(model, p)  # read and checked before the model changes
-    apply(model, p)
+    apply(model, p, name)
     if fused is not None:
-        _copy_into(model, fused)
+        copy_into(model, {injection_state(model).adapters[name].params[k]: t for k, t in fused.items()})
     return model
 
 
-def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
+def copy_into(model: nn.Module, tensors: Dict[str, Tensor]) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, t in tensors.items():
             params[name].copy_(t)
+
+
+def _state_or_raise(model, who) -> PeftState:
+    state = injection_state(model)
+    if state is None or not state.adapters:
+        raise ValueError(f"{who}: the model holds no peftkern adapter (call peftkern.inject first)")
+    return state
+
+
+def adapters(model: nn.Module) -> Dict[str, _Config]:
+    """{name: config} of the model's adapters, in the order they were added."""
+    state = injection_state(model)
+    return {} if state is None else {n: a.config for n, a in state.adapters.items()}
+
+
+def active(model: nn.Module) -> Tuple[str, ...]:
+    """The names that apply to every sample when no ``tasks`` are given."""
+    state = injection_state(model)
+    return () if state is None else state.active
+
+
+def _names(entry, who) -> Tuple[str, ...]:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    if isinstance(entry, (list, tuple)) and all(isinstance(n, str) for n in entry):
+        return tuple(dict.fromkeys(entry))
+    raise TypeError(f"{who}: expected a name, a list of names or None; got {entry!r:.60}")
+
+
+def _check_samples(state: PeftState, samples: Sequence[Tuple[str, ...]], who: str) -> None:
+    """Raises a ValueError naming them when a sample names an unknown adapter, when adapters of one
+    sample cannot apply together, or when a mixed batch needs what an adapter cannot route."""
+    known = state.adapters
+    for s in samples:
+        for n in s:
+            if n not in known:
+                raise ValueError(f"{who}: no adapter named {n!r}; the model holds {sorted(known)}")
+            if state.merged and n not in state.merged:
+                raise ValueError(
+                    f"{who}: the model has {state.merged} merged into its base weights, so {n!r} cannot "
+                    "apply; load a fresh base model for it"
+                )
+    slots: Dict[Tuple[str, str], List[Tuple[str, ...]]] = {}
+    for i, s in enumerate(samples):
+        for n in s:
+            for key in known[n].plan.method.site_keys(known[n].plan.sites):
+                occupants = slots.setdefault(key, [()] * len(samples))
+                occupants[i] = (*occupants[i], n)
+            for module in known[n].plan.copies:
+                occupants = slots.setdefault((module, "modules_to_save!"), [()] * len(samples))
+                occupants[i] = (*occupants[i], n)
+    for (module, slot), occupants in slots.items():
+        where = f"{module or 'the model'} ({slot.rstrip('!')})"
+        uniform = all(o == occupants[0] for o in occupants)
+        for o in occupants:
+            if len(o) > 1 and (slot.endswith("!") or not uniform):
+                raise ValueError(
+                    f"{who}: adapters {list(o)} cannot apply together to one sample: they share {where}"
+                    + ("" if slot.endswith("!") else " and the batch is mixed (one adapter per sample there)")
+                )
+        if uniform:
+            continue
+        present = sorted({n for o in occupants for n in o})
+        for n in present:
+            a = known[n]
+            why = a.plan.method.mixed_refusal(a.plan.sites, a.config) or (
+                ""
+                if a.plan.method.routes_per_sample
+                else f"{type(a.config).__name__} is not routed per sample"
+            )
+            if why:
+                raise ValueError(f"{who}: adapter {n!r} cannot serve a mixed batch at {where}: {why}")
+        acts = {n: known[n].config.activation for n in present if isinstance(known[n].config, AdapterConfig)}
+        if len(set(acts.values())) > 1:
+            raise ValueError(
+                f"{who}: a mixed batch runs the adapters at {where} in one op; their activations "
+                f"differ: {acts}"
+            )
+
+
+def set_active(model: nn.Module, names) -> None:
+    """The adapters that apply to every sample when no ``tasks`` are given: a name, several (applied
+    together: LoRA updates add, serial adapters stack), or None (the base model)."""
+    state = _state_or_raise(model, "set_active")
+    chosen = _names(names, "set_active")
+    _check_samples(state, [chosen], "set_active")
+    state.active = chosen
+    for m in model.modules():
+        if hasattr(m, "_peftkern_active"):
+            m._peftkern_active = chosen
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Removes adapter `name` and its parameters (its modules, hooks and copies; an AdaptedLinear with
+    no adapter left is an nn.Linear again)."""
+    state = _state_or_raise(model, "delete_adapter")
+    if name not in state.adapters:
+        raise ValueError(
+            f"delete_adapter: no adapter named {name!r}; the model holds {sorted(state.adapters)}"
+        )
+    a = state.adapters.pop(name)
+    if not a.merged:
+        copies.remove(model, a.plan.copies, name)
+    if not a.merged or isinstance(a.config, (AdapterConfig, PrefixConfig, PromptConfig, VPTConfig)):
+        a.plan.method.remove(model, a.plan.sites, name)  # merged LoRA, masks and BitFit are gone already
+    state.active = tuple(n for n in state.active if n != name)
+    for m in model.modules():
+        if hasattr(m, "_peftkern_active"):
+            m._peftkern_active = state.active
+
+
+# -- per-sample routing ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tasks(names_per_sample: Sequence):
+    """Each sample's adapters for every peftkern model called inside the block: one entry per sample,
+    a name, a list of names (applied together) or None (the base model)::
+
+        with peftkern.tasks(["sentiment", "topic", None, "ner"]):
+            logits = model(**batch).logits          # also model.generate(...)
+
+    Every sample computes through its own adapters in one pass per layer (``lora_linear_multi``,
+    ``adapter_multi``, ``masked_linear_multi``, prefix ids, per-sample prompts, a bias gather), and
+    each adapter's gradients come from its own samples only. The model checks the names when
+    called, before anything runs. Under ``generate()`` the batch holds each sample's beams (or
+    returned sequences), adjacent; a plain forward must have one row per entry (or pass
+    ``tasks=[...]`` to the forward itself)."""
+    if not isinstance(names_per_sample, (list, tuple)) or not names_per_sample:
+        raise TypeError(
+            "peftkern.tasks: expects a non-empty list with one entry per sample; "
+            f"got {names_per_sample!r:.60}"
+        )
+    route = routing.SampleRoute([_names(e, "peftkern.tasks") for e in names_per_sample], beams=True)
+    with routing.routed(route):
+        yield route
+
+
+def _call_batch(args, kwargs) -> Optional[int]:
+    for k in ("input_ids", "inputs_embeds", "pixel_values"):
+        t = kwargs.get(k)
+        if isinstance(t, Tensor) and t.dim():
+            return t.shape[0]
+    for t in args:
+        if isinstance(t, Tensor) and t.dim():
+            return t.shape[0]
+    return None
+
+
+def _route_pre_hook(model, args, kwargs):
+    """On the injected model: the call's route (its ``tasks`` argument, or peftkern.tasks's), checked."""
+    given = kwargs.pop("tasks", None)
+    route = routing.current() if given is None else None
+    if given is not None:
+        if not isinstance(given, (list, tuple)) or not given:
+            raise TypeError(f"tasks: expects a non-empty list with one entry per sample; got {given!r:.60}")
+        route = routing.SampleRoute([_names(e, "tasks") for e in given])
+    if route is None:
+        _ROUTE_TOKENS.push(None)
+        return args, kwargs
+    state = injection_state(model)
+    _check_samples(state, route.samples, "peftkern.tasks")
+    batch = _call_batch(args, kwargs)
+    if batch is not None and (batch % len(route) or (batch != len(route) and not route.beams)):
+        raise ValueError(
+            f"peftkern.tasks: {len(route)} entries for a batch of {batch} samples; give one per sample"
+        )
+    _ROUTE_TOKENS.push(routing._ROUTE.set(route))
+    return args, kwargs
+
+
+def _route_hook(model, args, kwargs, output):
+    token = _ROUTE_TOKENS.pop()
+    if token is not None:
+        routing._ROUTE.reset(token)
+    return output
+
+
+# -- counting and merging --------------------------------------------------------------------------
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -454,66 +380,44 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def merge(model: nn.Module, verbose: bool = True) -> nn.Module:
-    """For deployment: folds each LoRA update into its base weight and bakes each mask (both become
-    plain ``nn.Linear`` layers, named as before), replaces each AdaMix adapter by its
-    ``merge_experts()`` Adapter, and evaluates a prefix's reparametrisation or P-tuning's prompt
-    encoder once into plain virtual tokens; adapters and fusions stay, as an adapter's
-    nonlinearity cannot fold into a weight. Returns the model; with `verbose` prints what it
-    merged. A merged model cannot be saved with peftkern.save_pretrained (its LoRA and mask
-    parameters, or the prefix's projection, are gone)."""
-    state = injection_state(model)
-    if state is None:
-        raise ValueError("merge: the model holds no peftkern method (call peftkern.inject first)")
-    lora = masks = adapters = mixtures = fusions = projections = 0
-    uses = {}
-    for _, t in model.named_parameters(remove_duplicate=False):
-        uses[id(t)] = uses.get(id(t), 0) + 1
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            linear = nn.Linear(
-                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+def merge(model: nn.Module, name: Optional[str] = None, verbose: bool = True) -> nn.Module:
+    """For deployment: folds adapter `name` (default: the active one) into the model. LoRA updates
+    fold into their base weights and masks are baked (the layers become plain ``nn.Linear`` again
+    once no other adapter is on them), BitFit's biases and ``modules_to_save`` copies are copied
+    into the base's, AdaMix mixtures become their ``merge_experts()`` adapters, and a prefix's
+    reparametrisation or P-tuning's prompt encoder is evaluated once into plain virtual tokens;
+    adapters and fusions stay, as an adapter's nonlinearity cannot fold into a weight. Refused when
+    several adapters are active or a mixed batch (``peftkern.tasks``) is set. A merged model cannot
+    be saved with peftkern.save_pretrained, and no other adapter applies on its merged base."""
+    state = _state_or_raise(model, "merge")
+    route = routing.current()
+    if route is not None and len(set(route.samples)) > 1:
+        raise ValueError(f"merge: a mixed batch is set ({route}); merge outside peftkern.tasks")
+    if name is None:
+        if len(state.active) != 1:
+            raise ValueError(
+                f"merge: {len(state.active)} adapters are active ({list(state.active)}); "
+                "name the one to merge"
             )
-            linear.bias = module.bias
-            if uses[id(module.weight)] > 1:  # tied (an LM head and its embeddings): merge into a copy
-                linear.weight = nn.Parameter(module.merged_weight(), requires_grad=False)
-            else:
-                module.merge()
-                linear.weight = module.weight
-            _set_module(model, name, linear)
-            lora += 1
-        elif isinstance(module, MaskedLinear):
-            _set_module(model, name, module.bake().requires_grad_(False))
-            masks += 1
-        elif isinstance(module, AdaMixAdapter):
-            _set_module(model, name, module.merge_experts())
-            mixtures += 1
-        elif isinstance(module, Adapter):
-            adapters += 1
-        elif isinstance(module, AdapterFusion):
-            fusions += 1
-        elif isinstance(module, PrefixKV) and module.prefix is None:
-            module.freeze_projection()
-            projections += 1
-        elif isinstance(module, SoftPrompt) and module.prompt is None:
-            module.merge_encoder()
-            projections += 1
-    state.merged = True
-    if verbose:
-        parts = []
-        if lora:
-            parts.append(f"LoRA merged into {lora} linear layers")
-        if masks:
-            parts.append(f"{masks} masks baked into their weights")
-        if mixtures:
-            parts.append(f"{mixtures} AdaMix adapters merged into one adapter each (their experts averaged)")
-        if adapters:
-            parts.append(f"{adapters} adapters kept (an adapter cannot merge into a weight)")
-        if fusions:
-            parts.append(f"{fusions} adapter fusions kept")
-        if projections:
-            parts.append("the prefix / prompt encoder evaluated once into plain (frozen) virtual tokens")
-        print(
-            "peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(state.config).__name__}")
+        name = state.active[0]
+    if name not in state.adapters:
+        raise ValueError(f"merge: no adapter named {name!r}; the model holds {sorted(state.adapters)}")
+    if state.active not in ((), (name,)):
+        raise ValueError(
+            f"merge: adapters {list(state.active)} are active together; set_active(model, {name!r}) first"
         )
+    a = state.adapters[name]
+    if a.merged:
+        raise ValueError(f"merge: {name!r} is merged already")
+    parts = a.plan.method.merge(model, a.plan.sites, name)
+    modules = dict(model.named_modules())
+    for m in a.plan.copies:
+        modules[m].load_state_dict(getattr(modules[m], copies.ATTR)[name].state_dict(), strict=False)
+    copies.remove(model, a.plan.copies, name)
+    if a.plan.copies:
+        parts.append(f"the copies of {a.plan.copies} copied into the base")
+    a.merged = True
+    set_active(model, name)
+    if verbose:
+        print("peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(a.config).__name__}"))
     return model

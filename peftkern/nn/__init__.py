@@ -1,6 +1,8 @@
 """Drop-in torch.nn modules built on peftkern.ops."""
 
+from . import routing
 from .adamix import AdaMixAdapter, adamix_consistency_loss
+from .adapted_linear import AdaptedLinear
 from .adapter import Adapter, AdapterFusion, MultiAdapter
 from .lora import LoRALinear
 from .mask import MaskedLinear
@@ -8,6 +10,8 @@ from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt, VisualP
 from .side_tuning import SideTuning
 
 __all__ = [
+    "AdaptedLinear",
+    "routing",
     "AdaMixAdapter",
     "adamix_consistency_loss",
     "Adapter",

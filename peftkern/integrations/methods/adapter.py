@@ -1,0 +1,310 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer, parallel / AdaptFormer), AdapterDrop, AdaMix and
+AdapterFusion: each site module gets a child ``adapter`` (a ModuleDict of named adapters) and a
+hook that applies them.
+
+Sites: ``target_modules``, or the preset's placement (houlsby: the attention output and FFN
+output projections; pfeiffer: the FFN output; parallel: the FFN, or BertOutput's residual input).
+Saved: ``<site>.adapter.<param>`` (``down.weight`` ...; a fusion's ``adapters.*`` and its query, key
+and value). Merge: an AdaMix mixture becomes its ``merge_experts()`` adapter; the rest stay.
+
+Several names applied together at one site: serial adapters stack (each reads the previous one's
+output), parallel ones add their branches. A mixed batch runs each row through its sample's
+adapter with one ``ops.adapter_multi`` per site (bottlenecks zero-padded to the largest, each scale
+folded into its up-projection); AdaMix mixtures and fusions are not routed per sample.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...nn import AdaMixAdapter, Adapter, AdapterFusion, routing
+from ...nn.adapter import _autocast
+from ...ops.adapter import adapter_multi
+from ..config import AdapterConfig
+from ..targets import preset_for
+from . import Method, active_of, add_to_dict_child, describe, factory, matched, module_names
+
+ATTR = "adapter"  # the ModuleDict of named adapters on a site module
+
+
+@dataclass
+class Site:
+    name: str  # the module that holds the adapter
+    kind: str  # "serial" | "parallel" | "residual"
+    # residual: (name, position) of the module's argument that carries the FFN input as the residual
+    # it adds (BertOutput's input_tensor)
+    residual_arg: Optional[tuple] = None
+    d_model: int = 0
+
+
+@dataclass
+class AdapterPlan:
+    sites: List[Site] = field(default_factory=list)
+
+
+def _out_features(module, model, config_name, name) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        return hidden
+    raise ValueError(
+        f"{config_name}: cannot tell the width of {name} ({type(module).__name__}): target an "
+        "nn.Linear, or a model whose config has hidden_size"
+    )
+
+
+def block_index(model: nn.Module, name: str) -> Optional[int]:
+    """The index of module `name` in the outermost nn.ModuleList on its path (a transformer's blocks:
+    BERT's ``encoder.layer``, Llama's ``model.layers``, T5's ``encoder.block``, GPT-2's ``h``); None
+    when no ModuleList holds it."""
+    module = model
+    for part in name.split("."):
+        if isinstance(module, nn.ModuleList):
+            return int(part)
+        module = getattr(module, part)
+    return None
+
+
+def _drop_lowest_layers(model, config: AdapterConfig, names: List[str]) -> List[str]:
+    """AdapterDrop: the sites of `names` outside the lowest config.drop_layers blocks."""
+    n_drop, kept, blocks = config.drop_layers, [], set()
+    for n in names:
+        i = block_index(model, n)
+        if i is None:
+            raise ValueError(
+                f"AdapterConfig: drop_layers={n_drop} drops adapters by transformer block, but {n} lies in "
+                "none (no nn.ModuleList of blocks holds it); target block modules only"
+            )
+        blocks.add(i)
+        if i >= n_drop:
+            kept.append(n)
+    if not kept:
+        raise ValueError(
+            f"{describe(config)}: drop_layers={n_drop} removed every adapter (the sites lie in blocks "
+            f"{min(blocks)} to {max(blocks)})"
+        )
+    return kept
+
+
+def build(site: Site, module, model, config, meta=False) -> nn.Module:
+    """The adapter of a site (on "meta" with meta=True: shapes only)."""
+    kw = dict(activation=config.activation, scale=config.scale, init=config.init)
+    kw.update(dict(device="meta") if meta else factory(module, model))
+    d, r = site.d_model, config.bottleneck_for(site.d_model)
+    if config.fusion is not None:  # the adapters frozen: inject loads them, the fusion trains
+        fusion = AdapterFusion(d, len(config.fusion), r, **kw)
+        fusion.adapters.requires_grad_(False)
+        return fusion
+    if config.num_experts > 1:
+        return AdaMixAdapter(d, r, config.num_experts, **kw)
+    return Adapter(d, r, **kw)
+
+
+class AdapterMethod(Method):
+    config_class = AdapterConfig
+
+    def plan(self, model, config):
+        cname = type(config).__name__
+        parallel = config.placement == "parallel"
+        residual_arg = None
+        if config.target_modules is not None:
+            names = [n for n, _ in matched(model, config, config.target_modules, "target_modules")]
+        else:
+            preset = preset_for(model, cname)
+            patterns = {
+                "houlsby": [preset.attention_output, preset.ffn_output],
+                "pfeiffer": [preset.ffn_output],
+                "parallel": [preset.ffn],
+            }[config.placement]
+            names = [
+                n
+                for pat in patterns
+                for n, _ in matched(model, config, pat, f"the {config.placement} preset")
+            ]
+            residual_arg = preset.ffn_residual_arg if parallel else None
+        if config.drop_layers:
+            names = _drop_lowest_layers(model, config, names)
+        modules = module_names(model)
+        sites = []
+        for n in names:
+            m = modules[n]
+            held = getattr(m, ATTR, None)
+            if held is not None and not (
+                isinstance(held, nn.ModuleDict) and hasattr(m, "_peftkern_adapters")
+            ):
+                raise ValueError(
+                    f"{cname}: {n} already has an attribute 'adapter'; cannot place an adapter there"
+                )
+            if parallel and isinstance(m, nn.Linear) and m.in_features != m.out_features:
+                raise ValueError(
+                    f"{cname}: a parallel adapter reads {n}'s input ({m.in_features} features) and adds "
+                    "to its "
+                    f"output ({m.out_features}); they must be the same width"
+                )
+            kind = "serial" if not parallel else ("parallel" if residual_arg is None else "residual")
+            sites.append(Site(n, kind, residual_arg, _out_features(m, model, cname, n)))
+        return AdapterPlan(sites)
+
+    def expected_shapes(self, model, plan, config):
+        modules, shapes = module_names(model), {}
+        for s in plan.sites:
+            new = build(s, modules[s.name], model, config, meta=True)
+            shapes.update({f"{s.name}.{ATTR}.{n}": t.shape for n, t in new.named_parameters()})
+        return shapes
+
+    def apply(self, model, plan, config, name):
+        modules, saved = module_names(model), {}
+        for s in plan.sites:
+            m = modules[s.name]
+            new = build(s, m, model, config).train(m.training)
+            if not hasattr(m, "_peftkern_adapters"):
+                m._peftkern_adapters, m._peftkern_adapter_hooks = {}, {}
+                m._peftkern_active = ()
+            add_to_dict_child(m, ATTR, name, new)
+            m._peftkern_adapters[name] = dict(
+                kind=s.kind, residual_arg=s.residual_arg, drop_prob=config.drop_prob
+            )
+            if s.kind not in m._peftkern_adapter_hooks:
+                if s.kind == "residual":
+                    h = m.register_forward_pre_hook(_residual_hook, with_kwargs=True)
+                else:
+                    h = m.register_forward_hook(_HOOKS[s.kind], with_kwargs=True)
+                m._peftkern_adapter_hooks[s.kind] = h
+            saved.update(
+                {f"{s.name}.{ATTR}.{n}": f"{s.name}.{ATTR}.{name}.{n}" for n, _ in new.named_parameters()}
+            )
+        return saved
+
+    def remove(self, model, plan, name):
+        modules = module_names(model)
+        for s in plan.sites:
+            m = modules[s.name]
+            del getattr(m, ATTR)[name]
+            m._peftkern_adapters.pop(name)
+            m._peftkern_active = tuple(n for n in m._peftkern_active if n != name)
+            kinds = {v["kind"] for v in m._peftkern_adapters.values()}
+            for kind in list(m._peftkern_adapter_hooks):
+                if kind not in kinds:
+                    m._peftkern_adapter_hooks.pop(kind).remove()
+            if not m._peftkern_adapters:
+                delattr(m, ATTR)
+                for attr in ("_peftkern_adapters", "_peftkern_adapter_hooks", "_peftkern_active"):
+                    m.__dict__.pop(attr, None)
+
+    def merge(self, model, plan, name):
+        modules, mixtures, kept = module_names(model), 0, 0
+        for s in plan.sites:
+            holder = getattr(modules[s.name], ATTR)
+            if isinstance(holder[name], AdaMixAdapter):
+                holder[name] = holder[name].merge_experts()
+                mixtures += 1
+            else:
+                kept += 1
+        if mixtures:
+            return [
+                f"{mixtures} AdaMix adapters merged into one adapter each ({name!r}: their experts averaged)"
+            ]
+        what = "adapter fusions" if isinstance(holder[name], AdapterFusion) else "adapters"
+        return [f"{kept} {what} kept ({name!r}: an adapter cannot merge into a weight)"]
+
+    def site_keys(self, plan):
+        return [(s.name, f"adapter:{s.kind}") for s in plan.sites]
+
+    def mixed_refusal(self, plan, config):
+        if config.fusion is not None:
+            return "an AdapterFusion attends over all its adapters for every row"
+        if config.num_experts > 1:
+            return "an AdaMix mixture draws its experts per call (merge it first: peftkern.merge)"
+        return ""
+
+
+# -- hooks: they find everything through the module they run on ------------------------------------
+@torch.compiler.disable  # eager under torch.compile: inductor would draw from its own generator
+def _uniform() -> float:
+    return torch.rand((), device="cpu").item()
+
+
+def _dropped(module, name) -> bool:
+    """AdapterDrop: whether this call skips adapter `name`: in training mode only, one draw per adapter
+    and call from torch's default CPU generator (no GPU sync; torch.utils.checkpoint restores that
+    generator for its recompute, which so draws the same); none when drop_prob is 0."""
+    p = module._peftkern_adapters[name]["drop_prob"]
+    return p > 0 and module.training and _uniform() < p
+
+
+def _apply(module, kind, x, residual):
+    """The site's output for its adapters of `kind`: x the adapters' input, residual what they add to
+    (None: x itself, a serial adapter)."""
+    own = [n for n, v in module._peftkern_adapters.items() if v["kind"] == kind]
+    names, route = routing.resolve(module, own, active_of(module))
+    adapters = getattr(module, ATTR)
+    if route is None:
+        out = x if residual is None else residual
+        for n in names:
+            if not _dropped(module, n):
+                out = adapters[n](out) if kind == "serial" else adapters[n](x, residual=out)
+        return out
+    used = [n for n in own if any(n in s for s in route.samples)]
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.numel() // d if d else 0
+    ids = route.ids(used, rows, x.device, f"the adapters at a {type(module).__name__}")
+    for j, n in enumerate(used):
+        if _dropped(module, n):
+            ids = torch.where(ids == j, -1, ids)
+    w_down, b_down, w_up, b_up = _stacked([adapters[n] for n in used], x)
+    act = adapters[used[0]].activation
+    res = None if residual is None else residual.reshape(-1, d)
+    out = adapter_multi(
+        x.reshape(-1, d), w_down, b_down, w_up, b_up, ids, activation=act, scale=1.0, residual=res
+    )
+    return out.reshape(*lead, d)
+
+
+def _stacked(adapters, x):
+    """[L, r, d], [L, r], [L, d, r], [L, d]: bottlenecks zero-padded to the largest, scales in the up."""
+    r = max(a.bottleneck for a in adapters)
+    parts = []
+    for a in adapters:
+        wd, bd, wu, bu = _autocast(x, [a.down.weight, a.down.bias, a.up.weight, a.up.bias])
+        pad = r - a.bottleneck
+        parts.append(
+            (F.pad(wd, (0, 0, 0, pad)), F.pad(bd, (0, pad)), F.pad(wu, (0, pad)) * a.scale, bu * a.scale)
+        )
+    return [torch.stack(t) for t in zip(*parts)]
+
+
+def _on_hidden(output, fn):
+    if isinstance(output, tuple):  # modules returning (hidden, extras...): adapt the hidden states
+        return (fn(output[0]), *output[1:])
+    return fn(output)
+
+
+def _serial_hook(module, args, kwargs, output):
+    return _on_hidden(output, lambda h: _apply(module, "serial", h, None))
+
+
+def _parallel_hook(module, args, kwargs, output):
+    """On the FFN itself: out = ffn(x) + scale * adapter_branch(x)."""
+    x = args[0] if args else next(iter(kwargs.values()))
+    return _on_hidden(output, lambda h: _apply(module, "parallel", x, h))
+
+
+def _residual_hook(module, args, kwargs):
+    """On a module that adds the FFN input x as its residual (BertOutput: LayerNorm(dropout(dense(h))
+    + x)): x becomes x + scale * adapter_branch(x), so the adapter's output joins the FFN's."""
+    names = [v["residual_arg"] for v in module._peftkern_adapters.values() if v["kind"] == "residual"]
+    arg, position = names[0]
+    if arg in kwargs:
+        return args, {**kwargs, arg: _apply(module, "residual", kwargs[arg], kwargs[arg])}
+    return (
+        *args[:position],
+        _apply(module, "residual", args[position], args[position]),
+        *args[position + 1 :],
+    ), kwargs
+
+
+_HOOKS = {"serial": _serial_hook, "parallel": _parallel_hook}

@@ -1,0 +1,94 @@
+"""LoRA (Hu et al. 2021): named low-rank updates on linear layers (``AdaptedLinear.add_lora``).
+
+Sites: ``target_modules``, or the preset's query and value projections (peft's defaults). Saved:
+``<linear>.lora_A`` ``[r, in]`` and ``<linear>.lora_B`` ``[out, r]``. Merge: the update folds into
+the base weight and the layer becomes a plain ``nn.Linear`` again once it holds no other adapter.
+A mixed batch routes each row to its sample's LoRA with ``ops.lora_linear_multi``.
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from torch import nn
+
+from ...nn import AdaptedLinear
+from ..config import LoRAConfig
+from ..targets import preset_for
+from . import Method, linears, module_names
+
+
+@dataclass
+class LoRAPlan:
+    sites: List[str]
+
+
+class LoRA(Method):
+    config_class = LoRAConfig
+
+    def plan(self, model, config):
+        pattern = config.target_modules
+        if pattern is None:
+            pattern = preset_for(model, type(config).__name__).lora
+        return LoRAPlan([n for n, _ in linears(model, config, pattern, "target_modules")])
+
+    def expected_shapes(self, model, plan, config):
+        modules, r, shapes = module_names(model), config.r, {}
+        for s in plan.sites:
+            m = modules[s]
+            shapes[f"{s}.lora_A"] = torch.Size((r, m.in_features))
+            shapes[f"{s}.lora_B"] = torch.Size((m.out_features, r))
+        return shapes
+
+    def apply(self, model, plan, config, name):
+        modules, saved = module_names(model), {}
+        for s in plan.sites:
+            m = AdaptedLinear.adapt(modules[s])
+            m.add_lora(
+                name,
+                config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+            )
+            saved[f"{s}.lora_A"], saved[f"{s}.lora_B"] = f"{s}.lora_A.{name}", f"{s}.lora_B.{name}"
+        return saved
+
+    def remove(self, model, plan, name):
+        remove_linear_adapter(model, plan.sites, name)
+
+    def merge(self, model, plan, name):
+        merge_into_weights(model, plan.sites, name)
+        return [f"LoRA merged into {len(plan.sites)} linear layers ({name!r})"]
+
+    def site_keys(self, plan):
+        return [(s, "linear") for s in plan.sites]
+
+
+def remove_linear_adapter(model, sites, name):
+    modules = module_names(model)
+    for s in sites:
+        m = modules[s]
+        m.remove(name)
+        if not m.names():
+            m.restore()
+
+
+@torch.no_grad()
+def merge_into_weights(model, sites, name):
+    """Applies adapter `name` to each site's weight (a tied weight, an LM head's, into a copy) and
+    removes it."""
+    uses = {}
+    for _, t in model.named_parameters(remove_duplicate=False):
+        uses[id(t)] = uses.get(id(t), 0) + 1
+    modules = module_names(model)
+    for s in sites:
+        m = modules[s]
+        merged = m.merged_weight([name])
+        if uses[id(m.weight)] > 1 or name in m.scores:  # tied, or a mask (the base tensor may be shared)
+            m.weight = nn.Parameter(merged, requires_grad=False)
+        else:
+            m.weight.copy_(merged)
+        m.remove(name)
+        if not m.names():
+            m.restore()

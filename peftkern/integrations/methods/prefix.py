@@ -1,0 +1,372 @@
+"""Prefix tuning (Li & Liang 2021) and P-tuning v2: named ``peftkern.nn.PrefixKV`` modules on the
+model's base (``model.base_model``) as ``peftkern_prefix.<name>``, read by peftkern's attention
+function, which injection registers with transformers' ``AttentionInterface`` (and sdpa's mask
+function with ``AttentionMaskInterface``) and sets the model to use.
+
+A forward pre-hook on the base shifts each sample's position ids by its prefix length P and hands
+the prefixes to every attention call through the forward's keyword arguments, which transformers
+passes down to the attention function; so activation checkpointing's recompute sees the same call,
+and each layer computes its prefix inside its own (checkpointed) region. The prefix never enters
+the KV cache, so ``generate()`` works with any cache.
+
+A mixed batch (``peftkern.tasks``): the samples are grouped by prefix length (a sample of no prefix
+has length 0); each group is one ``ops.prefix_attention`` call over the stacked prefixes of its
+names, chosen per sample by ``prefix_ids``. One group (all prefixes of one length) is one call.
+Saved: ``<base>.peftkern_prefix.<param>``.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...nn import PrefixKV, routing
+from ...ops.prefix_attention import prefix_attention
+from ..config import PrefixConfig
+from ..virtual_tokens import base_name, batch_and_length, bound, hf_config, past_length, task_ids_of
+from . import Method, active_of, add_to_dict_child, factory, remove_from_dict_child
+
+ATTENTION_NAME = "peftkern_prefix"  # the name registered with transformers' AttentionInterface
+ATTR = "peftkern_prefix"
+_PREFIX_KWARG = "peftkern_prefix"  # the keyword argument the base's pre-hook adds for the attention function
+
+
+@dataclass
+class PrefixPlan:
+    base: str  # the base model's name ("" = the model)
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class PrefixGroup:
+    """Samples attending to prefixes of one length: ``samples`` (None: all), the stacked prefixes'
+    modules (empty: no prefix), and each sample's index into them."""
+
+    samples: Optional[List[int]]
+    prefixes: List[PrefixKV]
+    ids: Optional[Tensor]  # [samples] int64, or None: one prefix (its own task ids, if any)
+    task_ids: Optional[Tensor] = None  # a single multi-task prefix's per-row task ids
+
+
+class Prefix(Method):
+    config_class = PrefixConfig
+
+    def plan(self, model, config):
+        cname = type(config).__name__
+        hf = hf_config(model, cname)
+        try:
+            import transformers  # noqa: F401
+        except ImportError:  # pragma: no cover - the test environment has transformers
+            raise ImportError(f"{cname} needs Hugging Face transformers (its AttentionInterface)") from None
+        can_set = getattr(model, "_can_set_attn_implementation", lambda: True)
+        if not (getattr(model, "_supports_attention_backend", False) and can_set()):
+            raise ValueError(
+                f"{cname}: {type(model).__name__} does not take its attention from transformers' "
+                "AttentionInterface, so peftkern cannot put the prefix there"
+            )
+        if getattr(hf, "is_encoder_decoder", False) or getattr(hf, "add_cross_attention", False):
+            raise ValueError(
+                f"{cname}: {type(model).__name__} has cross-attention (an encoder-decoder); prefixes are "
+                "supported on decoder-only and encoder-only models"
+            )
+        kind = getattr(hf, "model_type", None)
+        if kind not in POSITION_RULES:
+            raise ValueError(
+                f"{cname}: peftkern knows how the positions of these model types start after P past tokens: "
+                f"{sorted(POSITION_RULES)}; {type(model).__name__} is {kind!r}"
+            )
+        if getattr(hf, "attn_logit_softcapping", None) is not None:
+            raise ValueError(
+                f"{cname}: the model's config sets attn_logit_softcapping="
+                f"{hf.attn_logit_softcapping!r}, which "
+                "peftkern.ops.prefix_attention does not compute"
+            )
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        return PrefixPlan(base_name(model), hf.num_hidden_layers, kv_heads, head_dim)
+
+    def _build(self, plan, config, fac):
+        return PrefixKV(
+            plan.num_layers,
+            plan.num_kv_heads,
+            plan.head_dim,
+            config.num_virtual_tokens,
+            num_tasks=config.num_tasks,
+            projection_dim=config.projection_dim,
+            **fac,
+        )
+
+    def _prefix(self, plan):
+        return (plan.base + "." if plan.base else "") + ATTR
+
+    def expected_shapes(self, model, plan, config):
+        meta = self._build(plan, config, dict(device="meta"))
+        return {f"{self._prefix(plan)}.{n}": t.shape for n, t in meta.named_parameters()}
+
+    def apply(self, model, plan, config, name):
+        base = model.get_submodule(plan.base) if plan.base else model
+        new = self._build(plan, config, factory(model, model)).train(model.training)
+        first = not hasattr(base, ATTR)
+        add_to_dict_child(base, ATTR, name, new)
+        if first:
+            _register_attention()
+            model.set_attn_implementation(ATTENTION_NAME)  # a refusal is logged, not raised: check
+            if model.config._attn_implementation != ATTENTION_NAME:
+                remove_from_dict_child(base, ATTR, name)
+                raise ValueError(
+                    f"PrefixConfig: {type(model).__name__} would not switch to peftkern's attention "
+                    f"(it uses {model.config._attn_implementation!r})"
+                )
+            base._peftkern_active = ()
+            base._peftkern_prefix_hook = base.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
+        p = self._prefix(plan)
+        return {f"{p}.{n}": f"{p}.{name}.{n}" for n, _ in new.named_parameters()}
+
+    def remove(self, model, plan, name):
+        base = model.get_submodule(plan.base) if plan.base else model
+        if remove_from_dict_child(base, ATTR, name):
+            base._peftkern_prefix_hook.remove()
+            for attr in ("_peftkern_prefix_hook", "_peftkern_active"):
+                base.__dict__.pop(attr, None)
+            # the attention implementation stays peftkern's: without prefixes it is plain attention
+
+    def merge(self, model, plan, name):
+        base = model.get_submodule(plan.base) if plan.base else model
+        prefix = getattr(base, ATTR)[name]
+        if prefix.prefix is None:
+            prefix.freeze_projection()
+            return [f"the prefix '{name}' evaluated once from its projection into plain (frozen) prefixes"]
+        return []
+
+    def site_keys(self, plan):
+        return [(plan.base, "virtual tokens!")]
+
+    def mixed_refusal(self, plan, config):
+        return (
+            f"it holds {config.num_tasks} task prefixes (chosen by task_ids)" if config.num_tasks > 1 else ""
+        )
+
+
+# -- the base's pre-hook ---------------------------------------------------------------------------
+
+
+def _groups(base, kwargs, batch, device) -> List[PrefixGroup]:
+    prefixes = getattr(base, ATTR)
+    names, route = routing.resolve(base, list(prefixes.keys()), active_of(base))
+    if route is None:
+        if not names:
+            return [PrefixGroup(None, [], None)]
+        prefix = prefixes[names[0]]
+        ids = task_ids_of(kwargs, prefix.num_tasks, batch, device, "PrefixConfig")
+        return [PrefixGroup(None, [prefix], None, ids)]
+    kwargs.pop("task_ids", None)
+    by_length = {}
+    for i, s in enumerate(route.project(prefixes.keys())):
+        length = prefixes[s[0]].prefix_len if s else 0
+        by_length.setdefault(length, []).append((i, s[0] if s else None))
+    groups = []
+    for length, members in sorted(by_length.items()):
+        used = list(dict.fromkeys(n for _, n in members if n is not None))
+        index = {n: j for j, n in enumerate(used)}
+        ids = torch.tensor([index[n] for _, n in members], dtype=torch.int64) if used else None
+        groups.append(PrefixGroup([i for i, _ in members], [prefixes[n] for n in used], ids))
+    return groups
+
+
+def _shift(groups, batch) -> Tensor:
+    """Each sample's prefix length, int64 [batch, 1]."""
+    shift = torch.zeros(batch, 1, dtype=torch.int64)
+    for g in groups:
+        length = g.prefixes[0].prefix_len if g.prefixes else 0
+        if g.samples is None:
+            shift[:] = length
+        else:
+            shift[g.samples] = length
+    return shift
+
+
+def _prefix_pre_hook(module, args, kwargs):
+    """On the base model: positions shifted by each sample's P; the prefixes for the attention."""
+    kwargs = bound(module, args, kwargs)
+    batch, _, device = batch_and_length(kwargs)
+    groups = _groups(module, kwargs, batch, device)
+    route = routing.current()
+    samples = len(route) if route is not None and groups[0].samples is not None else batch
+    shift = _shift(groups, samples)
+    if batch != samples:  # beams / return sequences of each sample, adjacent
+        shift = shift.repeat_interleave(batch // samples, dim=0)
+    positions = kwargs.get("position_ids")
+    uniform = len(groups) == 1
+    if positions is None:
+        rule = POSITION_RULES[module.config.model_type]
+        start = past_length(kwargs) + (int(shift[0, 0]) if uniform else shift.to(device))
+        kwargs["position_ids"] = rule(module, kwargs, start)
+    else:
+        kwargs["position_ids"] = positions + (int(shift[0, 0]) if uniform else shift.to(device))
+    kwargs[_PREFIX_KWARG] = groups
+    return (), kwargs
+
+
+def _arange_positions(base, kwargs, start):
+    """Llama, BERT and most models: the tokens at start, start + 1, ... (start: an int, or [B, 1])."""
+    _, length, device = batch_and_length(kwargs)
+    return start + torch.arange(length, device=device).unsqueeze(0)
+
+
+def _roberta_positions(base, kwargs, start):
+    """RoBERTa: non-padding tokens count from padding_idx + 1 (after `start` earlier tokens); padding
+    tokens sit at padding_idx."""
+    pad = base.embeddings.padding_idx
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        batch, length, device = batch_and_length(kwargs)
+        return (pad + 1 + start + torch.arange(length, device=device)).expand(batch, length)
+    keep = ids.ne(pad).long()
+    return (keep.cumsum(1) + start) * keep + pad
+
+
+# model_type -> the positions its base makes for the sequence after `start` earlier tokens (what a
+# peft prefix of P past tokens gives: start = cache length + P)
+_ARANGE_TYPES = (
+    "bert gemma gpt2 granite llama mistral mixtral olmo olmo2 phi3 qwen2 qwen2_moe qwen3 qwen3_moe".split()
+)
+POSITION_RULES = {
+    **{t: _arange_positions for t in _ARANGE_TYPES},
+    "roberta": _roberta_positions,
+    "xlm-roberta": _roberta_positions,
+}
+
+
+# -- the attention function ------------------------------------------------------------------------
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # a bool mask [B, 1, L, S], or None
+
+
+_warned_dropout = False
+
+
+def prefix_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+):
+    """transformers' attention-function signature: q ``[B, H, L, D]``, k, v ``[B, Hkv, S, D]`` (after
+    the cache), the model's mask over the sequence keys; returns ``(out [B, L, H, D], None)``."""
+    groups: Optional[List[PrefixGroup]] = kwargs.get(_PREFIX_KWARG)
+    if groups is None:
+        raise RuntimeError(
+            f"peftkern's prefix attention was called by {type(module).__name__} without the prefix: call "
+            "the model peftkern.inject changed (its base model adds the prefix to the call's arguments)"
+        )
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise RuntimeError(f"peftkern's prefix attention: {type(module).__name__} has no layer_idx")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"peftkern's prefix attention does not compute {name} ({type(module).__name__})")
+    causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    L, S = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        causal = False  # the model's mask holds the causal pattern
+        attention_mask = attention_mask[..., :S]
+    elif causal and 1 < L < S:  # an empty static cache's prefill: the keys past L are unwritten
+        key, value, S = key[:, :, :L], value[:, :, :L], L
+    window = kwargs.get("sliding_window")
+    if len(groups) == 1 and groups[0].samples is None:
+        return _attend(
+            module, groups[0], layer, query, key, value, attention_mask, causal, scaling, dropout, window
+        ), None
+    B, per = query.shape[0], query.shape[0] // max(1, sum(len(g.samples) for g in groups))
+    out = query.new_empty(B, L, query.shape[1], query.shape[3])
+    for g in groups:
+        rows = (torch.tensor(g.samples)[:, None] * per + torch.arange(per)).reshape(-1).to(query.device)
+        mask = attention_mask
+        if mask is not None and mask.shape[0] == B:
+            mask = mask.index_select(0, rows)
+        sub = [t.index_select(0, rows) for t in (query, key, value)]
+        y = _attend(module, g, layer, *sub, mask, causal, scaling, dropout, window, per)
+        out = out.index_copy(0, rows, y)
+    return out, None
+
+
+def _attend(module, group, layer, query, key, value, mask, causal, scaling, dropout, window, per=1):
+    """One group's attention, ``[b, L, H, D]``."""
+    Hkv, D = key.shape[1], key.shape[3]
+    if group.prefixes:
+        pairs = [p(layer) for p in group.prefixes]
+        if len(pairs) == 1 and group.ids is None:
+            prefix_k, prefix_v = pairs[0]
+            ids = group.task_ids
+        else:  # stacked [T, Hkv, P, D], each row's index
+            prefix_k = torch.stack([k if k.dim() == 3 else k[0] for k, _ in pairs])
+            prefix_v = torch.stack([v if v.dim() == 3 else v[0] for _, v in pairs])
+            ids = group.ids.repeat_interleave(per).to(query.device)
+    else:
+        prefix_k = prefix_v = key.new_empty(Hkv, 0, D)
+        ids = None
+    if window is not None and prefix_k.shape[-2] + key.shape[2] > window:
+        raise ValueError(
+            f"peftkern's prefix attention: {type(module).__name__} attends within a sliding window of "
+            f"{window} keys, and the prefix ({prefix_k.shape[-2]}) plus the sequence ({key.shape[2]}) pass it"
+        )
+    prefix_k = prefix_k.to(query.device, query.dtype)
+    prefix_v = prefix_v.to(query.device, query.dtype)
+    if dropout > 0.0 and module.training:
+        return _prefix_attention_with_dropout(
+            query, key, value, prefix_k, prefix_v, ids, mask, causal, scaling, dropout
+        )
+    out = prefix_attention(
+        query, key, value, prefix_k, prefix_v, prefix_ids=ids, attn_mask=mask, causal=causal, scale=scaling
+    )
+    return out.transpose(1, 2)
+
+
+def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causal, scale, p):
+    """Attention dropout in training: the concatenated KV through SDPA (slow; the fused op has no
+    dropout). Set the model's attention dropout to 0 for the fused path."""
+    global _warned_dropout
+    if not _warned_dropout:
+        warnings.warn(
+            f"peftkern prefix attention: the model's attention dropout is {p} in training, so the prefix "
+            "runs the slow composite path (concatenated keys and values through SDPA); set the config's "
+            "attention dropout to 0 for the fused path",
+            stacklevel=3,
+        )
+        _warned_dropout = True
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if prefix_k.dim() == 4:
+        prefix_k, prefix_v = prefix_k[ids], prefix_v[ids]
+    else:
+        prefix_k, prefix_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+    P = prefix_k.shape[2]
+    keys, values = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+    seq = torch.ones(L, S, dtype=torch.bool, device=q.device)
+    if causal:
+        seq = seq.tril(S - L)
+    if mask is not None:
+        seq = mask & seq if mask.dtype == torch.bool else torch.where(seq, mask.to(q.dtype), float("-inf"))
+    # the prefix columns in front: always visible (True, or 0 added)
+    full = F.pad(seq, (P, 0), value=True if seq.dtype == torch.bool else 0.0)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=full, dropout_p=p, scale=scale, enable_gqa=Hkv != H
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,238 @@
+"""Prompt tuning (Lester et al. 2021) and P-tuning (Liu et al. 2021): named
+``peftkern.nn.SoftPrompt`` modules on the model as ``peftkern_prompt.<name>``.
+
+A pre-hook on the model's forward prepends each sample's prompts to its input embeddings (and
+extends the mask, the position ids, the token type ids and token-level labels); a forward hook
+trims the token-level outputs back. With a KV cache that already holds tokens (``generate()``'s
+later steps) the prompts are in the cache: the hooks then only extend the mask and shift the
+positions.
+
+A mixed batch (``peftkern.tasks``): every sample gets N = the longest prompt of the batch in
+front; a sample with a shorter prompt (or none) has its own right before its tokens and masked
+padding before that, and explicit position ids that start its prompt at 0, so each sample
+computes as alone. Saved: ``peftkern_prompt.<param>``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ...nn import SoftPrompt, routing
+from ..config import PromptConfig
+from ..virtual_tokens import CallStack, batch_and_length, bound, hf_config, past_length, task_ids_of
+from . import Method, active_of, add_to_dict_child, factory, remove_from_dict_child
+
+ATTR = "peftkern_prompt"
+_PREPENDED = CallStack("peftkern_prompt_prepended")  # per call: how many columns the pre-hook put in front
+
+
+@dataclass
+class PromptPlan:
+    d_model: int
+
+
+class Prompt(Method):
+    config_class = PromptConfig
+
+    def plan(self, model, config):
+        cname = type(config).__name__
+        hf = hf_config(model, cname)
+        if getattr(hf, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{cname}: {type(model).__name__} is an encoder-decoder; prompts are supported on "
+                "decoder-only and encoder-only models"
+            )
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"{cname}: {type(model).__name__} has no input embedding (get_input_embeddings)")
+        if config.init_token_ids is not None and max(config.init_token_ids) >= emb.num_embeddings:
+            raise ValueError(
+                f"{cname}: init_token_ids holds {max(config.init_token_ids)}, beyond the model's vocabulary "
+                f"({emb.num_embeddings} tokens)"
+            )
+        return PromptPlan(emb.embedding_dim)
+
+    def _build(self, plan, config, fac):
+        return SoftPrompt(
+            config.num_virtual_tokens,
+            plan.d_model,
+            num_tasks=config.num_tasks,
+            encoder=config.encoder,
+            encoder_hidden_size=config.encoder_hidden_size,
+            encoder_num_layers=config.encoder_num_layers,
+            **fac,
+        )
+
+    def expected_shapes(self, model, plan, config):
+        meta = self._build(plan, config, dict(device="meta"))
+        return {f"{ATTR}.{n}": t.shape for n, t in meta.named_parameters()}
+
+    def apply(self, model, plan, config, name):
+        new = self._build(plan, config, factory(model, model)).train(model.training)
+        if config.init_token_ids is not None:
+            _init_from_tokens(new, model, config)
+        first = not hasattr(model, ATTR)
+        add_to_dict_child(model, ATTR, name, new)
+        if first:
+            model._peftkern_active = getattr(model, "_peftkern_active", ())
+            model._peftkern_prompt_hooks = (
+                model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True),
+                model.register_forward_hook(_prompt_hook, with_kwargs=True, always_call=True),
+            )
+        return {f"{ATTR}.{n}": f"{ATTR}.{name}.{n}" for n, _ in new.named_parameters()}
+
+    def remove(self, model, plan, name):
+        if remove_from_dict_child(model, ATTR, name):
+            for h in model._peftkern_prompt_hooks:
+                h.remove()
+            del model._peftkern_prompt_hooks
+
+    def merge(self, model, plan, name):
+        prompt = getattr(model, ATTR)[name]
+        if prompt.prompt is None:
+            prompt.merge_encoder()
+            return [f"the prompt encoder of '{name}' evaluated once into plain (frozen) prompts"]
+        return []
+
+    def site_keys(self, plan):
+        return [("", "virtual tokens!")]
+
+    def mixed_refusal(self, plan, config):
+        return (
+            f"it holds {config.num_tasks} task prompts (chosen by task_ids)" if config.num_tasks > 1 else ""
+        )
+
+
+@torch.no_grad()
+def _init_from_tokens(prompt: SoftPrompt, model, config) -> None:
+    """Prompt tuning's init from words: the tokens' embeddings, repeated or cut to N (as peft)."""
+    table = model.get_input_embeddings().weight
+    ids = torch.tensor(config.init_token_ids, device=table.device)
+    N = config.num_virtual_tokens
+    ids = ids.repeat((N + len(ids) - 1) // len(ids))[:N]
+    words = table[ids].to(prompt.prompt.device, prompt.prompt.dtype)
+    prompt.prompt.copy_(words.expand_as(prompt.prompt))
+
+
+def _plan_call(module, kwargs, batch, device):
+    """(N columns in front, each row's prompt length [batch] or None when every row has N, and
+    build(embeds, mask) -> (embeds, mask) with the prompts in front)."""
+    prompts = getattr(module, ATTR)
+    names, route = routing.resolve(module, list(prompts.keys()), active_of(module))
+    if route is None:
+        if not names:
+            return 0, None, None
+        prompt = prompts[names[0]]
+        ids = task_ids_of(kwargs, prompt.num_tasks, batch, device, "PromptConfig")
+        return prompt.num_tokens, None, lambda embeds, mask: prompt(embeds, mask, ids)
+    kwargs.pop("task_ids", None)
+    kind = getattr(getattr(module, "config", None), "model_type", None)
+    if kind in ("roberta", "xlm-roberta"):  # its positions start at padding_idx + 1, not 0
+        raise ValueError(f"PromptConfig: a batch of mixed prompts is not supported on {kind} models")
+    chosen = [s[0] if s else None for s in route.project(prompts.keys())]
+    if batch % len(chosen):
+        raise ValueError(
+            f"PromptConfig: {batch} rows do not split over the {len(chosen)} samples of peftkern.tasks"
+        )
+    per = batch // len(chosen)
+    lengths = torch.tensor([prompts[n].num_tokens if n else 0 for n in chosen]).repeat_interleave(per)
+    N = int(lengths.max())
+
+    def build(embeds, mask):
+        E = embeds.shape[-1]
+        rows = []
+        for n in chosen:
+            p = prompts[n].prompts()[0].to(embeds.dtype) if n else embeds.new_zeros(0, E)
+            rows.append(torch.cat([embeds.new_zeros(N - p.shape[0], E), p]))
+        front = torch.stack(rows).repeat_interleave(per, dim=0)
+        m = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device) if mask is None else mask
+        return torch.cat([front, embeds], dim=1), torch.cat([_front_mask(lengths, N, m), m], dim=1)
+
+    return N, lengths, build
+
+
+def _front_mask(lengths, N, like):
+    """[rows, N]: 1 on each row's prompt (the last lengths[i] columns), 0 on the padding before it."""
+    slots = torch.arange(N, device=like.device)[None]
+    return (slots >= N - lengths.to(like.device)[:, None]).to(like.dtype)
+
+
+def _prompt_pre_hook(module, args, kwargs):
+    _PREPENDED.push(0)
+    kwargs = bound(module, args, kwargs)
+    batch, length, device = batch_and_length(kwargs)
+    N, lengths, build = _plan_call(module, kwargs, batch, device)
+    if N == 0:
+        return (), kwargs
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"PromptConfig: attention_mask must be the 2-D padding mask [B, L]; got {tuple(mask.shape)} "
+            "(generate() makes a 4-D mask for a static cache, which has no room for the prompts: use the "
+            "default dynamic cache)"
+        )
+    shift = N if lengths is None else lengths.to(device)[:, None]
+    if past_length(kwargs) > 0:  # a cache that holds the prompts already: extend the mask only
+        if mask is None and lengths is not None:  # generate() drops an all-ones mask: the padding needs one
+            mask = torch.ones(batch, past_length(kwargs) - N + length, dtype=torch.long, device=device)
+        if mask is not None:
+            front = mask.new_ones(batch, N) if lengths is None else _front_mask(lengths, N, mask)
+            kwargs["attention_mask"] = torch.cat([front, mask], dim=1)
+        if positions is not None:
+            kwargs["position_ids"] = positions + shift
+        elif lengths is not None:  # the model would count the padding before shorter prompts
+            text = past_length(kwargs) - N + torch.arange(length, device=device)[None]
+            kwargs["position_ids"] = text + shift
+        return (), kwargs
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = module.get_input_embeddings()(kwargs["input_ids"])
+    kwargs["input_ids"] = None
+    kwargs["inputs_embeds"], kwargs["attention_mask"] = build(embeds, mask)
+    if lengths is not None:  # each row's prompt starts at position 0, its tokens right after
+        text = torch.arange(length, device=device).expand(batch, length) if positions is None else positions
+        slots = torch.arange(N, device=device)[None] - (N - lengths.to(device)[:, None])
+        kwargs["position_ids"] = torch.cat([slots.clamp(min=0).to(text.dtype), text + shift], dim=-1)
+    elif positions is not None:
+        head = torch.arange(N, device=device, dtype=positions.dtype).expand(*positions.shape[:-1], N)
+        kwargs["position_ids"] = torch.cat([head, positions + N], dim=-1)
+    types = kwargs.get("token_type_ids")
+    if types is not None:
+        kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, N), types], dim=1)
+    labels = kwargs.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
+        kwargs["labels"] = torch.cat([labels.new_full((batch, N, *labels.shape[2:]), -100), labels], dim=1)
+    _PREPENDED.set_top(N)
+    return (), kwargs
+
+
+def _prompt_hook(module, args, kwargs, output):
+    """Trims the token-level outputs of a call whose inputs the pre-hook prefixed with the prompts."""
+    N = _PREPENDED.pop()
+    if not N or output is None:
+        return output
+    embeds = kwargs.get("inputs_embeds")
+    return _trim(output, embeds.shape[1], lambda t: t[:, N:])
+
+
+_TOKEN_SCORES = ("start_logits", "end_logits")  # question answering: [B, total], one score per token
+
+
+def _trim(output, total, cut):
+    """Applies `cut` to the token-level tensors of a model output: those [B, total, ...] of 3 or more
+    dimensions (logits, hidden states; a sequence-level [B, C] never, whatever C is) and a question
+    answering model's token scores."""
+    if isinstance(output, Tensor):
+        return cut(output) if output.dim() >= 3 and output.shape[1] == total else output
+    if isinstance(output, dict):  # ModelOutput
+        for k in ("logits", "last_hidden_state", "hidden_states", *_TOKEN_SCORES):
+            t = output.get(k)
+            if k in _TOKEN_SCORES and isinstance(t, Tensor) and t.dim() == 2 and t.shape[1] == total:
+                output[k] = cut(t)
+            elif t is not None:
+                output[k] = _trim(t, total, cut)
+        return output
+    if isinstance(output, tuple):
+        return type(output)(_trim(t, total, cut) for t in output)
+    return output

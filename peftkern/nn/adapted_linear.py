@@ -1,0 +1,253 @@
+"""peftkern.nn.AdaptedLinear: an nn.Linear holding named LoRA updates and masks (many tasks, one weight)."""
+
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.lora import lora_linear, lora_linear_multi
+from ..ops.mask import masked_linear, masked_linear_multi, pack_mask
+from . import _checks, routing
+
+
+def _autocast(x: Tensor, tensors):
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return [None if t is None else t.to(dt) for t in tensors]
+    return list(tensors)
+
+
+class AdaptedLinear(nn.Linear):
+    """``nn.Linear`` with any number of named adapters on its frozen weight: LoRA updates
+    (``lora_A[name] [r, in]``, ``lora_B[name] [out, r]``) and masks (``scores[name] [out, in]``).
+
+    ``AdaptedLinear.adapt(linear)`` turns an ``nn.Linear`` into one in place: the same object, the same
+    ``weight`` and ``bias`` Parameters, hooks and children, so the model's parameter names and
+    the hooks others put there stay. ``restore()`` turns it back once it holds no adapter.
+
+    What a call computes (``routing.resolve``): every row through the same names (the ``active`` ones,
+    or one task for the whole batch) or, in a mixed batch, each row through its sample's:
+
+    - one LoRA: ``ops.lora_linear`` (dropout fused); several together: one ``lora_linear`` over the
+      ranks concatenated (each scaling folded into its B; one dropout mask when they share p,
+      else an eager sum, slower);
+    - one mask: ``ops.masked_linear``; a mask with LoRAs: the masked product plus the eager updates;
+    - mixed LoRAs: ``ops.lora_linear_multi`` (ranks zero-padded to the largest; rows of no LoRA
+      get the base), except in training with dropout, where each LoRA adds its rows' update eagerly;
+    - mixed masks: ``ops.masked_linear_multi`` on the rows of a masked task (packed bits, cached
+      until the scores change) without gradients; in training, one ``masked_linear`` per mask task
+      on its rows (each mask's gradient is an [out, in] product of its own rows anyway).
+    """
+
+    @classmethod
+    def adapt(cls, linear: nn.Linear) -> "AdaptedLinear":
+        if type(linear) is cls:
+            return linear
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"AdaptedLinear.adapt: expects an nn.Linear; got {type(linear).__name__}")
+        linear.__class__ = cls
+        linear.lora_A, linear.lora_B, linear.scores = (
+            nn.ParameterDict(),
+            nn.ParameterDict(),
+            nn.ParameterDict(),
+        )
+        for held in (linear.lora_A, linear.lora_B, linear.scores):
+            held._peftkern_container = True  # what model surgery must not target
+            held.train(linear.training)
+        linear.lora_settings = {}  # name -> (scaling, dropout_p)
+        linear.mask_thresholds = {}  # name -> threshold
+        linear._peftkern_active = ()
+        linear._packed = {}
+        return linear
+
+    def restore(self) -> None:
+        """Back to a plain nn.Linear (no adapter left)."""
+        if self.names():
+            raise ValueError(f"AdaptedLinear.restore: it still holds {self.names()}")
+        for attr in ("lora_A", "lora_B", "scores"):
+            delattr(self, attr)
+        for attr in (
+            "lora_settings",
+            "mask_thresholds",
+            "_peftkern_active",
+            "_packed",
+            "_peftkern_last_route",
+        ):
+            self.__dict__.pop(attr, None)
+        self.__class__ = nn.Linear
+
+    def names(self) -> List[str]:
+        return [*self.lora_A.keys(), *self.scores.keys()]
+
+    def _check_new(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"AdaptedLinear: name must be a non-empty string without '.'; got {name!r:.40}")
+        if name in self.names():
+            raise ValueError(f"AdaptedLinear: it already holds an adapter named {name!r}")
+
+    def add_lora(self, name, r, *, lora_alpha=None, lora_dropout=0.0, use_rslora=False) -> None:
+        """LoRA as peft initialises it: A Kaiming-uniform (a = sqrt(5)), B zero; on the weight's
+        device and dtype. scaling = lora_alpha / r (or / sqrt(r)), lora_alpha defaulting to r."""
+        self._check_new(name)
+        r = _checks.dim("AdaptedLinear", "r", r)
+        p = _checks.probability("AdaptedLinear", "lora_dropout", lora_dropout)
+        alpha = float(r if lora_alpha is None else lora_alpha)
+        w = self.weight
+        A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = A
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_settings[name] = (alpha / (math.sqrt(r) if use_rslora else r), float(p))
+
+    def add_mask(self, name, *, threshold, score_init) -> None:
+        """Real-valued float32 scores, all at score_init; the mask is scores > threshold."""
+        self._check_new(name)
+        self.scores[name] = nn.Parameter(
+            torch.full(self.weight.shape, float(score_init), device=self.weight.device)
+        )
+        self.mask_thresholds[name] = float(threshold)
+
+    def remove(self, name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.scores):
+            if name in d:
+                del d[name]
+        self.lora_settings.pop(name, None)
+        self.mask_thresholds.pop(name, None)
+        self._packed.pop(name, None)
+        self._peftkern_active = tuple(n for n in self._peftkern_active if n != name)
+
+    # -- what the weights become -------------------------------------------------------------
+
+    def lora_delta(self, name: str) -> Tensor:
+        """scaling * B @ A in float32 (detached)."""
+        s = self.lora_settings[name][0]
+        return (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()) * s
+
+    @torch.no_grad()
+    def mask(self, name: str) -> Tensor:
+        return self.scores[name].float() > self.mask_thresholds[name]
+
+    @torch.no_grad()
+    def merged_weight(self, names) -> Tensor:
+        """A new tensor: the weight with `names` applied (masks first, then LoRA updates, in float32)."""
+        w = self.weight.float()
+        for n in names:
+            if n in self.scores:
+                w = w * self.mask(n)
+        for n in names:
+            if n in self.lora_A:
+                w = w + self.lora_delta(n)
+        return w.to(self.weight.dtype)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        names, route = routing.resolve(self, self.names(), self._peftkern_active)
+        if route is not None:
+            return self._mixed(x, route)
+        loras = [n for n in names if n in self.lora_A]
+        masks = [n for n in names if n in self.scores]
+        if len(masks) > 1:
+            raise ValueError(f"AdaptedLinear: masks {masks} cannot apply together on one weight")
+        x, weight, bias = _autocast(x, [x, self.weight, self.bias])
+        if masks:
+            scores = self.scores[masks[0]]
+            scores = scores if scores.dtype in (torch.float32, weight.dtype) else scores.float()
+            out = masked_linear(x, weight, bias, scores, threshold=self.mask_thresholds[masks[0]])
+            return out + self._eager_updates(x, loras) if loras else out
+        if not loras:
+            return F.linear(x, weight, bias)
+        ps = {self.lora_settings[n][1] for n in loras}
+        if len(ps) > 1:  # different dropouts: each its own mask, eagerly
+            return F.linear(x, weight, bias) + self._eager_updates(x, loras)
+        A, B, scaling = self._together(loras, x)
+        return lora_linear(x, weight, bias, A, B, scaling=scaling, dropout_p=ps.pop(), training=self.training)
+
+    def _factors(self, name, like):
+        A, B = _autocast(like, [self.lora_A[name], self.lora_B[name]])
+        return A, B
+
+    def _together(self, loras, x):
+        if len(loras) == 1:
+            A, B = self._factors(loras[0], x)
+            return A, B, self.lora_settings[loras[0]][0]
+        pairs = [self._factors(n, x) for n in loras]
+        A = torch.cat([a for a, _ in pairs])
+        B = torch.cat([b * self.lora_settings[n][0] for n, (_, b) in zip(loras, pairs)], dim=1)
+        return A, B, 1.0
+
+    def _eager_updates(self, x, loras):
+        out = 0
+        for n in loras:
+            A, B = self._factors(n, x)
+            s, p = self.lora_settings[n]
+            h = F.dropout(x, p, self.training) if p > 0 else x
+            out = out + s * F.linear(F.linear(h, A), B)
+        return out
+
+    def _mixed(self, x: Tensor, route: routing.SampleRoute) -> Tensor:
+        who = "AdaptedLinear"
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        x2, weight, bias = _autocast(x2, [x2, self.weight, self.bias])
+        loras = [n for n in self.lora_A.keys() if any(n in s for s in route.samples)]
+        masks = [n for n in self.scores.keys() if any(n in s for s in route.samples)]
+        if not loras:
+            out = F.linear(x2, weight, bias)
+        elif self.training and torch.is_grad_enabled() and any(self.lora_settings[n][1] > 0 for n in loras):
+            out = F.linear(x2, weight, bias)  # dropout in training: each LoRA's rows, eagerly
+            for n in loras:
+                idx = route.rows(n, rows, x.device, who)
+                out = out.index_add(0, idx, self._eager_updates(x2.index_select(0, idx), [n]))
+        else:
+            ids = route.ids(loras, rows, x.device, who)
+            r = max(self.lora_A[n].shape[0] for n in loras)
+            pairs = [self._factors(n, x2) for n in loras]
+            A = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
+            B = torch.stack([F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
+            scalings = torch.tensor(
+                [self.lora_settings[n][0] for n in loras], dtype=torch.float32, device=x.device
+            )
+            out = lora_linear_multi(x2, weight, bias, A, B, ids, scalings=scalings)
+        if masks:
+            out = self._mixed_masks(x2, weight, bias, out, masks, route)
+        return out.reshape(*lead, self.out_features)
+
+    def _mixed_masks(self, x2, weight, bias, out, masks, route):
+        who, rows, device = "AdaptedLinear", x2.shape[0], x2.device
+        if torch.is_grad_enabled() and any(self.scores[n].requires_grad for n in masks):
+            for n in masks:  # training: the fused STE op per mask task, on its rows
+                idx = route.rows(n, rows, device, who)
+                scores = self.scores[n]
+                scores = scores if scores.dtype in (torch.float32, weight.dtype) else scores.float()
+                y = masked_linear(
+                    x2.index_select(0, idx), weight, bias, scores, threshold=self.mask_thresholds[n]
+                )
+                out = out.index_copy(0, idx, y)
+            return out
+        idx = torch.cat([route.rows(n, rows, device, who) for n in masks])
+        ids = route.ids(masks, rows, device, who).index_select(0, idx)
+        bits = torch.stack([self._packed_bits(n) for n in masks])
+        y = masked_linear_multi(x2.index_select(0, idx), weight, bias, bits, ids)
+        return out.index_copy(0, idx, y)
+
+    def _packed_bits(self, name: str) -> Tensor:
+        scores = self.scores[name]
+        key = (scores._version, scores.data_ptr(), scores.device)
+        cached = self._packed.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, pack_mask(scores.detach(), self.mask_thresholds[name]))
+            self._packed[name] = cached
+        return cached[1]
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr()]
+        for n in self.lora_A.keys():
+            parts.append(f"lora[{n}]: r={self.lora_A[n].shape[0]}, scaling={self.lora_settings[n][0]:g}")
+        for n in self.scores.keys():
+            parts.append(f"mask[{n}]: threshold={self.mask_thresholds[n]:g}")
+        return ", ".join(parts)
