@@ -220,6 +220,7 @@ def cases(quick=False):
                 flops,
                 tags=dict(tokens=TOKENS, **({"baseline": True} if provider != "peftkern" else {})),
             )
+    yield from mixed_cases(MODELS["bert-base"][1], "bert-base", 64, 128, torch.bfloat16, "cuda")
 
 
 MINILM = dict(
@@ -251,4 +252,93 @@ def cpu_cases():
                 ideal,
                 flops * batch * seq / TOKENS,
                 tags=dict(tokens=batch * seq, **({"baseline": True} if provider != "peftkern" else {})),
+            )
+    yield from mixed_cases(MINILM, "minilm", 64, 32, torch.float32, "cpu", short=True)
+
+
+# -- many tasks in one batch -----------------------------------------------------------------------
+# Serving (inference forward) a batch whose samples each use their own named adapter, over T tasks:
+#   peftkern  one pass, model(..., tasks=[...]): the _multi ops route each row (one call per site)
+#   loop      what a user writes without per-sample routing: per task, set_active and run its rows
+#   peft      LoRA only: peft's mixed batch, model(..., adapter_names=[...]) (its per-adapter loop)
+# The floor is the frozen base's forward (2 P flops per token); what routing adds is each site's
+# adapter weights read once per 64-token block. Targets (GPU): >= 5x the loop at 64 tasks; LoRA at 64
+# tasks <= 1.3x the same batch with one task.
+MIXED_TASKS = (1, 8, 64)
+MIXED_METHODS = {
+    "lora": lambda i: peftkern.LoRAConfig(r=8, lora_alpha=16),
+    "adapter": lambda i: peftkern.AdapterConfig(bottleneck=16),
+    # masks on the query and value projections only: a mask's scores are a float32 copy of its weights
+    "mask": lambda i: peftkern.MaskConfig(target_modules=["query", "value"]),
+    "prefix": lambda i: peftkern.PrefixConfig(num_virtual_tokens=16),
+    "mixed": lambda i: [MIXED_METHODS[m] for m in ("lora", "adapter", "prefix")][i % 3](i),
+}
+
+
+def _mixed_model(config, device, dtype, method, n_tasks, provider):
+    model = build_model("bert", config, device, dtype, method="prefix").eval()  # no attention dropout
+    names = [f"task{i}" for i in range(n_tasks)]
+    if provider == "peft":
+        try:
+            import peft
+        except ImportError:
+            raise Skip("peft not installed")
+        lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PEFT_TARGETS["bert"])
+        model = peft.get_peft_model(model, lora, adapter_name=names[0])
+        for n in names[1:]:
+            model.add_adapter(n, lora)
+        return model.eval(), names
+    g = torch.Generator().manual_seed(2)
+    for i, n in enumerate(names):
+        peftkern.inject(model, MIXED_METHODS[method](i), name=n)
+    with torch.no_grad():  # trained-looking adapters (LoRA B and adapter up start at zero)
+        for t in model.parameters():
+            if t.requires_grad:
+                t.add_(torch.randn(t.shape, generator=g).to(t) * 0.01)
+    return model, names
+
+
+def _mixed_work(config, method, n_tasks, provider, batch, seq, dtype, device):
+    def make():
+        model, names = _mixed_model(config, device, dtype, method, n_tasks, provider)
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(device)
+        tasks = [names[i % n_tasks] for i in range(batch)]
+
+        @torch.no_grad()
+        def step(i):
+            if provider == "peftkern":
+                return model(input_ids=ids, tasks=tasks).logits
+            if provider == "peft":
+                return model(input_ids=ids, adapter_names=tasks).logits
+            out = []  # loop: one forward per task over its rows
+            for n in names:
+                peftkern.set_active(model, n)
+                out.append(model(input_ids=ids[[j for j, t in enumerate(tasks) if t == n]]).logits)
+            return out
+
+        return Work(_peer_failures(step) if provider == "peft" else step, None, 1)
+
+    return make if provider != "peft" else _peer_failures(make)
+
+
+def mixed_cases(config, model_name, batch, seq, dtype, device, tasks=MIXED_TASKS, short=False):
+    """short (the CPU table, to stay within minutes): 1, 8 and 64 tasks for LoRA and the mixed
+    methods, 8 for the other families."""
+    ideal, flops = step_cost("bert", config, seq, dtype)
+    for method, n_tasks in itertools.product(MIXED_METHODS, tasks):
+        if short and method not in ("lora", "mixed") and n_tasks != 8:
+            continue
+        providers = ["loop", "peftkern"] + (["peft"] if method == "lora" else [])
+        for provider in providers:
+            yield Case(
+                FAMILY,
+                dict(model=model_name, method=f"{method}-mixed", tasks=n_tasks, seq=seq, batch=batch),
+                dtype,
+                "inference",
+                provider,
+                _mixed_work(config, method, n_tasks, provider, batch, seq, dtype, device),
+                ideal / 2,  # the frozen weights read once
+                flops / 2 * batch * seq / TOKENS,  # the forward's share
+                tags=dict(tokens=batch * seq, **({"baseline": True} if provider == "loop" else {})),
             )

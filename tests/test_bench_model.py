@@ -78,3 +78,19 @@ def test_cases_and_table():
     table = harness.markdown_table(rows, meta)
     assert "| 1.50x | 819,200 | 5 |" in table
     assert "819,200 tokens/s" in harness.format_row(rows[1])
+
+
+@pytest.mark.parametrize("method", bench_model.MIXED_METHODS)
+def test_mixed_batch_cases_agree_with_the_task_loop(method):
+    """The many-tasks cases: peftkern's one pass gives the loop's logits (rows regrouped per task);
+    peft's adapter_names row runs for LoRA."""
+    config, tasks, batch = TINY["bert"], 3, 6
+    out = {
+        p: bench_model._mixed_work(config, method, tasks, p, batch, 8, torch.float32, "cpu")().step(0)
+        for p in ("peftkern", "loop") + (("peft",) if method == "lora" else ())
+    }
+    order = [j for t in range(tasks) for j in range(batch) if j % tasks == t]  # the loop's row order
+    loop = torch.cat(out["loop"])
+    assert ((out["peftkern"][order] - loop).norm() / loop.norm()).item() < 1e-5
+    if method == "lora":
+        assert out["peft"].shape == out["peftkern"].shape

@@ -28,3 +28,21 @@ def test_finetune_example(method, tmp_path, capsys):
     assert "step 3/3" in out and "trainable share:" in out and "eval accuracy:" in out
     assert "peak memory:" in out and "reloaded into a fresh base" in out
     assert sorted(os.listdir(tmp_path / method)) == ["peftkern_config.json", "peftkern_weights.safetensors"]
+
+
+SERVE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "serve_mixed.py")
+
+
+def test_serve_mixed_trains_two_tasks_of_two_methods_in_one_batch(tmp_path, capsys):
+    """MiniLM: a LoRA task and an adapter task trained in mixed batches; both losses fall, both are
+    saved, and one mixed batch served by a fresh base scores each task on its own held-out data."""
+    spec = importlib.util.spec_from_file_location("serve_mixed_example", SERVE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses, accuracy = module.main(["--steps", "40", "--device", "cpu", "--out", str(tmp_path)])
+    for task, ls in losses.items():
+        k = len(ls) // 5
+        assert sum(ls[-k:]) / k < 0.5 * sum(ls[:k]) / k, (task, ls)
+        assert accuracy[task] >= 0.8, (task, accuracy)
+    assert sorted(os.listdir(tmp_path)) == ["sentiment", "topic"]
+    assert "one mixed batch of" in capsys.readouterr().out
