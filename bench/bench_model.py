@@ -220,7 +220,7 @@ def cases(quick=False):
                 flops,
                 tags=dict(tokens=TOKENS, **({"baseline": True} if provider != "peftkern" else {})),
             )
-    yield from mixed_cases(MODELS["bert-base"][1], "bert-base", 64, 128, torch.bfloat16, "cuda")
+    yield from mixed_cases(MODELS["bert-base"][1], "bert-base", 64, 128, torch.bfloat16, "cuda", short=quick)
 
 
 MINILM = dict(

@@ -62,9 +62,15 @@ def test_step_cost_counts_the_model_linear_layers(kind):
 
 
 def test_cases_and_table():
-    cases = list(bench_model.cases(quick=True))
+    every = list(bench_model.cases(quick=True))
+    cases = [c for c in every if c.mode == "train"]
     assert {c.provider for c in cases} == {"peft", "eager", "peftkern"}
-    assert all(c.mode == "train" and c.flops > 0 and c.tags["tokens"] == bench_model.TOKENS for c in cases)
+    assert all(c.flops > 0 and c.tags["tokens"] == bench_model.TOKENS for c in cases)
+    mixed = [c for c in every if c.mode != "train"]  # the many-tasks rows: served batches
+    assert {c.provider for c in mixed} == {"loop", "peft", "peftkern"} and all(
+        c.mode == "inference" for c in mixed
+    )
+    assert {c.shape["tasks"] for c in mixed} == set(bench_model.MIXED_TASKS)
     rows = [
         dict(family="model", shape="m", dtype="bfloat16", mode="train", provider=p, baseline=p == "peft")
         for p in ("peft", "peftkern")

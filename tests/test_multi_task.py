@@ -310,3 +310,34 @@ def test_mixed_training_under_gradient_checkpointing():
     for n, t in model.named_parameters():
         if n in grads:
             assert torch.allclose(t.grad, grads[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_mam_a_prefix_and_a_parallel_adapter_together_per_sample():
+    """He et al.'s MAM adapter as two named adapters applied together (a prefix on attention, a
+    parallel adapter on the FFN): a sample naming both computes as a model with both active."""
+    methods = ["prefix", "parallel", "lora"]
+    model = tiny_bert().double()
+    for n in methods:
+        peftkern.inject(model, CONFIGS[n](), name=n)
+    randomize(model, methods)
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(4))
+    tasks = [["prefix", "parallel"], "lora", ["prefix", "parallel"]]
+    out = model(input_ids=ids, tasks=tasks).last_hidden_state
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    (out * weights).sum().backward()
+    mixed_grads = {n: t.grad.clone() for n, t in model.named_parameters() if t.grad is not None}
+    model.zero_grad()
+    peftkern.set_active(model, ["prefix", "parallel"])
+    rows = [0, 2]
+    ref = model(input_ids=ids[rows]).last_hidden_state
+    assert ((out[rows] - ref).norm() / ref.norm()).item() < 1e-10
+    (ref * weights[rows]).sum().backward()
+    for n, t in model.named_parameters():
+        if ".prefix." in n or ".parallel." in n:
+            assert t.grad is not None and torch.allclose(mixed_grads[n], t.grad, rtol=1e-9, atol=1e-12), n
+    base_only = tiny_bert().double()
+    peftkern.set_active(model, None)  # the active names off: the base model
+    with torch.no_grad():
+        assert torch.allclose(
+            model(input_ids=ids).last_hidden_state, base_only(input_ids=ids).last_hidden_state
+        )
