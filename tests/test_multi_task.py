@@ -341,3 +341,165 @@ def test_mam_a_prefix_and_a_parallel_adapter_together_per_sample():
         assert torch.allclose(
             model(input_ids=ids).last_hidden_state, base_only(input_ids=ids).last_hidden_state
         )
+
+
+# -- regressions found by review ------------------------------------------------------------------
+
+
+def _grads(model):
+    return {n: t.grad.clone() for n, t in model.named_parameters() if t.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_two_routed_forwards_then_one_backward(reentrant):
+    """Each recompute must route as its own forward did, also when another routed forward ran since."""
+    methods = ["lora", "houlsby"]
+
+    def build(checkpointed):
+        model = tiny_bert().double()
+        for n in methods:
+            peftkern.inject(model, CONFIGS[n](), name=n)
+        randomize(model, methods)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        if reentrant:  # the reentrant checkpoint needs an input that requires a gradient
+            model.embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        return model
+
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(8))
+    results = []
+    for checkpointed in (False, True):
+        model = build(checkpointed)
+        a = model(input_ids=ids, tasks=["lora", "houlsby", None]).last_hidden_state
+        b = model(input_ids=ids, tasks=["houlsby", None, "lora"]).last_hidden_state
+        (a.square().sum() + (b * 0.5).sum()).backward()
+        results.append(_grads(model))
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys() and plain
+    for n in plain:
+        assert torch.allclose(checkpointed[n], plain[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_a_hand_written_checkpoint_after_two_routes_raises_rather_than_guess():
+    model = tiny_bert().double()
+    peftkern.inject(model, CONFIGS["lora"](), name="lora")
+    randomize(model, ["lora"])
+    model.train()
+    layer = model.encoder.layer[0]
+    x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for tasks in (["lora", None], [None, "lora"]):
+        with peftkern.tasks(tasks):
+            outs.append(torch.utils.checkpoint.checkpoint(lambda t: layer(t)[0], x, use_reentrant=False))
+    with pytest.raises(RuntimeError, match="after forwards under different peftkern.tasks"):
+        sum(o.sum() for o in outs).backward()
+
+
+def test_deleting_the_last_prefix_leaves_a_working_model():
+    model = tiny_llama()
+    ids = torch.randint(3, 97, (2, 5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    peftkern.inject(model, CONFIGS["prefix"](), name="prefix")
+    peftkern.delete_adapter(model, "prefix")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5)
+    peftkern.inject(model, CONFIGS["prefix5"](), name="again")  # and a prefix can come back
+    randomize(model, ["again"])
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, before, rtol=1e-3, atol=1e-3)
+
+
+def test_deleting_one_method_keeps_another_on_the_same_module_switchable():
+    """LoRA and BitFit on one linear: deleting the LoRA must leave BitFit following set_active."""
+    model = tiny_bert().double()
+    peftkern.inject(model, peftkern.LoRAConfig(r=2, target_modules=["value"]), name="lora")
+    peftkern.inject(model, peftkern.BitFitConfig(bias_names=["value.bias"]), name="bitfit")
+    randomize(model, ["bitfit"])
+    peftkern.delete_adapter(model, "lora")
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        peftkern.set_active(model, "bitfit")
+        on = model(input_ids=ids).last_hidden_state
+        peftkern.set_active(model, None)
+        off = model(input_ids=ids).last_hidden_state
+    assert (on - off).abs().max() > 1e-3  # BitFit applies when active ...
+    fresh = tiny_bert().double()
+    with torch.no_grad():
+        assert torch.allclose(off, fresh(input_ids=ids).last_hidden_state, atol=1e-12)  # ... and not when not
+
+
+def test_a_head_copy_holds_no_other_adapters_state():
+    make = lambda: bert_head("BertForSequenceClassification", num_labels=3)  # noqa: E731
+    model = make()
+    peftkern.inject(model, peftkern.BitFitConfig(), name="bitfit")
+    peftkern.inject(model, peftkern.LoRAConfig(r=2, modules_to_save=["classifier"]), name="lora")
+    copy = model.classifier.peftkern_copies["lora"]
+    assert type(copy) is torch.nn.Linear and not copy._forward_hooks
+    assert sorted(n for n, _ in copy.named_parameters()) == ["bias", "weight"]
+    state = injection_state(model)
+    assert all(".peftkern_copies.lora.peftkern" not in p for p in state.adapters["lora"].params.values())
+    ids = torch.randint(0, 97, (3, 6))
+    randomize(model, ["bitfit", "lora"])
+    out = model(input_ids=ids, tasks=["lora", "bitfit", None]).logits
+    for i, n in enumerate(["lora", "bitfit", None]):
+        peftkern.set_active(model, n)
+        with torch.no_grad():
+            ref = model(input_ids=ids[i : i + 1]).logits
+        assert torch.allclose(out[i : i + 1], ref, rtol=1e-5, atol=1e-6), n
+
+
+def test_frozen_masks_with_an_input_that_needs_a_gradient():
+    """Mixed masks whose scores are frozen, under an input that requires a gradient: the gradient
+    flows to the input (the forward-only multi op must not be picked)."""
+    model = tiny_bert().double()
+    for n in ("mask", "mask2"):
+        peftkern.inject(model, CONFIGS[n](), name=n)
+    randomize(model, ["mask", "mask2"])
+    model.requires_grad_(False)
+    embeds = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    tasks = ["mask2", None, "mask"]
+    out = model(inputs_embeds=embeds, tasks=tasks).last_hidden_state
+    out.square().sum().backward()
+    for i, n in enumerate(tasks):
+        peftkern.set_active(model, n)
+        e = embeds[i : i + 1].detach().requires_grad_(True)
+        model(inputs_embeds=e).last_hidden_state.square().sum().backward()
+        assert torch.allclose(embeds.grad[i : i + 1], e.grad, rtol=1e-9, atol=1e-12), n
+
+
+def test_a_merged_adapter_cannot_be_deleted():
+    model = tiny_bert()
+    peftkern.inject(model, CONFIGS["lora"](), name="lora")
+    peftkern.merge(model, "lora", verbose=False)
+    with pytest.raises(ValueError, match="'lora' is merged into the base model"):
+        peftkern.delete_adapter(model, "lora")
+    with pytest.raises(ValueError, match="merged into its base"):
+        peftkern.inject(model, CONFIGS["houlsby"](), name="houlsby")
+
+
+def test_packed_masks_follow_a_replaced_scores_tensor():
+    model = tiny_bert()
+    for n in ("mask", "mask2"):
+        peftkern.inject(model, CONFIGS[n](), name=n)
+    randomize(model, ["mask", "mask2"])
+    ids = torch.randint(0, 97, (2, 5))
+    tasks = ["mask", "mask2"]
+    with torch.no_grad():
+        model(input_ids=ids, tasks=tasks)  # packs the bits
+        q = model.encoder.layer[0].attention.self.query
+        q.scores["mask"].data = torch.rand_like(q.scores["mask"]) * 0.02
+        out = model(input_ids=ids, tasks=tasks).last_hidden_state
+        peftkern.set_active(model, "mask")
+        ref = model(input_ids=ids[:1]).last_hidden_state
+    assert torch.allclose(out[:1], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_tasks_entries_must_match_the_batch_outside_generate():
+    model = tiny_bert()
+    peftkern.inject(model, CONFIGS["lora"](), name="lora")
+    ids = torch.randint(0, 97, (4, 5))
+    with pytest.raises(ValueError, match="2 entries for a batch of 4 samples"), peftkern.tasks(["lora", None]):
+        model(input_ids=ids)

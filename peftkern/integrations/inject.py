@@ -25,9 +25,6 @@ from ..nn import routing
 from . import virtual_tokens
 from .config import (
     AdapterConfig,
-    PrefixConfig,
-    PromptConfig,
-    VPTConfig,
     _Config,
     config_from_dict,
 )
@@ -70,6 +67,7 @@ class AdapterState:
 class PeftState:
     adapters: Dict[str, AdapterState] = field(default_factory=dict)
     active: Tuple[str, ...] = ()
+    checked: set = field(default_factory=set)  # routes' samples _check_samples passed (until adapters change)
 
     @property
     def config(self) -> _Config:
@@ -146,6 +144,7 @@ def apply(model: nn.Module, p: Plan, name: str = DEFAULT_NAME) -> nn.Module:
     params = copies.apply(model, p.copies, name)
     params.update(p.method.apply(model, p.sites, p.config, name))
     state.adapters[name] = AdapterState(p.config, p, params)
+    state.checked.clear()
     set_active(model, name)
     return model
 
@@ -281,11 +280,15 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(
             f"delete_adapter: no adapter named {name!r}; the model holds {sorted(state.adapters)}"
         )
+    if state.adapters[name].merged:
+        raise ValueError(
+            f"delete_adapter: {name!r} is merged into the base model, so it cannot be taken out; load a "
+            "fresh base model instead"
+        )
     a = state.adapters.pop(name)
-    if not a.merged:
-        copies.remove(model, a.plan.copies, name)
-    if not a.merged or isinstance(a.config, (AdapterConfig, PrefixConfig, PromptConfig, VPTConfig)):
-        a.plan.method.remove(model, a.plan.sites, name)  # merged LoRA, masks and BitFit are gone already
+    state.checked.clear()
+    copies.remove(model, a.plan.copies, name)
+    a.plan.method.remove(model, a.plan.sites, name)
     state.active = tuple(n for n in state.active if n != name)
     for m in model.modules():
         if hasattr(m, "_peftkern_active"):
@@ -330,6 +333,29 @@ def _call_batch(args, kwargs) -> Optional[int]:
     return None
 
 
+class _RoutedCheckpoint:
+    """A model's ``_gradient_checkpointing_func`` (transformers' checkpointed layers) that runs the
+    layer under the route of its forward, in the forward and again in the backward's recompute."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, fn, *args, **kwargs):
+        return self.inner(routing.replaying(fn, routing.current()), *args, **kwargs)
+
+
+def _route_checkpointed_layers(model) -> None:
+    for m in model.modules():
+        f = m.__dict__.get("_gradient_checkpointing_func")
+        if f is not None and not isinstance(f, _RoutedCheckpoint):
+            m._gradient_checkpointing_func = _RoutedCheckpoint(f)
+
+
+def _generating(kwargs) -> bool:
+    """A call of generate()'s loop (which holds each sample's beams or returned sequences)."""
+    return kwargs.get("past_key_values") is not None or kwargs.get("cache_position") is not None
+
+
 def _route_pre_hook(model, args, kwargs):
     """On the injected model: the call's route (its ``tasks`` argument, or peftkern.tasks's), checked."""
     given = kwargs.pop("tasks", None)
@@ -338,15 +364,23 @@ def _route_pre_hook(model, args, kwargs):
         if not isinstance(given, (list, tuple)) or not given:
             raise TypeError(f"tasks: expects a non-empty list with one entry per sample; got {given!r:.60}")
         route = routing.SampleRoute([_names(e, "tasks") for e in given])
+    if model.training and torch.is_grad_enabled():  # gradient_checkpointing_enable() may come any time
+        _route_checkpointed_layers(model)
     if route is None:
         _ROUTE_TOKENS.push(None)
         return args, kwargs
     state = injection_state(model)
-    _check_samples(state, route.samples, "peftkern.tasks")
+    if route.samples not in state.checked:  # once per batch composition, not per generate() step
+        _check_samples(state, route.samples, "peftkern.tasks")
+        if len(state.checked) > 4096:  # a server's many batch compositions: keep it bounded
+            state.checked.clear()
+        state.checked.add(route.samples)
     batch = _call_batch(args, kwargs)
-    if batch is not None and (batch % len(route) or (batch != len(route) and not route.beams)):
+    beams = route.beams and _generating(kwargs)
+    if batch is not None and (batch % len(route) or (batch != len(route) and not beams)):
         raise ValueError(
             f"peftkern.tasks: {len(route)} entries for a batch of {batch} samples; give one per sample"
+            + (" (or its beams, inside generate())" if route.beams else "")
         )
     _ROUTE_TOKENS.push(routing._ROUTE.set(route))
     return args, kwargs
@@ -417,6 +451,7 @@ def merge(model: nn.Module, name: Optional[str] = None, verbose: bool = True) ->
     if a.plan.copies:
         parts.append(f"the copies of {a.plan.copies} copied into the base")
     a.merged = True
+    state.checked.clear()
     set_active(model, name)
     if verbose:
         print("peftkern.merge: " + ("; ".join(parts) or f"nothing to merge for {type(a.config).__name__}"))

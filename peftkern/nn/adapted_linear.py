@@ -37,8 +37,8 @@ class AdaptedLinear(nn.Linear):
     - mixed LoRAs: ``ops.lora_linear_multi`` (ranks zero-padded to the largest; rows of no LoRA
       get the base), except in training with dropout, where each LoRA adds its rows' update eagerly;
     - mixed masks: ``ops.masked_linear_multi`` on the rows of a masked task (packed bits, cached
-      until the scores change) without gradients; in training, one ``masked_linear`` per mask task
-      on its rows (each mask's gradient is an [out, in] product of its own rows anyway).
+      until the scores change) when nothing needs a gradient; else one ``masked_linear`` per mask
+      task on its rows (each mask's gradient is an [out, in] product of its own rows anyway).
     """
 
     @classmethod
@@ -58,7 +58,7 @@ class AdaptedLinear(nn.Linear):
             held.train(linear.training)
         linear.lora_settings = {}  # name -> (scaling, dropout_p)
         linear.mask_thresholds = {}  # name -> threshold
-        linear._peftkern_active = ()
+        linear._peftkern_active = getattr(linear, "_peftkern_active", ())
         linear._packed = {}
         return linear
 
@@ -68,11 +68,12 @@ class AdaptedLinear(nn.Linear):
             raise ValueError(f"AdaptedLinear.restore: it still holds {self.names()}")
         for attr in ("lora_A", "lora_B", "scores"):
             delattr(self, attr)
+        # _peftkern_active stays: other methods on this module (BitFit, copies) read it
         for attr in (
             "lora_settings",
             "mask_thresholds",
-            "_peftkern_active",
             "_packed",
+            "_scalings_cache",
             "_peftkern_last_route",
         ):
             self.__dict__.pop(attr, None)
@@ -209,17 +210,28 @@ class AdaptedLinear(nn.Linear):
             pairs = [self._factors(n, x2) for n in loras]
             A = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
             B = torch.stack([F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
-            scalings = torch.tensor(
-                [self.lora_settings[n][0] for n in loras], dtype=torch.float32, device=x.device
-            )
+            scalings = self._scalings(tuple(loras), x.device)
             out = lora_linear_multi(x2, weight, bias, A, B, ids, scalings=scalings)
         if masks:
             out = self._mixed_masks(x2, weight, bias, out, masks, route)
         return out.reshape(*lead, self.out_features)
 
+    def _scalings(self, loras, device) -> Tensor:
+        """float32 [len(loras)] on `device`, kept: no host-to-device copy per call."""
+        key = (loras, device, tuple(self.lora_settings[n][0] for n in loras))
+        cache = self.__dict__.setdefault("_scalings_cache", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = torch.tensor([s for s in key[2]], dtype=torch.float32, device=device)
+        return cache[key]
+
     def _mixed_masks(self, x2, weight, bias, out, masks, route):
         who, rows, device = "AdaptedLinear", x2.shape[0], x2.device
-        if torch.is_grad_enabled() and any(self.scores[n].requires_grad for n in masks):
+        needs_grad = any(t is not None and t.requires_grad for t in (x2, weight, bias)) or any(
+            self.scores[n].requires_grad for n in masks
+        )
+        if torch.is_grad_enabled() and needs_grad:  # masked_linear_multi has no backward
             for n in masks:  # training: the fused STE op per mask task, on its rows
                 idx = route.rows(n, rows, device, who)
                 scores = self.scores[n]
@@ -237,7 +249,7 @@ class AdaptedLinear(nn.Linear):
 
     def _packed_bits(self, name: str) -> Tensor:
         scores = self.scores[name]
-        key = (scores._version, scores.data_ptr(), scores.device)
+        key = (id(scores), scores._version, scores.data_ptr(), scores.device)
         cached = self._packed.get(name)
         if cached is None or cached[0] != key:
             cached = (key, pack_mask(scores.detach(), self.mask_thresholds[name]))

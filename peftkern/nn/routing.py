@@ -98,17 +98,69 @@ def routed(route: Optional[SampleRoute]):
         _ROUTE.reset(token)
 
 
+class _RouteRecord:
+    """The route a module's last forward with gradients saw, for a recompute with no route of its own.
+    ``conflict``: a different route ran a forward before a backward used the one before it."""
+
+    __slots__ = ("samples", "route", "conflict", "used")
+
+    def __init__(self, route, conflict):
+        self.route, self.conflict, self.used = route, conflict, False
+        self.samples = None if route is None else route.samples
+
+
+_REPLAY = contextvars.ContextVar("peftkern_route_replay", default=False)
+
+
+def replaying(fn, route: Optional["SampleRoute"]):
+    """`fn` run under `route`, also when activation checkpointing calls it again in the backward (its
+    recompute): what injection wraps a model's checkpointed layers in (``_gradient_checkpointing_func``)."""
+
+    def run(*args, **kwargs):
+        token, replay = _ROUTE.set(route), _REPLAY.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _REPLAY.reset(replay)
+            _ROUTE.reset(token)
+
+    return run
+
+
 def for_module(module) -> Optional[SampleRoute]:
-    """The route of this call of `module`. An activation-checkpointing recompute runs in the
-    backward, outside the routed call: it gets the route this module saw in its last forward with
-    gradients (so a recompute follows its forward when each backward follows its forward)."""
+    """The route of this call of `module`. A checkpointed layer of an injected Hugging Face model
+    recomputes under the route of its forward (``replaying``). Any other recompute (a hand-written
+    ``torch.utils.checkpoint``) runs in the backward outside the routed call: it gets the route
+    this module saw in its last forward with gradients, and raises when another route ran a forward
+    since then (which of the two the backward recomputes is not known)."""
     route = current()
     if torch.compiler.is_compiling():  # traced: no attribute writes (a compiled graph holds its route)
         return route
     if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
-        return getattr(module, "_peftkern_last_route", None) if route is None else route
-    if torch.is_grad_enabled() and getattr(module, "_peftkern_last_route", None) is not route:
-        module._peftkern_last_route = route
+        if route is not None or _REPLAY.get():
+            return route
+        record = module.__dict__.get("_peftkern_last_route")
+        if record is None:
+            return None
+        if record.conflict:
+            raise RuntimeError(
+                f"peftkern: a {type(module).__name__} is recomputed in the backward (activation "
+                "checkpointing) after forwards under different peftkern.tasks, and which one this "
+                "backward needs is not known; run one backward per routed forward, or checkpoint through "
+                "the model's gradient_checkpointing_enable(), which keeps each forward's route"
+            )
+        record.used = True
+        return record.route
+    if torch.is_grad_enabled() and not _REPLAY.get():
+        previous = module.__dict__.get("_peftkern_last_route")
+        samples = None if route is None else route.samples
+        if previous is None or previous.route is not route:
+            conflict = (
+                previous is not None
+                and not previous.used
+                and (previous.conflict or previous.samples != samples)
+            )
+            module._peftkern_last_route = _RouteRecord(route, conflict)
     return route
 
 

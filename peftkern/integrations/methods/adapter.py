@@ -163,7 +163,7 @@ class AdapterMethod(Method):
             new = build(s, m, model, config).train(m.training)
             if not hasattr(m, "_peftkern_adapters"):
                 m._peftkern_adapters, m._peftkern_adapter_hooks = {}, {}
-                m._peftkern_active = ()
+                m._peftkern_active = getattr(m, "_peftkern_active", ())
             add_to_dict_child(m, ATTR, name, new)
             m._peftkern_adapters[name] = dict(
                 kind=s.kind, residual_arg=s.residual_arg, drop_prob=config.drop_prob
@@ -192,7 +192,8 @@ class AdapterMethod(Method):
                     m._peftkern_adapter_hooks.pop(kind).remove()
             if not m._peftkern_adapters:
                 delattr(m, ATTR)
-                for attr in ("_peftkern_adapters", "_peftkern_adapter_hooks", "_peftkern_active"):
+                # _peftkern_active stays: other methods' state on this module reads it
+                for attr in ("_peftkern_adapters", "_peftkern_adapter_hooks"):
                     m.__dict__.pop(attr, None)
 
     def merge(self, model, plan, name):

@@ -7,7 +7,7 @@ task present. Saved: ``<module>.<param>``, under the base's names.
 
 import copy
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...nn import routing
 from . import active_of, add_to_dict_child, matched, module_names, remove_from_dict_child
@@ -30,17 +30,40 @@ def _own_params(module):
     return [(p, t) for p, t in module.named_parameters() if not p.startswith("peftkern_")]
 
 
+def _strip(module: nn.Module) -> None:
+    """Removes what peftkern added to `module` (a deep copy): its ``peftkern_*`` children, peftkern's
+    hooks and state attributes; an AdaptedLinear becomes the plain nn.Linear it was."""
+    from ...nn import AdaptedLinear
+
+    for m in list(module.modules()):
+        for child in [c for c in m._modules if c.startswith("peftkern_")]:
+            del m._modules[child]
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "__module__", "").startswith("peftkern.")]:
+                del hooks[key]
+                for flags in (
+                    m._forward_hooks_with_kwargs,
+                    m._forward_hooks_always_called,
+                    m._forward_pre_hooks_with_kwargs,
+                ):
+                    flags.pop(key, None)
+        if isinstance(m, AdaptedLinear):
+            for held in m.names():
+                m.remove(held)
+            m.restore()
+        for attr in [a for a in m.__dict__ if a.startswith("_peftkern")]:
+            del m.__dict__[attr]
+
+
 def apply(model, names, name):
     modules, saved = module_names(model), {}
     for n in names:
         module = modules[n]
-        held = module._modules.pop(ATTR, None)  # the copy gets none of peftkern's copies or hooks
+        held = module._modules.pop(ATTR, None)  # not deep-copied: the copies are dropped below anyway
         new = copy.deepcopy(module)
         if held is not None:
             module._modules[ATTR] = held
-        for hooks in (new._forward_hooks, new._forward_pre_hooks):
-            for key in [k for k, h in hooks.items() if getattr(h, "__name__", "") == _copies_hook.__name__]:
-                del hooks[key]
+        _strip(new)  # a copy of the base module: no other adapter's state (BitFit's biases, LoRA)
         new.requires_grad_(True)
         if held is None:
             module._peftkern_active = getattr(module, "_peftkern_active", ())

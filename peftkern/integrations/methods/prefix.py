@@ -112,7 +112,7 @@ class Prefix(Method):
     def apply(self, model, plan, config, name):
         base = model.get_submodule(plan.base) if plan.base else model
         new = self._build(plan, config, factory(model, model)).train(model.training)
-        first = not hasattr(base, ATTR)
+        first = not hasattr(base, "_peftkern_prefix_hook")
         add_to_dict_child(base, ATTR, name, new)
         if first:
             _register_attention()
@@ -123,18 +123,16 @@ class Prefix(Method):
                     f"PrefixConfig: {type(model).__name__} would not switch to peftkern's attention "
                     f"(it uses {model.config._attn_implementation!r})"
                 )
-            base._peftkern_active = ()
+            base._peftkern_active = getattr(base, "_peftkern_active", ())
             base._peftkern_prefix_hook = base.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
         p = self._prefix(plan)
         return {f"{p}.{n}": f"{p}.{name}.{n}" for n, _ in new.named_parameters()}
 
     def remove(self, model, plan, name):
         base = model.get_submodule(plan.base) if plan.base else model
-        if remove_from_dict_child(base, ATTR, name):
-            base._peftkern_prefix_hook.remove()
-            for attr in ("_peftkern_prefix_hook", "_peftkern_active"):
-                base.__dict__.pop(attr, None)
-            # the attention implementation stays peftkern's: without prefixes it is plain attention
+        remove_from_dict_child(base, ATTR, name)
+        # The hook and peftkern's attention stay (transformers may not switch back): with no prefix
+        # left the hook hands the attention an empty group, plain attention.
 
     def merge(self, model, plan, name):
         base = model.get_submodule(plan.base) if plan.base else model
@@ -157,7 +155,9 @@ class Prefix(Method):
 
 
 def _groups(base, kwargs, batch, device) -> List[PrefixGroup]:
-    prefixes = getattr(base, ATTR)
+    prefixes = getattr(base, ATTR, None)
+    if prefixes is None:  # every prefix deleted
+        return [PrefixGroup(None, [], None)]
     names, route = routing.resolve(base, list(prefixes.keys()), active_of(base))
     if route is None:
         if not names:
