@@ -21,16 +21,24 @@ def f64(t):
     return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
 
 
-def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0, residual=None):
-    """x + scale * up(act(down(x))), as a user writes it (float64 leaves in, float64 out)."""
+def adapter(x, w_down, b_down, w_up, b_up, activation="gelu", scale=1.0, residual=None, gate=None):
+    """x + scale * up(act(down(x))), as a user writes it (float64 leaves in, float64 out); a gate
+    [...] (UniPELT's) multiplies the update per row."""
     h = ACTIVATIONS[activation](F.linear(x, w_down, b_down))
-    return (x if residual is None else residual) + scale * F.linear(h, w_up, b_up)
+    update = F.linear(h, w_up, b_up)
+    if gate is not None:
+        update = gate.unsqueeze(-1) * update
+    return (x if residual is None else residual) + scale * update
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None):
-    """peft's LoRA forward: base(x) + scaling * lora_B(lora_A(dropout(x))); mask = dropout factors."""
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, gate=None):
+    """peft's LoRA forward: base(x) + scaling * lora_B(lora_A(dropout(x))); mask = dropout factors;
+    a gate [...] multiplies the update per row."""
     dropped = x if mask is None else x * mask
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_A), lora_B)
+    update = F.linear(F.linear(dropped, lora_A), lora_B)
+    if gate is not None:
+        update = gate.unsqueeze(-1) * update
+    return F.linear(x, weight, bias) + scaling * update
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, mask=None):
@@ -84,6 +92,15 @@ def mask_bits(keep):
     for c in range(cols):
         out[:, c // 32] |= keep[:, c].to(torch.int64) << (c % 32)
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def prefix_attention_gated(q, k, v, prefix_k, prefix_v, gate, **kwargs):
+    """The prefix's share of each query row scaled by gate (broadcastable to [B, H, L]):
+    attention(...) + (gate - 1) * (the prefix part alone, under the joint softmax), the prefix part
+    being the same attention with the sequence values zeroed."""
+    full = prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
+    prefix_part = prefix_attention(q, k, torch.zeros_like(v), prefix_k, prefix_v, **kwargs)
+    return full + (gate - 1).unsqueeze(-1) * prefix_part
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=None, causal=False, scale=None):

@@ -122,7 +122,7 @@ def test_only_requested_gradients_are_computed(device):
     grads = torch.ops.peftkern.adapter_backward(
         torch.randn_like(x), x, z, w_down, w_up, "gelu", 1.0, True, [False, False, True, False, False]
     )
-    assert [g is None for g in grads] == [True, True, False, True, True]
+    assert [g is None for g in grads] == [True, True, False, True, True, True]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -422,3 +422,88 @@ def test_module_compiles_fullgraph(device):
     out_c.square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     assert torch.allclose(m.down.weight.grad, grad_w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the per-row gate (UniPELT)
+
+GATE_SHAPES = [((7,), 33, 8), ((4, 250), 768, 64), ((1000,), 33, 200), ((3,), 48, 1)]
+
+
+def make_gate(lead, dtype, device):
+    """Values in (0, 1), as sigmoid(W_g x) gives; a leaf that requires a gradient."""
+    return torch.sigmoid(randn(*lead, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,d,r", GATE_SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_gate_forward_and_every_gradient(device, lead, d, r, residual):
+    for dtype in dtypes_for(device):
+        *inputs, res = make_inputs(lead, d, r, dtype, device, residual=residual, requires_grad=True)
+        gate = make_gate(lead, dtype, device)
+
+        def fn(x, wd, bd, wu, bu, res, g):
+            return adapter(x, wd, bd, wu, bu, scale=0.7, residual=res, gate=g)
+
+        def ref_fn(x, wd, bd, wu, bu, res, g):
+            return ref.adapter(x, wd, bd, wu, bu, "gelu", 0.7, res, g)
+
+        names = ("x", "w_down", "b_down", "w_up", "b_up", "residual", "gate")
+        check_against_reference(fn, ref_fn, (*inputs, res, gate), names, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_gradient_alone_and_frozen_adapter(device, bias):
+    """Only the gate trains (the rows pass alone on CUDA): its gradient, and none for the rest."""
+    for dtype in dtypes_for(device):
+        x, wd, bd, wu, bu, _ = make_inputs((37,), 48, 8, dtype, device, bias=bias)
+        gate = make_gate((37,), dtype, device)
+
+        def fn(x, wd, bd, wu, bu, g):
+            return adapter(x, wd, bd, wu, bu, activation="relu", gate=g)
+
+        def ref_fn(x, wd, bd, wu, bu, g):
+            return ref.adapter(x, wd, bd, wu, bu, "relu", 1.0, None, g)
+
+        check_against_reference(
+            fn, ref_fn, (x, wd, bd, wu, bu, gate), ("x", "wd", "bd", "wu", "bu", "gate"), dtype
+        )
+        assert wd.grad is None and wu.grad is None
+
+
+def test_gate_gradcheck_float64():
+    x, wd, bd, wu, bu, res = make_inputs(
+        (2, 3), 6, 3, torch.float64, "cpu", residual=True, requires_grad=True
+    )
+    gate = make_gate((2, 3), torch.float64, "cpu")
+    torch.autograd.gradcheck(
+        lambda *t: adapter(*t[:5], activation="silu", scale=1.3, residual=t[5], gate=t[6]),
+        (x, wd, bd, wu, bu, res, gate),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_opcheck(device):
+    x, wd, bd, wu, bu, _ = make_inputs((3, 5), 16, 4, torch.float32, device, requires_grad=True)
+    gate = make_gate((3, 5), torch.float32, device)
+    torch.library.opcheck(
+        torch.ops.peftkern.adapter_forward.default, (x, wd, bd, wu, bu, None, "gelu", 0.5, True, gate)
+    )
+    z = torch.ops.peftkern.adapter_forward(x, wd, bd, wu, bu, None, "gelu", 0.5, True, gate)[1].detach()
+    args = (torch.randn_like(x), x.detach(), z, wd.detach(), wu.detach(), "gelu", 0.5, True, [True] * 5)
+    torch.library.opcheck(
+        torch.ops.peftkern.adapter_backward.default, (*args, gate.detach(), bu.detach(), True)
+    )
+
+
+def test_gate_bad_input():
+    x, wd, bd, wu, bu, _ = make_inputs((4, 5), 16, 4, torch.float32, "cpu")
+    with pytest.raises(
+        ValueError, match=r"adapter: gate must have x's shape without its last dimension, \[4, 5\]"
+    ):
+        adapter(x, wd, bd, wu, bu, gate=torch.rand(4, 5, 1))
+    with pytest.raises((TypeError, ValueError), match="adapter: gate"):
+        adapter(x, wd, bd, wu, bu, gate=torch.rand(4, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="adapter: gate must be a tensor or None"):
+        adapter(x, wd, bd, wu, bu, gate=0.5)

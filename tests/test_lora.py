@@ -96,7 +96,7 @@ def test_only_requested_gradients_are_computed(device):
     grads = torch.ops.peftkern.lora_linear_backward(
         torch.randn(9, 40, device=device), x, w, A, B, u, empty, 1.0, 0.0, [False, False, False, True, False]
     )
-    assert [g is None for g in grads] == [True, True, True, False, True]
+    assert [g is None for g in grads] == [True, True, True, False, True, True]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -764,3 +764,84 @@ def test_transposed_weight_view_is_not_copied(device):
         lora_linear(x, stored.t(), b, A, B, scaling=2.0).sum().backward()
     copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
     assert not [e for e in copies if list(stored.shape) in e.input_shapes or [80, 96] in e.input_shapes]
+
+
+# ---------------------------------------------------------------- the per-row gate (UniPELT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "lead,n_in,n_out,r", [((7,), 33, 65, 8), ((1000,), 96, 40, 64), ((2, 3, 7), 768, 768, 16)]
+)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_gate_forward_and_every_gradient(device, lead, n_in, n_out, r, p):
+    for dtype in dtypes_for(device):
+        inputs = make_inputs(lead, n_in, n_out, r, dtype, device, grad=NAMES)
+        gate = (
+            torch.sigmoid(randn(*lead, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+        )
+        mask = seeded_mask(inputs, 0.5, p, 3) if p > 0 else None
+
+        def fn(*ts):
+            torch.manual_seed(3)
+            return lora_linear(*ts[:5], scaling=0.5, dropout_p=p, training=True, gate=ts[5])
+
+        def ref_fn(*ts):
+            m = None if mask is None else mask.to(device="cpu", dtype=torch.float64)
+            return ref.lora_linear(*ts[:5], 0.5, m, gate=ts[5])
+
+        check_against_reference(fn, ref_fn, (*inputs, gate), (*NAMES, "gate"), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_gradient_alone(device):
+    """A frozen LoRA with a trained gate: the gate's gradient alone (on CUDA, the rows pass only)."""
+    for dtype in dtypes_for(device):
+        inputs = make_inputs((41,), 24, 40, 4, dtype, device, grad=())
+        gate = torch.sigmoid(randn(41, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+
+        def fn(*ts):
+            return lora_linear(*ts[:5], scaling=2.0, gate=ts[5])
+
+        def ref_fn(*ts):
+            return ref.lora_linear(*ts[:5], 2.0, gate=ts[5])
+
+        check_against_reference(fn, ref_fn, (*inputs, gate), (*NAMES, "gate"), dtype)
+
+
+def test_gate_gradcheck_float64():
+    x, w, b, A, B = make_inputs((2, 3), 5, 4, 2, torch.float64, "cpu", grad=NAMES)
+    gate = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *t: lora_linear(*t[:5], scaling=0.7, gate=t[5]), (x, w, b, A, B, gate))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_opcheck(device):
+    x, w, b, A, B = make_inputs((3, 5), 24, 16, 8, torch.float32, device, grad=NAMES)
+    gate = torch.rand(3, 5, device=device, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.peftkern.lora_linear_forward.default, (x, w, b, A, B, 0.5, 0.0, True, True, gate)
+    )
+    _, u, so = torch.ops.peftkern.lora_linear_forward(x, w, b, A, B, 0.5, 0.0, True, True, gate)
+    g = torch.randn(3, 5, 16, device=device)
+    detached = [t.detach() for t in (x, w, A, B, u)]
+    args = (
+        g,
+        *detached[:4],
+        detached[4],
+        so,
+        0.5,
+        0.0,
+        [True, False, False, True, True],
+        gate.detach(),
+        True,
+    )
+    torch.library.opcheck(torch.ops.peftkern.lora_linear_backward.default, args)
+
+
+def test_gate_bad_input():
+    x, w, b, A, B = make_inputs((4,), 8, 6, 2, torch.float32, "cpu", grad=())
+    with pytest.raises(ValueError, match=r"lora_linear: gate must have x's shape without its last dimension"):
+        lora_linear(x, w, b, A, B, scaling=1.0, gate=torch.rand(5))
+    with pytest.raises(TypeError, match="lora_linear: gate must be a tensor or None"):
+        lora_linear(x, w, b, A, B, scaling=1.0, gate=[0.5] * 4)

@@ -689,3 +689,94 @@ def test_module_compiles_fullgraph(device):
     assert torch.allclose(out, out_c, rtol=1e-5, atol=1e-6)
     out_c.sum().backward()
     assert kv.prefix.grad is not None
+
+
+# ---------------------------------------------------------------- the per-row prefix gate (UniPELT)
+
+GATE_SHAPES = [  # B, H, Hkv, L, S, P, D
+    (2, 4, 4, 5, 7, 3, 16),
+    (3, 4, 1, 17, 40, 65, 64),
+    (2, 4, 2, 9, 4, 5, 16),
+    (2, 2, 1, 6, 0, 5, 16),  # S = 0
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", GATE_SHAPES)
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gate_forward_and_every_gradient(device, shape, per_head, causal):
+    """The gate scales the prefix's share of each row (one per token shared by the heads, or one
+    per head and token): forward and every gradient, the gate's included."""
+    B, H, _, L = shape[:4]
+    for dtype in dtypes_for(device):
+        inputs, _ = make_inputs(*shape, dtype, device)
+        gate = torch.sigmoid(randn(B, H if per_head else 1, L, dtype=torch.float64))
+        gate = gate.to(device=device, dtype=dtype).requires_grad_()
+
+        def fn(*ts):
+            return prefix_attention(*ts[:5], causal=causal, prefix_gate=ts[5])
+
+        def ref_fn(*ts):
+            return ref.prefix_attention_gated(*ts[:5], ts[5], causal=causal)
+
+        check_against_reference(fn, ref_fn, (*inputs, gate), (*NAMES, "prefix_gate"), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_with_task_prefixes_and_padding(device):
+    for dtype in dtypes_for(device):
+        inputs, ids = make_inputs(4, 4, 2, 7, 9, 6, 64, dtype, device, tasks=3)
+        mask = padding_mask(4, 9, [9, 3, 0, 6], device)
+        gate = (
+            torch.sigmoid(randn(4, 1, 7, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+        )
+
+        def fn(*ts):
+            return prefix_attention(*ts[:5], prefix_ids=ids, attn_mask=mask, prefix_gate=ts[5])
+
+        def ref_fn(*ts):
+            return ref.prefix_attention_gated(*ts[:5], ts[5], prefix_ids=ids, attn_mask=mask)
+
+        check_against_reference(fn, ref_fn, (*inputs, gate), (*NAMES, "prefix_gate"), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_gradient_alone(device):
+    for dtype in dtypes_for(device):
+        inputs, _ = make_inputs(2, 4, 2, 9, 11, 5, 32, dtype, device, grad=())
+        gate = (
+            torch.sigmoid(randn(2, 1, 9, dtype=torch.float64)).to(device=device, dtype=dtype).requires_grad_()
+        )
+        check_against_reference(
+            lambda *ts: prefix_attention(*ts[:5], prefix_gate=ts[5]),
+            lambda *ts: ref.prefix_attention_gated(*ts[:5], ts[5]),
+            (*inputs, gate),
+            (*NAMES, "prefix_gate"),
+            dtype,
+        )
+
+
+def test_gate_gradcheck_float64():
+    inputs, _ = make_inputs(2, 2, 1, 3, 4, 2, 4, torch.float64, "cpu")
+    gate = torch.rand(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    with sdpa_kernel([SDPBackend.MATH]):
+        torch.autograd.gradcheck(lambda *t: prefix_attention(*t[:5], prefix_gate=t[5]), (*inputs, gate))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gate_opcheck(device):
+    inputs, _ = make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32, device)
+    gate = torch.rand(2, 4, 5, device=device, requires_grad=True)
+    args = (*inputs, None, None, False, None, gate)
+    torch.library.opcheck(torch.ops.peftkern.prefix_attention_forward.default, args)
+
+
+def test_gate_bad_input():
+    inputs, _ = make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32, "cpu", grad=())
+    with pytest.raises(
+        ValueError, match=r"prefix_attention: prefix_gate must be broadcastable to \[B, H, L\]"
+    ):
+        prefix_attention(*inputs, prefix_gate=torch.rand(2, 4, 6))
+    with pytest.raises((TypeError, ValueError), match="prefix_attention: prefix_gate"):
+        prefix_attention(*inputs, prefix_gate=torch.rand(2, 1, 5, dtype=torch.float64))

@@ -50,20 +50,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
                                                                const at::Tensor& keys, const at::Tensor& values,
                                                                const at::Tensor& bias, bool causal, double scale,
                                                                const at::Tensor& lse, const at::Tensor& delta,
-                                                               bool need_dq, bool need_dkeys, bool need_dvalues) {
+                                                               bool need_dq, bool need_dkeys, bool need_dvalues,
+                                                               const at::Tensor& gate, at::Tensor* dgate) {
   const auto mt = attention_math_dtype(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = keys.size(1), N = keys.size(2);
-  const at::Tensor p = (scores(q, keys, bias, causal, scale) - lse.to(mt).unsqueeze(-1)).exp_();  // [B, H, L, N]
+  at::Tensor p = (scores(q, keys, bias, causal, scale) - lse.to(mt).unsqueeze(-1)).exp_();  // [B, H, L, N]
   const at::Tensor g = grouped(grad_out.to(mt), Hkv);
+  const at::Tensor gm = gate.defined() ? gate.to(mt).unsqueeze(-1) : at::Tensor();  // [B, H, L, 1]
   at::Tensor dq, dkeys, dvalues;
-  if (need_dq || need_dkeys) {
-    const at::Tensor dp = at::matmul(g, values.to(mt).transpose(-1, -2)).view({B, H, L, N});
+  if (need_dq || need_dkeys || dgate) {
+    at::Tensor dp = at::matmul(g, values.to(mt).transpose(-1, -2)).view({B, H, L, N});
+    if (dgate) *dgate = (p * dp).sum(-1);
+    if (gm.defined()) dp = dp * gm;
     const at::Tensor ds = grouped(p * (dp - delta.to(mt).unsqueeze(-1)), Hkv);  // [B, Hkv, G * L, N]
     if (need_dq) dq = at::matmul(ds, keys.to(mt)).mul_(scale).view({B, H, L, D});
     // the product over the G * L rows of a group sums the G query heads' contributions
     if (need_dkeys) dkeys = at::matmul(ds.transpose(-1, -2), grouped(q.to(mt), Hkv)).mul_(scale);
   }
-  if (need_dvalues) dvalues = at::matmul(grouped(p, Hkv).transpose(-1, -2), g);
+  if (need_dvalues) dvalues = at::matmul(grouped(gm.defined() ? p * gm : p, Hkv).transpose(-1, -2), g);
   return {dq, dkeys, dvalues};
 }
 

@@ -30,12 +30,16 @@ std::pair<at::Tensor, at::Tensor> attend(const at::Tensor& q, const at::Tensor& 
 
 // The gradients of one part, given the merged lse (+inf for a row that saw no key) and delta =
 // rowsum(grad_out * out) of the merged out: (dq [B, H, L, D], dkeys, dvalues [B, Hkv, N, D]) in the
-// math dtype, each undefined unless requested.
+// math dtype, each undefined unless requested. gate [B, H, L] (undefined: none): the part's rows
+// were scaled by it (its values read as gate * values); dgate, when not null, gets rowsum(p *
+// (grad_out values^T)) [B, H, L], the gate's gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                                                const at::Tensor& keys, const at::Tensor& values,
                                                                const at::Tensor& bias, bool causal, double scale,
                                                                const at::Tensor& lse, const at::Tensor& delta,
-                                                               bool need_dq, bool need_dkeys, bool need_dvalues);
+                                                               bool need_dq, bool need_dkeys, bool need_dvalues,
+                                                               const at::Tensor& gate = at::Tensor(),
+                                                               at::Tensor* dgate = nullptr);
 
 // Merges two parts' (out, lse): lse = log(exp(lse_a) + exp(lse_b)), out = exp(lse_a - lse) out_a +
 // exp(lse_b - lse) out_b. An lse of -inf marks a part the row does not see (its out is not used);

@@ -1,8 +1,10 @@
 // Launchers of the low-rank update kernels shared by the bottleneck adapter and LoRA. Raw
 // pointers, sizes and a stream; no torch.
 //
-//   z = drop(x) @ w_down^T + b_down              [rows, r]      x [rows, n_in], w_down [r, n_in]
-//   y = res + scale * (act(z) @ w_up^T + b_up)   [rows, n_out]  w_up [n_out, r]
+//   z = drop(x) @ w_down^T + b_down                    [rows, r]      x [rows, n_in], w_down [r, n_in]
+//   y = res + scale * g * (act(z) @ w_up^T + b_up)     [rows, n_out]  w_up [n_out, r]
+//
+// g is an optional per-row gate [rows] (UniPELT's sigma(W_g x), one scalar per token; absent = 1).
 //
 // Adapter: n_in = n_out = d; res = x or the residual; act = gelu/relu/silu; no dropout.
 // LoRA:    w_down = lora_A, w_up = lora_B, act = identity, scale = scaling, res = y = the base
@@ -55,6 +57,7 @@ struct LowRankForwardArgs {
   const void* res;   // [rows, n_out]; may be y itself
   void* y;           // [rows, n_out]
   void* z;           // [rows, r] pre-activation, saved for the backward; null in inference
+  const void* gate = nullptr;  // [rows] per-row gate g, or null (single-adapter launches only)
   DropoutArgs dropout;
   AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z rows of no adapter untouched
 };
@@ -95,6 +98,11 @@ struct LowRankBackwardArgs {
   void* db_down;        // [r]
   void* dw_up;          // [n_out, r]
   void* db_up;          // [n_out]
+  // The forward's per-row gate [rows] (null: none). With it, every gradient above carries g, and
+  // dgate [rows] (float32; null = not requested) gets scale * <grad_out @ w_up, act(z)> per row: the
+  // caller adds scale * grad_out @ b_up when there is a b_up.
+  const void* gate = nullptr;
+  float* dgate = nullptr;
   DropoutArgs dropout;  // p and seed_offset of the forward
   void* workspace;
   size_t workspace_bytes;
@@ -105,7 +113,8 @@ size_t lowrank_backward_workspace_bytes(const LowRankBackwardArgs& args);
 
 // Passes over the [rows, n_in/n_out] tensors: grad_out read twice, x read once, dx written once
 // (and read once in kAccumulate mode).
-//   1. per row block: dz = scale * (grad_out @ w_up) * act'(z), h = act(z)   (rank-r scratch)
+//   1. per row block: dz = scale * g * (grad_out @ w_up) * act'(z), h = g * act(z)   (rank-r
+//      scratch), and dgate
 //   2. per (column block, row split): dx from dz @ w_down; partial sums of grad_out^T h,
 //      drop(x)^T dz and the bias sums, all from the same tiles
 //   3. a deterministic reduction of the partials into dw_up, dw_down, db_up, db_down

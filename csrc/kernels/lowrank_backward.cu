@@ -30,7 +30,7 @@ cudaError_t lowrank_backward(const LowRankBackwardArgs& a, cudaStream_t stream) 
   if (a.workspace_bytes < p.total || (p.total > 0 && a.workspace == nullptr)) return cudaErrorInvalidValue;
   unsigned char* ws = static_cast<unsigned char*>(a.workspace);
   const bool any_weight_grad = a.dw_up || a.db_up || a.dw_down || a.db_down;
-  if (!a.dx && !any_weight_grad) return cudaSuccess;
+  if (!a.dx && !any_weight_grad && !a.dgate) return cudaSuccess;
 
   return dispatch_dtype(a.dtype, [&](auto dtype) {
     return launch<typename decltype(dtype)::type>(a, p, ws, any_weight_grad, stream);

@@ -1,13 +1,14 @@
 // Fused low-rank update backward (see lowrank.h for the passes): the kernels and their per-dtype
 // launch. Included by lowrank_backward.cu (the dtype dispatch) and lowrank_backward_{f32,f16,bf16}.cu,
 // which compile one dtype each, so no translation unit holds all 33 kernel instances.
-//   rows kernel    per 64-row block: dz = scale * (grad_out @ w_up) * act'(z), h = act(z); both
-//                  written [rows, RP] (zero-padded) to the workspace
+//   rows kernel    per 64-row block: dz = scale * g * (grad_out @ w_up) * act'(z), h = g * act(z)
+//                  (g the per-row gate, 1 without); both written [rows, RP] (zero-padded) to the
+//                  workspace; dgate = scale * rowsum((grad_out @ w_up) * act(z)) when asked
 //   columns kernel per (BN-wide column block, row split), for each 32-row tile:
 //                    columns of n_in:  dx         = mask * (dz @ w_down[:, cols]) (+ grad_out | + dx)
 //                                      dW_down^T += drop(x)^T dz       (float32 partial, registers)
 //                    columns of n_out: dW_up    += grad_out^T h        (float32 partial, registers)
-//                                      bias sums of grad_out (and of dz in column block 0)
+//                                      bias sums of g * grad_out (and of dz in column block 0)
 //   reduce kernel  sums the row splits' partials in a fixed order (deterministic), applies scale,
 //                  casts, and writes dw_up, dw_down (transposed back), db_up, db_down
 #pragma once
@@ -97,6 +98,8 @@ struct RowsArgs {
   void* dz;  // [rows, RP] or null
   void* h;   // [rows, RP] or null
   bool vec_g, vec_wu;
+  const void* gate;  // [rows] or null
+  float* dgate;      // [rows] or null
 };
 
 template <typename T, int RP> constexpr int rows_smem_bytes() { return StreamCfg<T, RP>::kBytes + kScratchBytes; }
@@ -112,18 +115,23 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(cons
   const T* z = static_cast<const T*>(a.z);
   T* dz_out = static_cast<T*>(a.dz);
   T* h_out = static_cast<T*>(a.h);
+  const T* gate = static_cast<const T*>(a.gate);
+  const bool need_gw = dz_out || a.dgate;  // grad_out @ w_up
 
   typename M::Acc acc[RP / 16];
-  if (dz_out)
+  if (need_gw)
     stream_rows_times_weight<T, RP, false>(acc, static_cast<const T*>(a.grad_out), RowRange{m0, a.rows}, a.n_out,
                                            static_cast<const T*>(a.w_up), a.r, reinterpret_cast<T*>(smem), a.vec_g,
                                            a.vec_wu, 0.f, SeedOffset{0, 0});
 
+  // Two lanes per row (8 of each 16 columns each); warp w owns rows m0 + 16 w .. + 15.
   const int rr = lane >> 1, c0 = (lane & 1) * 8;
   const int64_t grow = m0 + warp * 16 + rr;
+  const float gv = (gate && grow < a.rows) ? to_float(gate[grow]) : 1.f;
+  float dgate_part = 0.f;  // this lane's columns of rowsum((grad_out @ w_up) * act(z))
 #pragma unroll
   for (int j = 0; j < RP / 16; ++j) {
-    if (dz_out) {
+    if (need_gw) {
       wmma::store_matrix_sync(scr, acc[j], kScratchLd, wmma::mem_row_major);
       __syncwarp();
     }
@@ -134,14 +142,21 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_backward_rows_kernel(cons
         const int col = j * 16 + c0 + e;
         const bool valid = col < a.r;
         const float zv = valid ? to_float(z[grow * a.r + col]) : 0.f;
-        dzv[e] = (valid && dz_out) ? a.scale * scr[rr * kScratchLd + c0 + e] * activation_grad(a.activation, zv) : 0.f;
-        hv[e] = valid ? activation_fn(a.activation, zv) : 0.f;
+        const float gw = (valid && need_gw) ? scr[rr * kScratchLd + c0 + e] : 0.f;
+        const float act = valid ? activation_fn(a.activation, zv) : 0.f;
+        dzv[e] = (valid && dz_out) ? a.scale * gv * gw * activation_grad(a.activation, zv) : 0.f;
+        hv[e] = gv * act;
+        dgate_part += gw * act;
       }
       const int64_t at = grow * RP + j * 16 + c0;
       if (dz_out) store8<T>(dz_out + at, dzv, true, 8);
       if (h_out) store8<T>(h_out + at, hv, true, 8);
     }
     __syncwarp();
+  }
+  if (a.dgate) {  // every lane shuffles (rows past the end hold 0); the even lane of a pair writes
+    dgate_part += __shfl_xor_sync(0xffffffffu, dgate_part, 1);
+    if ((lane & 1) == 0 && grow < a.rows) a.dgate[grow] = a.scale * dgate_part;
   }
 }
 
@@ -165,6 +180,7 @@ struct ColsArgs {
   float* ws_dbu;  // [splits, n_pad], or null
   float* ws_dbd;  // [splits, RP], or null
   bool vec_g, vec_x, vec_dx, vec_wd;
+  const void* gate;  // [rows] per-row gate weighting the bias sums of grad_out, or null
 };
 
 template <typename T, int RP> struct ColsCfg {
@@ -350,8 +366,14 @@ __global__ void __launch_bounds__(kColsThreads, (ColsCfg<T, RP>::kMinBlocks))
     if (need_dwu) wg_accumulate<T, RP>(acc_u, g_s, h_s, warp);   // += grad_out^T h
     if (need_dwd) wg_accumulate<T, RP>(acc_d, x_s, dz_s, warp);  // += drop(x)^T dz
 
-    if (need_dbu && threadIdx.x < C::kBN)
-      for (int rrow = 0; rrow < kColsBM; ++rrow) dbu_sum += to_float(g_s[rrow * C::kLdN + threadIdx.x]);
+    if (need_dbu && threadIdx.x < C::kBN) {
+      const T* gate = static_cast<const T*>(a.gate);
+      for (int rrow = 0; rrow < kColsBM; ++rrow) {
+        const int64_t row = t * kColsBM + rrow;  // rows past the end are zeros in the tile
+        const float w = gate ? (row < a.rows ? to_float(gate[row]) : 0.f) : 1.f;
+        dbu_sum += w * to_float(g_s[rrow * C::kLdN + threadIdx.x]);
+      }
+    }
     if (need_dbd) {
 #pragma unroll
       for (int q = 0; q < ceil_div(RP, kColsThreads); ++q) {
@@ -450,7 +472,7 @@ cudaError_t launch(const LowRankBackwardArgs& a, const Plan& p, unsigned char* w
     const bool in_vec = a.n_in % V == 0, out_vec = a.n_out % V == 0;
     cudaError_t err;
 
-    if (p.need_dz || p.need_h) {
+    if (p.need_dz || p.need_h || a.dgate) {
       const RowsArgs ra{a.activation,
                         a.scale,
                         a.rows,
@@ -462,7 +484,9 @@ cudaError_t launch(const LowRankBackwardArgs& a, const Plan& p, unsigned char* w
                         p.need_dz ? ws + p.dz : nullptr,
                         p.need_h ? ws + p.h : nullptr,
                         out_vec && is_aligned16(a.grad_out),
-                        a.r % V == 0 && is_aligned16(a.w_up)};
+                        a.r % V == 0 && is_aligned16(a.w_up),
+                        a.gate,
+                        a.dgate};
       auto kernel = lowrank_backward_rows_kernel<T, RP>;
       constexpr int smem_bytes = rows_smem_bytes<T, RP>();
       if ((err = set_smem_limit(kernel, smem_bytes)) != cudaSuccess) return err;
@@ -470,6 +494,7 @@ cudaError_t launch(const LowRankBackwardArgs& a, const Plan& p, unsigned char* w
       kernel<<<static_cast<unsigned>(blocks), kRowThreads, smem_bytes, stream>>>(ra);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
+    if (!a.dx && !any_weight_grad) return cudaSuccess;  // dgate alone: the rows kernel was all
 
     using C = ColsCfg<T, RP>;
     const ColsArgs ca{a.rows,
@@ -495,7 +520,8 @@ cudaError_t launch(const LowRankBackwardArgs& a, const Plan& p, unsigned char* w
                       out_vec && is_aligned16(a.grad_out),
                       in_vec && is_aligned16(a.x),
                       in_vec && is_aligned16(a.dx),
-                      in_vec && is_aligned16(a.w_down)};
+                      in_vec && is_aligned16(a.w_down),
+                      a.gate};
     auto cols = lowrank_backward_cols_kernel<T, RP>;
     if ((err = set_smem_limit(cols, C::kSmemBytes)) != cudaSuccess) return err;
     const dim3 grid(static_cast<unsigned>(p.col_blocks), static_cast<unsigned>(p.splits));

@@ -2,7 +2,7 @@
 //   phase 1  z = drop(x_blk) @ w_down^T + b_down   (x streamed through a 3-stage cp.async pipeline,
 //            dropout applied on chip); h = act(z) kept in shared memory, z stored when saved
 //   phase 2  for each 64-wide (32 for fp32 at r > 128) column chunk of y:
-//            y = res + scale * (h @ w_up_chunk^T + b_up), w_up and res chunks prefetched
+//            y = res + scale * g * (h @ w_up_chunk^T + b_up), w_up and res chunks prefetched
 // res may be y itself (LoRA adds into the base product): each element is read before it is
 // written, by the same block. A block's 64 rows are a list in shared memory: consecutive rows, or
 // in a multi-adapter batch one adapter's rows gathered (AdapterSegments), or rows of no adapter,
@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
   const T* res = static_cast<const T*>(a.res);
   T* y = static_cast<T*>(a.y);
   T* z_out = static_cast<T*>(a.z);
+  const T* gate = static_cast<const T*>(a.gate);
   float scale = a.scale;
 
   // The block's rows, as a list: rows m0.. or, in a multi-adapter batch, one adapter's rows.
@@ -202,11 +203,12 @@ __global__ void __launch_bounds__(kRowThreads) lowrank_forward_kernel(const LowR
       if (grow < 0 || left <= 0) continue;
       const int valid = left < 8 ? static_cast<int>(left) : 8;
       const T* rs = res_stage(s) + (wrow + rr) * C::kLdRes + c;
+      const float gscale = gate ? scale * to_float(gate[grow]) : scale;
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const float bias = (b_up && e < valid) ? to_float(b_up[n0 + c + e]) : 0.f;
-        v[e] = to_float(rs[e]) + scale * (scr[rr * C::kLdScr + c + e] + bias);
+        v[e] = to_float(rs[e]) + gscale * (scr[rr * C::kLdScr + c + e] + bias);
       }
       store8<T>(y + grow * n_out + n0 + c, v, vec.y, valid);
     }

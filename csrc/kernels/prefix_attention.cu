@@ -153,6 +153,11 @@ template <typename T> __device__ __forceinline__ T* row_ptr(const AttnRows& v, i
 __device__ __forceinline__ float* stat_ptr(const AttnStats& v, int b, const Row& r) {
   return r.valid ? v.ptr + b * v.sb + r.h * v.sh + r.i * v.sr : nullptr;
 }
+// The row's gate (1 without one, or past the end).
+template <typename T> __device__ __forceinline__ float gate_at(const AttnGate& v, int b, const Row& r) {
+  return (v.ptr != nullptr && r.valid) ? to_float(static_cast<const T*>(v.ptr)[b * v.sb + r.h * v.sh + r.i * v.sr])
+                                       : 1.f;
+}
 
 // Rows [p0, p0 + kPT) of a [P, D] prefix matrix into a [kPT][kLdRow] tile (zeros past P and D).
 template <typename T, int kMaxD, int kPT, int kLd>
@@ -316,6 +321,7 @@ __global__ void __launch_bounds__(kThreads)
       const float total = w_seq + w_pre;
       c_seq = w_seq / total;
       c_pre = w_pre > 0.f || isnan(w_pre) ? w_pre / (total * l) : 0.f;
+      c_pre *= gate_at<T>(s.gate, pos.b, row);
       lse = (mx + log2f(total)) * kLn2;
     }
     T* out_row = row_ptr<T>(a.out, pos.b, row);
@@ -378,6 +384,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
   delta_b = quad_sum(delta_b);
   const float lse_a = row_a.valid ? *stat_ptr(a.lse, pos.b, row_a) * kLog2e : kInf;
   const float lse_b = row_b.valid ? *stat_ptr(a.lse, pos.b, row_b) * kLog2e : kInf;
+  const float gate_a = gate_at<T>(s.gate, pos.b, row_a), gate_b = gate_at<T>(s.gate, pos.b, row_b);
+  float dgate_a = 0.f, dgate_b = 0.f;  // this lane's columns of rowsum(p * dO pv^T)
   // Workspace [B, H, L, probs_ld] rows of probs and dscores: one offset per row (-1: none) for both,
   // the pointers formed where written (four row pointers held through the loop spilled on sm_80).
   auto ws_off = [&](const Row& row) -> int64_t {
@@ -405,8 +413,13 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
       for (int e = 0; e < 4; ++e) {
         const bool key_ok = p0 + nt * 8 + 2 * t + (e & 1) < pos.P;
         const float prob = key_ok ? exp2f(p[nt][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
-        p[nt][e] = prob;
-        ds[nt][e] = prob * (ds[nt][e] - (e < 2 ? delta_a : delta_b));
+        const float gate = e < 2 ? gate_a : gate_b;
+        if (e < 2)
+          dgate_a += prob * ds[nt][e];
+        else
+          dgate_b += prob * ds[nt][e];
+        p[nt][e] = gate * prob;  // the gated values' probabilities, for dprefix_v
+        ds[nt][e] = prob * (gate * ds[nt][e] - (e < 2 ? delta_a : delta_b));
       }
     }
 #pragma unroll
@@ -419,6 +432,13 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
       ws_store(a.dscores, ws_b, c, pack2<T>(s.scale * ds[nt][2], s.scale * ds[nt][3]));
     }
     if (a.dq.ptr != nullptr) regs_times_tile<T, kMaxD, kPT, Cfg::kLdCol>(dq, ds, kt_tile, s.D, g, t);
+  }
+  if (a.dgate != nullptr) {  // every lane shuffles; lane t = 0 of each quad writes its two rows
+    dgate_a = quad_sum(dgate_a);
+    dgate_b = quad_sum(dgate_b);
+    auto at = [&](const Row& row) { return (static_cast<int64_t>(pos.b) * s.H + row.h) * s.L + row.i; };
+    if (t == 0 && row_a.valid) a.dgate[at(row_a)] = dgate_a;
+    if (t == 0 && row_b.valid) a.dgate[at(row_b)] = dgate_b;
   }
   // Workspace columns past the tiles (all of them for a sample whose task id is out of range): zeros.
   for (int64_t c = round_up<int64_t>(pos.P, kPT) + 2 * t; c < a.probs_ld; c += 8) {

@@ -20,6 +20,11 @@
 // its group. fp16 and bf16; D <= 256 with D % 8 == 0. Tensor cores (mma.sync m16n8k16), float32
 // statistics. Row statistics use the natural log; a row that sees no key has lse = +inf (as
 // FlashAttention writes it: every probability exp(s - lse) of the backward is then 0) and out 0.
+//
+// An optional gate g [B, H, L] (UniPELT's per-token gate) scales the prefix's share of each row:
+//   out = exp(lse_s - lse) out_s + g exp(lse_p - lse) out_p      (lse unchanged: the joint softmax)
+// Its backward is the same with the prefix values read as g pv: the prefix part's dO v^T and probs
+// carry g, delta = rowsum(grad_out * out) still holds, and dgate = rowsum(p * (grad_out pv^T)).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -43,6 +48,13 @@ struct AttnStats {
   int64_t sb, sh, sr;
 };
 
+// The optional per-row gate [B, H, L] in the input dtype (any strides: a [B, 1, L] gate expanded
+// over the heads has sh = 0); ptr null = no gate.
+struct AttnGate {
+  const void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0;
+};
+
 struct PrefixAttentionShape {
   DType dtype;  // float16 or bfloat16
   int B, H, Hkv, L, P, D;
@@ -51,6 +63,7 @@ struct PrefixAttentionShape {
   const void* prefix_v;
   const int64_t* prefix_ids;  // [B], or null (T = 1). An id outside [0, T) attends to no prefix.
   int num_tasks;              // T
+  AttnGate gate;              // g, or none
 };
 
 // The prefix kernels cover this dtype and head dim.
@@ -76,6 +89,8 @@ cudaError_t prefix_attention_forward(const PrefixAttentionShape& shape, const Pr
 //   dq (+)= scale * ds @ pk                       when dq.ptr (added to dq when dq_accumulate)
 //   probs[b, h, i, :P] = p                        when probs (row stride probs_ld >= P)
 //   dscores[b, h, i, :P] = scale * ds             when dscores (row stride probs_ld)
+//   dgate[b, h, i] = rowsum(p * (grad_out pv^T))  when dgate (float32 [B, H, L] contiguous)
+// With a gate, p above is g * p and ds = p * (g grad_out pv^T - delta).
 // probs / dscores: [B, H, L, probs_ld] contiguous in the input dtype, 4-byte aligned, probs_ld even;
 // their columns P..probs_ld are written with zeros. dprefix_k = sum over the rows of each task of
 // dscores^T q and dprefix_v of probs^T grad_out: GEMMs, left to the caller (cuBLAS).
@@ -86,6 +101,7 @@ struct PrefixAttentionBackward {
   void* probs;
   void* dscores;
   int64_t probs_ld;
+  float* dgate = nullptr;
 };
 cudaError_t prefix_attention_backward(const PrefixAttentionShape& shape, const PrefixAttentionBackward& args,
                                       cudaStream_t stream);

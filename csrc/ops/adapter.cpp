@@ -68,22 +68,28 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                      const std::optional<at::Tensor>& b_up,
                                                      const std::optional<at::Tensor>& residual, Activation act,
-                                                     double scale, bool save) {
+                                                     double scale, bool save, const std::optional<at::Tensor>& gate) {
   std::optional<at::Tensor> res2;
   if (residual) res2 = residual->reshape({dims.rows, dims.d});
   auto [out, z] =
-      cpu::lowrank_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act, scale, save);
+      cpu::lowrank_forward(x.reshape({dims.rows, dims.d}), w_down, b_down, w_up, b_up, res2, act, scale, save, gate);
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
-Grads5 backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
+Grads6 backward_composite(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
                           const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
-                          bool residual_is_x, std::array<bool, 5> mask) {
-  auto [dx, dwd, dbd, dwu, dbu] =
-      cpu::lowrank_backward(grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}),
-                            z.reshape({dims.rows, dims.r}), w_down, w_up, act, scale, residual_is_x, mask);
-  return {dx.defined() ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dwd),
-          defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
+                          bool residual_is_x, std::array<bool, 5> mask, const std::optional<at::Tensor>& gate,
+                          const std::optional<at::Tensor>& b_up, bool need_dgate) {
+  at::Tensor dgate;
+  auto [dx, dwd, dbd, dwu, dbu] = cpu::lowrank_backward(
+      grad_out.reshape({dims.rows, dims.d}), x.reshape({dims.rows, dims.d}), z.reshape({dims.rows, dims.r}), w_down,
+      w_up, act, scale, residual_is_x, mask, gate, b_up, need_dgate ? &dgate : nullptr);
+  return {dx.defined() ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt,
+          defined_or_none(dwd),
+          defined_or_none(dbd),
+          defined_or_none(dwu),
+          defined_or_none(dbu),
+          dgate.defined() ? std::optional<at::Tensor>(dgate.view(x.sizes().slice(0, x.dim() - 1))) : std::nullopt};
 }
 
 // ------------------------------------------------------------------ fused CUDA kernels
@@ -94,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const Dims
                                                  const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                  const std::optional<at::Tensor>& b_up,
                                                  const std::optional<at::Tensor>& residual, Activation act,
-                                                 double scale, bool save) {
+                                                 double scale, bool save, const std::optional<at::Tensor>& gate) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
   const at::Tensor wd = w_down.contiguous(), wu = w_up.contiguous();
@@ -114,13 +120,15 @@ std::tuple<at::Tensor, at::Tensor> forward_fused(const at::Tensor& x, const Dims
   args.res = res ? res->data_ptr() : x2.data_ptr();
   args.y = out.data_ptr();
   args.z = save ? z.data_ptr() : nullptr;
+  args.gate = data_or_null(gate);
   C10_CUDA_CHECK(kernels::lowrank_forward(args, at::cuda::getCurrentCUDAStream()));
   return {out.view(x.sizes()), save ? z.view(with_last(x.sizes(), dims.r)) : z};
 }
 
-Grads5 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
+Grads6 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const Dims& dims,
                       const at::Tensor& w_down, const at::Tensor& w_up, Activation act, double scale,
-                      bool residual_is_x, std::array<bool, 5> mask) {
+                      bool residual_is_x, std::array<bool, 5> mask, const std::optional<at::Tensor>& gate,
+                      const std::optional<at::Tensor>& b_up, bool need_dgate) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad_out.reshape({dims.rows, dims.d}).contiguous();
   const at::Tensor x2 = x.reshape({dims.rows, dims.d}).contiguous();
@@ -133,6 +141,7 @@ Grads5 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at:
   at::Tensor dbd = need_dbd ? at::empty({dims.r}, opts) : at::Tensor();
   at::Tensor dwu = need_dwu ? at::empty({dims.d, dims.r}, opts) : at::Tensor();
   at::Tensor dbu = need_dbu ? at::empty({dims.d}, opts) : at::Tensor();
+  at::Tensor dgate = need_dgate ? at::empty({dims.rows}, opts.dtype(at::kFloat)) : at::Tensor();
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
 
   auto args = lowrank_args<kernels::LowRankBackwardArgs>(x, act, scale, dims.rows, dims.d, dims.d, dims.r);
@@ -147,12 +156,22 @@ Grads5 backward_fused(const at::Tensor& grad_out, const at::Tensor& x, const at:
   args.db_down = ptr(dbd);
   args.dw_up = ptr(dwu);
   args.db_up = ptr(dbu);
+  args.gate = data_or_null(gate);
+  args.dgate = need_dgate ? dgate.data_ptr<float>() : nullptr;
   args.workspace_bytes = kernels::lowrank_backward_workspace_bytes(args);
   const at::Tensor workspace = at::empty({static_cast<int64_t>(args.workspace_bytes)}, opts.dtype(at::kByte));
   args.workspace = args.workspace_bytes ? workspace.data_ptr() : nullptr;
   C10_CUDA_CHECK(kernels::lowrank_backward(args, at::cuda::getCurrentCUDAStream()));
-  return {need_dx ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt, defined_or_none(dwd),
-          defined_or_none(dbd), defined_or_none(dwu), defined_or_none(dbu)};
+  if (need_dgate) {  // the bias term of d out / d g (cuBLAS), then x's dtype
+    if (b_up) dgate.add_(at::mv(g, b_up->contiguous()).to(at::kFloat), scale);
+    dgate = dgate.to(x.scalar_type()).view(x.sizes().slice(0, x.dim() - 1));
+  }
+  return {need_dx ? std::optional<at::Tensor>(dx.view(x.sizes())) : std::nullopt,
+          defined_or_none(dwd),
+          defined_or_none(dbd),
+          defined_or_none(dwu),
+          defined_or_none(dbu),
+          defined_or_none(dgate)};
 }
 
 #endif  // PEFTKERN_WITH_CUDA
@@ -163,26 +182,35 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& b_down, const at::Tensor& w_up,
                                                    const std::optional<at::Tensor>& b_up,
                                                    const std::optional<at::Tensor>& residual,
-                                                   c10::string_view activation, double scale, bool save) {
+                                                   c10::string_view activation, double scale, bool save,
+                                                   const std::optional<at::Tensor>& gate) {
   const Dims dims = check_forward(x, w_down, b_down, w_up, b_up, residual);
   const Activation act = parse_activation(kOp, activation);
+  const auto g = check_gate(kOp, gate, x);
 #ifdef PEFTKERN_WITH_CUDA
-  if (lowrank_fused(x, dims.r)) return forward_fused(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
+  if (lowrank_fused(x, dims.r))
+    return forward_fused(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save, g);
 #endif
-  return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save);
+  return forward_composite(x, dims, w_down, b_down, w_up, b_up, residual, act, scale, save, g);
 }
 
-Grads5 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
+Grads6 adapter_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& w_down,
                         const at::Tensor& w_up, c10::string_view activation, double scale, bool residual_is_x,
-                        std::array<bool, 5> mask) {
+                        std::array<bool, 5> mask, const std::optional<at::Tensor>& gate,
+                        const std::optional<at::Tensor>& b_up, bool gate_grad) {
   check_backward(grad_out, x, z, w_down, w_up);
   const Dims dims{x.numel() / x.size(-1), x.size(-1), w_down.size(0)};
   const Activation act = parse_activation(kOp, activation);
+  const auto g = check_gate("adapter_backward", gate, x);
+  check_like(b_up, "adapter_backward", "b_up", x, "x");
+  TORCH_CHECK_VALUE(!b_up || (b_up->dim() == 1 && b_up->size(0) == dims.d),
+                    "adapter_backward: b_up must have shape [d] = [", dims.d, "]");
+  TORCH_CHECK_VALUE(!gate_grad || g, "adapter_backward: gate_grad needs the forward's gate");
 #ifdef PEFTKERN_WITH_CUDA
   if (lowrank_fused(x, dims.r))
-    return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+    return backward_fused(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask, g, b_up, gate_grad);
 #endif
-  return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask);
+  return backward_composite(grad_out, x, z, dims, w_down, w_up, act, scale, residual_is_x, mask, g, b_up, gate_grad);
 }
 
 void register_impls(torch::Library& m) {

@@ -23,6 +23,26 @@ namespace peftkern::ops {
 using Grads5 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
+// Grads5 and the gradient of the per-row gate (adapter_backward, lora_linear_backward).
+using Grads6 = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+inline Grads6 with_gate_grad(Grads5 g, const at::Tensor& dgate) {
+  auto& [a, b, c, d, e] = g;
+  return {std::move(a), std::move(b), std::move(c), std::move(d), std::move(e), defined_or_none(dgate)};
+}
+
+// The optional per-row gate of a low-rank update on x [..., d]: x's dtype and device, shape
+// x.shape[:-1]. Returns it flattened to [rows], contiguous.
+inline std::optional<at::Tensor> check_gate(const char* op, const std::optional<at::Tensor>& gate, const at::Tensor& x) {
+  if (!gate) return std::nullopt;
+  check_like(*gate, op, "gate", x, "x");
+  TORCH_CHECK_VALUE(gate->sizes() == x.sizes().slice(0, x.dim() - 1), op,
+                    ": gate must have x's shape without its last dimension, ", x.sizes().slice(0, x.dim() - 1),
+                    " (one value per row); got ", gate->sizes());
+  return gate->reshape({-1}).contiguous();
+}
+
 // The adapters' activation argument (op names the op in the error).
 inline Activation parse_activation(const char* op, c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;

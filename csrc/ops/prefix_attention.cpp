@@ -97,6 +97,15 @@ Dims check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return d;
 }
 
+// The optional per-row gate of the prefix part: q's dtype and device, shape [B, H, L] (any strides).
+void check_prefix_gate(const char* op, const std::optional<at::Tensor>& gate, const at::Tensor& q, const Dims& d) {
+  if (!gate) return;
+  check_like(*gate, op, "prefix_gate", q, "q");
+  TORCH_CHECK_VALUE(gate->sizes() == at::IntArrayRef({d.B, d.H, d.L}), op, ": prefix_gate must have shape [B, H, L] = [",
+                    d.B, ", ", d.H, ", ", d.L, "] (one value per query row; expand a [B, 1, L] gate); got ",
+                    gate->sizes());
+}
+
 // The default scale needs D, so it is resolved here, after the checks, not in Python.
 double resolve_scale(const std::optional<double>& scale, const Dims& d) {
   return scale ? *scale : 1.0 / std::sqrt(static_cast<double>(d.D));
@@ -353,7 +362,8 @@ kernels::AttnRows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0),
 kernels::AttnStats stats(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, const at::Tensor& pk,
-                                           const at::Tensor& pv, const at::Tensor& ids, double scale) {
+                                           const at::Tensor& pv, const at::Tensor& ids, double scale,
+                                           const at::Tensor& gate) {
   kernels::PrefixAttentionShape s{};
   s.dtype = kernel_dtype(q.scalar_type());
   s.B = static_cast<int>(d.B);
@@ -367,6 +377,7 @@ kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, c
   s.prefix_v = pv.data_ptr();
   s.prefix_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
   s.num_tasks = static_cast<int>(d.tasks > 0 ? d.tasks : 1);
+  if (gate.defined()) s.gate = {gate.data_ptr(), gate.stride(0), gate.stride(1), gate.stride(2)};
   return s;
 }
 
@@ -391,7 +402,8 @@ at::Tensor prefix_grad_per_sample(const at::Tensor& rows_ws, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
     const std::optional<at::Tensor>& prefix_ids, const at::Tensor& out, const at::Tensor& lse, double scale,
-    const Dims& d, at::Tensor dq_seq, bool need_dq, bool need_dpk, bool need_dpv) {
+    const Dims& d, at::Tensor dq_seq, bool need_dq, bool need_dpk, bool need_dpv, const at::Tensor& gate,
+    const at::Tensor& dgate) {
   const at::Tensor qk = aligned16(q), g = aligned16(grad_out), o = aligned16(out);
   const at::Tensor pk = aligned16(prefix_k.contiguous()), pv = aligned16(prefix_v.contiguous());
   const at::Tensor ids = kernel_ids(prefix_ids);
@@ -421,8 +433,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
     a.probs = need_dpv ? probs.data_ptr() : nullptr;
     a.dscores = need_dpk ? dscores.data_ptr() : nullptr;
     a.probs_ld = ld;
+    a.dgate = dgate.defined() ? part(dgate).data_ptr<float>() : nullptr;
     C10_CUDA_CHECK(kernels::prefix_attention_backward(
-        prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale), a, at::cuda::getCurrentCUDAStream()));
+        prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale, gate.defined() ? part(gate) : gate), a,
+        at::cuda::getCurrentCUDAStream()));
     if (need_dpk) dpk_parts.push_back(prefix_grad_per_sample(dscores.narrow(0, 0, n), qc, dc));
     if (need_dpv) dpv_parts.push_back(prefix_grad_per_sample(probs.narrow(0, 0, n), gc, dc));
   }
@@ -441,8 +455,11 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
                                                             const at::Tensor& prefix_v,
                                                             const std::optional<at::Tensor>& prefix_ids,
                                                             const std::optional<at::Tensor>& attn_mask, bool causal,
-                                                            std::optional<double> scale_arg) {
+                                                            std::optional<double> scale_arg,
+                                                            const std::optional<at::Tensor>& prefix_gate) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, true);
+  check_prefix_gate(kOp, prefix_gate, q, d);
+  const at::Tensor gate = prefix_gate ? *prefix_gate : at::Tensor();
   const double scale = resolve_scale(scale_arg, d);
   at::Tensor lse = lse_like(q, d);
   if (d.B * d.H * d.L == 0) return {out_like(q, d), lse};
@@ -477,14 +494,15 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
       a.seq_out = rows(seq_out);
       a.seq_lse = stats(seq.lse);
     }
-    C10_CUDA_CHECK(
-        kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale), a, at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale, gate), a,
+                                                     at::cuda::getCurrentCUDAStream()));
     return {out, lse};
   }
 #endif
   // composite (CPU; CUDA float32/float64 and head dims the kernels do not cover)
   const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
   auto [out_p, lse_p] = cpu::attend(q, pre.keys, pre.values, pre.bias, false, scale);
+  if (gate.defined()) out_p = out_p * gate.to(out_p.scalar_type()).unsqueeze(-1);  // lse stays the joint one
   if (!seq.out.defined()) {  // S == 0: only the prefix part (rows without prefix keys: lse +inf)
     seq.out = at::zeros({}, out_p.options()).expand(out_p.sizes());
     seq.lse = at::full({}, -kInf, lse_p.options()).expand(lse_p.sizes());
@@ -497,14 +515,18 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
 }
 
 using Grads = std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>,
-                         std::optional<at::Tensor>, std::optional<at::Tensor>>;
+                         std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
 Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                 const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
                                 const at::Tensor& out, const at::Tensor& lse, bool causal,
-                                std::optional<double> scale_arg, std::array<bool, 5> need) {
+                                std::optional<double> scale_arg, std::array<bool, 5> need,
+                                const std::optional<at::Tensor>& prefix_gate, bool gate_grad) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, false);
+  check_prefix_gate("prefix_attention_backward", prefix_gate, q, d);
+  TORCH_CHECK_VALUE(!gate_grad || prefix_gate, "prefix_attention_backward: gate_grad needs the forward's prefix_gate");
+  const at::Tensor gate = prefix_gate ? *prefix_gate : at::Tensor();
   const double scale = resolve_scale(scale_arg, d);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "prefix_attention_backward: grad_out and out must have q's shape ", q.sizes(), "; got ",
@@ -514,7 +536,7 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({d.B, d.H, d.L}) && lse.scalar_type() == lse_dtype(q),
                     "prefix_attention_backward: lse must be the forward's [B, H, L] log-sum-exp");
   const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = need;
-  at::Tensor dq, dk, dv, dpk, dpv;
+  at::Tensor dq, dk, dv, dpk, dpv, dgate;
   const bool rows_exist = d.B * d.H * d.L > 0;
 #ifdef PEFTKERN_WITH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
@@ -528,12 +550,14 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
     std::tie(dq, dk, dv) = sequence_backward(kern, prep(grad_out), prep(q), prep(k), prep(v), prep(out), lse, mask,
                                              scale, d, {need_dq, need_dk, need_dv});
   }
-  const bool prefix_grads = rows_exist && d.P > 0 && (need_dq || need_dpk || need_dpv);
+  const bool prefix_grads = rows_exist && d.P > 0 && (need_dq || need_dpk || need_dpv || gate_grad);
   bool prefix_done = !prefix_grads;
 #ifdef PEFTKERN_WITH_CUDA
   if (prefix_grads && prefix_kernel_fits(q, d)) {
+    const at::Tensor dgate_f = gate_grad ? at::empty({d.B, d.H, d.L}, q.options().dtype(at::kFloat)) : at::Tensor();
     std::tie(dq, dpk, dpv) = prefix_backward_on_kernels(grad_out, q, prefix_k, prefix_v, prefix_ids, out, lse, scale, d,
-                                                        dq, need_dq, need_dpk, need_dpv);
+                                                        dq, need_dq, need_dpk, need_dpv, gate, dgate_f);
+    if (gate_grad) dgate = dgate_f.to(q.scalar_type());
     prefix_done = true;
   }
 #endif
@@ -541,8 +565,11 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
     const auto mt = cpu::attention_math_dtype(q.scalar_type());
     const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
     const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
+    at::Tensor dgate_m;
     auto [dq_p, dpk_s, dpv_s] = cpu::attend_backward(grad_out, q, pre.keys, pre.values, pre.bias, false, scale, lse,
-                                                     delta, need_dq, need_dpk, need_dpv);
+                                                     delta, need_dq, need_dpk, need_dpv, gate,
+                                                     gate_grad ? &dgate_m : nullptr);
+    if (gate_grad) dgate = dgate_m.to(q.scalar_type());
     if (need_dq) dq = (dq.defined() ? dq.to(mt) + dq_p : dq_p).to(q.scalar_type());
     if (need_dpk) dpk = cpu::sum_per_task(dpk_s, prefix_ids, d.tasks).to(prefix_k.scalar_type());
     if (need_dpv) dpv = cpu::sum_per_task(dpv_s, prefix_ids, d.tasks).to(prefix_v.scalar_type());
@@ -555,8 +582,14 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
     if (g.strides() == at::empty_like(input, input.options().device(at::kMeta)).strides()) return g;
     return at::empty_like(input).copy_(g);
   };
-  return {finish(need_dq, dq, q), finish(need_dk, dk, k), finish(need_dv, dv, v), finish(need_dpk, dpk, prefix_k),
-          finish(need_dpv, dpv, prefix_v)};
+  std::optional<at::Tensor> dgate_out;
+  if (gate_grad) dgate_out = dgate.defined() ? dgate : at::zeros({d.B, d.H, d.L}, q.options());
+  return {finish(need_dq, dq, q),
+          finish(need_dk, dk, k),
+          finish(need_dv, dv, v),
+          finish(need_dpk, dpk, prefix_k),
+          finish(need_dpv, dpv, prefix_v),
+          dgate_out};
 }
 
 void register_impls(torch::Library& m) {

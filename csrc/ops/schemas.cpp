@@ -3,17 +3,19 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(peftkern, m) {
-  // Bottleneck adapter: out = (residual or x) + scale * (act(x @ w_down^T + b_down) @ w_up^T + b_up).
-  // The second output is the pre-activation z = x @ w_down^T + b_down [..., r] when
-  // save_bottleneck (for the backward), else an empty tensor.
+  // Bottleneck adapter: out = (residual or x) + scale * g * (act(x @ w_down^T + b_down) @ w_up^T +
+  // b_up), g = gate[..., None] (a per-row gate, x.shape[:-1]; None = 1). The second output is the
+  // pre-activation z = x @ w_down^T + b_down [..., r] when save_bottleneck (for the backward), else
+  // an empty tensor.
   m.def(
       "adapter_forward(Tensor x, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
-      "Tensor? residual, str activation, float scale, bool save_bottleneck) -> (Tensor, Tensor)");
-  // Gradients (x, w_down, b_down, w_up, b_up) for the entries set in output_mask, None otherwise.
+      "Tensor? residual, str activation, float scale, bool save_bottleneck, Tensor? gate=None) -> (Tensor, Tensor)");
+  // Gradients (x, w_down, b_down, w_up, b_up) for the entries set in output_mask, and the gate's
+  // when gate_grad (it needs the forward's b_up), None otherwise.
   m.def(
       "adapter_backward(Tensor grad_out, Tensor x, Tensor bottleneck, Tensor w_down, Tensor w_up, "
-      "str activation, float scale, bool residual_is_x, bool[5] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "str activation, float scale, bool residual_is_x, bool[5] output_mask, Tensor? gate=None, Tensor? b_up=None, "
+      "bool gate_grad=False) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
   // Multi-adapter batch (L adapters, each token its own): out[t] = res[t] + scale * (act(x[t] @
   // w_down[i]^T + b_down[i]) @ w_up[i]^T + b_up[i]) with i = adapter_ids[t], -1 = no adapter
@@ -35,18 +37,19 @@ TORCH_LIBRARY(peftkern, m) {
       "adapter_stack_backward(Tensor grad_out, Tensor x, Tensor bottleneck, Tensor w_down, Tensor w_up, "
       "str activation, float scale, bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 
-  // LoRA: out = x @ weight^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T, dropout only
-  // when training. Outputs: out, the rank-r hidden u = dropout(x) @ lora_A^T [..., r] when
-  // save_for_backward (else empty), and the dropout's (seed, offset) int64 [2] (empty without dropout).
+  // LoRA: out = x @ weight^T + bias + scaling * g * (dropout(x) @ lora_A^T) @ lora_B^T, dropout only
+  // when training; g = gate[..., None] (per row, x.shape[:-1]; None = 1). Outputs: out, the rank-r
+  // hidden u = dropout(x) @ lora_A^T [..., r] when save_for_backward (else empty), and the dropout's
+  // (seed, offset) int64 [2] (empty without dropout).
   m.def(
       "lora_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
-      "float dropout_p, bool training, bool save_for_backward) -> (Tensor, Tensor, Tensor)");
-  // Gradients (x, weight, bias, lora_A, lora_B) for the entries set in output_mask. dropout_p is the
-  // one the forward applied (0 in eval); seed_offset its mask's.
+      "float dropout_p, bool training, bool save_for_backward, Tensor? gate=None) -> (Tensor, Tensor, Tensor)");
+  // Gradients (x, weight, bias, lora_A, lora_B) for the entries set in output_mask, and the gate's
+  // when gate_grad. dropout_p is the one the forward applied (0 in eval); seed_offset its mask's.
   m.def(
       "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor lora_hidden, Tensor seed_offset, float scaling, float dropout_p, bool[5] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "Tensor lora_hidden, Tensor seed_offset, float scaling, float dropout_p, bool[5] output_mask, "
+      "Tensor? gate=None, bool gate_grad=False) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   // The dropout factors (0 or 1/(1-p), float32, x's shape) that lora_linear applied for seed_offset.
   m.def("dropout_mask(Tensor x, Tensor seed_offset, float p) -> Tensor");
 
@@ -80,13 +83,15 @@ TORCH_LIBRARY(peftkern, m) {
   // concatenation; attn_mask (bool, True = attend, or additive) covers the sequence keys only.
   // Outputs out [B, H, L, D] and lse [B, H, L] (float32, float64 for float64; +inf where a row sees
   // no key), the row log-sum-exp the backward uses. scale None: 1/sqrt(D).
+  // prefix_gate [B, H, L] (None = 1) scales the prefix's share of each query row: out = (sequence
+  // part) + g * (prefix part) with the joint softmax's probabilities (lse unchanged).
   m.def(
       "prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_ids, "
-      "Tensor? attn_mask, bool causal, float? scale) -> (Tensor, Tensor)");
-  // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask; prefix gradients
-  // summed over the samples that use each prefix.
+      "Tensor? attn_mask, bool causal, float? scale, Tensor? prefix_gate=None) -> (Tensor, Tensor)");
+  // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask, and prefix_gate's
+  // when gate_grad; prefix gradients summed over the samples that use each prefix.
   m.def(
       "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float? scale, bool[5] output_mask) "
-      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float? scale, bool[5] output_mask, "
+      "Tensor? prefix_gate=None, bool gate_grad=False) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

@@ -20,15 +20,19 @@ def adapter(
     activation: str = "gelu",
     scale: float = 1.0,
     residual: Optional[Tensor] = None,
+    gate: Optional[Tensor] = None,
 ) -> Tensor:
     """Bottleneck adapter in one fused pass::
 
         h   = act(x @ w_down.T + b_down)                                   # [..., r]
-        out = (x if residual is None else residual) + scale * (h @ w_up.T + b_up)
+        out = (x if residual is None else residual) + scale * g * (h @ w_up.T + b_up)
+        g   = gate[..., None]                                              # 1 when gate is None
 
     x ``[..., d]``; w_down ``[r, d]``; b_down ``[r]`` or None; w_up ``[d, r]``; b_up ``[d]`` or None;
     residual ``[..., d]`` or None (AdaptFormer's parallel adapter: the adapter reads x, the residual
     is another tensor). ``activation``: ``gelu`` (erf), ``gelu_tanh``, ``relu`` or ``silu``.
+    ``gate`` ``[...]`` (x.shape[:-1]) or None: a per-row scale of the adapter's output, such as
+    UniPELT's ``sigmoid(x @ w_g.T + b_g)``; its gradient comes from the adapter's backward.
     All tensors share x's dtype and device. Math accumulates in float32 (float64 for float64).
 
     Gradients flow to every input that requires one. CUDA: fused kernels for float32, float16 and
@@ -36,29 +40,39 @@ def adapter(
     """
     _checks.tensors(
         "adapter",
-        ("b_down", "b_up", "residual"),
+        ("b_down", "b_up", "residual", "gate"),
         x=x,
         w_down=w_down,
         b_down=b_down,
         w_up=w_up,
         b_up=b_up,
         residual=residual,
+        gate=gate,
     )
     activation = _checks.string("adapter", "activation", activation)
     scale = _checks.real("adapter", "scale", scale)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, residual)
+        t is not None and t.requires_grad for t in (x, w_down, b_down, w_up, b_up, residual, gate)
     )
     out, _ = torch.ops.peftkern.adapter_forward(
-        x, w_down, b_down, w_up, b_up, residual, activation, scale, save
+        x, w_down, b_down, w_up, b_up, residual, activation, scale, save, gate
     )
     return out
 
 
 @torch.library.register_fake("peftkern::adapter_forward")
-def _adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, activation, scale, save_bottleneck):
+def _adapter_forward_fake(
+    x, w_down, b_down, w_up, b_up, residual, activation, scale, save_bottleneck, gate=None
+):
     _checks.same_device(
-        "adapter", ("x", x), w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, residual=residual
+        "adapter",
+        ("x", x),
+        w_down=w_down,
+        b_down=b_down,
+        w_up=w_up,
+        b_up=b_up,
+        residual=residual,
+        gate=gate,
     )
     out = x.new_empty(x.shape)
     z = x.new_empty((*x.shape[:-1], w_down.shape[0])) if save_bottleneck else x.new_empty((0,))
@@ -67,29 +81,54 @@ def _adapter_forward_fake(x, w_down, b_down, w_up, b_up, residual, activation, s
 
 @torch.library.register_fake("peftkern::adapter_backward")
 def _adapter_backward_fake(
-    grad_out, x, bottleneck, w_down, w_up, activation, scale, residual_is_x, output_mask
+    grad_out,
+    x,
+    bottleneck,
+    w_down,
+    w_up,
+    activation,
+    scale,
+    residual_is_x,
+    output_mask,
+    gate=None,
+    b_up=None,
+    gate_grad=False,
 ):
-    shapes = (x.shape, w_down.shape, w_down.shape[:1], w_up.shape, w_up.shape[:1])
-    return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, output_mask))
+    shapes = (x.shape, w_down.shape, w_down.shape[:1], w_up.shape, w_up.shape[:1], x.shape[:-1])
+    return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, [*output_mask, gate_grad]))
 
 
 def _adapter_setup_context(ctx, inputs, output):
-    x, w_down, _b_down, w_up, _b_up, residual, activation, scale, _save = inputs
-    ctx.save_for_backward(x, w_down, w_up, output[1])
+    x, w_down, _b_down, w_up, b_up, residual, activation, scale, _save, *rest = inputs
+    gate = rest[0] if rest else None
+    # b_up only for the gate's gradient (d out / d gate has a b_up term)
+    ctx.save_for_backward(x, w_down, w_up, output[1], gate, b_up if gate is not None else None)
     ctx.activation, ctx.scale, ctx.residual_is_x = activation, scale, residual is None
 
 
 def _adapter_backward(ctx, grad_out, _grad_bottleneck):
-    x, w_down, w_up, z = ctx.saved_tensors
+    x, w_down, w_up, z, gate, b_up = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [bool(n) for n in need[:5]]  # x, w_down, b_down, w_up, b_up
-    grads = (None,) * 5
-    if any(mask):
+    gate_grad = len(need) > 9 and bool(need[9])
+    grads = (None,) * 6
+    if any(mask) or gate_grad:
         grads = torch.ops.peftkern.adapter_backward(
-            grad_out, x, z, w_down, w_up, ctx.activation, ctx.scale, ctx.residual_is_x, mask
+            grad_out,
+            x,
+            z,
+            w_down,
+            w_up,
+            ctx.activation,
+            ctx.scale,
+            ctx.residual_is_x,
+            mask,
+            gate,
+            b_up,
+            gate_grad,
         )
     grad_residual = grad_out if need[5] else None
-    return (*grads, grad_residual, None, None, None)
+    return (*grads[:5], grad_residual, None, None, None, grads[5])
 
 
 torch.library.register_autograd(

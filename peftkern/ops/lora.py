@@ -18,30 +18,42 @@ def lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = True,
+    gate: Optional[Tensor] = None,
 ) -> Tensor:
     """LoRA linear layer::
 
-        out = x @ weight.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T
+        out = x @ weight.T + bias + scaling * g * (dropout(x) @ lora_A.T) @ lora_B.T,   g = gate[..., None]
 
     x ``[..., in]``; weight ``[out, in]`` (usually frozen); bias ``[out]`` or None; lora_A ``[r, in]``;
     lora_B ``[out, r]``; scaling = lora_alpha / r (or lora_alpha / sqrt(r) for rsLoRA). Dropout
     (probability ``dropout_p`` in [0, 1), only when ``training``) applies to the LoRA branch only,
     as Hugging Face peft does; its mask comes from a Philox stream seeded by torch's generator
     (follows ``torch.manual_seed``) and is regenerated in the backward, never stored.
+    ``gate`` (``x.shape[:-1]``, x's dtype; None = 1): a per-row scale of the update, such as
+    UniPELT's ``sigmoid(x @ w_g.T + b_g)``; it gets a gradient, computed in the update's backward.
 
     Gradients flow to every input that requires one; a frozen weight costs no gradient work.
     Saved for the backward: x, weight, lora_A, lora_B, the rank-r hidden ``dropout(x) @ lora_A.T``
     and the dropout seed. CUDA: base product through cuBLAS, the rest in fused kernels for
     float32/float16/bfloat16 and r <= 256 (other cases: an unfused, slower composite).
     """
-    _checks.tensors("lora_linear", ("bias",), x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _checks.tensors(
+        "lora_linear",
+        ("bias", "gate"),
+        x=x,
+        weight=weight,
+        bias=bias,
+        lora_A=lora_A,
+        lora_B=lora_B,
+        gate=gate,
+    )
     scaling = _checks.real("lora_linear", "scaling", scaling)
     dropout_p = _checks.real("lora_linear", "dropout_p", dropout_p)
     save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, gate)
     )
     out, _, _ = torch.ops.peftkern.lora_linear_forward(
-        x, weight, bias, lora_A, lora_B, scaling, dropout_p, bool(training), save
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, bool(training), save, gate
     )
     return out
 
@@ -55,8 +67,12 @@ def dropout_mask(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
 
 
 @torch.library.register_fake("peftkern::lora_linear_forward")
-def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, save_for_backward):
-    _checks.same_device("lora_linear", ("x", x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+def _lora_forward_fake(
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, save_for_backward, gate=None
+):
+    _checks.same_device(
+        "lora_linear", ("x", x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, gate=gate
+    )
     lead = x.shape[:-1]
     out = x.new_empty((*lead, weight.shape[0]))
     u = x.new_empty((*lead, lora_A.shape[0])) if save_for_backward else x.new_empty((0,))
@@ -67,10 +83,21 @@ def _lora_forward_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, trai
 
 @torch.library.register_fake("peftkern::lora_linear_backward")
 def _lora_backward_fake(
-    grad_out, x, weight, lora_A, lora_B, lora_hidden, seed_offset, scaling, dropout_p, output_mask
+    grad_out,
+    x,
+    weight,
+    lora_A,
+    lora_B,
+    lora_hidden,
+    seed_offset,
+    scaling,
+    dropout_p,
+    output_mask,
+    gate=None,
+    gate_grad=False,
 ):
-    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
-    return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, output_mask))
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape, x.shape[:-1])
+    return tuple(x.new_empty(s) if need else None for s, need in zip(shapes, [*output_mask, gate_grad]))
 
 
 @torch.library.register_fake("peftkern::dropout_mask")
@@ -80,22 +107,36 @@ def _dropout_mask_fake(x, seed_offset, p):
 
 
 def _lora_setup_context(ctx, inputs, output):
-    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, training, _save = inputs
+    x, weight, _bias, lora_A, lora_B, scaling, dropout_p, training, _save, *rest = inputs
+    gate = rest[0] if rest else None
     _, u, seed_offset = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed_offset)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed_offset, gate)
     ctx.scaling = scaling
     ctx.dropout_p = dropout_p if training else 0.0
 
 
 def _lora_backward(ctx, grad_out, _grad_u, _grad_seed):
-    x, weight, lora_A, lora_B, u, seed_offset = ctx.saved_tensors
-    mask = [bool(n) for n in ctx.needs_input_grad[:5]]  # x, weight, bias, lora_A, lora_B
-    grads = (None,) * 5
-    if any(mask):
+    x, weight, lora_A, lora_B, u, seed_offset, gate = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(n) for n in need[:5]]  # x, weight, bias, lora_A, lora_B
+    gate_grad = len(need) > 9 and bool(need[9])
+    grads = (None,) * 6
+    if any(mask) or gate_grad:
         grads = torch.ops.peftkern.lora_linear_backward(
-            grad_out, x, weight, lora_A, lora_B, u, seed_offset, ctx.scaling, ctx.dropout_p, mask
+            grad_out,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            u,
+            seed_offset,
+            ctx.scaling,
+            ctx.dropout_p,
+            mask,
+            gate,
+            gate_grad,
         )
-    return (*grads, None, None, None, None)
+    return (*grads[:5], None, None, None, None, grads[5])
 
 
 torch.library.register_autograd(

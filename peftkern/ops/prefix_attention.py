@@ -20,6 +20,7 @@ def prefix_attention(
     attn_mask: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    prefix_gate: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention with learned prefix keys/values in front of the sequence's::
 
@@ -39,6 +40,11 @@ def prefix_attention(
     keys are all masked attends to the prefix alone; one that sees no key at all outputs zeros.
     No gradient flows to the mask (one that requires grad is refused).
 
+    ``prefix_gate`` (None = 1): a per-query-row gate broadcastable to ``[B, H, L]`` (``[B, 1, L]``:
+    one per token, shared by the heads; UniPELT's ``sigmoid(h @ w_g.T + b_g)``), of q's dtype. It
+    scales the prefix's share of each row's output, ``out = P_seq @ v + g * (P_prefix @ prefix_v)``
+    with P the joint (ungated) softmax; its gradient is computed in the prefix part's backward.
+
     Gradients for q, k, v and the prefixes (summed over the samples that use each prefix, in a
     fixed order). Saved for the backward: the inputs, the output and the row log-sum-exp; never the
     concatenated KV. The output is ``[B, H, L, D]`` over ``[B, L, H, D]`` memory, as PyTorch's flash
@@ -54,7 +60,7 @@ def prefix_attention(
     """
     _checks.tensors(
         "prefix_attention",
-        ("prefix_ids", "attn_mask"),
+        ("prefix_ids", "attn_mask", "prefix_gate"),
         q=q,
         k=k,
         v=v,
@@ -62,6 +68,7 @@ def prefix_attention(
         prefix_v=prefix_v,
         prefix_ids=prefix_ids,
         attn_mask=attn_mask,
+        prefix_gate=prefix_gate,
     )
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -70,8 +77,17 @@ def prefix_attention(
         )
     if scale is not None:
         scale = _checks.real("prefix_attention", "scale", scale)
+    if prefix_gate is not None and q.dim() == 4:
+        rows = (q.shape[0], q.shape[1], q.shape[2])
+        try:
+            prefix_gate = prefix_gate.expand(rows)  # a view: autograd sums the gradient back
+        except RuntimeError:
+            raise ValueError(
+                f"prefix_attention: prefix_gate must be broadcastable to [B, H, L] = {list(rows)}; got "
+                f"{list(prefix_gate.shape)}"
+            ) from None
     out, _ = torch.ops.peftkern.prefix_attention_forward(
-        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), scale
+        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), scale, prefix_gate
     )
     return out
 
@@ -81,7 +97,9 @@ def _lse_dtype(q):
 
 
 @torch.library.register_fake("peftkern::prefix_attention_forward")
-def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale):
+def _prefix_attention_fake(
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale, prefix_gate=None
+):
     _checks.same_device(
         "prefix_attention",
         ("q", q),
@@ -91,6 +109,7 @@ def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, c
         prefix_v=prefix_v,
         prefix_ids=prefix_ids,
         attn_mask=attn_mask,
+        prefix_gate=prefix_gate,
     )
     B, H, L, D = q.shape
     out = q.new_empty(B, L, H, D).transpose(1, 2)
@@ -99,25 +118,43 @@ def _prefix_attention_fake(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, c
 
 @torch.library.register_fake("peftkern::prefix_attention_backward")
 def _prefix_attention_backward_fake(
-    grad_out, q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, causal, scale, output_mask
+    grad_out,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    prefix_ids,
+    attn_mask,
+    out,
+    lse,
+    causal,
+    scale,
+    output_mask,
+    prefix_gate=None,
+    gate_grad=False,
 ):
     like = (q, k, v, prefix_k, prefix_v)
-    return tuple(torch.empty_like(t) if need else None for t, need in zip(like, output_mask))
+    grads = [torch.empty_like(t) if need else None for t, need in zip(like, output_mask)]
+    return (*grads, q.new_empty(q.shape[:3]) if gate_grad else None)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale = inputs
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale, *rest = inputs
+    gate = rest[0] if rest else None
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse = ctx.saved_tensors
-    mask = [bool(n) for n in ctx.needs_input_grad[:5]]
-    grads = (None,) * 5
-    if any(mask):
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [bool(n) for n in need[:5]]
+    gate_grad = len(need) > 9 and bool(need[9])
+    grads = (None,) * 6
+    if any(mask) or gate_grad:
         grads = torch.ops.peftkern.prefix_attention_backward(
             grad_out,
             q,
@@ -132,8 +169,10 @@ def _backward(ctx, grad_out, _grad_lse):
             ctx.causal,
             ctx.scale,
             mask,
+            gate,
+            gate_grad,
         )
-    return (*grads, None, None, None, None)
+    return (*grads[:5], None, None, None, None, grads[5])
 
 
 torch.library.register_autograd("peftkern::prefix_attention_forward", _backward, setup_context=_setup_context)
