@@ -11,6 +11,8 @@ Kernels launched, by test:
   mask                     mask_apply_kernel, mask_ste_kernel, masked_matvec_kernel (scores, packed
                            bits, per-token task bits)
   prefix_attention         prefix_attention_forward_kernel, _backward_kernel
+  *_gated                  the same kernels with a per-row gate (UniPELT): the gated epilogue, the
+                           rows kernel's dgate, the gated bias sums; the gated prefix merge / backward
 """
 
 import pytest
@@ -160,5 +162,84 @@ def test_prefix_attention_forward_backward(dtype, D):
         lambda q, k, v, pk, pv: reference.prefix_attention(q, k, v, pk, pv, prefix_ids=ids, causal=True),
         (q, k, v, pk, pv),
         ("q", "k", "v", "prefix_k", "prefix_v"),
+        dtype,
+    )
+
+
+def _gate(shape, dtype):
+    return torch.sigmoid(randn(*shape, dtype=torch.float64)).to("cuda", dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("d,r", SIZES)
+def test_adapter_gated(dtype, d, r):
+    x = randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True)
+    wd = randn(r, d, dtype=dtype, device="cuda", scale=d**-0.5, requires_grad=True)
+    bd = randn(r, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
+    wu = randn(d, r, dtype=dtype, device="cuda", scale=r**-0.5, requires_grad=True)
+    bu = randn(d, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
+    gate = _gate((ROWS,), dtype)
+    check_against_reference(
+        lambda *t: ops.adapter(*t[:5], activation="gelu", scale=0.5, gate=t[5]),
+        lambda *t: reference.adapter(*t[:5], activation="gelu", scale=0.5, gate=t[5]),
+        (x, wd, bd, wu, bu, gate),
+        ("x", "w_down", "b_down", "w_up", "b_up", "gate"),
+        dtype,
+    )
+    frozen = [t.detach() for t in (x, wd, bd, wu, bu)]  # the gate's gradient alone: the rows kernel only
+    gate2 = _gate((ROWS,), dtype)
+    check_against_reference(
+        lambda *t: ops.adapter(*t[:5], gate=t[5]),
+        lambda *t: reference.adapter(*t[:5], gate=t[5]),
+        (*frozen, gate2),
+        ("x", "w_down", "b_down", "w_up", "b_up", "gate"),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_lora_gated_with_dropout(dtype):
+    d, r, n_out = 96, 40, 101
+    x = randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True)
+    w = randn(n_out, d, dtype=dtype, device="cuda", scale=d**-0.5)
+    b = randn(n_out, dtype=dtype, device="cuda", scale=0.1)
+    A = randn(r, d, dtype=dtype, device="cuda", scale=d**-0.5, requires_grad=True)
+    B = randn(n_out, r, dtype=dtype, device="cuda", scale=r**-0.5, requires_grad=True)
+    gate = _gate((ROWS,), dtype)
+    p, seed = 0.25, 99
+    torch.manual_seed(seed)
+    _, _, seed_offset = torch.ops.peftkern.lora_linear_forward(
+        x.detach(), w, b, A.detach(), B.detach(), 2.0, p, True, False
+    )
+    mask = ops.dropout_mask(x, seed_offset, p)
+
+    def fn(*t):
+        torch.manual_seed(seed)
+        return ops.lora_linear(*t[:5], scaling=2.0, dropout_p=p, training=True, gate=t[5])
+
+    check_against_reference(
+        fn,
+        lambda *t: reference.lora_linear(*t[:5], 2.0, mask=mask.double(), gate=t[5]),
+        (x, w, b, A, B, gate),
+        ("x", "weight", "bias", "lora_A", "lora_B", "gate"),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+def test_prefix_attention_gated(dtype):
+    B, H, Hkv, L, S, P, D, T = 3, 4, 2, 7, 9, 5, 40, 2
+    q = randn(B, H, L, D, dtype=dtype, device="cuda", requires_grad=True)
+    k = randn(B, Hkv, S, D, dtype=dtype, device="cuda", requires_grad=True)
+    v = randn(B, Hkv, S, D, dtype=dtype, device="cuda", requires_grad=True)
+    pk = randn(T, Hkv, P, D, dtype=dtype, device="cuda", requires_grad=True)
+    pv = randn(T, Hkv, P, D, dtype=dtype, device="cuda", requires_grad=True)
+    ids = torch.tensor([1, 0, 1], device="cuda")
+    gate = _gate((B, 1, L), dtype)  # expanded over the heads: stride 0
+    check_against_reference(
+        lambda *t: ops.prefix_attention(*t[:5], prefix_ids=ids, causal=True, prefix_gate=t[5]),
+        lambda *t: reference.prefix_attention_gated(*t[:5], t[5], prefix_ids=ids, causal=True),
+        (q, k, v, pk, pv, gate),
+        ("q", "k", "v", "prefix_k", "prefix_v", "prefix_gate"),
         dtype,
     )
