@@ -43,6 +43,7 @@ from .integrations import (  # noqa: E402
     task_ids,
     tasks,
     trainable_parameters,
+    unipelt,
 )
 
 
@@ -77,5 +78,6 @@ __all__ = [
     "set_active",
     "delete_adapter",
     "load_adapter",
+    "unipelt",
 ]
 __version__ = "0.1.0"

@@ -501,5 +501,8 @@ def test_tasks_entries_must_match_the_batch_outside_generate():
     model = tiny_bert()
     peftkern.inject(model, CONFIGS["lora"](), name="lora")
     ids = torch.randint(0, 97, (4, 5))
-    with pytest.raises(ValueError, match="2 entries for a batch of 4 samples"), peftkern.tasks(["lora", None]):
+    with (
+        pytest.raises(ValueError, match="2 entries for a batch of 4 samples"),
+        peftkern.tasks(["lora", None]),
+    ):
         model(input_ids=ids)

@@ -22,6 +22,7 @@ from .inject import (
     tasks,
     trainable_parameters,
 )
+from .unipelt import unipelt
 from .virtual_tokens import task_ids
 
 _SUBMODULES = ("peft",)
@@ -59,4 +60,5 @@ __all__ = [
     "task_ids",
     "tasks",
     "trainable_parameters",
+    "unipelt",
 ]

@@ -166,10 +166,15 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
             source, tensors = _read(path)
         except (OSError, TypeError, ValueError) as e:  # a damaged config raises its fields' TypeErrors
             raise ValueError(f"{who}: {e}") from None
-        if not isinstance(source, AdapterConfig) or source.fusion is not None or source.num_experts != 1:
+        if (
+            not isinstance(source, AdapterConfig)
+            or source.fusion is not None
+            or source.num_experts != 1
+            or source.gate
+        ):
             raise ValueError(
-                f"{who} must be a checkpoint of single adapters (AdapterConfig without fusion or "
-                f"num_experts); it holds {type(source).__name__} {source.to_dict()}"
+                f"{who} must be a checkpoint of single adapters (AdapterConfig without fusion, "
+                f"num_experts or gate); it holds {type(source).__name__} {source.to_dict()}"
             )
         for field in _FUSION_SHARED:
             if getattr(source, field) != getattr(config, field):

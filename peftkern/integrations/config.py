@@ -58,6 +58,12 @@ def _real(config, field, value, *, positive=False):
     return value
 
 
+def _bool(config, field, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{config}: {field} must be a bool; got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 def _choice(config, field, value, choices):
     if value not in choices:
         raise ValueError(f"{config}: {field} must be one of {choices}; got {value!r:.40}")
@@ -148,6 +154,11 @@ class AdapterConfig(_Config):
                      the directories' adapters (not their ``modules_to_save``, a task head say: give
                      the fusion its own); ``save_pretrained`` writes the frozen adapters with the
                      fusion, so ``from_pretrained`` never reads them.
+
+    ``gate``  UniPELT (Mao et al. 2022): each adapter's output is scaled per token by its own learned
+              gate ``sigmoid(x @ w_g.T + b_g)`` of the adapter's input x (``Adapter(..., gate=True)``:
+              a ``gate`` Linear(d_model, 1), saved as ``<site>.adapter.gate.weight`` / ``.bias``).
+              Not with fusion or num_experts; not routed per sample in a mixed batch yet.
     """
 
     bottleneck: Optional[int] = None
@@ -162,6 +173,7 @@ class AdapterConfig(_Config):
     fusion: Optional[Dict[str, str]] = None
     target_modules: Targets = None
     modules_to_save: Targets = None
+    gate: bool = False
     method = "adapter"
 
     def __post_init__(self):
@@ -179,6 +191,12 @@ class AdapterConfig(_Config):
         self.drop_prob = _checks.probability("AdapterConfig", "drop_prob", self.drop_prob)
         self.num_experts = _checks.dim("AdapterConfig", "num_experts", self.num_experts)
         self.fusion = _fusion_sources(self.fusion)
+        self.gate = _bool("AdapterConfig", "gate", self.gate)
+        if self.gate and (self.fusion is not None or self.num_experts > 1):
+            raise ValueError(
+                "AdapterConfig: gate (UniPELT) gates a single adapter; it cannot take "
+                + ("fusion" if self.fusion is not None else f"num_experts ({self.num_experts}) > 1")
+            )
         if self.fusion is not None and self.num_experts > 1:
             raise ValueError(
                 "AdapterConfig: fusion fuses trained single adapters; it cannot take num_experts "
@@ -193,7 +211,13 @@ class AdapterConfig(_Config):
 class LoRAConfig(_Config):
     """LoRA (``peftkern.nn.LoRALinear``) on linear layers: ``scaling = lora_alpha / r`` (or
     ``/ sqrt(r)`` with ``use_rslora``), ``lora_alpha`` defaults to r. Presets: the attention's
-    query and value projections, as Hugging Face peft's defaults."""
+    query and value projections, as Hugging Face peft's defaults.
+
+    ``gate``: UniPELT (Mao et al. 2022): the update is scaled per token by a learned gate,
+    ``base(x) + sigmoid(x @ w_g.T + b_g) * scaling * B(A(dropout(x)))`` (w_g ``[1, in]``, saved as
+    ``<linear>.lora_gate_weight`` and ``<linear>.lora_gate_bias``). A gated LoRA depends on its
+    input, so it cannot merge into the weight, and it is not routed per sample in a mixed batch yet.
+    """
 
     r: int = 8
     lora_alpha: Optional[float] = None
@@ -201,6 +225,7 @@ class LoRAConfig(_Config):
     use_rslora: bool = False
     target_modules: Targets = None
     modules_to_save: Targets = None
+    gate: bool = False
     method = "lora"
 
     def __post_init__(self):
@@ -211,6 +236,7 @@ class LoRAConfig(_Config):
         self.lora_dropout = _checks.probability("LoRAConfig", "lora_dropout", self.lora_dropout)
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"LoRAConfig: use_rslora must be a bool; got {self.use_rslora!r:.40}")
+        self.gate = _bool("LoRAConfig", "gate", self.gate)
 
 
 @dataclass
@@ -279,12 +305,20 @@ class PrefixConfig(_Config):
     is given or makes are shifted by P), and padding masks cover the sequence keys only. Injection
     registers peftkern's attention with transformers' ``AttentionInterface`` and sets the model to
     use it; the prefix never enters the KV cache, so ``generate()`` works with any cache.
+
+    ``gate``  UniPELT (Mao et al. 2022): each layer's prefix share of each query's attention output
+              is scaled by a learned gate ``sigmoid(h @ w_g.T + b_g)`` of that token's input hidden
+              state h to the attention module (one gate per layer, shared by the heads; the softmax
+              over prefix and sequence stays joint). Saved as ``<base>.peftkern_prefix.gate.weight``
+              ``[num_layers, hidden]`` and ``.gate.bias`` ``[num_layers]``. Not with num_tasks > 1;
+              not routed per sample in a mixed batch yet.
     """
 
     num_virtual_tokens: int = 20
     projection_dim: Optional[int] = None
     num_tasks: int = 1
     modules_to_save: Targets = None
+    gate: bool = False
     method = "prefix"
 
     def __post_init__(self):
@@ -293,6 +327,12 @@ class PrefixConfig(_Config):
         if self.projection_dim is not None:
             self.projection_dim = _checks.dim("PrefixConfig", "projection_dim", self.projection_dim)
         self.num_tasks = _checks.dim("PrefixConfig", "num_tasks", self.num_tasks)
+        self.gate = _bool("PrefixConfig", "gate", self.gate)
+        if self.gate and self.num_tasks > 1:
+            raise ValueError(
+                "PrefixConfig: gate (UniPELT) gates one prefix; it cannot take num_tasks "
+                f"({self.num_tasks}) > 1"
+            )
 
 
 PROMPT_ENCODERS = (None, "mlp", "lstm")

@@ -6,7 +6,7 @@ from .adapted_linear import AdaptedLinear
 from .adapter import Adapter, AdapterFusion, MultiAdapter
 from .lora import LoRALinear
 from .mask import MaskedLinear
-from .prefix_attention import PrefixKV, PrefixSelfAttention, SoftPrompt, VisualPrompt
+from .prefix_attention import PrefixGate, PrefixKV, PrefixSelfAttention, SoftPrompt, VisualPrompt
 from .side_tuning import SideTuning
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "MultiAdapter",
     "LoRALinear",
     "MaskedLinear",
+    "PrefixGate",
     "PrefixKV",
     "PrefixSelfAttention",
     "SoftPrompt",

@@ -21,7 +21,9 @@ def _autocast(x: Tensor, tensors):
 
 class AdaptedLinear(nn.Linear):
     """``nn.Linear`` with any number of named adapters on its frozen weight: LoRA updates
-    (``lora_A[name] [r, in]``, ``lora_B[name] [out, r]``) and masks (``scores[name] [out, in]``).
+    (``lora_A[name] [r, in]``, ``lora_B[name] [out, r]``; a gated LoRA, UniPELT's, also
+    ``lora_gate_weight[name] [1, in]`` and ``lora_gate_bias[name] [1]``) and masks
+    (``scores[name] [out, in]``).
 
     ``AdaptedLinear.adapt(linear)`` turns an ``nn.Linear`` into one in place: the same object, the same
     ``weight`` and ``bias`` Parameters, hooks and children, so the model's parameter names and
@@ -33,6 +35,9 @@ class AdaptedLinear(nn.Linear):
     - one LoRA: ``ops.lora_linear`` (dropout fused); several together: one ``lora_linear`` over the
       ranks concatenated (each scaling folded into its B; one dropout mask when they share p,
       else an eager sum, slower);
+    - a gated LoRA (``add_lora(..., gate=True)``): ``lora_linear(..., gate=sigmoid(x @ w_g.T + b_g))``
+      when it applies alone; with other LoRAs, the base product plus each update eagerly (slower);
+      never in a mixed batch (not routed per sample yet) and never merged (the gate reads the input);
     - one mask: ``ops.masked_linear``; a mask with LoRAs: the masked product plus the eager updates;
     - mixed LoRAs: ``ops.lora_linear_multi`` (ranks zero-padded to the largest; rows of no LoRA
       get the base), except in training with dropout, where each LoRA adds its rows' update eagerly;
@@ -53,7 +58,14 @@ class AdaptedLinear(nn.Linear):
             nn.ParameterDict(),
             nn.ParameterDict(),
         )
-        for held in (linear.lora_A, linear.lora_B, linear.scores):
+        linear.lora_gate_weight, linear.lora_gate_bias = nn.ParameterDict(), nn.ParameterDict()
+        for held in (
+            linear.lora_A,
+            linear.lora_B,
+            linear.scores,
+            linear.lora_gate_weight,
+            linear.lora_gate_bias,
+        ):
             held._peftkern_container = True  # what model surgery must not target
             held.train(linear.training)
         linear.lora_settings = {}  # name -> (scaling, dropout_p)
@@ -66,7 +78,7 @@ class AdaptedLinear(nn.Linear):
         """Back to a plain nn.Linear (no adapter left)."""
         if self.names():
             raise ValueError(f"AdaptedLinear.restore: it still holds {self.names()}")
-        for attr in ("lora_A", "lora_B", "scores"):
+        for attr in ("lora_A", "lora_B", "scores", "lora_gate_weight", "lora_gate_bias"):
             delattr(self, attr)
         # _peftkern_active stays: other methods on this module (BitFit, copies) read it
         for attr in (
@@ -88,10 +100,14 @@ class AdaptedLinear(nn.Linear):
         if name in self.names():
             raise ValueError(f"AdaptedLinear: it already holds an adapter named {name!r}")
 
-    def add_lora(self, name, r, *, lora_alpha=None, lora_dropout=0.0, use_rslora=False) -> None:
+    def add_lora(self, name, r, *, lora_alpha=None, lora_dropout=0.0, use_rslora=False, gate=False) -> None:
         """LoRA as peft initialises it: A Kaiming-uniform (a = sqrt(5)), B zero; on the weight's
-        device and dtype. scaling = lora_alpha / r (or / sqrt(r)), lora_alpha defaulting to r."""
+        device and dtype. scaling = lora_alpha / r (or / sqrt(r)), lora_alpha defaulting to r.
+        ``gate``: UniPELT's gated LoRA, the update scaled per row by ``sigmoid(x @ w_g.T + b_g)``
+        (w_g ``[1, in]`` and b_g ``[1]`` initialised as ``nn.Linear(in, 1)``'s)."""
         self._check_new(name)
+        if not isinstance(gate, bool):
+            raise TypeError(f"AdaptedLinear: gate must be a bool; got {gate!r:.40}")
         r = _checks.dim("AdaptedLinear", "r", r)
         p = _checks.probability("AdaptedLinear", "lora_dropout", lora_dropout)
         alpha = float(r if lora_alpha is None else lora_alpha)
@@ -102,6 +118,10 @@ class AdaptedLinear(nn.Linear):
         self.lora_A[name] = A
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
         self.lora_settings[name] = (alpha / (math.sqrt(r) if use_rslora else r), float(p))
+        if gate:
+            g = nn.Linear(self.in_features, 1, device=w.device, dtype=w.dtype)  # its init, then its tensors
+            self.lora_gate_weight[name] = nn.Parameter(g.weight.detach())
+            self.lora_gate_bias[name] = nn.Parameter(g.bias.detach())
 
     def add_mask(self, name, *, threshold, score_init) -> None:
         """Real-valued float32 scores, all at score_init; the mask is scores > threshold."""
@@ -112,7 +132,7 @@ class AdaptedLinear(nn.Linear):
         self.mask_thresholds[name] = float(threshold)
 
     def remove(self, name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.scores):
+        for d in (self.lora_A, self.lora_B, self.scores, self.lora_gate_weight, self.lora_gate_bias):
             if name in d:
                 del d[name]
         self.lora_settings.pop(name, None)
@@ -131,9 +151,25 @@ class AdaptedLinear(nn.Linear):
     def mask(self, name: str) -> Tensor:
         return self.scores[name].float() > self.mask_thresholds[name]
 
+    def gated(self, name: str) -> bool:
+        """Whether LoRA `name` is gated (UniPELT)."""
+        return name in self.lora_gate_weight
+
+    def _gate(self, name: str, x: Tensor) -> Tensor:
+        """``sigmoid(x @ w_g.T + b_g)``, shape ``x.shape[:-1]``, x's dtype."""
+        w, b = _autocast(x, [self.lora_gate_weight[name], self.lora_gate_bias[name]])
+        return torch.sigmoid(F.linear(x, w, b)).squeeze(-1)
+
     @torch.no_grad()
     def merged_weight(self, names) -> Tensor:
-        """A new tensor: the weight with `names` applied (masks first, then LoRA updates, in float32)."""
+        """A new tensor: the weight with `names` applied (masks first, then LoRA updates, in float32).
+        A gated LoRA cannot fold into a weight (its gate reads the input): a ValueError."""
+        gated = [n for n in names if n in self.lora_A and self.gated(n)]
+        if gated:
+            raise ValueError(
+                f"AdaptedLinear: the gated LoRA {gated} cannot merge into the weight: its gate depends on "
+                "the input"
+            )
         w = self.weight.float()
         for n in names:
             if n in self.scores:
@@ -161,8 +197,16 @@ class AdaptedLinear(nn.Linear):
             return out + self._eager_updates(x, loras) if loras else out
         if not loras:
             return F.linear(x, weight, bias)
+        if len(loras) == 1 and self.gated(loras[0]):  # UniPELT: one gated op
+            n = loras[0]
+            A, B = self._factors(n, x)
+            s, p = self.lora_settings[n]
+            gate = self._gate(n, x)
+            return lora_linear(
+                x, weight, bias, A, B, scaling=s, dropout_p=p, training=self.training, gate=gate
+            )
         ps = {self.lora_settings[n][1] for n in loras}
-        if len(ps) > 1:  # different dropouts: each its own mask, eagerly
+        if len(ps) > 1 or any(self.gated(n) for n in loras):  # each its own mask or gate, eagerly
             return F.linear(x, weight, bias) + self._eager_updates(x, loras)
         A, B, scaling = self._together(loras, x)
         return lora_linear(x, weight, bias, A, B, scaling=scaling, dropout_p=ps.pop(), training=self.training)
@@ -186,7 +230,8 @@ class AdaptedLinear(nn.Linear):
             A, B = self._factors(n, x)
             s, p = self.lora_settings[n]
             h = F.dropout(x, p, self.training) if p > 0 else x
-            out = out + s * F.linear(F.linear(h, A), B)
+            update = s * F.linear(F.linear(h, A), B)
+            out = out + (self._gate(n, x).unsqueeze(-1) * update if self.gated(n) else update)
         return out
 
     def _mixed(self, x: Tensor, route: routing.SampleRoute) -> Tensor:
@@ -197,6 +242,12 @@ class AdaptedLinear(nn.Linear):
         x2, weight, bias = _autocast(x2, [x2, self.weight, self.bias])
         loras = [n for n in self.lora_A.keys() if any(n in s for s in route.samples)]
         masks = [n for n in self.scores.keys() if any(n in s for s in route.samples)]
+        gated = [n for n in loras if self.gated(n)]
+        if gated:  # the model refuses such a batch before it runs (inject's sample check)
+            raise ValueError(
+                f"{who}: gated (UniPELT) LoRA {gated} is not routed per sample yet; give every sample the "
+                "same adapters"
+            )
         if not loras:
             out = F.linear(x2, weight, bias)
         elif self.training and torch.is_grad_enabled() and any(self.lora_settings[n][1] > 0 for n in loras):
@@ -259,7 +310,10 @@ class AdaptedLinear(nn.Linear):
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]
         for n in self.lora_A.keys():
-            parts.append(f"lora[{n}]: r={self.lora_A[n].shape[0]}, scaling={self.lora_settings[n][0]:g}")
+            gate = ", gated" if self.gated(n) else ""
+            parts.append(
+                f"lora[{n}]: r={self.lora_A[n].shape[0]}, scaling={self.lora_settings[n][0]:g}{gate}"
+            )
         for n in self.scores.keys():
             parts.append(f"mask[{n}]: threshold={self.mask_thresholds[n]:g}")
         return ", ".join(parts)

@@ -4,6 +4,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter, adapter_multi, adapter_stack
@@ -28,6 +29,10 @@ class Adapter(nn.Module):
                      two standard deviations, up weight and both biases zero, so out == residual.
       ``"lora"``     down weight Kaiming-uniform (a = sqrt(5), as nn.Linear), up and biases zero.
 
+    ``gate=True`` (UniPELT, Mao et al. 2022): a third holder ``gate`` (``nn.Linear(d_model, 1)``,
+    its default init) scales the adapter's output per row by ``sigmoid(gate(x))`` of the adapter's
+    input x: ``out = residual + scale * sigmoid(x @ w_g.T + b_g) * up(act(down(x)))``, one fused op.
+
     Under autocast the adapter computes in the autocast dtype, as nn.Linear would.
     """
 
@@ -39,6 +44,7 @@ class Adapter(nn.Module):
         activation: str = "gelu",
         scale: float = 1.0,
         init: str = "houlsby",
+        gate: bool = False,
         device=None,
         dtype=None,
     ):
@@ -52,10 +58,13 @@ class Adapter(nn.Module):
             raise ValueError(f"Adapter: activation must be one of {ADAPTER_ACTIVATIONS}; got {activation!r}")
         if init not in ADAPTER_INITS:
             raise ValueError(f"Adapter: init must be one of {ADAPTER_INITS}; got {init!r}")
+        if not isinstance(gate, bool):
+            raise TypeError(f"Adapter: gate must be a bool; got {type(gate).__name__} {gate!r:.40}")
         self.d_model, self.bottleneck = d_model, bottleneck
         self.activation, self.scale, self.init = activation, float(scale), init
         self.down = nn.Linear(d_model, bottleneck, **factory)
         self.up = nn.Linear(bottleneck, d_model, **factory)
+        self.gate = nn.Linear(d_model, 1, **factory) if gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,21 +76,36 @@ class Adapter(nn.Module):
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
+        if self.gate is not None:
+            self.gate.reset_parameters()
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         tensors = [x, self.down.weight, self.down.bias, self.up.weight, self.up.bias, residual]
+        if self.gate is not None:
+            tensors += [self.gate.weight, self.gate.bias]
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             tensors = [None if t is None else t.to(dt) for t in tensors]
-        x, w_down, b_down, w_up, b_up, residual = tensors
+        x, w_down, b_down, w_up, b_up, residual = tensors[:6]
+        kw = {}
+        if self.gate is not None:  # UniPELT: sigmoid(x @ w_g.T + b_g) per row
+            kw["gate"] = torch.sigmoid(F.linear(x, tensors[6], tensors[7])).squeeze(-1)
         return adapter(
-            x, w_down, b_down, w_up, b_up, activation=self.activation, scale=self.scale, residual=residual
+            x,
+            w_down,
+            b_down,
+            w_up,
+            b_up,
+            activation=self.activation,
+            scale=self.scale,
+            residual=residual,
+            **kw,
         )
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, bottleneck={self.bottleneck}, activation={self.activation!r}, "
-            f"scale={self.scale}, init={self.init!r}"
+            f"scale={self.scale}, init={self.init!r}" + (", gate=True" if self.gate is not None else "")
         )
 
 
@@ -166,6 +190,11 @@ class MultiAdapter(nn.Module):
         adapters = list(adapters)
         if not adapters or not all(isinstance(a, Adapter) for a in adapters):
             raise TypeError(f"{cls.__name__}.from_adapters: adapters must be a non-empty sequence of Adapter")
+        gated = [i for i, a in enumerate(adapters) if a.gate is not None]
+        if gated:
+            raise ValueError(
+                f"{cls.__name__}.from_adapters: adapters {gated} are gated (UniPELT); a stack holds no gates"
+            )
         first = adapters[0]
         key = (first.d_model, first.bottleneck, first.activation, first.scale)
         for i, a in enumerate(adapters):

@@ -36,6 +36,10 @@ class PrefixKV(nn.Module):
     ``forward(layer, task_ids=None)`` -> ``(prefix_k, prefix_v)`` of that layer: ``[Hkv, P, D]`` with a
     single task, ``[T, Hkv, P, D]`` otherwise (hand ``task_ids`` to the attention as ``prefix_ids``;
     here they are only checked). They are fresh contiguous tensors, not views of the parameter.
+
+    ``gate_dim`` (UniPELT, Mao et al. 2022): also a ``gate`` (``PrefixGate(num_layers, gate_dim)``), one
+    learned gate per layer of the attention's input hidden states: ``self.gate(layer, h)`` -> ``[...]``,
+    handed to ``ops.prefix_attention(..., prefix_gate=g[:, None, :])``.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class PrefixKV(nn.Module):
         num_tasks: int = 1,
         projection_dim: Optional[int] = None,
         init_std: float = 0.02,
+        gate_dim: Optional[int] = None,
         device=None,
         dtype=None,
     ):
@@ -72,6 +77,7 @@ class PrefixKV(nn.Module):
             self.embedding = nn.Embedding(num_tasks * prefix_len, width, **factory)
             self.down = nn.Linear(width, projection_dim, **factory)
             self.up = nn.Linear(projection_dim, num_layers * 2 * width, **factory)
+        self.gate = None if gate_dim is None else PrefixGate(num_layers, gate_dim, **factory)
 
     def _projected(self, layers: slice) -> Tensor:
         """[T, n_layers, 2, Hkv, P, D] from the reparametrisation, computing only `layers`."""
@@ -114,6 +120,41 @@ class PrefixKV(nn.Module):
             f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"prefix_len={self.prefix_len}, num_tasks={self.num_tasks}, projection_dim={self.projection_dim}"
         )
+
+
+class PrefixGate(nn.Module):
+    """UniPELT's prefix gates (Mao et al. 2022): one ``Linear(d_model, 1)`` per attention layer, stacked:
+    ``weight [num_layers, d_model]``, ``bias [num_layers]`` (each row initialised as nn.Linear's).
+
+    ``forward(layer, hidden [..., d_model])`` -> ``sigmoid(hidden @ weight[layer] + bias[layer])``,
+    shape ``hidden.shape[:-1]``: the share of each token's attention output its layer's prefix keeps.
+    Only that layer's row is read."""
+
+    def __init__(self, num_layers: int, d_model: int, *, device=None, dtype=None):
+        super().__init__()
+        self.num_layers = _checks.dim("PrefixGate", "num_layers", num_layers)
+        self.d_model = _checks.dim("PrefixGate", "d_model", d_model)
+        factory = _checks.factory("PrefixGate", device, dtype)
+        self.weight = nn.Parameter(torch.empty(num_layers, d_model, **factory))
+        self.bias = nn.Parameter(torch.empty(num_layers, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.d_model)  # nn.Linear(d_model, 1)'s weight and bias bound
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            self.bias.uniform_(-bound, bound)
+
+    def forward(self, layer: int, hidden: Tensor) -> Tensor:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"PrefixGate: layer must be in [0, {self.num_layers}); got {layer}")
+        if hidden.shape[-1] != self.d_model:
+            raise ValueError(f"PrefixGate: hidden must be [..., {self.d_model}]; got {tuple(hidden.shape)}")
+        w, b = self.weight[layer : layer + 1], self.bias[layer : layer + 1]  # under autocast F.linear casts
+        return torch.sigmoid(F.linear(hidden, w.to(hidden.dtype), b.to(hidden.dtype))).squeeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.num_layers}, d_model={self.d_model}"
 
 
 class PrefixSelfAttention(nn.Module):

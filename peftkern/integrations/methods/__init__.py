@@ -14,6 +14,9 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+# what a gated method's mixed_refusal says (the _multi ops take no gate)
+GATED_REFUSAL = "gated (UniPELT) adapters are not routed per sample yet"
+
 
 class Method:
     """What inject needs of a method. ``plan`` raises a ValueError before anything changes; ``apply``

@@ -4,13 +4,15 @@ hook that applies them.
 
 Sites: ``target_modules``, or the preset's placement (houlsby: the attention output and FFN
 output projections; pfeiffer: the FFN output; parallel: the FFN, or BertOutput's residual input).
-Saved: ``<site>.adapter.<param>`` (``down.weight`` ...; a fusion's ``adapters.*`` and its query, key
-and value). Merge: an AdaMix mixture becomes its ``merge_experts()`` adapter; the rest stay.
+Saved: ``<site>.adapter.<param>`` (``down.weight`` ...; a gated adapter's ``gate.weight`` and
+``gate.bias``; a fusion's ``adapters.*`` and its query, key and value). Merge: an AdaMix mixture
+becomes its ``merge_experts()`` adapter; the rest stay.
 
 Several names applied together at one site: serial adapters stack (each reads the previous one's
 output), parallel ones add their branches. A mixed batch runs each row through its sample's
 adapter with one ``ops.adapter_multi`` per site (bottlenecks zero-padded to the largest, each scale
-folded into its up-projection); AdaMix mixtures and fusions are not routed per sample.
+folded into its up-projection); AdaMix mixtures, fusions and gated (UniPELT) adapters are not
+routed per sample.
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from ...nn.adapter import _autocast
 from ...ops.adapter import adapter_multi
 from ..config import AdapterConfig
 from ..targets import preset_for
-from . import Method, active_of, add_to_dict_child, describe, factory, matched, module_names
+from . import GATED_REFUSAL, Method, active_of, add_to_dict_child, describe, factory, matched, module_names
 
 ATTR = "adapter"  # the ModuleDict of named adapters on a site module
 
@@ -101,7 +103,7 @@ def build(site: Site, module, model, config, meta=False) -> nn.Module:
         return fusion
     if config.num_experts > 1:
         return AdaMixAdapter(d, r, config.num_experts, **kw)
-    return Adapter(d, r, **kw)
+    return Adapter(d, r, gate=config.gate, **kw)
 
 
 class AdapterMethod(Method):
@@ -220,6 +222,8 @@ class AdapterMethod(Method):
             return "an AdapterFusion attends over all its adapters for every row"
         if config.num_experts > 1:
             return "an AdaMix mixture draws its experts per call (merge it first: peftkern.merge)"
+        if config.gate:
+            return GATED_REFUSAL
         return ""
 
 
@@ -250,6 +254,9 @@ def _apply(module, kind, x, residual):
                 out = adapters[n](out) if kind == "serial" else adapters[n](x, residual=out)
         return out
     used = [n for n in own if any(n in s for s in route.samples)]
+    gated = [n for n in used if getattr(adapters[n], "gate", None) is not None]
+    if gated:  # the model refuses such a batch before it runs (inject's sample check)
+        raise ValueError(f"the adapters at a {type(module).__name__}: {gated}: {GATED_REFUSAL}")
     lead, d = x.shape[:-1], x.shape[-1]
     rows = x.numel() // d if d else 0
     ids = route.ids(used, rows, x.device, f"the adapters at a {type(module).__name__}")

@@ -1,9 +1,11 @@
 """LoRA (Hu et al. 2021): named low-rank updates on linear layers (``AdaptedLinear.add_lora``).
 
 Sites: ``target_modules``, or the preset's query and value projections (peft's defaults). Saved:
-``<linear>.lora_A`` ``[r, in]`` and ``<linear>.lora_B`` ``[out, r]``. Merge: the update folds into
-the base weight and the layer becomes a plain ``nn.Linear`` again once it holds no other adapter.
-A mixed batch routes each row to its sample's LoRA with ``ops.lora_linear_multi``.
+``<linear>.lora_A`` ``[r, in]`` and ``<linear>.lora_B`` ``[out, r]`` (gated, UniPELT's: also
+``<linear>.lora_gate_weight`` ``[1, in]`` and ``<linear>.lora_gate_bias`` ``[1]``). Merge: the update
+folds into the base weight and the layer becomes a plain ``nn.Linear`` again once it holds no other
+adapter; a gated LoRA is refused (its gate reads the input). A mixed batch routes each row to its
+sample's LoRA with ``ops.lora_linear_multi`` (not a gated one: it has no gate yet).
 """
 
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from torch import nn
 from ...nn import AdaptedLinear
 from ..config import LoRAConfig
 from ..targets import preset_for
-from . import Method, linears, module_names
+from . import GATED_REFUSAL, Method, linears, module_names
 
 
 @dataclass
@@ -38,6 +40,9 @@ class LoRA(Method):
             m = modules[s]
             shapes[f"{s}.lora_A"] = torch.Size((r, m.in_features))
             shapes[f"{s}.lora_B"] = torch.Size((m.out_features, r))
+            if config.gate:
+                shapes[f"{s}.lora_gate_weight"] = torch.Size((1, m.in_features))
+                shapes[f"{s}.lora_gate_bias"] = torch.Size((1,))
         return shapes
 
     def apply(self, model, plan, config, name):
@@ -50,19 +55,31 @@ class LoRA(Method):
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora,
+                gate=config.gate,
             )
-            saved[f"{s}.lora_A"], saved[f"{s}.lora_B"] = f"{s}.lora_A.{name}", f"{s}.lora_B.{name}"
+            attrs = ("lora_A", "lora_B") + (("lora_gate_weight", "lora_gate_bias") if config.gate else ())
+            saved.update({f"{s}.{a}": f"{s}.{a}.{name}" for a in attrs})
         return saved
 
     def remove(self, model, plan, name):
         remove_linear_adapter(model, plan.sites, name)
 
     def merge(self, model, plan, name):
+        modules = module_names(model)
+        gated = [s for s in plan.sites if modules[s].gated(name)]
+        if gated:  # before anything changes
+            raise ValueError(
+                f"merge: {name!r} is a gated (UniPELT) LoRA: its gate depends on the input, so it cannot "
+                f"fold into the weights ({gated[0]}, ...); keep it unmerged"
+            )
         merge_into_weights(model, plan.sites, name)
         return [f"LoRA merged into {len(plan.sites)} linear layers ({name!r})"]
 
     def site_keys(self, plan):
         return [(s, "linear") for s in plan.sites]
+
+    def mixed_refusal(self, plan, config):
+        return GATED_REFUSAL if config.gate else ""
 
 
 def remove_linear_adapter(model, sites, name):

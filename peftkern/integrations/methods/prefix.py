@@ -13,6 +13,13 @@ A mixed batch (``peftkern.tasks``): the samples are grouped by prefix length (a 
 has length 0); each group is one ``ops.prefix_attention`` call over the stacked prefixes of its
 names, chosen per sample by ``prefix_ids``. One group (all prefixes of one length) is one call.
 Saved: ``<base>.peftkern_prefix.<param>``.
+
+A gated prefix (UniPELT, ``PrefixConfig(gate=True)``): a forward pre-hook on each attention module
+(the one whose ``layer_idx`` the attention function reads) computes the layer's gate
+``sigmoid(h @ w_g.T + b_g)`` ``[B, L]`` from the hidden states it is called with and hands it to
+the attention function through that call's keyword arguments (so a checkpointed layer's recompute
+computes it again, from the same input); the attention scales the prefix's share of each query's
+output by it (``ops.prefix_attention(..., prefix_gate=g[:, None, :])``). Not routed per sample.
 """
 
 import warnings
@@ -27,11 +34,20 @@ from ...nn import PrefixKV, routing
 from ...ops.prefix_attention import prefix_attention
 from ..config import PrefixConfig
 from ..virtual_tokens import base_name, batch_and_length, bound, hf_config, past_length, task_ids_of
-from . import Method, active_of, add_to_dict_child, factory, remove_from_dict_child
+from . import (
+    GATED_REFUSAL,
+    Method,
+    active_of,
+    add_to_dict_child,
+    base_modules,
+    factory,
+    remove_from_dict_child,
+)
 
 ATTENTION_NAME = "peftkern_prefix"  # the name registered with transformers' AttentionInterface
 ATTR = "peftkern_prefix"
 _PREFIX_KWARG = "peftkern_prefix"  # the keyword argument the base's pre-hook adds for the attention function
+_GATE_KWARG = "peftkern_prefix_gate"  # the one an attention module's pre-hook adds: a gated prefix's gate
 
 
 @dataclass
@@ -40,6 +56,8 @@ class PrefixPlan:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    hidden_size: int = 0
+    attention_modules: Optional[List[str]] = None  # a gated prefix: the modules whose input gates it
 
 
 @dataclass
@@ -89,7 +107,10 @@ class Prefix(Method):
         heads = hf.num_attention_heads
         kv_heads = getattr(hf, "num_key_value_heads", None) or heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        return PrefixPlan(base_name(model), hf.num_hidden_layers, kv_heads, head_dim)
+        attention = _attention_modules(model, hf.num_hidden_layers, cname) if config.gate else None
+        return PrefixPlan(
+            base_name(model), hf.num_hidden_layers, kv_heads, head_dim, hf.hidden_size, attention
+        )
 
     def _build(self, plan, config, fac):
         return PrefixKV(
@@ -99,6 +120,7 @@ class Prefix(Method):
             config.num_virtual_tokens,
             num_tasks=config.num_tasks,
             projection_dim=config.projection_dim,
+            gate_dim=plan.hidden_size if config.gate else None,
             **fac,
         )
 
@@ -125,6 +147,10 @@ class Prefix(Method):
                 )
             base._peftkern_active = getattr(base, "_peftkern_active", ())
             base._peftkern_prefix_hook = base.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
+        for n in plan.attention_modules or ():  # a gated prefix: its gates read these modules' input
+            m = model.get_submodule(n)
+            if not hasattr(m, "_peftkern_prefix_gate_hook"):  # stays, as the base's hook: no gate, no-op
+                m._peftkern_prefix_gate_hook = m.register_forward_pre_hook(_gate_pre_hook, with_kwargs=True)
         p = self._prefix(plan)
         return {f"{p}.{n}": f"{p}.{name}.{n}" for n, _ in new.named_parameters()}
 
@@ -146,9 +172,43 @@ class Prefix(Method):
         return [(plan.base, "virtual tokens!")]
 
     def mixed_refusal(self, plan, config):
+        if config.gate:
+            return GATED_REFUSAL
         return (
             f"it holds {config.num_tasks} task prefixes (chosen by task_ids)" if config.num_tasks > 1 else ""
         )
+
+
+def _attention_modules(model, num_layers, cname) -> List[str]:
+    """The attention modules of a model (the innermost modules with a ``layer_idx``, what
+    transformers hands its attention function), one per layer, in layer order."""
+    found = [(n, m) for n, m in base_modules(model) if isinstance(getattr(m, "layer_idx", None), int)]
+    inner = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
+    layers = sorted(m.layer_idx for _, m in inner)
+    if layers != list(range(num_layers)):
+        raise ValueError(
+            f"{cname}: gate=True gates each layer's prefix from its attention module's input; peftkern "
+            f"looks for one module with a layer_idx per layer ({num_layers}) and found {layers} in "
+            f"{type(model).__name__}"
+        )
+    return [n for n, _ in sorted(inner, key=lambda nm: nm[1].layer_idx)]
+
+
+def _gated(group: PrefixGroup) -> bool:
+    return any(p.gate is not None for p in group.prefixes)
+
+
+def _gate_pre_hook(module, args, kwargs):
+    """On an attention module: a gated prefix's gate for this layer, from the module's input hidden
+    states, added to the call's keyword arguments (the attention function reads it there)."""
+    groups = kwargs.get(_PREFIX_KWARG)
+    if not groups or not any(_gated(g) for g in groups):
+        return None
+    if len(groups) > 1 or groups[0].samples is not None or len(groups[0].prefixes) > 1:
+        raise ValueError(f"peftkern's prefix attention: {GATED_REFUSAL}")
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    gate = groups[0].prefixes[0].gate(module.layer_idx, hidden)
+    return args, {**kwargs, _GATE_KWARG: gate}
 
 
 # -- the base's pre-hook ---------------------------------------------------------------------------
@@ -290,9 +350,21 @@ def prefix_attention_forward(
     elif causal and 1 < L < S:  # an empty static cache's prefill: the keys past L are unwritten
         key, value, S = key[:, :, :L], value[:, :, :L], L
     window = kwargs.get("sliding_window")
+    gate = kwargs.get(_GATE_KWARG)
     if len(groups) == 1 and groups[0].samples is None:
         return _attend(
-            module, groups[0], layer, query, key, value, attention_mask, causal, scaling, dropout, window
+            module,
+            groups[0],
+            layer,
+            query,
+            key,
+            value,
+            attention_mask,
+            causal,
+            scaling,
+            dropout,
+            window,
+            gate=gate,
         ), None
     B, per = query.shape[0], query.shape[0] // max(1, sum(len(g.samples) for g in groups))
     out = query.new_empty(B, L, query.shape[1], query.shape[3])
@@ -307,9 +379,26 @@ def prefix_attention_forward(
     return out, None
 
 
-def _attend(module, group, layer, query, key, value, mask, causal, scaling, dropout, window, per=1):
-    """One group's attention, ``[b, L, H, D]``."""
+def _attend(
+    module, group, layer, query, key, value, mask, causal, scaling, dropout, window, per=1, gate=None
+):
+    """One group's attention, ``[b, L, H, D]``; `gate` ``[b, L]``: a gated prefix's gate."""
     Hkv, D = key.shape[1], key.shape[3]
+    prefix_gate = None
+    if _gated(group):
+        if group.samples is not None or len(group.prefixes) > 1:
+            raise ValueError(f"peftkern's prefix attention: {GATED_REFUSAL}")
+        if gate is None:
+            raise RuntimeError(
+                f"peftkern's prefix attention: the prefix is gated, but {type(module).__name__}'s gate "
+                "pre-hook did not run (call the attention module, not its forward)"
+            )
+        if gate.shape != query.shape[:1] + query.shape[2:3]:
+            raise ValueError(
+                f"peftkern's prefix attention: the gate is {tuple(gate.shape)}, the queries "
+                f"[{query.shape[0]}, {query.shape[2]}] tokens"
+            )
+        prefix_gate = gate.to(query.dtype)[:, None, :]  # [B, 1, L]: one gate per token, shared by heads
     if group.prefixes:
         pairs = [p(layer) for p in group.prefixes]
         if len(pairs) == 1 and group.ids is None:
@@ -331,17 +420,29 @@ def _attend(module, group, layer, query, key, value, mask, causal, scaling, drop
     prefix_v = prefix_v.to(query.device, query.dtype)
     if dropout > 0.0 and module.training:
         return _prefix_attention_with_dropout(
-            query, key, value, prefix_k, prefix_v, ids, mask, causal, scaling, dropout
+            query, key, value, prefix_k, prefix_v, ids, mask, causal, scaling, dropout, prefix_gate
         )
+    kw = {} if prefix_gate is None else dict(prefix_gate=prefix_gate)
     out = prefix_attention(
-        query, key, value, prefix_k, prefix_v, prefix_ids=ids, attn_mask=mask, causal=causal, scale=scaling
+        query,
+        key,
+        value,
+        prefix_k,
+        prefix_v,
+        prefix_ids=ids,
+        attn_mask=mask,
+        causal=causal,
+        scale=scaling,
+        **kw,
     )
     return out.transpose(1, 2)
 
 
-def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causal, scale, p):
+def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causal, scale, p, gate=None):
     """Attention dropout in training: the concatenated KV through SDPA (slow; the fused op has no
-    dropout). Set the model's attention dropout to 0 for the fused path."""
+    dropout). Set the model's attention dropout to 0 for the fused path. `gate` (broadcastable to
+    ``[B, H, L]``): a gated prefix; the probabilities are written out (softmax over prefix and
+    sequence, dropout, the prefix columns scaled by the gate), slower still."""
     global _warned_dropout
     if not _warned_dropout:
         warnings.warn(
@@ -366,7 +467,30 @@ def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causa
         seq = mask & seq if mask.dtype == torch.bool else torch.where(seq, mask.to(q.dtype), float("-inf"))
     # the prefix columns in front: always visible (True, or 0 added)
     full = F.pad(seq, (P, 0), value=True if seq.dtype == torch.bool else 0.0)
+    if gate is not None:
+        return _gated_attention_with_dropout(q, keys, values, full, P, scale, p, gate)
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=full, dropout_p=p, scale=scale, enable_gqa=Hkv != H
     )
+    return out.transpose(1, 2)
+
+
+def _gated_attention_with_dropout(q, keys, values, full, P, scale, p, gate):
+    """The composite path of a gated prefix: ``out = (dropout(softmax(q k^T * scale + mask)) * G) v``
+    over the concatenated keys, G the gate on the P prefix columns and 1 on the sequence's."""
+    B, H, L, D = q.shape
+    if keys.shape[1] != H:  # grouped-query heads
+        keys = keys.repeat_interleave(H // keys.shape[1], dim=1)
+        values = values.repeat_interleave(H // values.shape[1], dim=1)
+    math_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = D**-0.5 if scale is None else scale
+    scores = torch.matmul(q.to(math_dtype), keys.to(math_dtype).transpose(-1, -2)) * scale
+    if full.dtype == torch.bool:
+        scores = scores.masked_fill(~full, float("-inf"))
+    else:
+        scores = scores + full.to(math_dtype)
+    probs = F.dropout(torch.softmax(scores, dim=-1), p, training=True)
+    g = gate.to(math_dtype).expand(B, H, L)[..., None]  # [B, H, L, 1]
+    probs = torch.cat([probs[..., :P] * g, probs[..., P:]], dim=-1)
+    out = torch.matmul(probs, values.to(math_dtype)).to(q.dtype)
     return out.transpose(1, 2)
