@@ -778,5 +778,7 @@ def test_gate_bad_input():
         ValueError, match=r"prefix_attention: prefix_gate must be broadcastable to \[B, H, L\]"
     ):
         prefix_attention(*inputs, prefix_gate=torch.rand(2, 4, 6))
+    with pytest.raises(ValueError, match=r"prefix_attention: prefix_gate must be 3-D"):
+        prefix_attention(*inputs, prefix_gate=torch.rand(2, 5))
     with pytest.raises((TypeError, ValueError), match="prefix_attention: prefix_gate"):
         prefix_attention(*inputs, prefix_gate=torch.rand(2, 1, 5, dtype=torch.float64))

@@ -57,7 +57,7 @@ struct LowRankForwardArgs {
   const void* res;   // [rows, n_out]; may be y itself
   void* y;           // [rows, n_out]
   void* z;           // [rows, r] pre-activation, saved for the backward; null in inference
-  const void* gate = nullptr;  // [rows] per-row gate g, or null (single-adapter launches only)
+  const void* gate = nullptr;  // [rows] per-row gate g (by original row index), or null
   DropoutArgs dropout;
   AdapterSegments segments;  // w_down [L, r, n_in], w_up [L, n_out, r]; z rows of no adapter untouched
 };

@@ -345,10 +345,13 @@ __global__ void __launch_bounds__(kThreads)
 
 // Minimum CTAs per SM for the backward's __launch_bounds__: 3 (D <= 128, <= 168 registers) or 2
 // (D = 256 needs ~220). Told nothing, ptxas spilled D = 64 to fit 4 CTAs' 128 registers.
-template <int kMaxD> constexpr int kBackwardMinBlocks = kMaxD == 256 ? 2 : 3;
+// The gated instance (kGated: a prefix gate, UniPELT) holds the gates and dgate partials besides:
+// D = 128 at 2 CTAs (at 3 it spilled); D = 256 stays at 2 (~232 registers).
+template <int kMaxD, bool kGated>
+constexpr int kBackwardMinBlocks = (kMaxD == 256 || (kGated && kMaxD == 128)) ? 2 : 3;
 
-template <typename T, int kMaxD>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
+template <typename T, int kMaxD, bool kGated>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD, kGated>)
     prefix_attention_backward_kernel(PrefixAttentionShape s, PrefixAttentionBackward a, int64_t row_tiles) {
   using Cfg = Tiles<kMaxD, true>;
   constexpr int kPT = Cfg::kPT;
@@ -384,7 +387,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
   delta_b = quad_sum(delta_b);
   const float lse_a = row_a.valid ? *stat_ptr(a.lse, pos.b, row_a) * kLog2e : kInf;
   const float lse_b = row_b.valid ? *stat_ptr(a.lse, pos.b, row_b) * kLog2e : kInf;
-  const float gate_a = gate_at<T>(s.gate, pos.b, row_a), gate_b = gate_at<T>(s.gate, pos.b, row_b);
+  const float gate_a = kGated ? gate_at<T>(s.gate, pos.b, row_a) : 1.f;
+  const float gate_b = kGated ? gate_at<T>(s.gate, pos.b, row_b) : 1.f;
   float dgate_a = 0.f, dgate_b = 0.f;  // this lane's columns of rowsum(p * dO pv^T)
   // Workspace [B, H, L, probs_ld] rows of probs and dscores: one offset per row (-1: none) for both,
   // the pointers formed where written (four row pointers held through the loop spilled on sm_80).
@@ -414,10 +418,12 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
         const bool key_ok = p0 + nt * 8 + 2 * t + (e & 1) < pos.P;
         const float prob = key_ok ? exp2f(p[nt][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
         const float gate = e < 2 ? gate_a : gate_b;
-        if (e < 2)
-          dgate_a += prob * ds[nt][e];
-        else
-          dgate_b += prob * ds[nt][e];
+        if constexpr (kGated) {
+          if (e < 2)
+            dgate_a += prob * ds[nt][e];
+          else
+            dgate_b += prob * ds[nt][e];
+        }
         p[nt][e] = gate * prob;  // the gated values' probabilities, for dprefix_v
         ds[nt][e] = prob * (gate * ds[nt][e] - (e < 2 ? delta_a : delta_b));
       }
@@ -433,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD>)
     }
     if (a.dq.ptr != nullptr) regs_times_tile<T, kMaxD, kPT, Cfg::kLdCol>(dq, ds, kt_tile, s.D, g, t);
   }
-  if (a.dgate != nullptr) {  // every lane shuffles; lane t = 0 of each quad writes its two rows
+  if (kGated && a.dgate != nullptr) {  // every lane shuffles; lane t = 0 of each quad writes its two rows
     dgate_a = quad_sum(dgate_a);
     dgate_b = quad_sum(dgate_b);
     auto at = [&](const Row& row) { return (static_cast<int64_t>(pos.b) * s.H + row.h) * s.L + row.i; };
@@ -518,7 +524,11 @@ cudaError_t prefix_attention_backward(const PrefixAttentionShape& s, const Prefi
     return cudaErrorInvalidValue;
   return dispatch(s, [&](auto dtype, auto max_d, unsigned blocks, int64_t row_tiles) {
     using T = typename decltype(dtype)::type;
-    prefix_attention_backward_kernel<T, decltype(max_d)::value><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    constexpr int kMaxD = decltype(max_d)::value;
+    if (s.gate.ptr != nullptr || a.dgate != nullptr)
+      prefix_attention_backward_kernel<T, kMaxD, true><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    else
+      prefix_attention_backward_kernel<T, kMaxD, false><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 

@@ -79,6 +79,11 @@ def prefix_attention(
         scale = _checks.real("prefix_attention", "scale", scale)
     if prefix_gate is not None and q.dim() == 4:
         rows = (q.shape[0], q.shape[1], q.shape[2])
+        if prefix_gate.dim() != 3:  # a [B, L] gate would line up as [H, L]
+            raise ValueError(
+                f"prefix_attention: prefix_gate must be 3-D, broadcastable to [B, H, L] = {list(rows)} "
+                f"([B, 1, L] for one gate per token); got {list(prefix_gate.shape)}"
+            )
         try:
             prefix_gate = prefix_gate.expand(rows)  # a view: autograd sums the gradient back
         except RuntimeError:
