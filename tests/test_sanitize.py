@@ -36,14 +36,21 @@ def _ids(dtype):
     return str(dtype).replace("torch.", "")
 
 
+def _adapter_inputs(d, r, dtype):
+    """x, w_down, b_down, w_up, b_up on the GPU, each requiring a gradient."""
+    return (
+        randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True),
+        randn(r, d, dtype=dtype, device="cuda", scale=d**-0.5, requires_grad=True),
+        randn(r, dtype=dtype, device="cuda", scale=0.1, requires_grad=True),
+        randn(d, r, dtype=dtype, device="cuda", scale=r**-0.5, requires_grad=True),
+        randn(d, dtype=dtype, device="cuda", scale=0.1, requires_grad=True),
+    )
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("d,r", SIZES)
 def test_adapter_forward_backward(dtype, d, r):
-    x = randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True)
-    wd = randn(r, d, dtype=dtype, device="cuda", scale=d**-0.5, requires_grad=True)
-    bd = randn(r, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
-    wu = randn(d, r, dtype=dtype, device="cuda", scale=r**-0.5, requires_grad=True)
-    bu = randn(d, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
+    x, wd, bd, wu, bu = _adapter_inputs(d, r, dtype)
     check_against_reference(
         lambda *t: ops.adapter(*t, activation="gelu", scale=0.5),
         lambda *t: reference.adapter(*t, activation="gelu", scale=0.5),
@@ -173,11 +180,7 @@ def _gate(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("d,r", SIZES)
 def test_adapter_gated(dtype, d, r):
-    x = randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True)
-    wd = randn(r, d, dtype=dtype, device="cuda", scale=d**-0.5, requires_grad=True)
-    bd = randn(r, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
-    wu = randn(d, r, dtype=dtype, device="cuda", scale=r**-0.5, requires_grad=True)
-    bu = randn(d, dtype=dtype, device="cuda", scale=0.1, requires_grad=True)
+    x, wd, bd, wu, bu = _adapter_inputs(d, r, dtype)
     gate = _gate((ROWS,), dtype)
     check_against_reference(
         lambda *t: ops.adapter(*t[:5], activation="gelu", scale=0.5, gate=t[5]),

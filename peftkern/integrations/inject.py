@@ -68,6 +68,7 @@ class PeftState:
     adapters: Dict[str, AdapterState] = field(default_factory=dict)
     active: Tuple[str, ...] = ()
     checked: set = field(default_factory=set)  # routes' samples _check_samples passed (until adapters change)
+    checkpointable: Optional[List[nn.Module]] = None  # modules that may hold _gradient_checkpointing_func
 
     @property
     def config(self) -> _Config:
@@ -344,8 +345,12 @@ class _RoutedCheckpoint:
         return self.inner(routing.replaying(fn, routing.current()), *args, **kwargs)
 
 
-def _route_checkpointed_layers(model) -> None:
-    for m in model.modules():
+def _route_checkpointed_layers(model, state: "PeftState") -> None:
+    # transformers sets _gradient_checkpointing_func on the modules with a gradient_checkpointing
+    # flag; they are found once, and each training call checks only them
+    if state.checkpointable is None:
+        state.checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    for m in state.checkpointable:
         f = m.__dict__.get("_gradient_checkpointing_func")
         if f is not None and not isinstance(f, _RoutedCheckpoint):
             m._gradient_checkpointing_func = _RoutedCheckpoint(f)
@@ -365,7 +370,7 @@ def _route_pre_hook(model, args, kwargs):
             raise TypeError(f"tasks: expects a non-empty list with one entry per sample; got {given!r:.60}")
         route = routing.SampleRoute([_names(e, "tasks") for e in given])
     if model.training and torch.is_grad_enabled():  # gradient_checkpointing_enable() may come any time
-        _route_checkpointed_layers(model)
+        _route_checkpointed_layers(model, injection_state(model))
     if route is None:
         _ROUTE_TOKENS.push(None)
         return args, kwargs
