@@ -71,3 +71,59 @@ def bert_head(cls_name, **overrides):
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model_cls = getattr(transformers, cls_name)
     return _build(model_cls, transformers.BertConfig, {**BERT, **no_dropout}, overrides)
+
+
+# Encoder-decoders: T5 (relative position bias, no biases in its linears) and BART / mBART (learned
+# absolute positions, offset 2). No dropout, so training-mode checks compare exactly.
+T5 = dict(
+    vocab_size=97,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+BART = dict(
+    vocab_size=97,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    decoder_start_token_id=2,
+    forced_eos_token_id=None,
+)
+
+
+def t5(cls_name="T5ForConditionalGeneration", **overrides):
+    import transformers
+
+    return _build(getattr(transformers, cls_name), transformers.T5Config, T5, overrides)
+
+
+def bart(cls_name="BartForConditionalGeneration", **overrides):
+    import transformers
+
+    return _build(getattr(transformers, cls_name), transformers.BartConfig, BART, overrides)
+
+
+def mbart(cls_name="MBartForConditionalGeneration", **overrides):
+    import transformers
+
+    return _build(getattr(transformers, cls_name), transformers.MBartConfig, BART, overrides)
