@@ -103,13 +103,17 @@ def prefix_attention_gated(q, k, v, prefix_k, prefix_v, gate, **kwargs):
     return full + (gate - 1).unsqueeze(-1) * prefix_part
 
 
-def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=None, causal=False, scale=None):
+def prefix_attention(
+    q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=None, causal=False, scale=None, prefix_bias=None
+):
     """Prefix tuning as a user writes it: torch.cat of the (expanded or per-sample) prefix in front of
     k and v, then F.scaled_dot_product_attention (grouped-query heads through enable_gqa). The mask
     covers the sequence keys: the prefix is always visible; sequence key j is hidden when causal and
     j > i + (S - L) (bottom-right, as causal_lower_right), and where a bool attn_mask is False (an
-    additive one is added). A query that sees no key outputs 0 (SDPA alone gives NaN). float64 runs
-    SDPA's math backend (the softmax written out), so the tests' reference shares no fused kernel."""
+    additive one is added). prefix_bias (broadcastable to [B, H, L, P]) is added to the prefix keys'
+    scores: one additive mask [prefix_bias ; sequence mask] over the concatenated keys. A query that
+    sees no key outputs 0 (SDPA alone gives NaN). float64 runs SDPA's math backend (the softmax
+    written out), so the tests' reference shares no fused kernel."""
     B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[-2]
     if prefix_ids is None:
@@ -118,9 +122,9 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=Non
         pk, pv = prefix_k[prefix_ids], prefix_v[prefix_ids]
     keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
     mask, blind = None, None
-    if attn_mask is None and causal and L <= S:
+    if attn_mask is None and causal and L <= S and prefix_bias is None:
         mask = causal_lower_right(L, P + S)  # over [prefix; sequence]: with L <= S the prefix stays visible
-    elif attn_mask is not None or causal:
+    elif attn_mask is not None or causal or prefix_bias is not None:
         seq_bias = torch.zeros(B, H, L, S, dtype=q.dtype, device=q.device)
         if attn_mask is not None:
             seq_bias = (
@@ -132,7 +136,10 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, prefix_ids=None, attn_mask=Non
             i = torch.arange(L, device=q.device)[:, None]
             j = torch.arange(S, device=q.device)[None]
             seq_bias = seq_bias.masked_fill(j > i + (S - L), float("-inf"))
-        bias = F.pad(seq_bias, (P, 0))
+        prefix_part = torch.zeros(B, H, L, P, dtype=q.dtype, device=q.device)
+        if prefix_bias is not None:
+            prefix_part = prefix_part + prefix_bias.to(q.dtype)
+        bias = torch.cat([prefix_part, seq_bias], -1)
         blind = torch.isneginf(bias).all(
             -1, keepdim=True
         )  # rows that see no key: computed unmasked, then zeroed

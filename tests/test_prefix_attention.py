@@ -782,3 +782,216 @@ def test_gate_bad_input():
         prefix_attention(*inputs, prefix_gate=torch.rand(2, 5))
     with pytest.raises((TypeError, ValueError), match="prefix_attention: prefix_gate"):
         prefix_attention(*inputs, prefix_gate=torch.rand(2, 1, 5, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- the additive prefix bias (T5)
+
+# B, H, Hkv, L, S, P, D: GQA, L > S (causal rows that see only the prefix), S = 0, P = 0
+BIAS_SHAPES = [
+    (2, 4, 2, 9, 11, 5, 16),
+    (3, 4, 1, 17, 40, 65, 64),
+    (2, 4, 2, 9, 4, 5, 16),
+    (2, 2, 1, 6, 0, 5, 16),
+]
+BIAS_BROADCASTS = {  # name -> the bias shape for (B, H, L, P)
+    "1HLP": lambda B, H, L, P: (1, H, L, P),
+    "B11P": lambda B, H, L, P: (B, 1, 1, P),
+    "BHLP": lambda B, H, L, P: (B, H, L, P),
+}
+
+
+def make_bias(shape, dtype, device, scale=2.0):
+    """A bias large enough to move the softmax (the test fails if it is dropped), frozen."""
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def check_biased(inputs, bias, dtype, gate=None, **opts):
+    """Output and every gradient (the gate's too, when given) against the reference's one additive
+    mask over [prefix; sequence] keys."""
+    if gate is None:
+        return check_against_reference(
+            lambda *ts: prefix_attention(*ts, prefix_bias=bias, **opts),
+            lambda *ts: ref.prefix_attention(*ts, prefix_bias=bias.double(), **opts),
+            inputs,
+            NAMES,
+            dtype,
+        )
+    return check_against_reference(
+        lambda *ts: prefix_attention(*ts[:5], prefix_bias=bias, prefix_gate=ts[5], **opts),
+        lambda *ts: ref.prefix_attention_gated(*ts[:5], ts[5], prefix_bias=bias.double(), **opts),
+        (*inputs, gate),
+        (*NAMES, "prefix_gate"),
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", BIAS_SHAPES)
+@pytest.mark.parametrize("broadcast", BIAS_BROADCASTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefix_bias_forward_and_gradients(device, shape, broadcast, causal):
+    B, H, _, L, _, P, _ = shape
+    for dtype in dtypes_for(device):
+        for name in SEQ_BACKENDS if device == "cpu" else ["default"]:
+            inputs, _ = make_inputs(*shape, dtype, device)
+            bias = make_bias(BIAS_BROADCASTS[broadcast](B, H, L, P), dtype, device)
+            with backend(name):
+                check_biased(inputs, bias, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gated", [False, True])
+def test_prefix_bias_with_task_prefixes_causal_and_attn_mask(device, gated):
+    """Stacked task prefixes (one bias for all, of their common P), padding and causal masks over
+    the sequence keys, and the gate, whose gradient sees the biased probabilities."""
+    B, H, Hkv, L, S, P, D = 4, 4, 2, 7, 9, 6, 64
+    for dtype in dtypes_for(device):
+        for mask in (padding_mask(B, S, [9, 3, 0, 6], device), MASKS["additive_b1ls"](B, H, L, S, device)):
+            mask = mask if mask.dtype == torch.bool else mask.to(dtype)
+            inputs, _ = make_inputs(B, H, Hkv, L, S, P, D, dtype, device, tasks=3)
+            ids = torch.tensor([2, 0, 2, 1], device=device)
+            bias = make_bias((1, H, L, P), dtype, device)
+            gate = None
+            if gated:
+                gate = torch.sigmoid(randn(B, 1, L, dtype=torch.float64)).to(device=device, dtype=dtype)
+                gate.requires_grad_()
+            check_biased(inputs, bias, dtype, gate, prefix_ids=ids, attn_mask=mask, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_bias_strided_ranks_and_infinities(device):
+    """A bias of lower rank ([L, P], [P]), a non-contiguous view, one broadcast over the keys, and
+    -inf entries that hide prefix keys (a row whose keys are all hidden, with S = 0, outputs 0)."""
+    B, H, Hkv, L, S, P, D = 2, 4, 2, 5, 6, 7, 32
+    for dtype in dtypes_for(device):
+        cases = [
+            make_bias((L, P), dtype, device),
+            make_bias((P,), dtype, device),
+            make_bias((1, H, P, L), dtype, device).transpose(-1, -2),  # key stride L, row stride 1
+            make_bias((B, H, L, 2 * P), dtype, device)[..., ::2],  # key stride 2
+            make_bias((B, H, L, 1), dtype, device),  # key stride 0
+        ]
+        for bias in cases:
+            inputs, _ = make_inputs(B, H, Hkv, L, S, P, D, dtype, device)
+            check_biased(inputs, bias, dtype, causal=True)
+        hidden = make_bias((B, H, L, P), dtype, device)
+        hidden[..., 1::2] = -math.inf  # every other prefix key hidden
+        inputs, _ = make_inputs(B, H, Hkv, L, S, P, D, dtype, device)
+        check_biased(inputs, hidden, dtype)
+        hidden[0, :, 2] = -math.inf  # with S = 0, sample 0's query 2 sees no key at all
+        inputs, _ = make_inputs(B, H, Hkv, L, 0, P, D, dtype, device)
+        out = check_biased(inputs, hidden, dtype)
+        assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias_shape", [(1, 4, 5, 0), (1, 1, 1, 1), ()])
+def test_prefix_bias_with_empty_prefix(device, bias_shape):
+    """P = 0: the bias (of size 0 or 1 on the key axis) has nothing to add; plain attention."""
+    for dtype in dtypes_for(device):
+        inputs, _ = make_inputs(2, 4, 2, 5, 6, 0, 16, dtype, device)
+        check_biased(inputs, make_bias(bias_shape, dtype, device), dtype, causal=True)
+
+
+def test_prefix_bias_gradcheck_float64():
+    inputs, ids = make_inputs(2, 2, 1, 3, 4, 2, 4, torch.float64, "cpu", tasks=3)
+    bias = torch.randn(1, 2, 3, 2, dtype=torch.float64)
+    gate = torch.rand(2, 1, 3, dtype=torch.float64, requires_grad=True)
+    for name in SEQ_BACKENDS:
+        with backend(name):
+            torch.autograd.gradcheck(
+                lambda *t: prefix_attention(
+                    *t[:5], prefix_ids=ids, causal=True, prefix_bias=bias, prefix_gate=t[5]
+                ),
+                (*inputs, gate),
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_bias_opcheck(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for gated in (False, True):
+            inputs, ids = make_inputs(2, 4, 2, 5, 6, 3, 64, dtype, device, tasks=2)
+            bias = make_bias((1, 4, 5, 3), dtype, device)
+            gate = torch.rand(2, 4, 5, device=device, dtype=dtype, requires_grad=True) if gated else None
+            fwd_args = (*inputs, ids, None, True, 0.125, gate, bias)
+            torch.library.opcheck(torch.ops.peftkern.prefix_attention_forward.default, fwd_args)
+            out, lse = torch.ops.peftkern.prefix_attention_forward(*fwd_args)
+            g = torch.randn_like(out)
+            detached = (t.detach() for t in inputs)
+            bwd_args = (g, *detached, ids, None, out.detach(), lse.detach(), True, 0.125, [True] * 5)
+            bwd_args += (None if gate is None else gate.detach(), gated, bias)
+            torch.library.opcheck(torch.ops.peftkern.prefix_attention_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize(
+    "bias,exc,message",
+    [
+        (
+            torch.zeros(2, 4, 5, 4),
+            ValueError,
+            r"prefix_attention: prefix_bias must be broadcastable to \[B, H, L, P\] = \[2, 4, 5, 3\]; "
+            r"got \[2, 4, 5, 4\]",
+        ),
+        (torch.zeros(3, 1, 1, 3), ValueError, r"prefix_bias must be broadcastable to \[B, H, L, P\]"),
+        (torch.zeros(1, 1, 4, 5, 3), ValueError, r"prefix_bias must be broadcastable to \[B, H, L, P\]"),
+        (
+            torch.zeros(1, 4, 5, 3, dtype=torch.float64),
+            TypeError,
+            r"prefix_attention: prefix_bias must be an additive float tensor of q's dtype Float; got Double",
+        ),
+        (
+            torch.ones(1, 4, 5, 3, dtype=torch.bool),
+            TypeError,
+            r"prefix_bias must be an additive float tensor",
+        ),
+        (
+            torch.zeros(1, 4, 5, 3, requires_grad=True),
+            ValueError,
+            r"prefix_attention: prefix_bias requires grad, but no gradient flows to the prefix bias",
+        ),
+        ([[0.0] * 3] * 5, TypeError, r"prefix_attention: prefix_bias must be a tensor or None; got list"),
+    ],
+)
+def test_prefix_bias_bad_input(bias, exc, message):
+    inputs, _ = make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32, "cpu", grad=())
+    with pytest.raises(exc, match=message):
+        prefix_attention(*inputs, prefix_bias=bias)
+
+
+def test_prefix_bias_requiring_grad_is_accepted_without_grad():
+    """Under no_grad nothing would flow anyway: a bias that requires grad is read as it is."""
+    inputs, _ = make_inputs(2, 4, 2, 5, 6, 3, 16, torch.float32, "cpu", grad=())
+    bias = torch.randn(1, 4, 5, 3, requires_grad=True)
+    with torch.no_grad():
+        out = prefix_attention(*inputs, prefix_bias=bias)
+        want = ref.prefix_attention(*(t.double() for t in inputs), prefix_bias=bias.double())
+    assert_close(out, want, torch.float32)
+
+
+@pytest.mark.cuda
+def test_prefix_bias_wrong_device():
+    inputs, _ = make_inputs(2, 4, 2, 5, 6, 3, 64, torch.bfloat16, "cuda", grad=())
+    with pytest.raises(ValueError, match=r"prefix_attention: prefix_bias is on cpu but q is on cuda:0"):
+        prefix_attention(*inputs, prefix_bias=torch.zeros(1, 4, 5, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[i] for i in (0, 1, 5, 6, 7)])  # D = 128, 64, 80, 256; S = 0
+def test_cuda_prefix_bias_kernels(gated, shape):
+    """Each biased kernel instance (head-dim tiles 64, 128, 256; gated or not) on shapes that are
+    multiples of no tile, with poisoned memory, a [1, H, L, P] bias and a [B, H, L, P] one with
+    strides (key stride 2)."""
+    B, H, Hkv, L, S, P, D = shape
+    for dtype in (torch.float16, torch.bfloat16):
+        for bias in (
+            make_bias((1, H, L, P), dtype, "cuda"),
+            make_bias((B, H, L, 2 * P), dtype, "cuda")[..., ::2],
+        ):
+            inputs, _ = make_inputs(*shape, dtype, "cuda")
+            gate = None
+            if gated:
+                gate = torch.sigmoid(randn(B, 1, L, dtype=torch.float64)).to("cuda", dtype).requires_grad_()
+            poison_cuda_cache()
+            check_biased(inputs, bias, dtype, gate, causal=True)

@@ -13,6 +13,7 @@ Kernels launched, by test:
   prefix_attention         prefix_attention_forward_kernel, _backward_kernel
   *_gated                  the same kernels with a per-row gate (UniPELT): the gated epilogue, the
                            rows kernel's dgate, the gated bias sums; the gated prefix merge / backward
+  prefix_attention_biased  the prefix kernels with an additive prefix bias (T5), gated and not
 """
 
 import pytest
@@ -246,3 +247,39 @@ def test_prefix_attention_gated(dtype):
         ("q", "k", "v", "prefix_k", "prefix_v", "prefix_gate"),
         dtype,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_ids)
+def test_prefix_attention_biased(dtype):
+    """The biased forward and backward instances, without and with a gate: a [1, H, L, P] bias (stride
+    0 over the batch) and a strided [B, H, L, P] one (key stride 2)."""
+    B, H, Hkv, L, S, P, D, T = 3, 4, 2, 7, 9, 5, 40, 2
+    ids = torch.tensor([1, 0, 1], device="cuda")
+    biases = [
+        randn(1, H, L, P, dtype=dtype, device="cuda", scale=2.0),
+        randn(B, H, L, 2 * P, dtype=dtype, device="cuda", scale=2.0)[..., ::2],
+    ]
+    for bias, gated in zip(biases, (False, True)):
+        q = randn(B, H, L, D, dtype=dtype, device="cuda", requires_grad=True)
+        k = randn(B, Hkv, S, D, dtype=dtype, device="cuda", requires_grad=True)
+        v = randn(B, Hkv, S, D, dtype=dtype, device="cuda", requires_grad=True)
+        pk = randn(T, Hkv, P, D, dtype=dtype, device="cuda", requires_grad=True)
+        pv = randn(T, Hkv, P, D, dtype=dtype, device="cuda", requires_grad=True)
+        names = ("q", "k", "v", "prefix_k", "prefix_v")
+        opts = dict(prefix_ids=ids, causal=True)
+        if gated:
+            check_against_reference(
+                lambda *t: ops.prefix_attention(*t[:5], prefix_bias=bias, prefix_gate=t[5], **opts),
+                lambda *t: reference.prefix_attention_gated(*t[:5], t[5], prefix_bias=bias.double(), **opts),
+                (q, k, v, pk, pv, _gate((B, 1, L), dtype)),
+                (*names, "prefix_gate"),
+                dtype,
+            )
+        else:
+            check_against_reference(
+                lambda *t: ops.prefix_attention(*t, prefix_bias=bias, **opts),
+                lambda *t: reference.prefix_attention(*t, prefix_bias=bias.double(), **opts),
+                (q, k, v, pk, pv),
+                names,
+                dtype,
+            )

@@ -158,6 +158,14 @@ template <typename T> __device__ __forceinline__ float gate_at(const AttnGate& v
   return (v.ptr != nullptr && r.valid) ? to_float(static_cast<const T*>(v.ptr)[b * v.sb + r.h * v.sh + r.i * v.sr])
                                        : 1.f;
 }
+// The row's prefix bias (null without one, or past the end): its key p at [p * sp].
+template <typename T> __device__ __forceinline__ const T* bias_row(const AttnBias& v, int b, const Row& r) {
+  return (v.ptr != nullptr && r.valid) ? static_cast<const T*>(v.ptr) + b * v.sb + r.h * v.sh + r.i * v.sr : nullptr;
+}
+// Bias element of key p for a row (0 for a null row; the caller reads only keys below P).
+template <typename T> __device__ __forceinline__ float bias_at(const T* row, int64_t sp, int p) {
+  return row != nullptr ? to_float(row[p * sp]) : 0.f;
+}
 
 // Rows [p0, p0 + kPT) of a [P, D] prefix matrix into a [kPT][kLdRow] tile (zeros past P and D).
 template <typename T, int kMaxD, int kPT, int kLd>
@@ -226,7 +234,8 @@ __device__ __forceinline__ void regs_times_tile(float (&acc)[kMaxD / 8][4], cons
 
 // ------------------------------------------------------------------ forward
 
-template <typename T, int kMaxD>
+// kBiased: the prefix scores get s.bias (a separate instance, so the unbiased one keeps its registers).
+template <typename T, int kMaxD, bool kBiased>
 __global__ void __launch_bounds__(kThreads)
     prefix_attention_forward_kernel(PrefixAttentionShape s, PrefixAttentionForward a, int64_t row_tiles) {
   using Cfg = Tiles<kMaxD, false>;
@@ -243,6 +252,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* pk = static_cast<const T*>(s.prefix_k) + pos.prefix_off;
   const T* pv = static_cast<const T*>(s.prefix_v) + pos.prefix_off;
   const float scale_log2 = s.scale * kLog2e;
+  const T* bias_a = kBiased ? bias_row<T>(s.bias, pos.b, row_a) : nullptr;
+  const T* bias_b = kBiased ? bias_row<T>(s.bias, pos.b, row_b) : nullptr;
 
   float o[kMaxD / 8][4] = {};                            // unnormalised prefix output
   float m_a = -kInf, m_b = -kInf, l_a = 0.f, l_b = 0.f;  // running max (log2 units), this lane's partial sums
@@ -259,8 +270,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int nt = 0; nt < kPT / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool key_ok = p0 + nt * 8 + 2 * t + (e & 1) < pos.P;
-        sc[nt][e] = key_ok ? sc[nt][e] * scale_log2 : -kInf;
+        const int key = p0 + nt * 8 + 2 * t + (e & 1);
+        const bool key_ok = key < pos.P;
+        float bias = 0.f;
+        if constexpr (kBiased) bias = key_ok ? bias_at(e < 2 ? bias_a : bias_b, s.bias.sp, key) * kLog2e : 0.f;
+        sc[nt][e] = key_ok ? sc[nt][e] * scale_log2 + bias : -kInf;
       }
       mx_a = fmaxf(mx_a, fmaxf(sc[nt][0], sc[nt][1]));
       mx_b = fmaxf(mx_b, fmaxf(sc[nt][2], sc[nt][3]));
@@ -346,12 +360,14 @@ __global__ void __launch_bounds__(kThreads)
 // Minimum CTAs per SM for the backward's __launch_bounds__: 3 (D <= 128, <= 168 registers) or 2
 // (D = 256 needs ~220). Told nothing, ptxas spilled D = 64 to fit 4 CTAs' 128 registers.
 // The gated instance (kGated: a prefix gate, UniPELT) holds the gates and dgate partials besides:
-// D = 128 at 2 CTAs (at 3 it spilled); D = 256 stays at 2 (~232 registers).
-template <int kMaxD, bool kGated>
-constexpr int kBackwardMinBlocks = (kMaxD == 256 || (kGated && kMaxD == 128)) ? 2 : 3;
+// D = 128 at 2 CTAs (at 3 it spilled); D = 256 stays at 2 (~232 registers). The biased instances
+// (kBiased: an additive prefix bias, T5) hold two bias row pointers and the key stride besides:
+// D = 128 at 2 CTAs as well (at 3 it spilled ~30-40 B); gated and biased D = 256 ~244 of 255.
+template <int kMaxD, bool kGated, bool kBiased>
+constexpr int kBackwardMinBlocks = (kMaxD == 256 || (kMaxD == 128 && (kGated || kBiased))) ? 2 : 3;
 
-template <typename T, int kMaxD, bool kGated>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD, kGated>)
+template <typename T, int kMaxD, bool kGated, bool kBiased>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD, kGated, kBiased>)
     prefix_attention_backward_kernel(PrefixAttentionShape s, PrefixAttentionBackward a, int64_t row_tiles) {
   using Cfg = Tiles<kMaxD, true>;
   constexpr int kPT = Cfg::kPT;
@@ -389,6 +405,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD, kGated>)
   const float lse_b = row_b.valid ? *stat_ptr(a.lse, pos.b, row_b) * kLog2e : kInf;
   const float gate_a = kGated ? gate_at<T>(s.gate, pos.b, row_a) : 1.f;
   const float gate_b = kGated ? gate_at<T>(s.gate, pos.b, row_b) : 1.f;
+  const T* bias_a = kBiased ? bias_row<T>(s.bias, pos.b, row_a) : nullptr;
+  const T* bias_b = kBiased ? bias_row<T>(s.bias, pos.b, row_b) : nullptr;
   float dgate_a = 0.f, dgate_b = 0.f;  // this lane's columns of rowsum(p * dO pv^T)
   // Workspace [B, H, L, probs_ld] rows of probs and dscores: one offset per row (-1: none) for both,
   // the pointers formed where written (four row pointers held through the loop spilled on sm_80).
@@ -415,8 +433,11 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks<kMaxD, kGated>)
     for (int nt = 0; nt < kPT / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool key_ok = p0 + nt * 8 + 2 * t + (e & 1) < pos.P;
-        const float prob = key_ok ? exp2f(p[nt][e] * scale_log2 - (e < 2 ? lse_a : lse_b)) : 0.f;
+        const int key = p0 + nt * 8 + 2 * t + (e & 1);
+        const bool key_ok = key < pos.P;
+        float bias = 0.f;
+        if constexpr (kBiased) bias = key_ok ? bias_at(e < 2 ? bias_a : bias_b, s.bias.sp, key) * kLog2e : 0.f;
+        const float prob = key_ok ? exp2f(p[nt][e] * scale_log2 + bias - (e < 2 ? lse_a : lse_b)) : 0.f;
         const float gate = e < 2 ? gate_a : gate_b;
         if constexpr (kGated) {
           if (e < 2)
@@ -514,7 +535,11 @@ cudaError_t prefix_attention_forward(const PrefixAttentionShape& s, const Prefix
                                      cudaStream_t stream) {
   return dispatch(s, [&](auto dtype, auto max_d, unsigned blocks, int64_t row_tiles) {
     using T = typename decltype(dtype)::type;
-    prefix_attention_forward_kernel<T, decltype(max_d)::value><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    constexpr int kMaxD = decltype(max_d)::value;
+    if (s.bias.ptr != nullptr)
+      prefix_attention_forward_kernel<T, kMaxD, true><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    else
+      prefix_attention_forward_kernel<T, kMaxD, false><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 
@@ -525,10 +550,15 @@ cudaError_t prefix_attention_backward(const PrefixAttentionShape& s, const Prefi
   return dispatch(s, [&](auto dtype, auto max_d, unsigned blocks, int64_t row_tiles) {
     using T = typename decltype(dtype)::type;
     constexpr int kMaxD = decltype(max_d)::value;
-    if (s.gate.ptr != nullptr || a.dgate != nullptr)
-      prefix_attention_backward_kernel<T, kMaxD, true><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    const bool gated = s.gate.ptr != nullptr || a.dgate != nullptr, biased = s.bias.ptr != nullptr;
+    if (gated && biased)
+      prefix_attention_backward_kernel<T, kMaxD, true, true><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    else if (gated)
+      prefix_attention_backward_kernel<T, kMaxD, true, false><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+    else if (biased)
+      prefix_attention_backward_kernel<T, kMaxD, false, true><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
     else
-      prefix_attention_backward_kernel<T, kMaxD, false><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
+      prefix_attention_backward_kernel<T, kMaxD, false, false><<<blocks, kThreads, 0, stream>>>(s, a, row_tiles);
   });
 }
 

@@ -1,10 +1,11 @@
 // Launchers of the prefix-attention kernels: the prefix part of
 //
-//   out = softmax(q [prefix_k ; k]^T * scale + mask) [prefix_v ; v]
+//   out = softmax(q [prefix_k ; k]^T * scale + [c ; mask]) [prefix_v ; v]      (c: the optional prefix bias)
 //
 // computed apart from the sequence part and merged with it. The sequence part (q against k, v) is
 // PyTorch's fused attention, which returns its output out_s and row log-sum-exp lse_s; these
-// kernels attend each query row to its task's P prefix keys (always visible, no mask) and merge:
+// kernels attend each query row to its task's P prefix keys (always visible: no mask, only
+// the optional bias c below) and merge:
 //
 //   lse = log(exp(lse_s) + exp(lse_p)),  out = exp(lse_s - lse) out_s + exp(lse_p - lse) out_p
 //
@@ -25,6 +26,12 @@
 //   out = exp(lse_s - lse) out_s + g exp(lse_p - lse) out_p      (lse unchanged: the joint softmax)
 // Its backward is the same with the prefix values read as g pv: the prefix part's dO v^T and probs
 // carry g, delta = rowsum(grad_out * out) still holds, and dgate = rowsum(p * (grad_out pv^T)).
+//
+// An optional additive bias c [B, H, L, P] over the prefix scores (T5's relative position bias for
+// the prefix keys; any strides, stride 0 on broadcast dims): the prefix part's scores are
+//   s_p = q pk^T * scale + c
+// in the forward and in the backward's recomputed probabilities p = exp(s_p - lse). No gradient is
+// computed for it. The sequence part's mask is the fused attention's business, not these kernels'.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -55,6 +62,14 @@ struct AttnGate {
   int64_t sb = 0, sh = 0, sr = 0;
 };
 
+// The optional additive bias over the prefix scores [B, H, L, P] in the input dtype: element
+// (b, h, i, p) at ptr + b * sb + h * sh + i * sr + p * sp (any strides; 0 on broadcast dims; read
+// one element at a time); ptr null = no bias.
+struct AttnBias {
+  const void* ptr = nullptr;
+  int64_t sb = 0, sh = 0, sr = 0, sp = 0;
+};
+
 struct PrefixAttentionShape {
   DType dtype;  // float16 or bfloat16
   int B, H, Hkv, L, P, D;
@@ -64,6 +79,7 @@ struct PrefixAttentionShape {
   const int64_t* prefix_ids;  // [B], or null (T = 1). An id outside [0, T) attends to no prefix.
   int num_tasks;              // T
   AttnGate gate;              // g, or none
+  AttnBias bias;              // c, or none
 };
 
 // The prefix kernels cover this dtype and head dim.
@@ -85,7 +101,7 @@ cudaError_t prefix_attention_forward(const PrefixAttentionShape& shape, const Pr
                                      cudaStream_t stream);
 
 // The prefix part's backward, given the merged out and lse:
-//   p = exp(q pk^T * scale - lse),  ds = p * (grad_out pv^T - rowsum(grad_out * out))
+//   p = exp(q pk^T * scale + c - lse),  ds = p * (grad_out pv^T - rowsum(grad_out * out))
 //   dq (+)= scale * ds @ pk                       when dq.ptr (added to dq when dq_accumulate)
 //   probs[b, h, i, :P] = p                        when probs (row stride probs_ld >= P)
 //   dscores[b, h, i, :P] = scale * ds             when dscores (row stride probs_ld)

@@ -8,6 +8,7 @@
 //                  math composite of cpu/prefix_attention.h.
 //   prefix part    CUDA, fp16/bf16, D % 8 == 0, D <= 256, sm_80+: the prefix + merge kernels of
 //   and merge      kernels/prefix_attention.h; otherwise the composite of cpu/prefix_attention.h (labelled slow).
+// prefix_gate and prefix_bias belong to the prefix part: both paths apply them there.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -39,19 +40,21 @@ struct Dims {
   int64_t G() const { return H / Hkv; }
 };
 
+// t has at most 4 dims and broadcasts to target (torch's rule: aligned from the right, 1 or equal).
+bool broadcasts_to(const at::Tensor& t, const std::array<int64_t, 4>& target) {
+  bool ok = t.dim() <= 4;
+  for (int64_t i = 1; ok && i <= t.dim(); ++i) ok = t.size(-i) == target[4 - i] || t.size(-i) == 1;
+  return ok;
+}
+
 void check_mask(const at::Tensor& mask, const at::Tensor& q, const Dims& d) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(), kOp,
                    ": attn_mask must be a bool tensor (True = attend) or an additive mask of q's dtype ",
                    q.scalar_type(), "; got ", mask.scalar_type());
   TORCH_CHECK_VALUE(mask.device() == q.device(), kOp, ": attn_mask is on ", mask.device(), " but q is on ", q.device());
-  const std::array<int64_t, 4> target = {d.B, d.H, d.L, d.S};
-  bool ok = mask.dim() <= 4;
-  for (int64_t i = 1; ok && i <= mask.dim(); ++i) {
-    const int64_t n = mask.size(-i);
-    ok = n == target[4 - i] || n == 1;
-  }
-  TORCH_CHECK_VALUE(ok, kOp, ": attn_mask must be broadcastable to [B, H, L, S] = [", d.B, ", ", d.H, ", ", d.L, ", ",
-                    d.S, "]; got ", mask.sizes());
+  TORCH_CHECK_VALUE(broadcasts_to(mask, {d.B, d.H, d.L, d.S}), kOp,
+                    ": attn_mask must be broadcastable to [B, H, L, S] = [", d.B, ", ", d.H, ", ", d.L, ", ", d.S,
+                    "]; got ", mask.sizes());
 }
 
 // check_id_values: read prefix_ids' range on the host (the forward); the backward skips that sync.
@@ -104,6 +107,27 @@ void check_prefix_gate(const char* op, const std::optional<at::Tensor>& gate, co
   TORCH_CHECK_VALUE(gate->sizes() == at::IntArrayRef({d.B, d.H, d.L}), op, ": prefix_gate must have shape [B, H, L] = [",
                     d.B, ", ", d.H, ", ", d.L, "] (one value per query row; expand a [B, 1, L] gate); got ",
                     gate->sizes());
+}
+
+// The optional additive bias over the prefix scores: q's dtype and device, broadcastable to
+// [B, H, L, P] (at most 4-D, aligned from the right as torch broadcasts).
+void check_prefix_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& q, const Dims& d) {
+  if (!bias) return;
+  TORCH_CHECK_TYPE(bias->scalar_type() == q.scalar_type(), op,
+                   ": prefix_bias must be an additive float tensor of q's dtype ", q.scalar_type(), "; got ",
+                   bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == q.device(), op, ": prefix_bias is on ", bias->device(), " but q is on ",
+                    q.device(), "; all inputs must be on one device");
+  TORCH_CHECK_VALUE(broadcasts_to(*bias, {d.B, d.H, d.L, d.P}), op,
+                    ": prefix_bias must be broadcastable to [B, H, L, P] = [", d.B, ", ", d.H, ", ", d.L, ", ", d.P,
+                    "]; got ", bias->sizes());
+}
+
+// The checked bias as [B, H, L, P] (a view: stride 0 on broadcast dims), the kernels' layout.
+at::Tensor expanded_prefix_bias(const at::Tensor& bias, const Dims& d) {
+  at::Tensor b = bias;
+  while (b.dim() < 4) b = b.unsqueeze(0);
+  return b.expand({d.B, d.H, d.L, d.P});
 }
 
 // The default scale needs D, so it is resolved here, after the checks, not in Python.
@@ -337,15 +361,18 @@ at::Tensor lse_like(const at::Tensor& q, const Dims& d) {
   return at::empty({d.B, d.H, d.L}, q.options().dtype(lse_dtype(q)));
 }
 
-// The composite's prefix part: each sample's prefix keys and values, and the bias that hides them
-// from samples whose id is outside [0, T).
+// The composite's prefix part: each sample's prefix keys and values, and the additive bias of
+// their scores: the user's prefix_bias (undefined: none) plus the one that hides them from samples
+// whose id is outside [0, T).
 struct PrefixKeys {
   at::Tensor keys, values, bias;
 };
 PrefixKeys prefix_keys(const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                       const std::optional<at::Tensor>& ids, const Dims& d) {
-  return {cpu::per_sample_prefix(prefix_k, ids, d.B), cpu::per_sample_prefix(prefix_v, ids, d.B),
-          ids ? cpu::prefix_visibility(*ids, d.tasks, cpu::attention_math_dtype(q.scalar_type())) : at::Tensor()};
+                       const std::optional<at::Tensor>& ids, const at::Tensor& prefix_bias, const Dims& d) {
+  const auto mt = cpu::attention_math_dtype(q.scalar_type());
+  at::Tensor bias = ids ? cpu::prefix_visibility(*ids, d.tasks, mt) : at::Tensor();
+  if (prefix_bias.defined()) bias = bias.defined() ? bias + prefix_bias.to(mt) : prefix_bias.to(mt);
+  return {cpu::per_sample_prefix(prefix_k, ids, d.B), cpu::per_sample_prefix(prefix_v, ids, d.B), bias};
 }
 
 #ifdef PEFTKERN_WITH_CUDA
@@ -363,7 +390,7 @@ kernels::AttnStats stats(const at::Tensor& t) { return {t.data_ptr<float>(), t.s
 
 kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, const at::Tensor& pk,
                                            const at::Tensor& pv, const at::Tensor& ids, double scale,
-                                           const at::Tensor& gate) {
+                                           const at::Tensor& gate, const at::Tensor& bias) {
   kernels::PrefixAttentionShape s{};
   s.dtype = kernel_dtype(q.scalar_type());
   s.B = static_cast<int>(d.B);
@@ -378,6 +405,8 @@ kernels::PrefixAttentionShape prefix_shape(const Dims& d, const at::Tensor& q, c
   s.prefix_ids = ids.defined() ? ids.data_ptr<int64_t>() : nullptr;
   s.num_tasks = static_cast<int>(d.tasks > 0 ? d.tasks : 1);
   if (gate.defined()) s.gate = {gate.data_ptr(), gate.stride(0), gate.stride(1), gate.stride(2)};
+  if (bias.defined() && d.P > 0)  // [B, H, L, P]
+    s.bias = {bias.data_ptr(), bias.stride(0), bias.stride(1), bias.stride(2), bias.stride(3)};
   return s;
 }
 
@@ -403,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
     const std::optional<at::Tensor>& prefix_ids, const at::Tensor& out, const at::Tensor& lse, double scale,
     const Dims& d, at::Tensor dq_seq, bool need_dq, bool need_dpk, bool need_dpv, const at::Tensor& gate,
-    const at::Tensor& dgate) {
+    const at::Tensor& dgate, const at::Tensor& bias) {
   const at::Tensor qk = aligned16(q), g = aligned16(grad_out), o = aligned16(out);
   const at::Tensor pk = aligned16(prefix_k.contiguous()), pv = aligned16(prefix_v.contiguous());
   const at::Tensor ids = kernel_ids(prefix_ids);
@@ -435,7 +464,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward_on_kernels(
     a.probs_ld = ld;
     a.dgate = dgate.defined() ? part(dgate).data_ptr<float>() : nullptr;
     C10_CUDA_CHECK(kernels::prefix_attention_backward(
-        prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale, gate.defined() ? part(gate) : gate), a,
+        prefix_shape(dc, q, pk, pv, ids.defined() ? part(ids) : ids, scale, gate.defined() ? part(gate) : gate,
+                     bias.defined() ? part(bias) : bias),
+        a,
         at::cuda::getCurrentCUDAStream()));
     if (need_dpk) dpk_parts.push_back(prefix_grad_per_sample(dscores.narrow(0, 0, n), qc, dc));
     if (need_dpv) dpv_parts.push_back(prefix_grad_per_sample(probs.narrow(0, 0, n), gc, dc));
@@ -456,10 +487,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
                                                             const std::optional<at::Tensor>& prefix_ids,
                                                             const std::optional<at::Tensor>& attn_mask, bool causal,
                                                             std::optional<double> scale_arg,
-                                                            const std::optional<at::Tensor>& prefix_gate) {
+                                                            const std::optional<at::Tensor>& prefix_gate,
+                                                            const std::optional<at::Tensor>& prefix_bias) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, true);
   check_prefix_gate(kOp, prefix_gate, q, d);
+  check_prefix_bias(kOp, prefix_bias, q, d);
   const at::Tensor gate = prefix_gate ? *prefix_gate : at::Tensor();
+  const at::Tensor bias = prefix_bias ? *prefix_bias : at::Tensor();
   const double scale = resolve_scale(scale_arg, d);
   at::Tensor lse = lse_like(q, d);
   if (d.B * d.H * d.L == 0) return {out_like(q, d), lse};
@@ -494,13 +528,14 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(const at::Tensor& q,
       a.seq_out = rows(seq_out);
       a.seq_lse = stats(seq.lse);
     }
-    C10_CUDA_CHECK(kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale, gate), a,
+    const at::Tensor bias4 = bias.defined() ? expanded_prefix_bias(bias, d) : bias;
+    C10_CUDA_CHECK(kernels::prefix_attention_forward(prefix_shape(d, q, pk, pv, ids, scale, gate, bias4), a,
                                                      at::cuda::getCurrentCUDAStream()));
     return {out, lse};
   }
 #endif
   // composite (CPU; CUDA float32/float64 and head dims the kernels do not cover)
-  const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
+  const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, bias, d);
   auto [out_p, lse_p] = cpu::attend(q, pre.keys, pre.values, pre.bias, false, scale);
   if (gate.defined()) out_p = out_p * gate.to(out_p.scalar_type()).unsqueeze(-1);  // lse stays the joint one
   if (!seq.out.defined()) {  // S == 0: only the prefix part (rows without prefix keys: lse +inf)
@@ -522,9 +557,12 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                 const std::optional<at::Tensor>& prefix_ids, const std::optional<at::Tensor>& attn_mask,
                                 const at::Tensor& out, const at::Tensor& lse, bool causal,
                                 std::optional<double> scale_arg, std::array<bool, 5> need,
-                                const std::optional<at::Tensor>& prefix_gate, bool gate_grad) {
+                                const std::optional<at::Tensor>& prefix_gate, bool gate_grad,
+                                const std::optional<at::Tensor>& prefix_bias) {
   const Dims d = check_attention(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, false);
   check_prefix_gate("prefix_attention_backward", prefix_gate, q, d);
+  check_prefix_bias("prefix_attention_backward", prefix_bias, q, d);
+  const at::Tensor bias = prefix_bias ? *prefix_bias : at::Tensor();
   TORCH_CHECK_VALUE(!gate_grad || prefix_gate, "prefix_attention_backward: gate_grad needs the forward's prefix_gate");
   const at::Tensor gate = prefix_gate ? *prefix_gate : at::Tensor();
   const double scale = resolve_scale(scale_arg, d);
@@ -556,7 +594,8 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
   if (prefix_grads && prefix_kernel_fits(q, d)) {
     const at::Tensor dgate_f = gate_grad ? at::empty({d.B, d.H, d.L}, q.options().dtype(at::kFloat)) : at::Tensor();
     std::tie(dq, dpk, dpv) = prefix_backward_on_kernels(grad_out, q, prefix_k, prefix_v, prefix_ids, out, lse, scale, d,
-                                                        dq, need_dq, need_dpk, need_dpv, gate, dgate_f);
+                                                        dq, need_dq, need_dpk, need_dpv, gate, dgate_f,
+                                                        bias.defined() ? expanded_prefix_bias(bias, d) : bias);
     if (gate_grad) dgate = dgate_f.to(q.scalar_type());
     prefix_done = true;
   }
@@ -564,7 +603,7 @@ Grads prefix_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
   if (!prefix_done) {  // composite
     const auto mt = cpu::attention_math_dtype(q.scalar_type());
     const at::Tensor delta = (grad_out.to(mt) * out.to(mt)).sum(-1);
-    const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, d);
+    const PrefixKeys pre = prefix_keys(q, prefix_k, prefix_v, prefix_ids, bias, d);
     at::Tensor dgate_m;
     auto [dq_p, dpk_s, dpv_s] = cpu::attend_backward(grad_out, q, pre.keys, pre.values, pre.bias, false, scale, lse,
                                                      delta, need_dq, need_dpk, need_dpv, gate,

@@ -85,13 +85,18 @@ TORCH_LIBRARY(peftkern, m) {
   // no key), the row log-sum-exp the backward uses. scale None: 1/sqrt(D).
   // prefix_gate [B, H, L] (None = 1) scales the prefix's share of each query row: out = (sequence
   // part) + g * (prefix part) with the joint softmax's probabilities (lse unchanged).
+  // prefix_bias (q's dtype, broadcastable to [B, H, L, P]; None = 0) is added to the prefix keys'
+  // scores (T5's relative position bias for the prefix); no gradient is computed for it.
   m.def(
       "prefix_attention_forward(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, Tensor? prefix_ids, "
-      "Tensor? attn_mask, bool causal, float? scale, Tensor? prefix_gate=None) -> (Tensor, Tensor)");
+      "Tensor? attn_mask, bool causal, float? scale, Tensor? prefix_gate=None, "
+      "Tensor? prefix_bias=None) -> (Tensor, Tensor)");
   // Gradients (q, k, v, prefix_k, prefix_v) for the entries set in output_mask, and prefix_gate's
-  // when gate_grad; prefix gradients summed over the samples that use each prefix.
+  // when gate_grad; prefix gradients summed over the samples that use each prefix. prefix_bias: the
+  // forward's.
   m.def(
       "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float? scale, bool[5] output_mask, "
-      "Tensor? prefix_gate=None, bool gate_grad=False) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+      "Tensor? prefix_gate=None, bool gate_grad=False, Tensor? prefix_bias=None) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }

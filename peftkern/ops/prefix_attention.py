@@ -21,11 +21,12 @@ def prefix_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     prefix_gate: Optional[Tensor] = None,
+    prefix_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention with learned prefix keys/values in front of the sequence's::
 
         K' = [prefix_k ; k],  V' = [prefix_v ; v]          # along the key axis, per sample
-        out = softmax(q @ K'.T * scale + mask) @ V'
+        out = softmax(q @ K'.T * scale + [prefix_bias ; mask]) @ V'
 
     q ``[B, H, L, D]``; k, v ``[B, Hkv, S, D]`` with ``H % Hkv == 0`` (grouped-query attention:
     query head h reads kv head ``h // (H // Hkv)``); prefix_k, prefix_v ``[Hkv, P, D]`` shared by the
@@ -45,6 +46,14 @@ def prefix_attention(
     scales the prefix's share of each row's output, ``out = P_seq @ v + g * (P_prefix @ prefix_v)``
     with P the joint (ungated) softmax; its gradient is computed in the prefix part's backward.
 
+    ``prefix_bias`` (None = 0): an additive bias of the prefix keys' scores, a float tensor of q's
+    dtype broadcastable to ``[B, H, L, P]`` (typically ``[1, H, L, P]``; T5's relative position
+    bias for the prefix keys, key p sitting at relative position ``p - P - i`` from query i):
+    ``scores_prefix = q @ prefix_k.T * scale + prefix_bias``; the sequence keys keep ``attn_mask``.
+    It combines with ``prefix_ids`` (one bias for every task's prefix, all of length P),
+    ``prefix_gate``, ``causal`` and ``attn_mask``. No gradient flows to it (one that requires grad
+    is refused).
+
     Gradients for q, k, v and the prefixes (summed over the samples that use each prefix, in a
     fixed order). Saved for the backward: the inputs, the output and the row log-sum-exp; never the
     concatenated KV. The output is ``[B, H, L, D]`` over ``[B, L, H, D]`` memory, as PyTorch's flash
@@ -60,7 +69,7 @@ def prefix_attention(
     """
     _checks.tensors(
         "prefix_attention",
-        ("prefix_ids", "attn_mask", "prefix_gate"),
+        ("prefix_ids", "attn_mask", "prefix_gate", "prefix_bias"),
         q=q,
         k=k,
         v=v,
@@ -69,11 +78,17 @@ def prefix_attention(
         prefix_ids=prefix_ids,
         attn_mask=attn_mask,
         prefix_gate=prefix_gate,
+        prefix_bias=prefix_bias,
     )
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "prefix_attention: attn_mask requires grad, but no gradient flows to the mask; "
             "pass attn_mask.detach()"
+        )
+    if prefix_bias is not None and prefix_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "prefix_attention: prefix_bias requires grad, but no gradient flows to the prefix bias; "
+            "pass prefix_bias.detach()"
         )
     if scale is not None:
         scale = _checks.real("prefix_attention", "scale", scale)
@@ -92,7 +107,7 @@ def prefix_attention(
                 f"{list(prefix_gate.shape)}"
             ) from None
     out, _ = torch.ops.peftkern.prefix_attention_forward(
-        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), scale, prefix_gate
+        q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, bool(causal), scale, prefix_gate, prefix_bias
     )
     return out
 
@@ -103,7 +118,7 @@ def _lse_dtype(q):
 
 @torch.library.register_fake("peftkern::prefix_attention_forward")
 def _prefix_attention_fake(
-    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale, prefix_gate=None
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale, prefix_gate=None, prefix_bias=None
 ):
     _checks.same_device(
         "prefix_attention",
@@ -115,6 +130,7 @@ def _prefix_attention_fake(
         prefix_ids=prefix_ids,
         attn_mask=attn_mask,
         prefix_gate=prefix_gate,
+        prefix_bias=prefix_bias,
     )
     B, H, L, D = q.shape
     out = q.new_empty(B, L, H, D).transpose(1, 2)
@@ -138,6 +154,7 @@ def _prefix_attention_backward_fake(
     output_mask,
     prefix_gate=None,
     gate_grad=False,
+    prefix_bias=None,
 ):
     like = (q, k, v, prefix_k, prefix_v)
     grads = [torch.empty_like(t) if need else None for t, need in zip(like, output_mask)]
@@ -147,14 +164,15 @@ def _prefix_attention_backward_fake(
 def _setup_context(ctx, inputs, output):
     q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, causal, scale, *rest = inputs
     gate = rest[0] if rest else None
+    bias = rest[1] if len(rest) > 1 else None
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate, bias)
     ctx.causal, ctx.scale = causal, scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_ids, attn_mask, out, lse, gate, bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [bool(n) for n in need[:5]]
     gate_grad = len(need) > 9 and bool(need[9])
@@ -176,8 +194,9 @@ def _backward(ctx, grad_out, _grad_lse):
             mask,
             gate,
             gate_grad,
+            bias,
         )
-    return (*grads[:5], None, None, None, None, grads[5])
+    return (*grads[:5], None, None, None, None, grads[5], None)  # none for the mask or the bias
 
 
 torch.library.register_autograd("peftkern::prefix_attention_forward", _backward, setup_context=_setup_context)
