@@ -295,7 +295,7 @@ def test_unipelt_under_gradient_checkpointing_gives_the_same_gradients():
 def test_gated_prefix_in_the_attention_dropout_path():
     """The slow composite path (attention dropout in training) scales the prefix probabilities by the
     gate: against the explicit formula with the same dropout draw."""
-    from peftkern.integrations.methods.prefix import _prefix_attention_with_dropout
+    from peftkern.integrations.methods.prefix import _prefix_attention_composite
 
     g = torch.Generator().manual_seed(2)
     B, H, Hkv, L, S, D, p = 2, 4, 2, 5, 5, 8, 0.25
@@ -308,7 +308,7 @@ def test_gated_prefix_in_the_attention_dropout_path():
     torch.manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = _prefix_attention_with_dropout(q, k, v, pk, pv, None, mask, False, None, p, gate)
+        got = _prefix_attention_composite(q, k, v, pk, pv, None, mask, False, None, p, gate)
     keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(2, 1)
     values = torch.cat([pv.expand(B, -1, -1, -1), v], 2).repeat_interleave(2, 1)
     visible = torch.cat([torch.ones(B, 1, L, P, dtype=torch.bool), mask], -1)
@@ -320,7 +320,7 @@ def test_gated_prefix_in_the_attention_dropout_path():
     assert rel(got, want) <= 1e-12
     with warnings.catch_warnings():  # and the gate is not ignored
         warnings.simplefilter("ignore")
-        ungated = _prefix_attention_with_dropout(q, k, v, pk, pv, None, mask, False, None, 0.0, None)
+        ungated = _prefix_attention_composite(q, k, v, pk, pv, None, mask, False, None, 0.0, None)
     assert rel(ungated, want) > 1e-3
 
 

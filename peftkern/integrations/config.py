@@ -306,6 +306,19 @@ class PrefixConfig(_Config):
     registers peftkern's attention with transformers' ``AttentionInterface`` and sets the model to
     use it; the prefix never enters the KV cache, so ``generate()`` works with any cache.
 
+    Encoder-decoders (T5, mT5, BART, mBART): ``sites`` names the attentions that get a prefix, any of
+    ``"encoder"`` (the encoder's self-attention, non-causal), ``"decoder"`` (the decoder's causal
+    self-attention) and ``"cross"`` (the decoder's cross-attention, in front of the source keys and
+    always visible, whatever the source's padding); each layer of each site has its own prefix.
+    None: all three, Li & Liang's ``z = [PREFIX; x; PREFIX'; y]``. peft's seq2seq prefix tuning is
+    ``sites=["decoder"]``: peft puts its prefix in the decoder's self-attention cache only (it resets
+    the cross-attention cache, and the encoder has none), which ``load_prompt_embeddings`` maps.
+    The decoder's prefix is P past tokens as on decoders (BART's decoder positions start at P; T5's
+    relative position bias gives prefix key p the bias of position p - P, as peft's cache does);
+    the encoder's keeps the source's positions (BART's encoder positions start at 0, as Li & Liang's
+    BART) and, on T5, gives prefix key p the encoder's bias of position p - P; the cross-attention's
+    gets no bias (T5's cross-attention has none). Only with an encoder-decoder.
+
     ``gate``  UniPELT (Mao et al. 2022): each layer's prefix share of each query's attention output
               is scaled by a learned gate ``sigmoid(h @ w_g.T + b_g)`` of that token's input hidden
               state h to the attention module (one gate per layer, shared by the heads; the softmax
@@ -319,10 +332,12 @@ class PrefixConfig(_Config):
     num_tasks: int = 1
     modules_to_save: Targets = None
     gate: bool = False
+    sites: Optional[List[str]] = None
     method = "prefix"
 
     def __post_init__(self):
         self.modules_to_save = _names("PrefixConfig", "modules_to_save", self.modules_to_save)
+        self.sites = _prefix_sites(self.sites)
         self.num_virtual_tokens = _checks.dim("PrefixConfig", "num_virtual_tokens", self.num_virtual_tokens)
         if self.projection_dim is not None:
             self.projection_dim = _checks.dim("PrefixConfig", "projection_dim", self.projection_dim)
@@ -333,6 +348,24 @@ class PrefixConfig(_Config):
                 "PrefixConfig: gate (UniPELT) gates one prefix; it cannot take num_tasks "
                 f"({self.num_tasks}) > 1"
             )
+
+
+PREFIX_SITES = ("encoder", "decoder", "cross")
+
+
+def _prefix_sites(value):
+    """None, or a non-empty list of PREFIX_SITES in their order."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(
+            f"PrefixConfig: sites must be None or a non-empty list of {PREFIX_SITES}; got {value!r:.80}"
+        )
+    for v in value:
+        _choice("PrefixConfig", "sites", v, PREFIX_SITES)
+    if len(set(value)) != len(value):
+        raise ValueError(f"PrefixConfig: sites names a site twice: {list(value)}")
+    return [s for s in PREFIX_SITES if s in value]
 
 
 PROMPT_ENCODERS = (None, "mlp", "lstm")

@@ -345,7 +345,14 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
 
     `source`: the checkpoint's directory (``adapter_model.safetensors`` or ``adapter_model.bin``) or
     its ``prompt_embeddings`` tensor: ``[P, num_layers * 2 * Hkv * D]`` for a prefix (layer l's
-    keys are block 2l, its values block 2l + 1, each ``[Hkv, D]`` per token), ``[N, E]`` for a prompt."""
+    keys are block 2l, its values block 2l + 1, each ``[Hkv, D]`` per token), ``[N, E]`` for a prompt.
+
+    An encoder-decoder (T5, BART): peft's SEQ_2_SEQ_LM prefix sits in the decoder's self-attention
+    only, so the model takes ``PrefixConfig(sites=["decoder"], projection_dim=None)``; each decoder
+    layer gets the block peft's layout hands it (decoder layer i: peft's layer ``2i mod num_layers``,
+    see ``_peft_seq2seq_layers``), which gives peft's logits. The layers peft shares start equal here
+    and train apart. peft's SEQ_2_SEQ_LM prompt tuning saves ``[2N, E]`` and reads the first N (in
+    front of the encoder's input): those are loaded."""
     from ..nn import PrefixKV, SoftPrompt
 
     if isinstance(source, (str, os.PathLike)):
@@ -365,12 +372,25 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
             "PromptConfig(encoder=None)): peft's checkpoint holds the virtual tokens themselves"
         )
     target = found[0]
+    if isinstance(target, PrefixKV) and getattr(target, "sites", None) not in (None, ["decoder"]):
+        raise ValueError(
+            "load_prompt_embeddings: peft's prefix tuning of an encoder-decoder holds the decoder's "
+            f"self-attention prefixes only; this model's prefix takes the sites {target.sites}: inject "
+            "PrefixConfig(sites=['decoder']) to load it"
+        )
     if isinstance(target, PrefixKV):
         L, Hkv, P, D = target.num_layers, target.num_kv_heads, target.prefix_len, target.head_dim
         shape, param = (P, L * 2 * Hkv * D), target.prefix
         values = source.reshape(P, L, 2, Hkv, D).permute(1, 2, 3, 0, 4) if source.shape == shape else None
+        if values is not None and target.sites is not None:
+            values = values[_peft_seq2seq_layers(L)]
     else:
         shape, param = (target.num_tokens, target.d_model), target.prompt
+        if (
+            getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            and source.shape[0] == 2 * shape[0]
+        ):
+            source = source[: shape[0]]  # peft's SEQ_2_SEQ_LM prompts: [2N, E], its forward reads the first N
         values = source if source.shape == shape else None
     if values is None:
         raise ValueError(
@@ -379,6 +399,16 @@ def load_prompt_embeddings(model: nn.Module, source) -> None:
         )
     with torch.no_grad():
         param.copy_(values[None])
+
+
+def _peft_seq2seq_layers(num_layers: int) -> torch.Tensor:
+    """Which of peft's prefix layers each decoder layer reads in peft's seq2seq prefix tuning (0.21):
+    peft views its prompt embeddings as ``num_layers * 2`` key / value blocks, doubles them along
+    that axis and splits the result into groups of four per decoder layer (self keys, self values,
+    cross keys, cross values), then empties the cross-attention cache. Decoder layer i so reads
+    blocks 4i, 4i + 1 of the doubled list: layer ``2i mod num_layers`` (each layer of the first
+    half shared by two decoder layers when num_layers is even, the other blocks unused)."""
+    return (2 * torch.arange(num_layers)) % num_layers
 
 
 def _read_prompt_embeddings(path):

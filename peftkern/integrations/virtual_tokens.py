@@ -102,6 +102,19 @@ def batch_and_length(kwargs):
     return x.shape[0], x.shape[1], x.device
 
 
+def seq2seq_rows(kwargs):
+    """An encoder-decoder call's rows (its decoder's inputs, else its encoder's; generate()'s later
+    steps give only encoder_outputs, expanded to the beams) and their device."""
+    for key in ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds", "labels"):
+        x = kwargs.get(key)
+        if isinstance(x, Tensor):
+            return x.shape[0], x.device
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        return encoder_outputs[0].shape[0], encoder_outputs[0].device
+    raise ValueError("peftkern: the model was called without input_ids, inputs_embeds or decoder inputs")
+
+
 def cache_of(kwargs):
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
@@ -121,6 +134,10 @@ class CallStack:
 
     def push(self, value) -> None:
         self._var.set((*self._var.get(), value))
+
+    def top(self):
+        stack = self._var.get()
+        return stack[-1] if stack else None
 
     def set_top(self, value) -> None:
         stack = self._var.get()

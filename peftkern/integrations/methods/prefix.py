@@ -20,11 +20,24 @@ A gated prefix (UniPELT, ``PrefixConfig(gate=True)``): a forward pre-hook on eac
 the attention function through that call's keyword arguments (so a checkpointed layer's recompute
 computes it again, from the same input); the attention scales the prefix's share of each query's
 output by it (``ops.prefix_attention(..., prefix_gate=g[:, None, :])``). Not routed per sample.
+
+An encoder-decoder (T5, mT5, BART, mBART; ``PrefixConfig.sites``): its attention modules are found
+by name (SEQ2SEQ_SITES) and each is marked with its site and prefix layer (the PrefixKV's layers
+run over the encoder's blocks, then the decoder's self-attentions, then its cross-attentions, of
+the sites chosen; -1 marks a module of a site left out, which attends as the base). The base's
+pre-hook hands the prefixes to both stacks; the encoder's own pre-hook does when generate() calls
+the encoder alone. T5's relative position bias arrives as ``position_bias`` over the sequence keys:
+it joins the mask, and the prefix keys get ``prefix_bias`` from the stack's bias table as P tokens
+before the sequence (``compute_bias`` with P more past tokens), as peft's cache gives them. BART's
+decoder positions start at P: a forward hook on the decoder's ``embed_positions`` looks them up
+again shifted (per sample in a mixed batch).
 """
 
+import functools
+import re
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +45,17 @@ from torch import Tensor, nn
 
 from ...nn import PrefixKV, routing
 from ...ops.prefix_attention import prefix_attention
-from ..config import PrefixConfig
-from ..virtual_tokens import base_name, batch_and_length, bound, hf_config, past_length, task_ids_of
+from ..config import PREFIX_SITES, PrefixConfig
+from ..virtual_tokens import (
+    CallStack,
+    base_name,
+    batch_and_length,
+    bound,
+    hf_config,
+    past_length,
+    seq2seq_rows,
+    task_ids_of,
+)
 from . import (
     GATED_REFUSAL,
     Method,
@@ -58,6 +80,16 @@ class PrefixPlan:
     head_dim: int
     hidden_size: int = 0
     attention_modules: Optional[List[str]] = None  # a gated prefix: the modules whose input gates it
+    # encoder-decoders: each attention module's (site, prefix layer; -1: none), the encoder (whose
+    # pre-hook hands it the prefix when generate() calls it alone), the decoder, whether its positions
+    # shift by P (BART: learned positions and a decoder prefix), and T5's relative position bias:
+    # each self-attention module -> the module of its stack that holds the bias
+    sites: Optional[Dict[str, Tuple[str, int]]] = None
+    site_names: Optional[List[str]] = None
+    encoder: Optional[str] = None
+    decoder: Optional[str] = None
+    shift_decoder_positions: bool = False
+    relative_bias: Optional[Dict[str, str]] = None
 
 
 @dataclass
@@ -82,15 +114,25 @@ class Prefix(Method):
         except ImportError:  # pragma: no cover - the test environment has transformers
             raise ImportError(f"{cname} needs Hugging Face transformers (its AttentionInterface)") from None
         can_set = getattr(model, "_can_set_attn_implementation", lambda: True)
+        if getattr(hf, "is_encoder_decoder", False):
+            if not can_set():
+                raise ValueError(
+                    f"{cname}: {type(model).__name__} cannot change its attention implementation"
+                )
+            return _seq2seq_plan(model, config, hf, cname)
+        if config.sites is not None:
+            raise ValueError(
+                f"{cname}: sites picks an encoder-decoder's attentions; {type(model).__name__} is not one"
+            )
         if not (getattr(model, "_supports_attention_backend", False) and can_set()):
             raise ValueError(
                 f"{cname}: {type(model).__name__} does not take its attention from transformers' "
                 "AttentionInterface, so peftkern cannot put the prefix there"
             )
-        if getattr(hf, "is_encoder_decoder", False) or getattr(hf, "add_cross_attention", False):
+        if getattr(hf, "add_cross_attention", False):
             raise ValueError(
-                f"{cname}: {type(model).__name__} has cross-attention (an encoder-decoder); prefixes are "
-                "supported on decoder-only and encoder-only models"
+                f"{cname}: {type(model).__name__} has cross-attention (a decoder of an encoder-decoder); "
+                "inject the prefix into the whole encoder-decoder (T5, BART), or a model without it"
             )
         kind = getattr(hf, "model_type", None)
         if kind not in POSITION_RULES:
@@ -134,6 +176,7 @@ class Prefix(Method):
     def apply(self, model, plan, config, name):
         base = model.get_submodule(plan.base) if plan.base else model
         new = self._build(plan, config, factory(model, model)).train(model.training)
+        new.sites = plan.site_names  # a plain attribute: later prefixes must take the same sites
         first = not hasattr(base, "_peftkern_prefix_hook")
         add_to_dict_child(base, ATTR, name, new)
         if first:
@@ -147,6 +190,8 @@ class Prefix(Method):
                 )
             base._peftkern_active = getattr(base, "_peftkern_active", ())
             base._peftkern_prefix_hook = base.register_forward_pre_hook(_prefix_pre_hook, with_kwargs=True)
+        if plan.sites is not None:
+            _hook_seq2seq(model, base, plan)
         for n in plan.attention_modules or ():  # a gated prefix: its gates read these modules' input
             m = model.get_submodule(n)
             if not hasattr(m, "_peftkern_prefix_gate_hook"):  # stays, as the base's hook: no gate, no-op
@@ -194,6 +239,169 @@ def _attention_modules(model, num_layers, cname) -> List[str]:
     return [n for n, _ in sorted(inner, key=lambda nm: nm[1].layer_idx)]
 
 
+# -- encoder-decoders ------------------------------------------------------------------------------
+
+# model_type -> each site's attention modules (regexes over module names, full match; group 2 is
+# the block), from transformers' modeling_t5.py / modeling_bart.py
+_T5_SITES = {
+    "encoder": r"(.*\.)?encoder\.block\.(\d+)\.layer\.0\.SelfAttention",
+    "decoder": r"(.*\.)?decoder\.block\.(\d+)\.layer\.0\.SelfAttention",
+    "cross": r"(.*\.)?decoder\.block\.(\d+)\.layer\.1\.EncDecAttention",
+}
+_BART_SITES = {
+    "encoder": r"(.*\.)?encoder\.layers\.(\d+)\.self_attn",
+    "decoder": r"(.*\.)?decoder\.layers\.(\d+)\.self_attn",
+    "cross": r"(.*\.)?decoder\.layers\.(\d+)\.encoder_attn",
+}
+SEQ2SEQ_SITES = {"t5": _T5_SITES, "mt5": _T5_SITES, "bart": _BART_SITES, "mbart": _BART_SITES}
+_LEARNED_POSITIONS = ("bart", "mbart")  # the decoder's positions come from its embed_positions
+
+
+def _seq2seq_plan(model, config, hf, cname) -> PrefixPlan:
+    kind = hf.model_type
+    if kind not in SEQ2SEQ_SITES:
+        raise ValueError(
+            f"{cname}: peftkern knows the attentions of these encoder-decoders: {sorted(SEQ2SEQ_SITES)}; "
+            f"{type(model).__name__} is {kind!r}"
+        )
+    chosen = config.sites or list(PREFIX_SITES)
+    base = model.get_submodule(base_name(model)) if base_name(model) else model
+    for other in getattr(base, ATTR, {}).values():
+        if getattr(other, "sites", None) != chosen:
+            raise ValueError(
+                f"{cname}: the model's prefixes take the sites {other.sites}; a prefix of sites {chosen} "
+                "cannot join them (delete them first)"
+            )
+    found = {site: [] for site in PREFIX_SITES}
+    for n, m in base_modules(model):
+        for site, pattern in SEQ2SEQ_SITES[kind].items():
+            hit = re.fullmatch(pattern, n)
+            if hit:
+                found[site].append((int(hit.group(2)), n, m))
+    sites, index = {}, 0
+    for site in PREFIX_SITES:
+        blocks = sorted(found[site], key=lambda bnm: bnm[0])
+        if not blocks or [b for b, _, _ in blocks] != list(range(len(blocks))):
+            raise ValueError(
+                f"{cname}: expected one {site} attention module per block in {type(model).__name__}, found "
+                f"{[n for _, n, _ in blocks]}"
+            )
+        for _, n, _ in blocks:
+            sites[n] = (site, index if site in chosen else -1)
+            index += site in chosen
+    modules = {n: m for site in chosen for _, n, m in found[site]}
+    shapes = {
+        (getattr(m, "n_heads", None) or m.num_heads, getattr(m, "key_value_proj_dim", None) or m.head_dim)
+        for m in modules.values()
+    }
+    if len(shapes) != 1:
+        raise ValueError(
+            f"{cname}: the attentions of sites {chosen} differ in (heads, head_dim): {sorted(shapes)}"
+        )
+    ((heads, head_dim),) = shapes
+    relative = {}
+    for stack in ("encoder", "decoder"):  # T5: layer 0's self-attention holds its stack's bias
+        holders = [n for _, n, m in found[stack] if getattr(m, "has_relative_attention_bias", False)]
+        relative.update({n: holders[0] for _, n, _ in found[stack] if holders})
+    names = {m: n for n, m in model.named_modules()}
+    in_order = [n for n, (_, i) in sorted(sites.items(), key=lambda kv: kv[1][1]) if i >= 0]
+    return PrefixPlan(
+        base_name(model),
+        index,
+        heads,
+        head_dim,
+        hf.d_model,
+        in_order if config.gate else None,
+        sites=sites,
+        site_names=chosen,
+        encoder=names[model.get_encoder()],
+        decoder=names[model.get_decoder()],
+        shift_decoder_positions=kind in _LEARNED_POSITIONS and "decoder" in chosen,
+        relative_bias=relative,
+    )
+
+
+def _hook_seq2seq(model, base, plan: PrefixPlan) -> None:
+    """Marks each attention module with its site and prefix layer; the encoder's pre-hook (generate()
+    calls the encoder alone) and BART's decoder position shift. The hooks stay, as the base's."""
+    for n, site in plan.sites.items():
+        m = model.get_submodule(n)
+        m._peftkern_prefix_site = site
+        source = plan.relative_bias.get(n)
+        if source is not None:  # a bound method in __dict__: not a submodule, copies with the model
+            m.__dict__["_peftkern_relative_bias"] = model.get_submodule(source).compute_bias
+    encoder = model.get_submodule(plan.encoder)
+    if not hasattr(encoder, "_peftkern_prefix_hook"):
+        hook = functools.partial(_encoder_pre_hook, base)
+        encoder._peftkern_prefix_hook = encoder.register_forward_pre_hook(hook, with_kwargs=True)
+    decoder = model.get_submodule(plan.decoder)
+    decoder._peftkern_prefix_shift = plan.shift_decoder_positions
+    positions = getattr(decoder, "embed_positions", None)
+    if plan.shift_decoder_positions and not hasattr(decoder, "_peftkern_prefix_hooks"):
+        decoder._peftkern_prefix_hooks = (
+            decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True),
+            decoder.register_forward_hook(_decoder_hook, with_kwargs=True, always_call=True),
+            positions.register_forward_hook(_decoder_positions_hook, with_kwargs=True),
+        )
+
+
+def _prefix_layer(module) -> Optional[int]:
+    """The prefix layer an attention module reads (-1: none at its site; None: no layer_idx)."""
+    site = getattr(module, "_peftkern_prefix_site", None)
+    return site[1] if site is not None else getattr(module, "layer_idx", None)
+
+
+def _encoder_pre_hook(base, module, args, kwargs):
+    """On an encoder-decoder's encoder: the prefixes, when it is called without the base (generate())."""
+    if _PREFIX_KWARG in kwargs:
+        return None
+    kwargs = bound(module, args, kwargs)
+    batch, _, device = batch_and_length(kwargs)
+    kwargs[_PREFIX_KWARG] = _groups(base, kwargs, batch, device)
+    return (), kwargs
+
+
+_DECODER_SHIFT = CallStack("peftkern_prefix_decoder_shift")  # per decoder call: its rows' P, or None
+
+
+def _decoder_pre_hook(module, args, kwargs):
+    groups = kwargs.get(_PREFIX_KWARG)
+    shift = None
+    if groups and module._peftkern_prefix_shift:
+        x = args[0] if args else kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        shift = _row_shift(groups, x.shape[0])
+    _DECODER_SHIFT.push(shift)
+
+
+def _decoder_hook(module, args, kwargs, output):
+    _DECODER_SHIFT.pop()
+    return output
+
+
+def _decoder_positions_hook(module, args, kwargs, output):
+    """BART's decoder positions start at P, as peft's P cached prefix tokens make them."""
+    shift = _DECODER_SHIFT.top()
+    if shift is None:
+        return output
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        ids, cache_length = args[0], (args[1] if len(args) > 1 else kwargs.get("cache_length", 0))
+        positions = torch.arange(cache_length, cache_length + ids.shape[1], device=module.weight.device)
+    if isinstance(shift, Tensor):
+        shift = shift.to(positions.device)
+    return nn.Embedding.forward(module, positions.reshape(1, -1) + shift + module.offset)
+
+
+def _row_shift(groups, rows):
+    """Each row's P: an int when all rows share it, else int64 [rows, 1]."""
+    if len(groups) == 1:
+        g = groups[0]
+        return g.prefixes[0].prefix_len if g.prefixes else 0
+    samples = sum(len(g.samples) for g in groups)
+    return _shift(groups, samples).repeat_interleave(rows // samples, dim=0)
+
+
 def _gated(group: PrefixGroup) -> bool:
     return any(p.gate is not None for p in group.prefixes)
 
@@ -207,7 +415,7 @@ def _gate_pre_hook(module, args, kwargs):
     if len(groups) > 1 or groups[0].samples is not None or len(groups[0].prefixes) > 1:
         raise ValueError(f"peftkern's prefix attention: {GATED_REFUSAL}")
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    gate = groups[0].prefixes[0].gate(module.layer_idx, hidden)
+    gate = groups[0].prefixes[0].gate(_prefix_layer(module), hidden)
     return args, {**kwargs, _GATE_KWARG: gate}
 
 
@@ -254,6 +462,10 @@ def _shift(groups, batch) -> Tensor:
 def _prefix_pre_hook(module, args, kwargs):
     """On the base model: positions shifted by each sample's P; the prefixes for the attention."""
     kwargs = bound(module, args, kwargs)
+    if getattr(module.config, "is_encoder_decoder", False):  # positions: see _hook_seq2seq
+        batch, device = seq2seq_rows(kwargs)
+        kwargs[_PREFIX_KWARG] = _groups(module, kwargs, batch, device)
+        return (), kwargs
     batch, _, device = batch_and_length(kwargs)
     groups = _groups(module, kwargs, batch, device)
     route = routing.current()
@@ -336,9 +548,11 @@ def prefix_attention_forward(
             f"peftkern's prefix attention was called by {type(module).__name__} without the prefix: call "
             "the model peftkern.inject changed (its base model adds the prefix to the call's arguments)"
         )
-    layer = getattr(module, "layer_idx", None)
+    layer = _prefix_layer(module)
     if layer is None:
         raise RuntimeError(f"peftkern's prefix attention: {type(module).__name__} has no layer_idx")
+    if layer < 0:  # an encoder-decoder's attention of a site without a prefix
+        groups = [PrefixGroup(None, [], None)]
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"peftkern's prefix attention does not compute {name} ({type(module).__name__})")
@@ -349,6 +563,20 @@ def prefix_attention_forward(
         attention_mask = attention_mask[..., :S]
     elif causal and 1 < L < S:  # an empty static cache's prefill: the keys past L are unwritten
         key, value, S = key[:, :, :L], value[:, :, :L], L
+    # T5: its relative position bias [1, H, L, S] over the sequence keys joins the mask (a self-
+    # attention's; the cross-attention's is zeros), and reaches the prefix keys (see _attend)
+    site = getattr(module, "_peftkern_prefix_site", (None,))[0]
+    position_bias = kwargs.get("position_bias") if site != "cross" else None
+    if position_bias is not None:
+        bias = position_bias[..., :S].to(query.dtype)
+        if attention_mask is None:
+            attention_mask = bias
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = torch.where(attention_mask, bias, float("-inf"))
+        else:
+            attention_mask = attention_mask + bias
+    relative = module.__dict__.get("_peftkern_relative_bias") if site != "cross" else None
+    relative = None if relative is None else (relative, S - L)
     window = kwargs.get("sliding_window")
     gate = kwargs.get(_GATE_KWARG)
     if len(groups) == 1 and groups[0].samples is None:
@@ -365,6 +593,7 @@ def prefix_attention_forward(
             dropout,
             window,
             gate=gate,
+            relative=relative,
         ), None
     B, per = query.shape[0], query.shape[0] // max(1, sum(len(g.samples) for g in groups))
     out = query.new_empty(B, L, query.shape[1], query.shape[3])
@@ -374,15 +603,29 @@ def prefix_attention_forward(
         if mask is not None and mask.shape[0] == B:
             mask = mask.index_select(0, rows)
         sub = [t.index_select(0, rows) for t in (query, key, value)]
-        y = _attend(module, g, layer, *sub, mask, causal, scaling, dropout, window, per)
+        y = _attend(module, g, layer, *sub, mask, causal, scaling, dropout, window, per, relative=relative)
         out = out.index_copy(0, rows, y)
     return out, None
 
 
 def _attend(
-    module, group, layer, query, key, value, mask, causal, scaling, dropout, window, per=1, gate=None
+    module,
+    group,
+    layer,
+    query,
+    key,
+    value,
+    mask,
+    causal,
+    scaling,
+    dropout,
+    window,
+    per=1,
+    gate=None,
+    relative=None,
 ):
-    """One group's attention, ``[b, L, H, D]``; `gate` ``[b, L]``: a gated prefix's gate."""
+    """One group's attention, ``[b, L, H, D]``; `gate` ``[b, L]``: a gated prefix's gate; `relative`
+    (T5): ``(compute_bias, past)``, the bias of the prefix keys as P tokens before the sequence."""
     Hkv, D = key.shape[1], key.shape[3]
     prefix_gate = None
     if _gated(group):
@@ -404,6 +647,8 @@ def _attend(
         if len(pairs) == 1 and group.ids is None:
             prefix_k, prefix_v = pairs[0]
             ids = group.task_ids
+            if ids is not None and ids.numel() != query.shape[0]:  # an encoder-decoder's beams
+                ids = ids.repeat_interleave(query.shape[0] // ids.numel())
         else:  # stacked [T, Hkv, P, D], each row's index
             prefix_k = torch.stack([k if k.dim() == 3 else k[0] for k, _ in pairs])
             prefix_v = torch.stack([v if v.dim() == 3 else v[0] for _, v in pairs])
@@ -418,11 +663,23 @@ def _attend(
         )
     prefix_k = prefix_k.to(query.device, query.dtype)
     prefix_v = prefix_v.to(query.device, query.dtype)
-    if dropout > 0.0 and module.training:
-        return _prefix_attention_with_dropout(
-            query, key, value, prefix_k, prefix_v, ids, mask, causal, scaling, dropout, prefix_gate
+    P = prefix_k.shape[-2]
+    prefix_bias = None
+    if relative is not None and P > 0:
+        compute_bias, past = relative
+        prefix_bias = compute_bias(query.shape[2], P, device=query.device, past_seen_tokens=past + P)
+        prefix_bias = prefix_bias.to(query.dtype)  # [1, H, L, P]
+    trains_bias = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (mask, prefix_bias)
+    )
+    if (dropout > 0.0 and module.training) or trains_bias:
+        p = dropout if module.training else 0.0
+        return _prefix_attention_composite(
+            query, key, value, prefix_k, prefix_v, ids, mask, causal, scaling, p, prefix_gate, prefix_bias
         )
     kw = {} if prefix_gate is None else dict(prefix_gate=prefix_gate)
+    if prefix_bias is not None:
+        kw["prefix_bias"] = prefix_bias
     out = prefix_attention(
         query,
         key,
@@ -438,17 +695,26 @@ def _attend(
     return out.transpose(1, 2)
 
 
-def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causal, scale, p, gate=None):
-    """Attention dropout in training: the concatenated KV through SDPA (slow; the fused op has no
-    dropout). Set the model's attention dropout to 0 for the fused path. `gate` (broadcastable to
-    ``[B, H, L]``): a gated prefix; the probabilities are written out (softmax over prefix and
-    sequence, dropout, the prefix columns scaled by the gate), slower still."""
+def _prefix_attention_composite(
+    q, k, v, prefix_k, prefix_v, ids, mask, causal, scale, p, gate=None, prefix_bias=None
+):
+    """The slow composite path: the concatenated KV through SDPA, for attention dropout in training
+    (the fused op has none; set the model's attention dropout to 0 for the fused path) and for an
+    additive bias that trains (T5's relative position bias with a trainable base: the fused op
+    passes no gradient to its masks). `gate` (broadcastable to ``[B, H, L]``): a gated prefix; the
+    probabilities are written out (softmax over prefix and sequence, dropout, the prefix columns
+    scaled by the gate), slower still. `prefix_bias` ``[1, H, L, P]``: added to the prefix scores."""
     global _warned_dropout
     if not _warned_dropout:
+        why = (
+            f"the model's attention dropout is {p} in training"
+            if p > 0
+            else "the attention's position bias requires grad (a trainable base)"
+        )
         warnings.warn(
-            f"peftkern prefix attention: the model's attention dropout is {p} in training, so the prefix "
-            "runs the slow composite path (concatenated keys and values through SDPA); set the config's "
-            "attention dropout to 0 for the fused path",
+            f"peftkern prefix attention: {why}, so the prefix runs the slow composite path (concatenated "
+            "keys and values through SDPA); set the config's attention dropout to 0 and keep the base "
+            "frozen for the fused path",
             stacklevel=3,
         )
         _warned_dropout = True
@@ -465,8 +731,14 @@ def _prefix_attention_with_dropout(q, k, v, prefix_k, prefix_v, ids, mask, causa
         seq = seq.tril(S - L)
     if mask is not None:
         seq = mask & seq if mask.dtype == torch.bool else torch.where(seq, mask.to(q.dtype), float("-inf"))
-    # the prefix columns in front: always visible (True, or 0 added)
-    full = F.pad(seq, (P, 0), value=True if seq.dtype == torch.bool else 0.0)
+    # the prefix columns in front: always visible (True, or 0 added, or the prefix bias added)
+    if prefix_bias is not None:
+        if seq.dtype == torch.bool:
+            seq = torch.zeros_like(seq, dtype=q.dtype).masked_fill(~seq, float("-inf"))
+        shape = torch.broadcast_shapes(seq.shape[:-1], prefix_bias.shape[:-1])
+        full = torch.cat([prefix_bias.expand(*shape, P), seq.expand(*shape, S)], dim=-1)
+    else:
+        full = F.pad(seq, (P, 0), value=True if seq.dtype == torch.bool else 0.0)
     if gate is not None:
         return _gated_attention_with_dropout(q, keys, values, full, P, scale, p, gate)
     out = F.scaled_dot_product_attention(
