@@ -11,25 +11,49 @@ A mixed batch (``peftkern.tasks``): every sample gets N = the longest prompt of 
 front; a sample with a shorter prompt (or none) has its own right before its tokens and masked
 padding before that, and explicit position ids that start its prompt at 0, so each sample
 computes as alone. Saved: ``peftkern_prompt.<param>``.
+
+An encoder-decoder (T5, BART; Lester et al.'s T5): the prompts go in front of the encoder's input
+(as peft's SEQ_2_SEQ_LM prompt tuning), and the source mask gains as many ones for the encoder's
+self-attention and the decoder's cross-attention; the decoder and its labels are untouched, and the
+encoder's outputs keep the prompts' states (the decoder attends to them). A pre-hook on the encoder
+prepends them (generate() calls the encoder alone) and a pre-hook on the base model extends the mask
+the decoder gets. A mixed batch on BART (learned positions) needs prompts of one length.
 """
 
+import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...nn import SoftPrompt, routing
 from ..config import PromptConfig
-from ..virtual_tokens import CallStack, batch_and_length, bound, hf_config, past_length, task_ids_of
+from ..virtual_tokens import (
+    CallStack,
+    base_name,
+    batch_and_length,
+    bound,
+    hf_config,
+    past_length,
+    seq2seq_rows,
+    task_ids_of,
+)
 from . import Method, active_of, add_to_dict_child, factory, remove_from_dict_child
 
 ATTR = "peftkern_prompt"
 _PREPENDED = CallStack("peftkern_prompt_prepended")  # per call: how many columns the pre-hook put in front
 
 
+_SEQ2SEQ_TYPES = ("t5", "mt5", "bart", "mbart")
+_PLAN_KWARG = "peftkern_prompt_plan"  # the base's pre-hook hands its plan of the call to the encoder's
+
+
 @dataclass
 class PromptPlan:
     d_model: int
+    encoder: Optional[str] = None  # an encoder-decoder: the encoder, which gets the prompts
+    base: str = ""
 
 
 class Prompt(Method):
@@ -38,10 +62,11 @@ class Prompt(Method):
     def plan(self, model, config):
         cname = type(config).__name__
         hf = hf_config(model, cname)
-        if getattr(hf, "is_encoder_decoder", False):
+        seq2seq = getattr(hf, "is_encoder_decoder", False)
+        if seq2seq and hf.model_type not in _SEQ2SEQ_TYPES:
             raise ValueError(
-                f"{cname}: {type(model).__name__} is an encoder-decoder; prompts are supported on "
-                "decoder-only and encoder-only models"
+                f"{cname}: prompts on encoder-decoders are supported for model types {_SEQ2SEQ_TYPES}; "
+                f"{type(model).__name__} is {hf.model_type!r}"
             )
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(emb, nn.Embedding):
@@ -51,7 +76,10 @@ class Prompt(Method):
                 f"{cname}: init_token_ids holds {max(config.init_token_ids)}, beyond the model's vocabulary "
                 f"({emb.num_embeddings} tokens)"
             )
-        return PromptPlan(emb.embedding_dim)
+        if not seq2seq:
+            return PromptPlan(emb.embedding_dim)
+        names = {m: n for n, m in model.named_modules()}
+        return PromptPlan(emb.embedding_dim, names[model.get_encoder()], base_name(model))
 
     def _build(self, plan, config, fac):
         return SoftPrompt(
@@ -76,10 +104,22 @@ class Prompt(Method):
         add_to_dict_child(model, ATTR, name, new)
         if first:
             model._peftkern_active = getattr(model, "_peftkern_active", ())
-            model._peftkern_prompt_hooks = (
-                model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True),
-                model.register_forward_hook(_prompt_hook, with_kwargs=True, always_call=True),
-            )
+            if plan.encoder is None:
+                model._peftkern_prompt_hooks = (
+                    model.register_forward_pre_hook(_prompt_pre_hook, with_kwargs=True),
+                    model.register_forward_hook(_prompt_hook, with_kwargs=True, always_call=True),
+                )
+            else:
+                base = model.get_submodule(plan.base) if plan.base else model
+                encoder = model.get_submodule(plan.encoder)
+                model._peftkern_prompt_hooks = (
+                    base.register_forward_pre_hook(
+                        functools.partial(_seq2seq_pre_hook, model), with_kwargs=True
+                    ),
+                    encoder.register_forward_pre_hook(
+                        functools.partial(_encoder_pre_hook, model), with_kwargs=True
+                    ),
+                )
         return {f"{ATTR}.{n}": f"{ATTR}.{name}.{n}" for n, _ in new.named_parameters()}
 
     def remove(self, model, plan, name):
@@ -138,6 +178,11 @@ def _plan_call(module, kwargs, batch, device):
     per = batch // len(chosen)
     lengths = torch.tensor([prompts[n].num_tokens if n else 0 for n in chosen]).repeat_interleave(per)
     N = int(lengths.max())
+    if kind in ("bart", "mbart") and int(lengths.min()) != N:  # the encoder's positions count the padding
+        raise ValueError(
+            f"PromptConfig: a batch of prompts of different lengths ({sorted(set(lengths.tolist()))}) is "
+            f"not supported on {kind} models (the encoder's learned positions would count the padding)"
+        )
 
     def build(embeds, mask):
         E = embeds.shape[-1]
@@ -204,6 +249,63 @@ def _prompt_pre_hook(module, args, kwargs):
     if isinstance(labels, Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
         kwargs["labels"] = torch.cat([labels.new_full((batch, N, *labels.shape[2:]), -100), labels], dim=1)
     _PREPENDED.set_top(N)
+    return (), kwargs
+
+
+def _extended(mask, N, lengths):
+    return torch.cat(
+        [mask.new_ones(mask.shape[0], N) if lengths is None else _front_mask(lengths, N, mask), mask], 1
+    )
+
+
+def _seq2seq_pre_hook(holder, module, args, kwargs):
+    """On an encoder-decoder's base: the source mask gains the prompts' columns (the decoder's
+    cross-attention reads it); the encoder's pre-hook gets this call's plan."""
+    kwargs = bound(module, args, kwargs)
+    batch, device = seq2seq_rows(kwargs)
+    N, lengths, build = _plan_call(holder, kwargs, batch, device)
+    if N == 0:
+        return (), kwargs
+    encoder_outputs = kwargs.get("encoder_outputs")
+    source = encoder_outputs[0].shape[1] - N if encoder_outputs is not None else None
+    mask = kwargs.get("attention_mask")
+    if mask is None and lengths is not None:  # the padding before shorter prompts needs a mask
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        mask = torch.ones(batch, x.shape[1] if x is not None else source, dtype=torch.long, device=device)
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(
+                f"PromptConfig: attention_mask must be the 2-D padding mask [B, S]; got {tuple(mask.shape)}"
+            )
+        if source is None or mask.shape[1] == source:
+            kwargs["attention_mask"] = _extended(mask, N, lengths)
+    if encoder_outputs is None:
+        kwargs[_PLAN_KWARG] = (N, lengths, build)
+    return (), kwargs
+
+
+def _encoder_pre_hook(holder, module, args, kwargs):
+    """On an encoder-decoder's encoder: the prompts in front of its input embeddings, and its mask
+    extended (unless the base's pre-hook did)."""
+    kwargs = bound(module, args, kwargs)
+    plan = kwargs.pop(_PLAN_KWARG, None)
+    batch, length, device = batch_and_length(kwargs)
+    N, lengths, build = plan if plan is not None else _plan_call(holder, kwargs, batch, device)
+    if N == 0:
+        return (), kwargs
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = holder.get_input_embeddings()(kwargs["input_ids"])
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"PromptConfig: attention_mask must be the 2-D padding mask [B, S]; got {tuple(mask.shape)}"
+        )
+    done = mask is not None and mask.shape[1] == N + length  # extended by the base's pre-hook
+    kwargs["input_ids"] = None
+    kwargs["inputs_embeds"], extended = build(embeds, mask[:, N:] if done else mask)
+    kwargs["attention_mask"] = mask if done else extended
     return (), kwargs
 
 
