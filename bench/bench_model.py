@@ -14,7 +14,11 @@ each method, peftkern (peftkern.inject) against what users run without it:
 
 Models (random weights, bf16, sdpa attention): a BERT-base encoder with a classification head, and
 a Llama-style ~1.1B decoder (TinyLlama's shape: d 2048, 22 layers, 32 heads, 4 kv heads) with its
-LM loss. Batches of `seq` tokens fill 16k tokens.
+LM loss. Batches of `seq` tokens fill 16k tokens. Prefix tuning also on a BART-base-sized
+encoder-decoder (d 768, 6 + 6 layers, 12 heads; Li & Liang's summarization setting), sources of
+`seq` tokens filling 16k and targets of seq / 4, its LM loss: peft's SEQ_2_SEQ_LM prefix tuning (the
+prefix in the decoder's self-attention cache only) against peftkern's PrefixConfig(sites=["decoder"]),
+the same computation.
 
 Floors. The base is frozen, so an ideal step computes the forward (2 P T flops over the P
 parameters of its linear layers, T tokens), the input gradients only (2 P T), and attention
@@ -22,7 +26,7 @@ parameters of its linear layers, T tokens), the input gradients only (2 P T), an
 the `tflops` column is that count over the step time. `ideal_bytes` is the frozen weights read
 twice (forward and backward), a loose lower bound. Targets (H100, bf16, sequence 512, 16k tokens):
 peftkern's step >= 1.15x the eager step for each method, with less peak memory; prefix (Llama
-~1.1B): >= 1.2x peft's prefix tuning, with less peak memory.
+~1.1B, and BART-base): >= 1.2x peft's prefix tuning, with less peak memory.
 
 What the count predicts (Llama ~1.1B, 16k tokens, before any GPU run): the frozen-base step is
 about 9e13 flops, ~150 ms at 600 TFLOPS. What a method's fused ops can save is its elementwise
@@ -39,7 +43,12 @@ forward and backward) and SDPA over P + S keys with an explicit mask (peft's ext
 sequence and its prefix kernel on the P keys. At 16k tokens, P 32, 22 layers the copies are ~0.1 GB
 a step, so the difference must come from the attention kernel choice: flash against
 memory-efficient attention with a mask, about 1.3-1.5x on the attention share (~25% of this step at
-seq 512): ~1.1x on the step predicted, short of the 1.2x target.
+seq 512): ~1.1x on the step predicted, short of the 1.2x target. BART-base: the prefix sits in the
+decoder's self-attention over the 128-token targets only; the encoder (16k source tokens, no
+gradient needed: nothing trains in it) and the cross-attention are the same on both sides, so the
+difference is a smaller share still: the decoder self-attention is ~5% of that step, ~1.0x predicted.
+peft's EncoderDecoderCache prefix also costs it a [B, 1, T, P + T] mask; neither keeps more than
+the other beyond the concatenated keys.
 """
 
 import itertools
@@ -65,6 +74,20 @@ MODELS = {
             max_position_embeddings=512,
         ),
     ),
+    "bart-base": (
+        "bart",
+        dict(
+            vocab_size=50265,
+            d_model=768,
+            encoder_layers=6,
+            decoder_layers=6,
+            encoder_attention_heads=12,
+            decoder_attention_heads=12,
+            encoder_ffn_dim=3072,
+            decoder_ffn_dim=3072,
+            max_position_embeddings=1024,
+        ),
+    ),
     "llama-1b": (
         "llama",
         dict(
@@ -86,9 +109,12 @@ METHODS = {
 }
 BASELINE = {"lora": "peft", "adapter": "eager", "mask": "eager", "prefix": "peft"}
 NO_ATTENTION_DROPOUT = {"prefix"}  # methods whose models are built without attention dropout
-# prefix on decoders only: peft's prefix tuning for sequence classification looks for a
-# past_key_values argument, which transformers 5's BERT no longer has (it is "cache")
-KINDS = {"prefix": ("llama",)}
+# prefix on decoders and BART only: peft's prefix tuning for sequence classification looks for a
+# past_key_values argument, which transformers 5's BERT no longer has (it is "cache"); BART takes
+# prefix tuning only
+KINDS = {"prefix": ("llama", "bart")}
+ONLY = {"bart": ("prefix",)}
+TARGET_FRACTION = 4  # BART: target tokens per source token (summarization-like)
 PEFT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}  # = peftkern's LoRA presets
 
 
@@ -109,6 +135,11 @@ def build_model(kind, config, device, dtype, method=None):
         model = tf.BertForSequenceClassification(
             tf.BertConfig(**config, num_labels=2, attn_implementation="sdpa", **dropout)
         )
+    elif kind == "bart":
+        dropout = dict(attention_dropout=0.0) if method in NO_ATTENTION_DROPOUT else {}
+        model = tf.BartForConditionalGeneration(
+            tf.BartConfig(**{**config, **dropout}, attn_implementation="sdpa")
+        )
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**config, attn_implementation="sdpa"))
     return model.to(device, dtype).train()
@@ -123,14 +154,17 @@ def with_method(model, kind, method, provider):
             raise Skip("peft not installed")
         cfg = METHODS[method]()
         if method == "prefix":
-            task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
+            task = {"bert": "SEQ_CLS", "bart": "SEQ_2_SEQ_LM"}.get(kind, "CAUSAL_LM")
             prefix = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
             return peft.get_peft_model(model, prefix)
         lora = peft.LoraConfig(
             r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[kind]
         )
         return peft.get_peft_model(model, lora)
-    peftkern.inject(model, METHODS[method]())
+    cfg = METHODS[method]()
+    if kind == "bart":  # peft's layout: the decoder's self-attention
+        cfg = peftkern.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, sites=["decoder"])
+    peftkern.inject(model, cfg)
     return reference.to_eager(model) if provider == "eager" else model
 
 
@@ -140,6 +174,8 @@ def batches(kind, config, batch, seq, device, n_sets=2):
     for _ in range(n_sets):
         ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=g)
         labels = torch.randint(0, 2, (batch,), generator=g) if kind == "bert" else ids
+        if kind == "bart":
+            labels = torch.randint(0, config["vocab_size"], (batch, seq // TARGET_FRACTION), generator=g)
         out.append((ids.to(device), labels.to(device)))
     return out
 
@@ -186,6 +222,8 @@ def _peer_failures(fn):
 
 def step_cost(kind, config, seq, dtype):
     """(ideal bytes, flops) of one frozen-base training step over TOKENS tokens (module docstring)."""
+    if kind == "bart":
+        return _seq2seq_step_cost(config, seq, dtype)
     d, L, ffn = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]
     heads, kv = (
         config["num_attention_heads"],
@@ -201,10 +239,27 @@ def step_cost(kind, config, seq, dtype):
     return 2 * linear * es, flops
 
 
+def _seq2seq_step_cost(config, seq, dtype):
+    """BART: the encoder's forward only (nothing trains in it), the decoder's forward and input
+    gradients over T / 4 target tokens, the LM head (tied) over the targets."""
+    d, ffn, V = config["d_model"], config["encoder_ffn_dim"], config["vocab_size"]
+    Le, Ld = config["encoder_layers"], config["decoder_layers"]
+    source, target = TOKENS, TOKENS // TARGET_FRACTION
+    t_len = seq // TARGET_FRACTION
+    enc, dec = Le * (4 * d * d + 2 * d * ffn), Ld * (8 * d * d + 2 * d * ffn) + V * d
+    flops = 2 * enc * source + 4 * dec * target
+    flops += Le * 4 * source * seq * d  # encoder attention, forward
+    flops += Ld * 12 * target * d * (t_len / 2 + seq)  # decoder self (causal) and cross, forward and backward
+    es = torch.finfo(dtype).bits // 8
+    return (enc + 2 * dec) * es, flops
+
+
 def cases(quick=False):
     seqs = (512,) if quick else (512, 2048)
     for (name, (kind, config)), method, seq in itertools.product(MODELS.items(), METHODS, seqs):
-        if kind not in KINDS.get(method, (kind,)):
+        if kind not in KINDS.get(method, (kind,)) or method not in ONLY.get(kind, (method,)):
+            continue
+        if kind == "bart" and seq != 512:
             continue
         dtype, batch = torch.bfloat16, TOKENS // seq
         ideal, flops = step_cost(kind, config, seq, dtype)
@@ -254,6 +309,22 @@ def cpu_cases():
                 tags=dict(tokens=batch * seq, **({"baseline": True} if provider != "peftkern" else {})),
             )
     yield from mixed_cases(MINILM, "minilm", 64, 32, torch.float32, "cpu", short=True)
+    # BART-base prefix tuning against peft's: 4 sources of 128 tokens, targets of 32
+    kind, config = MODELS["bart-base"]
+    batch, seq = 4, 128
+    ideal, flops = step_cost(kind, config, seq, dtype)
+    for provider in ("peft", "peftkern"):
+        yield Case(
+            FAMILY,
+            dict(model="bart-base", method="prefix", seq=seq, batch=batch),
+            dtype,
+            "train",
+            provider,
+            _work(kind, config, "prefix", provider, batch, seq, dtype, "cpu"),
+            ideal,
+            flops * batch * seq / TOKENS,
+            tags=dict(tokens=batch * seq, **({"baseline": True} if provider != "peftkern" else {})),
+        )
 
 
 # -- many tasks in one batch -----------------------------------------------------------------------

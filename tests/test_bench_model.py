@@ -48,6 +48,37 @@ def test_training_step_follows_the_baseline(kind, method):
         assert abs(a - b) <= 1e-4 * abs(b), (ours, base)
 
 
+def test_bart_prefix_step_follows_peft():
+    """BART-base's row on a tiny BART: peft's SEQ_2_SEQ_LM prefix (loaded into peftkern's
+    sites=["decoder"] prefix) and peftkern's train to the same losses; its cost counts BART-base."""
+    kind, config = "bart", tiny_models.BART
+    models = {}
+    for p in ("peft", "peftkern"):
+        model = bench_model.build_model(kind, config, "cpu", torch.float32, "prefix")
+        models[p] = bench_model.with_method(model, kind, "prefix", p)
+    prefix = models["peft"].prompt_encoder["default"].embedding.weight.detach()
+    peftkern.integrations.peft.load_prompt_embeddings(models["peftkern"], prefix)
+    losses = {}
+    for provider, model in models.items():
+        step = bench_model.training_step(model, bench_model.batches(kind, config, 3, 8, "cpu"), lr=1e-2)
+        losses[provider] = [step(i % 2).item() for i in range(4)]
+    assert len(set(losses["peftkern"])) > 1
+    for a, b in zip(losses["peftkern"], losses["peft"]):
+        assert abs(a - b) <= 1e-4 * abs(b), losses
+    base = bench_model.MODELS["bart-base"][1]
+    ideal, flops = bench_model.step_cost(kind, base, 512, torch.bfloat16)
+    model = bench_model.build_model(kind, base, "meta", torch.bfloat16)
+
+    def linear(stack):
+        return sum(
+            m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and stack in n
+        )
+
+    head = model.config.vocab_size * model.config.d_model
+    assert ideal == (linear(".encoder.") + 2 * (linear(".decoder.") + head)) * 2
+    assert flops > 2 * linear(".encoder.") * bench_model.TOKENS
+
+
 @pytest.mark.parametrize("kind", TINY)
 def test_step_cost_counts_the_model_linear_layers(kind):
     model = bench_model.build_model(kind, TINY[kind], "cpu", torch.float32)
