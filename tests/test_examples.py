@@ -30,6 +30,19 @@ def test_finetune_example(method, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / method)) == ["peftkern_config.json", "peftkern_weights.safetensors"]
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_finetune_example_on_a_tiny_t5(method, tmp_path, capsys):
+    """--model t5: an encoder-decoder built from its config, answering in words; trains, generates,
+    saves and reloads."""
+    _finetune().main(
+        ["--model", "t5", "--method", method, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert f"{method} on tiny random T5" in out and "step 3/3" in out and "generate(): " in out
+    assert "reloaded into a fresh base" in out
+    assert sorted(os.listdir(tmp_path / method)) == ["peftkern_config.json", "peftkern_weights.safetensors"]
+
+
 SERVE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "serve_mixed.py")
 
 
