@@ -202,11 +202,11 @@ def _register_reference():
 
 def reference_forward(kind, prefix, **inputs):
     """The twin of a three-site prefix: `prefix` [1, L_enc + 2 L_dec, 2, H, P, D] (encoder layers,
-    decoder self-attention layers, cross-attention layers)."""
+    decoder self-attention layers, cross-attention layers), on its device and in its dtype."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     _register_reference()
-    model = MODELS[kind]()
+    model = MODELS[kind]().to(prefix.device, prefix.dtype)
     model.set_attn_implementation("peftkern_test_reference")
     sites = peftkern.integrations.methods.prefix.SEQ2SEQ_SITES[kind]
     import re
@@ -262,6 +262,28 @@ def test_prefix_three_sites_equal_the_written_out_twin(kind):
     assert rel_err(prefix.prefix.grad, twin.grad) < 1e-5
     for site in range(layers):  # every site's prefix gets a gradient
         assert prefix.prefix.grad[0, site].abs().sum() > 0, site
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", MODELS)
+def test_prefix_three_sites_on_cuda(kind, dtype):
+    """The fused prefix kernels (fp16/bf16; T5: the biased instances) and the ATen path (float32)
+    inside T5 and BART: logits and prefix gradients against the twin on the same device and dtype."""
+    ours = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P))
+    prefix = module_of(ours, PrefixKV)
+    randomize(prefix)
+    ours.to("cuda", dtype)
+    twin = prefix.prefix.detach().clone().requires_grad_()
+    ids, mask, labels = (t.cuda() for t in batch())
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = reference_forward(kind, twin, input_ids=ids, attention_mask=mask, labels=labels)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert rel_err(out.logits, ref.logits) < tol
+    grad = torch.randn_like(out.logits)
+    out.logits.backward(grad)
+    ref.logits.backward(grad)
+    assert rel_err(prefix.prefix.grad, twin.grad) < tol
 
 
 @pytest.mark.parametrize("kind", MODELS)
