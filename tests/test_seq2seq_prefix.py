@@ -374,6 +374,25 @@ def test_prefix_per_sample_tasks_and_mixed_batches(kind):
 
 
 @pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_prefix_gradient_checkpointing_gives_the_same_gradients(kind, reentrant):
+    """Each checkpointed layer recomputes its prefix attention (the prefix from the call's keyword
+    arguments) with the same result: the reparametrisation's gradients are unchanged."""
+    grads = []
+    for checkpointing in (False, True):
+        model = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P, projection_dim=8))
+        randomize(module_of(model, PrefixKV), std=0.5)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ids, mask, labels = batch()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append([t.grad for t in module_of(model, PrefixKV).parameters()])
+    for a, b in zip(*grads):
+        assert rel_err(b, a) < 1e-6
+
+
+@pytest.mark.parametrize("kind", MODELS)
 def test_prefix_save_load_and_merge(tmp_path, kind):
     model = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P, projection_dim=8))
     randomize(module_of(model, PrefixKV), std=0.5)
