@@ -1,8 +1,34 @@
 """Where each method goes: name matching and the per-architecture presets.
 
 A preset names modules by regexes over ``model.named_modules()`` names (full match), keyed by the
-Hugging Face ``config.model_type``. Blocks are ``...layer.N`` (BERT family) or ``...layers.N``
-(Llama family, ViT), so a head's ``classifier.dense`` or a pooler's ``dense`` never matches.
+Hugging Face ``config.model_type``. Blocks are ``...layer.N`` (BERT family), ``...layers.N``
+(Llama family, ViT, BART / mBART's ``encoder.layers.N`` and ``decoder.layers.N``) or T5's
+``encoder.block.N.layer.M`` / ``decoder.block.N.layer.M`` (block N, sub-layer M: self-attention,
+the decoder's cross-attention, the FFN), so a head's ``classifier.dense``, a pooler's ``dense``, an
+``lm_head`` or the shared embeddings never match.
+
+Encoder-decoders (T5 / mT5, BART / mBART), what each method gets:
+
+========  =====================================================================================
+LoRA      peft's defaults: the query and value projections of every attention, encoder
+          self-attention, decoder self-attention and decoder cross-attention (T5 ``q``, ``v`` of
+          ``SelfAttention`` and ``EncDecAttention``; BART ``q_proj``, ``v_proj`` of ``self_attn``
+          and ``encoder_attn``).
+houlsby   after each self-attention's output projection (T5 ``SelfAttention.o``, BART
+          ``self_attn.out_proj``) and after the FFN's (T5 ``DenseReluDense.wo``, BART ``fc2``), in
+          the encoder and the decoder. The decoder's cross-attention gets none, as AdapterHub's
+          default (its ``cross_adapter`` is off); name ``EncDecAttention.o`` / ``encoder_attn.out_proj``
+          in ``target_modules`` for one there.
+pfeiffer  after the FFN's output projection only.
+parallel  T5: on the FFN module (``DenseReluDense``, reads its input, adds to its output). BART has
+          no FFN module (fc1 -> activation -> fc2 inline in the layer): the adapter sits on ``fc2``
+          and reads ``fc1``'s input (``Preset.ffn_input``), its output added to fc2's.
+masks     every linear layer of the blocks (T5 ``q``, ``k``, ``v``, ``o`` of both attentions and
+          ``wi`` / ``wi_0`` / ``wi_1`` / ``wo``; BART the q, k, v, out projections of ``self_attn``
+          and ``encoder_attn``, ``fc1``, ``fc2``); never ``lm_head`` or the embeddings.
+BitFit    matches parameters, not presets: BART's every bias; T5 has no bias terms (bias-free
+          linears, T5LayerNorm without a bias), so BitFit refuses it with a message that says so.
+========  =====================================================================================
 """
 
 import re
@@ -10,6 +36,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 _BLOCK = r"(.*\.)?layers?\.\d+\."
+_T5_BLOCK = r"(.*\.)?block\.\d+\.layer\.\d+\."  # T5's block N, sub-layer M
 
 
 @dataclass(frozen=True)
@@ -23,6 +50,10 @@ class Preset:
     ffn_residual_arg: Optional[tuple]
     lora: str  # LoRA (peft's defaults: the query and value projections)
     linears: str  # mask tuning: every linear layer of the blocks
+    # parallel adapters where the FFN is no module of its own (BART's inline fc1 -> act -> fc2): the
+    # name, relative to ffn's parent, of the module whose input is the FFN input (``"fc1"``); ffn is
+    # then the FFN's output projection, whose output the adapter's adds to. None: ffn's own input.
+    ffn_input: Optional[str] = None
 
 
 _BERT = Preset(
@@ -53,6 +84,26 @@ _VIT = Preset(
     lora=_BLOCK + r"attention\.(q_proj|v_proj)",
     linears=_BLOCK + r"(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))",
 )
+_T5 = Preset(
+    family="T5 encoder-decoder",
+    # the self-attention only: the decoder's cross-attention (EncDecAttention) gets no houlsby adapter
+    attention_output=_T5_BLOCK + r"SelfAttention\.o",
+    ffn_output=_T5_BLOCK + r"DenseReluDense\.wo",
+    ffn=_T5_BLOCK + r"DenseReluDense",  # T5DenseActDense / T5DenseGatedActDense
+    ffn_residual_arg=None,
+    lora=_T5_BLOCK + r"(SelfAttention|EncDecAttention)\.(q|v)",
+    linears=_T5_BLOCK + r"((SelfAttention|EncDecAttention)\.(q|k|v|o)|DenseReluDense\.(wi|wi_0|wi_1|wo))",
+)
+_BART = Preset(
+    family="BART-family encoder-decoder",
+    attention_output=_BLOCK + r"self_attn\.out_proj",  # not the decoder's encoder_attn (cross)
+    ffn_output=_BLOCK + r"fc2",
+    ffn=_BLOCK + r"fc2",  # no FFN module: the parallel adapter adds to fc2's output ...
+    ffn_input="fc1",  # ... and reads fc1's input
+    ffn_residual_arg=None,
+    lora=_BLOCK + r"(self_attn|encoder_attn)\.(q_proj|v_proj)",
+    linears=_BLOCK + r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)",
+)
 PRESETS = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -62,6 +113,10 @@ PRESETS = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
     "vit": _VIT,
+    "t5": _T5,
+    "mt5": _T5,  # T5 v1.1's gated FFN (wi_0, wi_1), the same module names
+    "bart": _BART,
+    "mbart": _BART,  # pre-LayerNorm, the same module names
 }
 
 

@@ -3,7 +3,10 @@ AdapterFusion: each site module gets a child ``adapter`` (a ModuleDict of named 
 hook that applies them.
 
 Sites: ``target_modules``, or the preset's placement (houlsby: the attention output and FFN
-output projections; pfeiffer: the FFN output; parallel: the FFN, or BertOutput's residual input).
+output projections; pfeiffer: the FFN output; parallel: the FFN, or BertOutput's residual input,
+or, where the FFN is no module of its own (BART's inline fc1 -> act -> fc2), its output projection
+reading the input of the preset's ``ffn_input`` sibling: a forward pre-hook on fc1 hands its input
+to the hook on fc2, which adds the adapter's branch of it to fc2's output).
 Saved: ``<site>.adapter.<param>`` (``down.weight`` ...; a gated adapter's ``gate.weight`` and
 ``gate.bias``; a fusion's ``adapters.*`` and its query, key and value). Merge: an AdaMix mixture
 becomes its ``merge_experts()`` adapter; the rest stay.
@@ -35,11 +38,13 @@ ATTR = "adapter"  # the ModuleDict of named adapters on a site module
 @dataclass
 class Site:
     name: str  # the module that holds the adapter
-    kind: str  # "serial" | "parallel" | "residual"
+    kind: str  # "serial" | "parallel" | "residual" | "split"
     # residual: (name, position) of the module's argument that carries the FFN input as the residual
     # it adds (BertOutput's input_tensor)
     residual_arg: Optional[tuple] = None
     d_model: int = 0
+    # split: the module whose input the adapter reads (BART's fc1); its output adds to this one's (fc2)
+    input_module: Optional[str] = None
 
 
 @dataclass
@@ -112,7 +117,7 @@ class AdapterMethod(Method):
     def plan(self, model, config):
         cname = type(config).__name__
         parallel = config.placement == "parallel"
-        residual_arg = None
+        residual_arg = ffn_input = None
         if config.target_modules is not None:
             names = [n for n, _ in matched(model, config, config.target_modules, "target_modules")]
         else:
@@ -128,6 +133,7 @@ class AdapterMethod(Method):
                 for n, _ in matched(model, config, pat, f"the {config.placement} preset")
             ]
             residual_arg = preset.ffn_residual_arg if parallel else None
+            ffn_input = preset.ffn_input if parallel else None
         if config.drop_layers:
             names = _drop_lowest_layers(model, config, names)
         modules = module_names(model)
@@ -141,14 +147,30 @@ class AdapterMethod(Method):
                 raise ValueError(
                     f"{cname}: {n} already has an attribute 'adapter'; cannot place an adapter there"
                 )
-            if parallel and isinstance(m, nn.Linear) and m.in_features != m.out_features:
-                raise ValueError(
-                    f"{cname}: a parallel adapter reads {n}'s input ({m.in_features} features) and adds "
-                    "to its "
-                    f"output ({m.out_features}); they must be the same width"
-                )
-            kind = "serial" if not parallel else ("parallel" if residual_arg is None else "residual")
-            sites.append(Site(n, kind, residual_arg, _out_features(m, model, cname, n)))
+            source = None
+            if ffn_input is not None:  # the FFN's input is another module's (BART: fc1 of fc2)
+                parent = n.rpartition(".")[0]
+                source = f"{parent}.{ffn_input}" if parent else ffn_input
+                reader = modules.get(source)
+                if reader is None:
+                    raise ValueError(
+                        f"{cname}: the parallel preset reads the FFN input of {n} from {source}, which "
+                        f"{type(model).__name__} does not have"
+                    )
+            else:
+                reader = m
+            if parallel and isinstance(reader, nn.Linear) and isinstance(m, nn.Linear):
+                if reader.in_features != m.out_features:
+                    read = n if source is None else source
+                    raise ValueError(
+                        f"{cname}: a parallel adapter reads {read}'s input ({reader.in_features} features) "
+                        f"and adds to {n}'s output ({m.out_features}); they must be the same width"
+                    )
+            if not parallel:
+                kind = "serial"
+            else:
+                kind = "split" if source else ("parallel" if residual_arg is None else "residual")
+            sites.append(Site(n, kind, residual_arg, _out_features(m, model, cname, n), source))
         return AdapterPlan(sites)
 
     def expected_shapes(self, model, plan, config):
@@ -173,9 +195,13 @@ class AdapterMethod(Method):
             if s.kind not in m._peftkern_adapter_hooks:
                 if s.kind == "residual":
                     h = m.register_forward_pre_hook(_residual_hook, with_kwargs=True)
+                elif s.kind == "split":
+                    h = _split_hooks(modules[s.input_module], m)
                 else:
                     h = m.register_forward_hook(_HOOKS[s.kind], with_kwargs=True)
                 m._peftkern_adapter_hooks[s.kind] = h
+                if s.kind == "serial" and "split" in m._peftkern_adapter_hooks:
+                    m._peftkern_adapter_hooks["split"].move_last(m)
             saved.update(
                 {f"{s.name}.{ATTR}.{n}": f"{s.name}.{ATTR}.{name}.{n}" for n, _ in new.named_parameters()}
             )
@@ -192,6 +218,9 @@ class AdapterMethod(Method):
             for kind in list(m._peftkern_adapter_hooks):
                 if kind not in kinds:
                     m._peftkern_adapter_hooks.pop(kind).remove()
+                    if kind == "split":  # the input module's hook went with it
+                        modules[s.input_module].__dict__.pop(FEED, None)
+                        m.__dict__.pop(FEED, None)
             if not m._peftkern_adapters:
                 delattr(m, ATTR)
                 # _peftkern_active stays: other methods' state on this module reads it
@@ -313,6 +342,67 @@ def _residual_hook(module, args, kwargs):
         _apply(module, "residual", args[position], args[position]),
         *args[position + 1 :],
     ), kwargs
+
+
+class _FFNInput:
+    """What a split site's input module (BART's fc1) hands to its output module (fc2) within one
+    call: the input tensor, taken (and dropped) by fc2's hook. A plain object held by both modules
+    (``_peftkern_ffn_input``), not a module, so neither becomes the other's child; a deepcopy of the
+    model copies it once for both."""
+
+    __slots__ = ("x",)
+
+    def __init__(self):
+        self.x = None
+
+
+class _SplitHandles:
+    """A split site's two hooks: the input module's pre-hook and the output module's hook."""
+
+    def __init__(self, keep, add):
+        self.keep, self.add = keep, add
+
+    def remove(self):
+        self.keep.remove()
+        self.add.remove()
+
+    def move_last(self, module):
+        """The branch joins after the serial adapters at the module (whichever was injected first), as
+        a parallel adapter on an FFN module adds to the FFN's output after an adapter inside it (T5:
+        houlsby on DenseReluDense.wo, parallel on DenseReluDense)."""
+        self.add.remove()
+        self.add = module.register_forward_hook(_split_hook, with_kwargs=True)
+
+
+FEED = "_peftkern_ffn_input"  # the _FFNInput a split site's two modules share
+
+
+def _split_hooks(reader, module) -> _SplitHandles:
+    """A split site's two hooks: on `reader` (fc1) keep its input; on `module` (fc2) add the
+    adapters' branch of that input to the output."""
+    feed = _FFNInput()
+    setattr(reader, FEED, feed)
+    setattr(module, FEED, feed)
+    return _SplitHandles(
+        reader.register_forward_pre_hook(_keep_input_hook, with_kwargs=True),
+        module.register_forward_hook(_split_hook, with_kwargs=True),
+    )
+
+
+def _keep_input_hook(reader, args, kwargs):
+    getattr(reader, FEED).x = args[0] if args else next(iter(kwargs.values()))
+
+
+def _split_hook(module, args, kwargs, output):
+    """On the FFN's output projection (fc2): out = fc2(h) + scale * adapter_branch(fc1's input)."""
+    feed = getattr(module, FEED)
+    x, feed.x = feed.x, None  # taken, so the holder keeps no activations past the call
+    if x is None:
+        raise RuntimeError(
+            f"peftkern: the parallel adapter at a {type(module).__name__} reads the FFN input of the module "
+            "before it, which did not run before it in this call"
+        )
+    return _on_hidden(output, lambda h: _apply(module, "split", x, h))
 
 
 _HOOKS = {"serial": _serial_hook, "parallel": _parallel_hook}
