@@ -4,6 +4,11 @@ hook adds ``task bias - base bias`` to the module's output, so the base stays as
 other tasks. A mixed batch gathers each row's bias difference (a zero row for samples of other
 tasks). Saved: ``<module>.bias`` (the task's biases, under the base's names). Merge: the task's
 biases are copied into the base's.
+
+BitFit adds no bias where a model has none: a model without any parameter named ``bias`` (T5 and
+mT5: bias-free linears, T5LayerNorm without a bias; T5's ``relative_attention_bias`` is an embedding
+table, not a bias term) is refused with a ValueError that says so. BART / mBART train every bias of
+their linears and LayerNorms (``final_logits_bias`` is a buffer, not a parameter).
 """
 
 from dataclasses import dataclass
@@ -39,6 +44,8 @@ class BitFit(Method):
                 n.rsplit(".", 1)[-1] == "bias" if config.bias_names is None else matches(n, config.bias_names)
             )
         ]
+        if not names and config.bias_names is None:
+            raise ValueError(_no_bias_message(model, config))
         if not names:
             raise ValueError(
                 f"{describe(config)} matched no parameter of {type(model).__name__} "
@@ -95,6 +102,23 @@ class BitFit(Method):
 
     def site_keys(self, plan):
         return [(m, "bias!") for m in plan.modules]
+
+
+# model types whose blocks hold no bias term at all, and why (what BitFit's refusal says)
+_BIAS_FREE = {
+    "t5": "T5's linear layers are bias=False and T5LayerNorm has no bias",
+    "mt5": "mT5's linear layers are bias=False and its T5LayerNorm has no bias",
+}
+
+
+def _no_bias_message(model, config) -> str:
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    why = _BIAS_FREE.get(kind, "none of its parameters is named bias")
+    return (
+        f"{describe(config)}: {type(model).__name__} (model_type {kind!r}) has no bias terms ({why}), so "
+        "BitFit has nothing to train; it adds no biases. Use another method (LoRAConfig, AdapterConfig, "
+        "MaskConfig), or bias_names for parameters of other names"
+    )
 
 
 def _bias_hook(module, args, output):
