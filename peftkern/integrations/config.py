@@ -116,6 +116,13 @@ class AdapterConfig(_Config):
     ``parallel``  reads the FFN's input, its scaled output is added to the FFN's output
                   (He et al. 2022, AdaptFormer): ``ops.adapter(ffn_in, ..., residual=ffn_out)``.
 
+    Encoder-decoders (presets): T5 / mT5 and BART / mBART get houlsby adapters after the
+    self-attention output projection (``SelfAttention.o``, ``self_attn.out_proj``) and the FFN's
+    (``DenseReluDense.wo``, ``fc2``) in encoder and decoder blocks, none after the decoder's
+    cross-attention (AdapterHub's default; name ``EncDecAttention.o`` / ``encoder_attn.out_proj`` in
+    target_modules for one). Parallel: T5's ``DenseReluDense``; BART has no FFN module, so the
+    adapter sits on ``fc2``, reads ``fc1``'s input and adds to ``fc2``'s output.
+
     With ``target_modules`` the adapter goes after each named module (houlsby / pfeiffer), or reads
     each named module's input and adds to its output (parallel). ``bottleneck`` defaults to
     ``d_model // reduction_factor``. The adapter wraps the projection's output, so it sits before
@@ -127,11 +134,11 @@ class AdapterConfig(_Config):
 
     ``drop_layers``  no adapter in the lowest ``drop_layers`` transformer blocks: a site's block is its
                      index in the outermost ``nn.ModuleList`` on its path (``encoder.layer.N``,
-                     ``model.layers.N``, T5's ``block.N``; an encoder-decoder's encoder and decoder
-                     alike; Swin's stage); sites in blocks below drop_layers are left out when inject
-                     plans, so they neither train nor save. With drop_layers > 0 every site must lie
-                     in a block (a ValueError names one that does not), and one site at least must be
-                     left.
+                     ``model.layers.N``, T5's ``block.N``, BART's ``layers.N``; an encoder-decoder's
+                     encoder and decoder alike; Swin's stage); sites in blocks below drop_layers are
+                     left out when inject plans, so they neither train nor save. With drop_layers > 0
+                     every site must lie in a block (a ValueError names one that does not), and one
+                     site at least must be left.
     ``drop_prob``    in training mode, each adapter is skipped with probability drop_prob, independently
                      per adapter and per forward call: its site computes as if it had no adapter (a
                      serial adapter's module returns its output as is; a parallel adapter adds nothing),
