@@ -593,3 +593,25 @@ def test_prompt_tuning_on_t5_xxl_trains_20480_parameters():
     total = sum(p.numel() for p in model.parameters())
     assert trainable == 20_480
     assert total > 11e9
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_gated_prefix_unipelt(kind):
+    """UniPELT's gated prefix on an encoder-decoder: one gate per site layer, read from that
+    attention's input; gates at 1 give the ungated prefix's logits, and every gate gets a gradient."""
+    gated = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P, gate=True))
+    plain = peftkern.inject(MODELS[kind](), peftkern.PrefixConfig(num_virtual_tokens=P))
+    prefix, ungated = module_of(gated, PrefixKV), module_of(plain, PrefixKV)
+    randomize(ungated)
+    with torch.no_grad():
+        prefix.prefix.copy_(ungated.prefix)
+        prefix.gate.weight.zero_()
+        prefix.gate.bias.fill_(30.0)  # sigmoid(30) = 1 in float32
+    ids, mask, labels = batch()
+    out = gated(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel_err(out.logits, plain(input_ids=ids, attention_mask=mask, labels=labels).logits) < 1e-6
+    with torch.no_grad():
+        prefix.gate.bias.fill_(0.0)
+    gated(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert prefix.gate.weight.shape[0] == prefix.num_layers
+    assert (prefix.gate.weight.grad.abs().sum(-1) > 0).all()  # every site layer's gate
