@@ -36,7 +36,7 @@ again shifted (per sample in a mixed batch).
 import functools
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -101,6 +101,9 @@ class PrefixGroup:
     prefixes: List[PrefixKV]
     ids: Optional[Tensor]  # [samples] int64, or None: one prefix (its own task ids, if any)
     task_ids: Optional[Tensor] = None  # a single multi-task prefix's per-row task ids
+    # T5: the prefix keys' bias per (bias table, L, past, dtype), computed by a stack's first layer
+    # and read by the others (the group lives for one model call); a trainable table is not kept
+    biases: Dict[tuple, Tensor] = field(default_factory=dict)
 
 
 class Prefix(Method):
@@ -667,8 +670,13 @@ def _attend(
     prefix_bias = None
     if relative is not None and P > 0:
         compute_bias, past = relative
-        prefix_bias = compute_bias(query.shape[2], P, device=query.device, past_seen_tokens=past + P)
-        prefix_bias = prefix_bias.to(query.dtype)  # [1, H, L, P]
+        slot = (id(getattr(compute_bias, "__self__", compute_bias)), query.shape[2], past, query.dtype)
+        prefix_bias = group.biases.get(slot)
+        if prefix_bias is None:
+            prefix_bias = compute_bias(query.shape[2], P, device=query.device, past_seen_tokens=past + P)
+            prefix_bias = prefix_bias.to(query.dtype)  # [1, H, L, P]
+            if not prefix_bias.requires_grad:
+                group.biases[slot] = prefix_bias
     trains_bias = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (mask, prefix_bias)
     )

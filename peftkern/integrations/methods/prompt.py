@@ -258,6 +258,15 @@ def _extended(mask, N, lengths):
     )
 
 
+def _source_mask(kwargs):
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(
+            f"PromptConfig: attention_mask must be the 2-D padding mask [B, S]; got {tuple(mask.shape)}"
+        )
+    return mask
+
+
 def _seq2seq_pre_hook(holder, module, args, kwargs):
     """On an encoder-decoder's base: the source mask gains the prompts' columns (the decoder's
     cross-attention reads it); the encoder's pre-hook gets this call's plan."""
@@ -268,18 +277,13 @@ def _seq2seq_pre_hook(holder, module, args, kwargs):
         return (), kwargs
     encoder_outputs = kwargs.get("encoder_outputs")
     source = encoder_outputs[0].shape[1] - N if encoder_outputs is not None else None
-    mask = kwargs.get("attention_mask")
+    mask = _source_mask(kwargs)
     if mask is None and lengths is not None:  # the padding before shorter prompts needs a mask
         x = kwargs.get("input_ids")
         x = kwargs.get("inputs_embeds") if x is None else x
         mask = torch.ones(batch, x.shape[1] if x is not None else source, dtype=torch.long, device=device)
-    if mask is not None:
-        if mask.dim() != 2:
-            raise ValueError(
-                f"PromptConfig: attention_mask must be the 2-D padding mask [B, S]; got {tuple(mask.shape)}"
-            )
-        if source is None or mask.shape[1] == source:
-            kwargs["attention_mask"] = _extended(mask, N, lengths)
+    if mask is not None and (source is None or mask.shape[1] == source):
+        kwargs["attention_mask"] = _extended(mask, N, lengths)
     if encoder_outputs is None:
         kwargs[_PLAN_KWARG] = (N, lengths, build)
     return (), kwargs
@@ -297,11 +301,7 @@ def _encoder_pre_hook(holder, module, args, kwargs):
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:
         embeds = holder.get_input_embeddings()(kwargs["input_ids"])
-    mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
-        raise ValueError(
-            f"PromptConfig: attention_mask must be the 2-D padding mask [B, S]; got {tuple(mask.shape)}"
-        )
+    mask = _source_mask(kwargs)
     done = mask is not None and mask.shape[1] == N + length  # extended by the base's pre-hook
     kwargs["input_ids"] = None
     kwargs["inputs_embeds"], extended = build(embeds, mask[:, N:] if done else mask)
