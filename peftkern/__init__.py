@@ -23,8 +23,11 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 from . import integrations, nn, ops  # noqa: E402
 from .integrations import (  # noqa: E402
+    AdaLoRAConfig,
     AdapterConfig,
     BitFitConfig,
+    IA3Config,
+    KronAConfig,
     LoRAConfig,
     MaskConfig,
     PrefixConfig,

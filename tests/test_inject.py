@@ -431,7 +431,7 @@ def test_config_dict_round_trip():
     for config in CONFIGS.values():
         assert config_from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="not a peftkern config"):
-        config_from_dict({"method": "ia3"})
+        config_from_dict({"method": "loha"})
     with pytest.raises(ValueError, match=r"LoRAConfig: unknown fields \['rank'\]"):
         config_from_dict({"method": "lora", "rank": 4})
 

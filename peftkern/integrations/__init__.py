@@ -10,7 +10,18 @@ transformers.
 import importlib
 
 from .checkpoint import from_pretrained, load_adapter, save_pretrained
-from .config import AdapterConfig, BitFitConfig, LoRAConfig, MaskConfig, PrefixConfig, PromptConfig, VPTConfig
+from .config import (
+    AdaLoRAConfig,
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    KronAConfig,
+    LoRAConfig,
+    MaskConfig,
+    PrefixConfig,
+    PromptConfig,
+    VPTConfig,
+)
 from .inject import (
     active,
     adapters,
@@ -40,8 +51,11 @@ def __dir__():
 
 __all__ = [
     *_SUBMODULES,
+    "AdaLoRAConfig",
     "AdapterConfig",
     "BitFitConfig",
+    "IA3Config",
+    "KronAConfig",
     "LoRAConfig",
     "MaskConfig",
     "PrefixConfig",

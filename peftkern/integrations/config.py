@@ -181,6 +181,9 @@ class AdapterConfig(_Config):
     target_modules: Targets = None
     modules_to_save: Targets = None
     gate: bool = False
+    phm_dim: Optional[int] = None
+    phm_rank: int = 1
+    shared_phm_rule: bool = True
     method = "adapter"
 
     def __post_init__(self):
@@ -209,6 +212,10 @@ class AdapterConfig(_Config):
                 "AdapterConfig: fusion fuses trained single adapters; it cannot take num_experts "
                 f"({self.num_experts}) > 1"
             )
+        if self.phm_dim is not None:
+            self.phm_dim = _checks.dim("AdapterConfig", "phm_dim", self.phm_dim)
+        self.phm_rank = _checks.dim("AdapterConfig", "phm_rank", self.phm_rank)
+        self.shared_phm_rule = _bool("AdapterConfig", "shared_phm_rule", self.shared_phm_rule)
 
     def bottleneck_for(self, d_model: int) -> int:
         return self.bottleneck or max(1, int(d_model // self.reduction_factor))
@@ -448,9 +455,132 @@ class VPTConfig(_Config):
             raise TypeError(f"VPTConfig: deep must be a bool; got {self.deep!r:.40}")
 
 
+@dataclass
+class IA3Config(_Config):
+    """(IA)³ (Liu et al. 2022): learned vectors rescale activations, ``k = l_k ⊙ (W_k x + b_k)``,
+    ``v = l_v ⊙ (W_v x + b_v)``, and the FFN's down-projection input, ``W_2 (l_ff ⊙ h)``.
+
+    ``target_modules``       linear layers that get a vector; None: the preset (peft's).
+    ``feedforward_modules``  those of target_modules whose input is scaled (``[in]``); the others'
+                             output is scaled (``[out]``). None: the preset's (peft's).
+    ``init_ia3_weights``     True: every vector starts at ones (the base model's output), as peft.
+    """
+
+    target_modules: Targets = None
+    feedforward_modules: Targets = None
+    init_ia3_weights: bool = True
+    modules_to_save: Targets = None
+    method = "ia3"
+
+    def __post_init__(self):
+        self._check_common()
+        self.feedforward_modules = _names("IA3Config", "feedforward_modules", self.feedforward_modules)
+        self.init_ia3_weights = _bool("IA3Config", "init_ia3_weights", self.init_ia3_weights)
+
+
+@dataclass
+class AdaLoRAConfig(_Config):
+    """AdaLoRA (Zhang et al. 2023): LoRA in SVD form, ``ΔW = P Λ Q`` (``lora_B`` P ``[out, r]``,
+    ``lora_E`` Λ ``[r, 1]``, ``lora_A`` Q ``[r, in]``), scaled by ``lora_alpha / ranknum``; the
+    rank budget falls from ``init_r`` to ``target_r`` per layer on average, by the importance of each
+    singular triplet, through ``peftkern.update_ranks(model, step)`` called after each optimizer
+    step. Fields and defaults are Hugging Face peft's ``AdaLoraConfig``'s.
+
+    ``tinit`` / ``tfinal``  steps of full rank before pruning starts / of the final budget at the end;
+    ``deltaT``              steps between two budget allocations; ``beta1`` / ``beta2``: the EMA
+                            factors of the sensitivity and its uncertainty; ``orth_reg_weight``: the
+                            weight of the orthogonality penalty on P and Q; ``total_step``: the
+                            training's steps (required).
+    """
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: Targets = None
+    modules_to_save: Targets = None
+    method = "adalora"
+
+    def __post_init__(self):
+        name = "AdaLoRAConfig"
+        self._check_common()
+        self.init_r = _checks.dim(name, "init_r", self.init_r)
+        self.target_r = _checks.dim(name, "target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise ValueError(f"{name}: target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        self.tinit = _checks.dim(name, "tinit", self.tinit, minimum=0)
+        self.tfinal = _checks.dim(name, "tfinal", self.tfinal, minimum=0)
+        self.deltaT = _checks.dim(name, "deltaT", self.deltaT)
+        for field in ("beta1", "beta2"):
+            v = _real(name, field, getattr(self, field))
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: {field} must be in [0, 1); got {v}")
+            setattr(self, field, v)
+        self.orth_reg_weight = _real(name, "orth_reg_weight", self.orth_reg_weight)
+        if self.total_step is None:
+            raise ValueError(f"{name}: total_step (the training's steps) is required; got None")
+        self.total_step = _checks.dim(name, "total_step", self.total_step)
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"{name}: tinit ({self.tinit}) must be below total_step - tfinal "
+                f"({self.total_step} - {self.tfinal}), or no step allocates a budget"
+            )
+        self.lora_alpha = _real(name, "lora_alpha", self.lora_alpha)
+        self.lora_dropout = _checks.probability(name, "lora_dropout", self.lora_dropout)
+
+
+@dataclass
+class KronAConfig(_Config):
+    """KronA (Edalati et al. 2022): a Kronecker-product update on linear layers,
+    ``out = W x + b + scaling · (A ⊗ B) x`` with A ``[out_a, in_a]`` and B ``[out_b, in_b]``
+    (``out = out_a · out_b``, ``in = in_a · in_b``), computed as ``A X Bᵀ`` on x reshaped to
+    ``[in_a, in_b]`` (two small GEMMs, ``[out, in]`` never formed). The factor shapes come from
+    peft's LoKr ``factorization(dim, decompose_factor)``; peft's LoKr with full-rank factors
+    (``lokr_w1``, ``lokr_w2``, scaling = alpha / r) is this form. Presets: LoRA's (the query and
+    value projections).
+    """
+
+    decompose_factor: int = -1
+    scaling: float = 1.0
+    target_modules: Targets = None
+    modules_to_save: Targets = None
+    method = "krona"
+
+    def __post_init__(self):
+        self._check_common()
+        if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int):
+            raise TypeError(
+                f"KronAConfig: decompose_factor must be an int (-1: the most balanced factors); got "
+                f"{self.decompose_factor!r:.40}"
+            )
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(
+                f"KronAConfig: decompose_factor must be -1 or a positive int; got {self.decompose_factor}"
+            )
+        self.scaling = _real("KronAConfig", "scaling", self.scaling)
+
+
 CONFIGS = {
     c.method: c
-    for c in (AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, PromptConfig, VPTConfig)
+    for c in (
+        AdapterConfig,
+        LoRAConfig,
+        MaskConfig,
+        BitFitConfig,
+        PrefixConfig,
+        PromptConfig,
+        VPTConfig,
+        IA3Config,
+        AdaLoRAConfig,
+        KronAConfig,
+    )
 }
 
 

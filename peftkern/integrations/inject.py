@@ -95,7 +95,7 @@ def plan(model: nn.Module, config: _Config) -> Plan:
     if not isinstance(config, _Config):
         raise TypeError(
             "inject: config must be an AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, "
-            f"PromptConfig or VPTConfig; got {type(config).__name__}"
+            f"PromptConfig, VPTConfig, IA3Config, AdaLoRAConfig or KronAConfig; got {type(config).__name__}"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")

@@ -427,3 +427,84 @@ def _read_prompt_embeddings(path):
             f"it holds {sorted(state)[:4]})"
         )
     return state["prompt_embeddings"]
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def load_peft_weights(model: nn.Module, source, name: Optional[str] = None) -> nn.Module:
+    """Loads a Hugging Face peft checkpoint of LoRA, AdaLoRA, (IA)³ or LoKr into `model` injected
+    with the matching peftkern config (``LoRAConfig``, ``AdaLoRAConfig``, ``IA3Config``,
+    ``KronAConfig``) on the same modules; each method's file says how peft's tensors map
+    (``Method.from_peft``). The values are copied into adapter `name` (default: the model's one
+    adapter), which keeps training if it did; the logits are peft's then.
+
+    `source`: the checkpoint's directory (``adapter_model.safetensors`` or ``.bin``, and
+    ``adapter_config.json``, whose ``peft_type`` must be the method's) or its state dict. Every check
+    runs before a value is copied: a missing tensor, a shape that differs, or a tensor of the
+    checkpoint the adapter has no place for is a ValueError naming it."""
+    from .inject import copy_into, injection_state
+
+    state = injection_state(model)
+    if state is None or not state.adapters:
+        raise ValueError("load_peft_weights: the model holds no peftkern adapter; peftkern.inject one first")
+    if name is None:
+        if len(state.adapters) != 1:
+            raise ValueError(
+                f"load_peft_weights: the model holds adapters {sorted(state.adapters)}; name the one to load"
+            )
+        name = next(iter(state.adapters))
+    if name not in state.adapters:
+        raise ValueError(f"load_peft_weights: the model holds no adapter named {name!r} ({sorted(state.adapters)})")
+    adapter = state.adapters[name]
+    method, config = adapter.plan.method, adapter.config
+    if not method.peft_type:
+        raise ValueError(
+            f"load_peft_weights: adapter {name!r} is a {type(config).__name__}; peftkern reads peft "
+            "checkpoints of LoRA, AdaLoRA, (IA)³ and LoKr (KronA) only"
+        )
+    where = "the state dict"
+    if isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        source = _read_peft_checkpoint(where, method.peft_type)
+    if not isinstance(source, dict):
+        raise TypeError(f"load_peft_weights: source must be a directory or a state dict; got {type(source).__name__}")
+    tensors = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in source.items()}
+    values = method.from_peft(model, adapter.plan.sites, config, tensors)
+    if tensors:
+        raise ValueError(
+            f"load_peft_weights: {where} holds {sorted(tensors)[0]} (and {len(tensors) - 1} more), which "
+            f"adapter {name!r} has no place for (its config must name the same modules as peft's)"
+        )
+    expected = adapter.plan.method.expected_shapes(model, adapter.plan.sites, config)
+    for k, shape in expected.items():
+        if k not in values:
+            raise ValueError(f"load_peft_weights: {where} lacks the tensor for {k} {tuple(shape)}")
+        if values[k].shape != shape:
+            raise ValueError(
+                f"load_peft_weights: {k} is {tuple(values[k].shape)} in {where} but {tuple(shape)} in the model"
+            )
+    copy_into(model, {adapter.params[k]: values[k] for k in expected})
+    return model
+
+
+def _read_peft_checkpoint(path, peft_type):
+    import json
+
+    cfg = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            found = json.load(f).get("peft_type")
+        if found != peft_type:
+            raise ValueError(
+                f"load_peft_weights: {path} is a peft {found} checkpoint; the adapter is peftkern's "
+                f"{peft_type} method"
+            )
+    st, pt = os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"load_peft_weights: {path} holds no adapter_model.safetensors or .bin")

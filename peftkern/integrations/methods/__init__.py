@@ -52,6 +52,16 @@ class Method:
         """Why this adapter cannot be routed per sample ('' when it can)."""
         return ""
 
+    # the peft_type of Hugging Face peft's checkpoints of this method ("" when it has none)
+    peft_type = ""
+
+    def from_peft(self, model: nn.Module, plan, config, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """{saved name: tensor} of every parameter ``expected_shapes`` names, from the state dict of a
+        peft checkpoint of this method (``state``: its keys without peft's ``base_model.model.``, the
+        module names of `model`, e.g. ``bert.encoder.layer.0.attention.self.query.lora_A.weight``).
+        Pops the keys it reads, so the caller can name those left over."""
+        raise ValueError(f"{type(self).__name__}: peftkern reads no Hugging Face peft checkpoint of this method")
+
 
 def module_names(model: nn.Module) -> Dict[str, nn.Module]:
     return dict(model.named_modules())
@@ -102,13 +112,23 @@ def matched(model, config, pattern, what) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def linears(model, config, pattern, what):
-    """The matched modules, each an nn.Linear (or one peftkern already adapts)."""
+def linears(model, config, pattern, what, kinds=None):
+    """The matched modules, each an nn.Linear or a peftkern layer of `kinds` (the linear layer this
+    method builds its adapters on; default ``AdaptedLinear``). One linear layer holds adapters of one
+    kind: a layer another method turned into its own kind is refused."""
     from ...nn import AdaptedLinear
 
+    kinds = (AdaptedLinear,) if kinds is None else tuple(kinds)
     found = matched(model, config, pattern, what)
     for n, m in found:
-        if type(m) not in (nn.Linear, AdaptedLinear):
+        if type(m) is not nn.Linear and type(m) not in kinds and isinstance(m, nn.Linear):
+            raise ValueError(
+                f"{type(config).__name__}: {what} matched {n}, which holds another method's adapters "
+                f"({type(m).__name__}); a linear layer takes adapters of one kind "
+                f"({', '.join(k.__name__ for k in kinds)} for this one): delete those adapters first, or "
+                "leave this layer out"
+            )
+        if type(m) is not nn.Linear and type(m) not in kinds:
             raise ValueError(
                 f"{type(config).__name__}: {what} matched {n} ({type(m).__name__}), which is not an "
                 f"nn.Linear; name linear layers only"

@@ -81,6 +81,18 @@ class LoRA(Method):
     def mixed_refusal(self, plan, config):
         return GATED_REFUSAL if config.gate else ""
 
+    peft_type = "LORA"
+
+    def from_peft(self, model, plan, config, state):
+        if config.gate:
+            raise ValueError("LoRA.from_peft: a gated (UniPELT) LoRA has no peft checkpoint")
+        return {
+            f"{s}.{a}": state.pop(f"{s}.{a}.weight")
+            for s in plan.sites
+            for a in ("lora_A", "lora_B")
+            if f"{s}.{a}.weight" in state
+        }
+
 
 def remove_linear_adapter(model, sites, name):
     modules = module_names(model)
