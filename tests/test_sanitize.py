@@ -14,6 +14,8 @@ Kernels launched, by test:
   *_gated                  the same kernels with a per-row gate (UniPELT): the gated epilogue, the
                            rows kernel's dgate, the gated bias sums; the gated prefix merge / backward
   prefix_attention_biased  the prefix kernels with an additive prefix bias (T5), gated and not
+  ia3_forward_backward     ia3_column_partials_kernel (both modes), ia3_column_finalize_kernel,
+                           ia3_zero_scale_partials_kernel and _finalize_kernel (zero columns rescued)
 """
 
 import pytest
@@ -283,3 +285,28 @@ def test_prefix_attention_biased(dtype):
                 names,
                 dtype,
             )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("d", [33, 96])
+def test_ia3_forward_backward(dtype, d):
+    """ia3_column_partials_kernel (both modes: output scale, and input scale rewriting grad_h in
+    place), ia3_column_finalize_kernel, ia3_zero_scale_partials_kernel and _finalize_kernel (two zero
+    columns rescued); 33 features
+    take the scalar (unpaired) loads, 96 the paired ones."""
+    for scale_input in (False, True):
+        n_out = d + 8
+        x = randn(ROWS, d, dtype=dtype, device="cuda", requires_grad=True)
+        w = randn(n_out, d, dtype=dtype, device="cuda", scale=d**-0.5)
+        b = randn(n_out, dtype=dtype, device="cuda", scale=0.5)
+        n = d if scale_input else n_out
+        vec = (torch.rand(n, device="cuda") + 0.5).to(dtype)
+        if not scale_input:
+            vec[0] = vec[n - 1] = 0.0
+        check_against_reference(
+            lambda *t: ops.ia3_linear(*t, scale_input=scale_input),
+            lambda *t: reference.ia3_linear(*t, scale_input),
+            (x, w, b, vec.requires_grad_()),
+            ("x", "weight", "bias", "ia3_scale"),
+            dtype,
+        )

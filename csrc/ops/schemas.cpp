@@ -99,4 +99,14 @@ TORCH_LIBRARY(peftkern, m) {
       "Tensor? prefix_ids, Tensor? attn_mask, Tensor out, Tensor lse, bool causal, float? scale, bool[5] output_mask, "
       "Tensor? prefix_gate=None, bool gate_grad=False, Tensor? prefix_bias=None) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+
+  // (IA)^3: out = l * (x @ weight^T + bias) with l = ia3_scale [out] (scale_input false: keys,
+  // values), or out = (l * x) @ weight^T + bias with l [in] (scale_input true: the FFN's down
+  // projection).
+  m.def("ia3_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_scale, bool scale_input) -> Tensor");
+  // Gradients (x, weight, bias, ia3_scale) for the entries set in output_mask. out: the forward's
+  // output (the output scale's gradient reads it; unused with scale_input).
+  m.def(
+      "ia3_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor ia3_scale, Tensor out, "
+      "bool scale_input, bool[4] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

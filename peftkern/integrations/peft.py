@@ -22,6 +22,12 @@ these paths, or peft's own forward, and counts it (``call_counts``):
   per-sample names (``"__base__"`` and adapters absent from the layer are -1), the adapters used
   stacked, zero-padded to the largest rank.
 
+peft's (IA)³ ``ia3.Linear`` layers (on the same bases) compute through ``ia3_linear`` (``"fused: IA3"``):
+its active vectors multiplied (as peft's ``ia3_scaling``), an input scale for ``is_feedforward``
+layers, else an output scale of ``base_layer(x)`` with its bias; the vector is cast to the
+computation dtype (peft multiplies in the vector's own dtype, often float32). Disabled or merged
+adapters and extra forward arguments go to peft's forward, with their reason.
+
 The concatenated / stacked adapters (an ``r × (in + out)`` copy per adapter) and ``‖W_i‖²`` (one
 read of W) are rebuilt on every call, not cached: peft writes parameters through ``.data`` (hotswap,
 unsafe merge), which no version counter sees, so a cache could serve stale weights.
@@ -48,6 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops.ia3 import ia3_linear
 from ..ops.lora import dora_linear, lora_linear, lora_linear_multi
 
 _FUSED_ATTR = "_peftkern_fused"
@@ -280,18 +287,77 @@ def _mixed_batch_forward(layer, x, adapter_names, dt):
     )
 
 
+def _ia3_linear_class():
+    try:
+        from peft.tuners.ia3 import Linear
+    except ImportError:  # pragma: no cover - exercised only without peft
+        return None
+    return Linear
+
+
+def _ia3_active(layer):
+    return [n for n in layer.active_adapters if n in layer.ia3_l]  # peft skips the others too
+
+
+def _ia3_call_reason(layer, x, args, kwargs) -> Optional[str]:
+    """Why this forward call of peft IA3 `layer` goes to peft's own path, or None (it computes fused)."""
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments"
+    static = unsupported_reason(layer) or _nested_reason(layer)
+    if static is not None:
+        return static
+    if layer.disable_adapters:
+        return "adapters disabled: base layer only"
+    if layer.merged:
+        return "adapters merged into the weight: base layer only"
+    if not _ia3_active(layer):
+        return "no active adapter in this layer: base layer only"
+    return None
+
+
+def _ia3_fused_forward(self, x, *args, **kwargs):
+    reason = _ia3_call_reason(self, x, args, kwargs)
+    calls = self.__dict__.setdefault(_CALLS_ATTR, collections.Counter())
+    if reason is not None:
+        calls[f"peft: {reason}"] += 1
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
+    calls["fused: IA3"] += 1
+    dt = _compute_dtype(x)
+    base = self.get_base_layer()
+    weight = _base_weight(self).to(dt)
+    bias = None if base.bias is None else base.bias.to(dt)
+    scale = 1
+    for n in _ia3_active(self):  # several active vectors multiply, as peft's ia3_scaling
+        scale = scale * self.ia3_l[n].flatten()
+    return ia3_linear(x.to(dt), weight, bias, scale.to(dt), scale_input=bool(self.is_feedforward))
+
+
+def _peft_ia3_layers(model):
+    cls = _ia3_linear_class()
+    return [] if cls is None else [(name, m) for name, m in model.named_modules() if type(m) is cls]
+
+
+def _peft_layers(model):
+    """(name, layer, is_ia3) of every peft LoRA and IA3 Linear of `model`."""
+    ia3 = {id(m) for _, m in _peft_ia3_layers(model)}
+    lora = {id(m) for _, m in _peft_lora_layers(model)}
+    return [(n, m, id(m) in ia3) for n, m in model.named_modules() if id(m) in ia3 or id(m) in lora]
+
+
 def _peft_lora_layers(model):
     cls = _lora_linear_class()
     return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
 
 
 def coverage(model: nn.Module) -> Dict[str, Optional[str]]:
-    """For each peft lora.Linear of `model`, as the model is now: None if a plain forward call
+    """For each peft lora.Linear and ia3.Linear of `model`, as the model is now: None if a plain forward call
     computes through peftkern, else why peft's own forward runs."""
     out = {}
-    for name, layer in _peft_lora_layers(model):
+    for name, layer, is_ia3 in _peft_layers(model):
         if not getattr(layer, _FUSED_ATTR, False):
             out[name] = unsupported_reason(layer) or NOT_FUSED
+        elif is_ia3:
+            out[name] = _ia3_call_reason(layer, None, (), {})
         else:
             out[name] = _call_reason(layer, None, (), {}, None)
     return out
@@ -300,18 +366,18 @@ def coverage(model: nn.Module) -> Dict[str, Optional[str]]:
 def call_counts(model: nn.Module) -> Dict[str, int]:
     """Forward calls of the fused layers since `fuse`, by path: ``"fused: ..."`` or ``"peft: <reason>"``."""
     total = collections.Counter()
-    for _, layer in _peft_lora_layers(model):
+    for _, layer, _ in _peft_layers(model):
         total.update(layer.__dict__.get(_CALLS_ATTR, {}))
     return dict(total)
 
 
 def fuse(model: nn.Module) -> FuseReport:
-    """Make every peft LoRA Linear of `model` on a supported base compute through peftkern where it
+    """Make every peft LoRA and IA3 Linear of `model` on a supported base compute through peftkern where it
     can (idempotent). The report is ``coverage`` at this moment: the layers that compute fused now,
     and every other layer with its reason."""
-    for _, layer in _peft_lora_layers(model):
+    for _, layer, is_ia3 in _peft_layers(model):
         if unsupported_reason(layer) is None and not getattr(layer, _FUSED_ATTR, False):
-            layer.forward = types.MethodType(_fused_forward, layer)
+            layer.forward = types.MethodType(_ia3_fused_forward if is_ia3 else _fused_forward, layer)
             setattr(layer, _FUSED_ATTR, True)
             layer.__dict__[_CALLS_ATTR] = collections.Counter()
     report = FuseReport()
@@ -455,7 +521,9 @@ def load_peft_weights(model: nn.Module, source, name: Optional[str] = None) -> n
             )
         name = next(iter(state.adapters))
     if name not in state.adapters:
-        raise ValueError(f"load_peft_weights: the model holds no adapter named {name!r} ({sorted(state.adapters)})")
+        raise ValueError(
+            f"load_peft_weights: the model holds no adapter named {name!r} ({sorted(state.adapters)})"
+        )
     adapter = state.adapters[name]
     method, config = adapter.plan.method, adapter.config
     if not method.peft_type:
@@ -468,8 +536,10 @@ def load_peft_weights(model: nn.Module, source, name: Optional[str] = None) -> n
         where = os.fspath(source)
         source = _read_peft_checkpoint(where, method.peft_type)
     if not isinstance(source, dict):
-        raise TypeError(f"load_peft_weights: source must be a directory or a state dict; got {type(source).__name__}")
-    tensors = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in source.items()}
+        raise TypeError(
+            f"load_peft_weights: source must be a directory or a state dict; got {type(source).__name__}"
+        )
+    tensors = {k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in source.items()}
     values = method.from_peft(model, adapter.plan.sites, config, tensors)
     if tensors:
         raise ValueError(
@@ -482,7 +552,8 @@ def load_peft_weights(model: nn.Module, source, name: Optional[str] = None) -> n
             raise ValueError(f"load_peft_weights: {where} lacks the tensor for {k} {tuple(shape)}")
         if values[k].shape != shape:
             raise ValueError(
-                f"load_peft_weights: {k} is {tuple(values[k].shape)} in {where} but {tuple(shape)} in the model"
+                f"load_peft_weights: {k} is {tuple(values[k].shape)} in {where} but {tuple(shape)} in "
+                "the model"
             )
     copy_into(model, {adapter.params[k]: values[k] for k in expected})
     return model

@@ -31,6 +31,7 @@ BitFit    matches parameters, not presets: BART's every bias; T5 has no bias ter
 ========  =====================================================================================
 """
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +55,10 @@ class Preset:
     # name, relative to ffn's parent, of the module whose input is the FFN input (``"fc1"``); ffn is
     # then the FFN's output projection, whose output the adapter's adds to. None: ffn's own input.
     ffn_input: Optional[str] = None
+    # (IA)^3, peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING
+    # as block-anchored regexes over the same modules; None: peft has no default for the model type
+    ia3: Optional[str] = None
+    ia3_feedforward: Optional[str] = None  # the ia3 sites whose input is scaled
 
 
 _BERT = Preset(
@@ -65,7 +70,12 @@ _BERT = Preset(
     lora=_BLOCK + r"attention\.self\.(query|value)",
     linears=_BLOCK
     + r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
+    # peft's ["key", "value", "output.dense"]: the suffix "output.dense" also matches the attention's
+    # output projection, which peft's feed-forward list (["output.dense"]) so scales on its input too
+    ia3=_BLOCK + r"(attention\.self\.(key|value)|attention\.output\.dense|output\.dense)",
+    ia3_feedforward=_BLOCK + r"(attention\.output\.dense|output\.dense)",
 )
+_BERT_NO_IA3 = dataclasses.replace(_BERT, ia3=None, ia3_feedforward=None)  # xlm-roberta: none in peft
 _LLAMA = Preset(
     family="Llama-family decoder",
     attention_output=_BLOCK + r"self_attn\.o_proj",
@@ -74,7 +84,10 @@ _LLAMA = Preset(
     ffn_residual_arg=None,
     lora=_BLOCK + r"self_attn\.(q_proj|v_proj)",
     linears=_BLOCK + r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))",
+    ia3=_BLOCK + r"(self_attn\.(k_proj|v_proj)|mlp\.down_proj)",  # llama, mistral
+    ia3_feedforward=_BLOCK + r"mlp\.down_proj",
 )
+_QWEN = dataclasses.replace(_LLAMA, ia3=_BLOCK + r"(self_attn\.(q_proj|v_proj)|mlp\.down_proj)")  # peft: q, v
 _VIT = Preset(
     family="ViT",
     attention_output=_BLOCK + r"attention\.o_proj",
@@ -93,6 +106,12 @@ _T5 = Preset(
     ffn_residual_arg=None,
     lora=_T5_BLOCK + r"(SelfAttention|EncDecAttention)\.(q|v)",
     linears=_T5_BLOCK + r"((SelfAttention|EncDecAttention)\.(q|k|v|o)|DenseReluDense\.(wi|wi_0|wi_1|wo))",
+    ia3=_T5_BLOCK + r"((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wo)",
+    ia3_feedforward=_T5_BLOCK + r"DenseReluDense\.wo",
+)
+# peft's mt5 entry: k, v and wi_1 (the gated FFN's linear branch, its OUTPUT scaled), no feed-forward
+_MT5 = dataclasses.replace(
+    _T5, ia3=_T5_BLOCK + r"((SelfAttention|EncDecAttention)\.(k|v)|DenseReluDense\.wi_1)", ia3_feedforward=""
 )
 _BART = Preset(
     family="BART-family encoder-decoder",
@@ -103,20 +122,23 @@ _BART = Preset(
     ffn_residual_arg=None,
     lora=_BLOCK + r"(self_attn|encoder_attn)\.(q_proj|v_proj)",
     linears=_BLOCK + r"((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)",
+    ia3=_BLOCK + r"((self_attn|encoder_attn)\.(q_proj|v_proj)|fc2)",
+    ia3_feedforward=_BLOCK + r"fc2",
 )
+_BART_NO_IA3 = dataclasses.replace(_BART, ia3=None, ia3_feedforward=None)  # mbart: none in peft
 PRESETS = {
     "bert": _BERT,
     "roberta": _BERT,
-    "xlm-roberta": _BERT,
+    "xlm-roberta": _BERT_NO_IA3,
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen2": _QWEN,
+    "qwen3": _QWEN,
     "vit": _VIT,
     "t5": _T5,
-    "mt5": _T5,  # T5 v1.1's gated FFN (wi_0, wi_1), the same module names
+    "mt5": _MT5,  # T5 v1.1's gated FFN (wi_0, wi_1), the same module names
     "bart": _BART,
-    "mbart": _BART,  # pre-LayerNorm, the same module names
+    "mbart": _BART_NO_IA3,  # pre-LayerNorm, the same module names
 }
 
 
