@@ -1,4 +1,10 @@
-"""peftkern.nn.AdaptedLinear: an nn.Linear holding named LoRA updates and masks (many tasks, one weight)."""
+"""peftkern.nn.AdaptedLinear: an nn.Linear holding named LoRA updates and masks (many tasks, one weight).
+
+AdaLoRA (Zhang et al. 2023, ``add_adalora``) is a LoRA variant here: its update is Hugging Face peft's
+SVDLinear's, ``(dropout(x) @ (lora_A * lora_E).T @ lora_B.T) * lora_alpha / (ranknum + 1e-5)``, computed
+by folding the singular values into A's rows (``A' = lora_A * lora_E``, an ``[r, in]`` product per call)
+and running ``(A', lora_B)`` through the same fused LoRA paths as any LoRA.
+"""
 
 import math
 from typing import List
@@ -44,6 +50,23 @@ class AdaptedLinear(nn.Linear):
     - mixed masks: ``ops.masked_linear_multi`` on the rows of a masked task (packed bits, cached
       until the scores change) when nothing needs a gradient; else one ``masked_linear`` per mask
       task on its rows (each mask's gradient is an [out, in] product of its own rows anyway).
+
+    AdaLoRA (``add_adalora``: also ``lora_E[name] [r, 1]`` and the constant ``ranknum[name] [1]``) is a
+    LoRA whose A is ``lora_A * lora_E``, in every path above. Pruned ranks cost nothing where leaving
+    them out changes no value and no gradient: the kept rows of A' and columns of B are gathered
+    (``index_select`` with an index tensor kept on the device, no host sync per call)
+
+    - once the rank pattern is final (``set_rank_pattern(name, keep, final=True)``, which
+      ``peftkern.update_ranks`` calls from step ``total_step - tfinal`` on, when peft masks every step
+      with the fixed pattern): a pruned E is zero at every forward then, so its rank adds nothing and
+      A and B get the same (zero) gradients there; only the pruned E rows get a zero gradient instead
+      of peft's, which peft's next masking discards (it matters to gradient-norm clipping alone);
+    - when no gradient is needed (no_grad / inference / eval of a loaded checkpoint): the ranks whose
+      E is exactly zero are left out, found with one host read each time E changes (cached on its
+      version), never under torch.compile (it computes every rank there).
+
+    Before the final pattern every rank computes in training, since peft's pruned E train again
+    between two maskings.
     """
 
     @classmethod
@@ -80,6 +103,9 @@ class AdaptedLinear(nn.Linear):
             raise ValueError(f"AdaptedLinear.restore: it still holds {self.names()}")
         for attr in ("lora_A", "lora_B", "scores", "lora_gate_weight", "lora_gate_bias"):
             delattr(self, attr)
+        for attr in ("lora_E", "ranknum"):  # AdaLoRA's, created by add_adalora
+            if hasattr(self, attr):
+                delattr(self, attr)
         # _peftkern_active stays: other methods on this module (BitFit, copies) read it
         for attr in (
             "lora_settings",
@@ -87,6 +113,8 @@ class AdaptedLinear(nn.Linear):
             "_packed",
             "_scalings_cache",
             "_peftkern_last_route",
+            "_adalora_kept",
+            "_adalora_nonzero",
         ):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
@@ -123,6 +151,88 @@ class AdaptedLinear(nn.Linear):
             self.lora_gate_weight[name] = nn.Parameter(g.weight.detach())
             self.lora_gate_bias[name] = nn.Parameter(g.bias.detach())
 
+    def add_adalora(self, name, r, *, lora_alpha=8.0, lora_dropout=0.0) -> None:
+        """AdaLoRA's SVD-form LoRA, as peft's SVDLinear initialises it: ``lora_A`` (Q ``[r, in]``) and
+        ``lora_B`` (P ``[out, r]``) normal(0, 0.02), ``lora_E`` (Λ ``[r, 1]``) zero, ``ranknum[name]`` a
+        frozen ``[1]`` tensor holding r; on the weight's device and dtype. The update is
+        ``(dropout(x) @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5)``, alpha = lora_alpha when > 0,
+        else r (peft's rule); ranknum stays r (peft keeps it through its resizes), so the scaling is
+        fixed at creation."""
+        self._check_new(name)
+        r = _checks.dim("AdaptedLinear", "r", r)
+        p = _checks.probability("AdaptedLinear", "lora_dropout", lora_dropout)
+        if (
+            isinstance(lora_alpha, bool)
+            or not isinstance(lora_alpha, (int, float))
+            or not math.isfinite(lora_alpha)
+        ):
+            raise TypeError(f"AdaptedLinear: lora_alpha must be a finite float; got {lora_alpha!r:.40}")
+        for attr in ("lora_E", "ranknum"):
+            if not hasattr(self, attr):
+                held = nn.ParameterDict()
+                held._peftkern_container = True
+                self.add_module(attr, held.train(self.training))
+        w = self.weight
+        A = torch.empty(r, self.in_features, device=w.device, dtype=w.dtype)
+        B = torch.empty(self.out_features, r, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            nn.init.normal_(A, mean=0.0, std=0.02)
+            nn.init.normal_(B, mean=0.0, std=0.02)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_E[name] = nn.Parameter(torch.zeros(r, 1, device=w.device, dtype=w.dtype))
+        self.lora_B[name] = nn.Parameter(B)
+        self.ranknum[name] = nn.Parameter(torch.full((1,), float(r), device=w.device), requires_grad=False)
+        alpha = float(lora_alpha) if lora_alpha > 0 else float(r)
+        self.lora_settings[name] = (alpha / (float(r) + 1e-5), float(p))
+
+    def is_adalora(self, name: str) -> bool:
+        """Whether LoRA `name` is an AdaLoRA (``add_adalora``)."""
+        held = self.__dict__.get("_modules", {}).get("lora_E")
+        return held is not None and name in held
+
+    def set_rank_pattern(self, name: str, keep, final: bool) -> None:
+        """AdaLoRA `name`'s kept ranks: `keep` a bool tensor ``[r]`` (or None: all). With ``final``, the
+        forward computes only those ranks from now on, in training too (the caller zeroes the pruned E
+        before every forward, as peft's fixed pattern does); without it (or with None) a final pattern
+        set before is dropped and every rank computes again wherever a gradient is needed."""
+        if not self.is_adalora(name):
+            raise ValueError(f"AdaptedLinear.set_rank_pattern: no AdaLoRA named {name!r} here")
+        kept = self.__dict__.setdefault("_adalora_kept", {})
+        if keep is None or not final:
+            kept.pop(name, None)
+            return
+        r = self.lora_E[name].shape[0]
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_E[name].device).reshape(-1)
+        if keep.numel() != r:
+            raise ValueError(f"AdaptedLinear.set_rank_pattern: keep has {keep.numel()} entries for r = {r}")
+        kept[name] = self._kept_index(keep)
+
+    @staticmethod
+    def _kept_index(keep: Tensor):
+        idx = torch.nonzero(keep).reshape(-1)  # one host read, when the pattern changes
+        if idx.numel() == keep.numel():
+            return None
+        # a layer pruned to rank 0 keeps one rank whose E is zero: it adds exactly 0
+        return idx if idx.numel() else torch.zeros(1, dtype=torch.int64, device=keep.device)
+
+    def _kept_ranks(self, name: str, like: Tensor):
+        """The rank indices AdaLoRA `name` computes in this call (None: all), see the class docstring."""
+        final = self.__dict__.get("_adalora_kept", {})
+        if name in final:
+            return final[name]
+        if torch.compiler.is_compiling():  # the zero-E search reads the host: every rank
+            return None
+        A, E, B = self.lora_A[name], self.lora_E[name], self.lora_B[name]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (like, A, E, B)):
+            return None
+        cache = self.__dict__.setdefault("_adalora_nonzero", {})
+        key = (E._version, E.data_ptr(), E.device, E.shape)
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, self._kept_index(E.detach().reshape(-1) != 0))
+            cache[name] = hit
+        return hit[1]
+
     def add_mask(self, name, *, threshold, score_init) -> None:
         """Real-valued float32 scores, all at score_init; the mask is scores > threshold."""
         self._check_new(name)
@@ -135,6 +245,14 @@ class AdaptedLinear(nn.Linear):
         for d in (self.lora_A, self.lora_B, self.scores, self.lora_gate_weight, self.lora_gate_bias):
             if name in d:
                 del d[name]
+        for attr in ("lora_E", "ranknum"):
+            held = getattr(self, attr, None)
+            if held is not None and name in held:
+                del held[name]
+            if held is not None and not len(held):
+                delattr(self, attr)
+        for cache in ("_adalora_kept", "_adalora_nonzero"):
+            self.__dict__.get(cache, {}).pop(name, None)
         self.lora_settings.pop(name, None)
         self.mask_thresholds.pop(name, None)
         self._packed.pop(name, None)
@@ -143,9 +261,12 @@ class AdaptedLinear(nn.Linear):
     # -- what the weights become -------------------------------------------------------------
 
     def lora_delta(self, name: str) -> Tensor:
-        """scaling * B @ A in float32 (detached)."""
+        """scaling * B @ A in float32 (detached); AdaLoRA: scaling * B @ (A * E)."""
         s = self.lora_settings[name][0]
-        return (self.lora_B[name].detach().float() @ self.lora_A[name].detach().float()) * s
+        A = self.lora_A[name].detach().float()
+        if self.is_adalora(name):
+            A = A * self.lora_E[name].detach().float()
+        return (self.lora_B[name].detach().float() @ A) * s
 
     @torch.no_grad()
     def mask(self, name: str) -> Tensor:
@@ -212,6 +333,14 @@ class AdaptedLinear(nn.Linear):
         return lora_linear(x, weight, bias, A, B, scaling=scaling, dropout_p=ps.pop(), training=self.training)
 
     def _factors(self, name, like):
+        if self.is_adalora(name):  # Λ folded into A's rows; only the ranks that can contribute
+            A, B = self.lora_A[name] * self.lora_E[name], self.lora_B[name]
+            kept = self._kept_ranks(name, like)
+            if kept is not None:
+                kept = kept.to(A.device)  # no copy unless the layer moved since the pattern was set
+                A, B = A.index_select(0, kept), B.index_select(1, kept)
+            A, B = _autocast(like, [A, B])
+            return A, B
         A, B = _autocast(like, [self.lora_A[name], self.lora_B[name]])
         return A, B
 
@@ -257,8 +386,8 @@ class AdaptedLinear(nn.Linear):
                 out = out.index_add(0, idx, self._eager_updates(x2.index_select(0, idx), [n]))
         else:
             ids = route.ids(loras, rows, x.device, who)
-            r = max(self.lora_A[n].shape[0] for n in loras)
             pairs = [self._factors(n, x2) for n in loras]
+            r = max(a.shape[0] for a, _ in pairs)
             A = torch.stack([F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
             B = torch.stack([F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
             scalings = self._scalings(tuple(loras), x.device)
@@ -311,8 +440,9 @@ class AdaptedLinear(nn.Linear):
         parts = [super().extra_repr()]
         for n in self.lora_A.keys():
             gate = ", gated" if self.gated(n) else ""
+            kind = "adalora" if self.is_adalora(n) else "lora"
             parts.append(
-                f"lora[{n}]: r={self.lora_A[n].shape[0]}, scaling={self.lora_settings[n][0]:g}{gate}"
+                f"{kind}[{n}]: r={self.lora_A[n].shape[0]}, scaling={self.lora_settings[n][0]:g}{gate}"
             )
         for n in self.scores.keys():
             parts.append(f"mask[{n}]: threshold={self.mask_thresholds[n]:g}")
