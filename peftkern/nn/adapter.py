@@ -109,6 +109,166 @@ class Adapter(nn.Module):
         )
 
 
+class PHMLinear(nn.Module):
+    """A PHM layer's weight and bias (Zhang et al. 2021; Compacter's, Mahabadi et al. 2021)::
+
+        weight = Σ_{i<n} kron(phm_rule[i], phm_left[i] @ phm_right[i]ᵀ)      [out, in]
+
+    with ``phm_rule [n, n, n]`` (A_i; may be one Parameter tied across layers), ``phm_left
+    [n, out/n, rank]`` (s_i), ``phm_right [n, in/n, rank]`` (t_i), ``bias [out]``. ``weight`` is built
+    on each access (autograd flows to the factors); the holder's forward is never called: the
+    adapter hands ``weight`` and ``bias`` to ``ops.adapter``.
+
+    AdapterHub's PHMLayer computes ``x @ H``, ``H = Σ kron(rule_i, W_left_i W_right_i)`` ``[in, out]``;
+    this is its transpose: ``phm_rule[i] = rule_iᵀ``, ``phm_left[i] = W_right_iᵀ``,
+    ``phm_right[i] = W_left_i``. Init as AdapterHub's CompacterConfig: rule ~ N(0, phm_init_range²)
+    (1e-4), each ``phm_left[i]`` / ``phm_right[i]`` Glorot-uniform, bias zero.
+    """
+
+    def __init__(self, in_features, out_features, phm_dim, phm_rank, *, rule=None, device=None, dtype=None):
+        super().__init__()
+        n = phm_dim
+        if in_features % n or out_features % n:
+            raise ValueError(
+                f"PHMLinear: phm_dim ({n}) must divide in_features ({in_features}) and out_features "
+                f"({out_features})"
+            )
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.phm_dim, self.phm_rank = (
+            in_features,
+            out_features,
+            n,
+            phm_rank,
+        )
+        if rule is None:
+            rule = nn.Parameter(torch.empty(n, n, n, **factory))
+            with torch.no_grad():
+                rule.normal_(0.0, PHM_INIT_RANGE)
+        elif not isinstance(rule, nn.Parameter) or rule.shape != (n, n, n):
+            raise ValueError(
+                f"PHMLinear: rule must be a Parameter of shape [{n}, {n}, {n}]; got {rule!r:.60}"
+            )
+        self.phm_rule = rule
+        self.phm_left = nn.Parameter(torch.empty(n, out_features // n, phm_rank, **factory))
+        self.phm_right = nn.Parameter(torch.empty(n, in_features // n, phm_rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The factors and bias (the rule, maybe shared, keeps its values)."""
+        with torch.no_grad():
+            for f in (self.phm_left, self.phm_right):
+                for i in range(self.phm_dim):
+                    nn.init.xavier_uniform_(f[i])
+            nn.init.zeros_(self.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        n, p, q = self.phm_dim, self.out_features // self.phm_dim, self.in_features // self.phm_dim
+        blocks = torch.bmm(self.phm_left, self.phm_right.transpose(1, 2))  # s_i t_iᵀ [n, p, q]
+        return torch.einsum("kab,kij->aibj", self.phm_rule, blocks).reshape(n * p, n * q)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, phm_dim={self.phm_dim}, "
+            f"phm_rank={self.phm_rank}"
+        )
+
+
+PHM_INIT_RANGE = 1e-4  # AdapterHub's CompacterConfig phm_init_range (the rule's std)
+
+
+class Compacter(Adapter):
+    """Compacter (Mahabadi et al. 2021): an ``Adapter`` whose down ``[bottleneck, d_model]`` and up
+    ``[d_model, bottleneck]`` weights are PHM layers (``PHMLinear``: ``Σ_i kron(A_i, s_i t_iᵀ)``, rank
+    ``phm_rank``), each with its own bias. ``rule``: a ``[phm_dim, phm_dim, phm_dim]`` Parameter shared
+    by the down and up layers and, passed to several Compacters, across layers (AdapterHub's
+    ``shared_phm_rule``); None: each PHM layer its own rule (AdapterHub's unshared one).
+
+    Weights built per step, then the fused ``ops.adapter`` as any adapter (T rows, d = d_model,
+    m = bottleneck, n = phm_dim): building costs ~2·n·m·d flops and writes 2·m·d elements per layer
+    (for d = 4096, m = 128, n = 4: 4 MFLOP, 2 MiB in bf16), against the adapter's 4·T·d·m flops
+    and ≥ 2·T·d elements read and written (T = 16384: 34 GFLOP, 256 MiB) — under 0.1 %, and the
+    built weights are what the fused kernel reads anyway. Computing without building them
+    (``x`` through ``Σ_i A_i ⊗ s_i t_iᵀ`` as reshaped GEMMs, as KronA does) would trade that tiny
+    cost for n unfused small GEMMs per projection, their intermediates ``[T, ...]`` in memory, and no
+    fused adapter kernel: building wins. ``to_adapter()`` gives the plain ``Adapter`` of the built
+    weights (merge). ``init`` is Compacter's (``PHMLinear``); the up projection starts near zero,
+    not at zero (the rule's 1e-4), so the adapter starts near, not at, the identity.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        bottleneck: int,
+        *,
+        phm_dim: int = 4,
+        phm_rank: int = 1,
+        rule: Optional[nn.Parameter] = None,
+        activation: str = "gelu",
+        scale: float = 1.0,
+        gate: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        nn.Module.__init__(self)
+        d_model = _checks.dim("Compacter", "d_model", d_model)
+        bottleneck = _checks.dim("Compacter", "bottleneck", bottleneck)
+        phm_dim = _checks.dim("Compacter", "phm_dim", phm_dim)
+        phm_rank = _checks.dim("Compacter", "phm_rank", phm_rank)
+        factory = _checks.factory("Compacter", device, dtype)
+        if activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(
+                f"Compacter: activation must be one of {ADAPTER_ACTIVATIONS}; got {activation!r}"
+            )
+        if not isinstance(gate, bool):
+            raise TypeError(f"Compacter: gate must be a bool; got {type(gate).__name__} {gate!r:.40}")
+        if d_model % phm_dim or bottleneck % phm_dim:
+            raise ValueError(
+                f"Compacter: phm_dim ({phm_dim}) must divide d_model ({d_model}) and the bottleneck "
+                f"({bottleneck})"
+            )
+        self.d_model, self.bottleneck, self.phm_dim, self.phm_rank = d_model, bottleneck, phm_dim, phm_rank
+        self.activation, self.scale, self.init = activation, float(scale), "compacter"
+        self.down = PHMLinear(d_model, bottleneck, phm_dim, phm_rank, rule=rule, **factory)
+        self.up = PHMLinear(bottleneck, d_model, phm_dim, phm_rank, rule=rule, **factory)
+        self.gate = nn.Linear(d_model, 1, **factory) if gate else None
+
+    def reset_parameters(self) -> None:
+        self.down.reset_parameters()
+        self.up.reset_parameters()
+        if self.gate is not None:
+            self.gate.reset_parameters()
+
+    @torch.no_grad()
+    def to_adapter(self) -> Adapter:
+        """A plain ``Adapter`` holding the built weights (copied), the same biases, scale and gate."""
+        w = self.down.phm_left
+        a = Adapter(
+            self.d_model,
+            self.bottleneck,
+            activation=self.activation,
+            scale=self.scale,
+            gate=self.gate is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        a.down.weight.copy_(self.down.weight)
+        a.down.bias.copy_(self.down.bias)
+        a.up.weight.copy_(self.up.weight)
+        a.up.bias.copy_(self.up.bias)
+        if self.gate is not None:
+            a.gate.load_state_dict(self.gate.state_dict())
+        return a.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, bottleneck={self.bottleneck}, phm_dim={self.phm_dim}, "
+            f"phm_rank={self.phm_rank}, activation={self.activation!r}, scale={self.scale}"
+            + (", gate=True" if self.gate is not None else "")
+        )
+
+
 def _autocast(x: Tensor, tensors):
     """The tensors in the autocast dtype where autocast is on for x's device (as nn.Linear computes)."""
     if torch.is_autocast_enabled(x.device.type):

@@ -11,6 +11,12 @@ Saved: ``<site>.adapter.<param>`` (``down.weight`` ...; a gated adapter's ``gate
 ``gate.bias``; a fusion's ``adapters.*`` and its query, key and value). Merge: an AdaMix mixture
 becomes its ``merge_experts()`` adapter; the rest stay.
 
+Compacter (``phm_dim`` set): each adapter is a ``peftkern.nn.adapter.Compacter``, its down and up
+weights built from PHM factors on each call (then the same fused op); saved as the site's
+``down.phm_left`` ... and, with ``shared_phm_rule``, the one rule under ``adapter_phm_rule`` (tied
+into every PHM layer of the model; loading it sets them all). Merge: each Compacter becomes the plain
+``Adapter`` of its built weights.
+
 Several names applied together at one site: serial adapters stack (each reads the previous one's
 output), parallel ones add their branches. A mixed batch runs each row through its sample's
 adapter with one ``ops.adapter_multi`` per site (bottlenecks zero-padded to the largest, each scale
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn import AdaMixAdapter, Adapter, AdapterFusion, routing
-from ...nn.adapter import _autocast
+from ...nn.adapter import PHM_INIT_RANGE, Compacter, _autocast
 from ...ops.adapter import adapter_multi
 from ..config import AdapterConfig
 from ..targets import preset_for
@@ -97,11 +103,38 @@ def _drop_lowest_layers(model, config: AdapterConfig, names: List[str]) -> List[
     return kept
 
 
-def build(site: Site, module, model, config, meta=False) -> nn.Module:
-    """The adapter of a site (on "meta" with meta=True: shapes only)."""
+SHARED_RULE = "adapter_phm_rule"  # the saved name of a Compacter's shared PHM rule (model-level, once)
+
+
+def _shared_rule(config, plan, modules, model, meta=False):
+    """A Compacter's PHM rule shared by all its layers (``shared_phm_rule``), AdapterHub's init; else None."""
+    if config.phm_dim is None or not config.shared_phm_rule:
+        return None
+    n = config.phm_dim
+    kw = dict(device="meta") if meta else factory(modules[plan.sites[0].name], model)
+    rule = nn.Parameter(torch.empty(n, n, n, **kw))
+    if not meta:
+        with torch.no_grad():
+            rule.normal_(0.0, PHM_INIT_RANGE)
+    return rule
+
+
+def _own_parameters(adapter, rule):
+    """(name, tensor) of an adapter's parameters, without the shared rule (saved once, SHARED_RULE)."""
+    return [(n, t) for n, t in adapter.named_parameters() if rule is None or t is not rule]
+
+
+def build(site: Site, module, model, config, meta=False, rule=None) -> nn.Module:
+    """The adapter of a site (on "meta" with meta=True: shapes only); `rule`: a Compacter's shared PHM
+    rule (``config.phm_dim`` set, ``shared_phm_rule``)."""
     kw = dict(activation=config.activation, scale=config.scale, init=config.init)
     kw.update(dict(device="meta") if meta else factory(module, model))
     d, r = site.d_model, config.bottleneck_for(site.d_model)
+    if config.phm_dim is not None:
+        del kw["init"]  # Compacter's own init
+        return Compacter(
+            d, r, phm_dim=config.phm_dim, phm_rank=config.phm_rank, rule=rule, gate=config.gate, **kw
+        )
     if config.fusion is not None:  # the adapters frozen: inject loads them, the fusion trains
         fusion = AdapterFusion(d, len(config.fusion), r, **kw)
         fusion.adapters.requires_grad_(False)
@@ -171,20 +204,32 @@ class AdapterMethod(Method):
             else:
                 kind = "split" if source else ("parallel" if residual_arg is None else "residual")
             sites.append(Site(n, kind, residual_arg, _out_features(m, model, cname, n), source))
+        if config.phm_dim is not None:  # Compacter: its PHM layers split d_model and the bottleneck
+            for s in sites:
+                r = config.bottleneck_for(s.d_model)
+                if s.d_model % config.phm_dim or r % config.phm_dim:
+                    raise ValueError(
+                        f"{cname}: phm_dim ({config.phm_dim}) must divide d_model ({s.d_model}) and the "
+                        f"bottleneck ({r}) at {s.name}"
+                    )
         return AdapterPlan(sites)
 
     def expected_shapes(self, model, plan, config):
         modules, shapes = module_names(model), {}
+        rule = _shared_rule(config, plan, modules, model, meta=True)
         for s in plan.sites:
-            new = build(s, modules[s.name], model, config, meta=True)
-            shapes.update({f"{s.name}.{ATTR}.{n}": t.shape for n, t in new.named_parameters()})
+            new = build(s, modules[s.name], model, config, meta=True, rule=rule)
+            shapes.update({f"{s.name}.{ATTR}.{n}": t.shape for n, t in _own_parameters(new, rule)})
+        if rule is not None:
+            shapes[SHARED_RULE] = rule.shape
         return shapes
 
     def apply(self, model, plan, config, name):
         modules, saved = module_names(model), {}
+        rule = _shared_rule(config, plan, modules, model)
         for s in plan.sites:
             m = modules[s.name]
-            new = build(s, m, model, config).train(m.training)
+            new = build(s, m, model, config, rule=rule).train(m.training)
             if not hasattr(m, "_peftkern_adapters"):
                 m._peftkern_adapters, m._peftkern_adapter_hooks = {}, {}
                 m._peftkern_active = getattr(m, "_peftkern_active", ())
@@ -203,8 +248,10 @@ class AdapterMethod(Method):
                 if s.kind == "serial" and "split" in m._peftkern_adapter_hooks:
                     m._peftkern_adapter_hooks["split"].move_last(m)
             saved.update(
-                {f"{s.name}.{ATTR}.{n}": f"{s.name}.{ATTR}.{name}.{n}" for n, _ in new.named_parameters()}
+                {f"{s.name}.{ATTR}.{n}": f"{s.name}.{ATTR}.{name}.{n}" for n, _ in _own_parameters(new, rule)}
             )
+        if rule is not None:  # saved once; in the model, tied into every PHM layer (the first site's name)
+            saved[SHARED_RULE] = f"{plan.sites[0].name}.{ATTR}.{name}.down.phm_rule"
         return saved
 
     def remove(self, model, plan, name):
@@ -228,14 +275,19 @@ class AdapterMethod(Method):
                     m.__dict__.pop(attr, None)
 
     def merge(self, model, plan, name):
-        modules, mixtures, kept = module_names(model), 0, 0
+        modules, mixtures, kept, compacters = module_names(model), 0, 0, 0
         for s in plan.sites:
             holder = getattr(modules[s.name], ATTR)
-            if isinstance(holder[name], AdaMixAdapter):
+            if isinstance(holder[name], Compacter):
+                holder[name] = holder[name].to_adapter()
+                compacters += 1
+            elif isinstance(holder[name], AdaMixAdapter):
                 holder[name] = holder[name].merge_experts()
                 mixtures += 1
             else:
                 kept += 1
+        if compacters:
+            return [f"{compacters} Compacters became plain adapters ({name!r}: their PHM weights built once)"]
         if mixtures:
             return [
                 f"{mixtures} AdaMix adapters merged into one adapter each ({name!r}: their experts averaged)"
