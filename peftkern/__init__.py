@@ -34,6 +34,7 @@ from .integrations import (  # noqa: E402
     PromptConfig,
     VPTConfig,
     active,
+    adalora_orth_loss,
     adapters,
     delete_adapter,
     from_pretrained,
@@ -47,6 +48,7 @@ from .integrations import (  # noqa: E402
     tasks,
     trainable_parameters,
     unipelt,
+    update_ranks,
 )
 
 
@@ -74,6 +76,11 @@ __all__ = [
     "PrefixConfig",
     "PromptConfig",
     "VPTConfig",
+    "IA3Config",
+    "AdaLoRAConfig",
+    "KronAConfig",
+    "update_ranks",
+    "adalora_orth_loss",
     "task_ids",
     "tasks",
     "adapters",

@@ -479,3 +479,47 @@ def vpt_vit(base, prompts, pixel_values):
     h = torch.cat([h[:, :1], h[:, 1 + N :]], 1)
     h = base.layernorm(h)
     return h, (base.pooler(h) if base.pooler is not None else None)
+
+
+def adalora_linear(x, weight, bias, lora_A, lora_E, lora_B, lora_alpha, ranknum, mask=None):
+    """peft's AdaLoRA SVDLinear forward: base(x) + (dropout(x) @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5);
+    mask = dropout factors."""
+    dropped = x if mask is None else x * mask
+    update = dropped @ (lora_A * lora_E).T @ lora_B.T
+    return F.linear(x, weight, bias) + update * lora_alpha / (ranknum + 1e-5)
+
+
+def adalora_orth_loss(pairs, orth_reg_weight):
+    """peft's AdaLoRA penalty: orth_reg_weight * mean over every lora_A, lora_B of ||P P^T - I||_F
+    (A A^T for A, B^T B for B); pairs = [(lora_A, lora_B), ...]."""
+    terms = []
+    for A, B in pairs:
+        for cov in (A @ A.T, B.T @ B):
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype)))
+    return orth_reg_weight * torch.stack(terms).mean()
+
+
+def krona_linear(x, weight, bias, kron_A, kron_B, scaling):
+    """KronA: x @ (W + scaling · kron(A, B)).T + b, the Kronecker product formed (as peft's LoKr)."""
+    return F.linear(x, weight, bias) + x @ (scaling * torch.kron(kron_A, kron_B)).T
+
+
+def phm_weight(rule, left, right):
+    """A PHM layer's weight Σ_i kron(A_i, s_i t_iᵀ): rule [n, n, n], left [n, out/n, r],
+    right [n, in/n, r]."""
+    return sum(torch.kron(rule[i], left[i] @ right[i].T) for i in range(rule.shape[0]))
+
+
+def compacter(x, rule_down, left_down, right_down, b_down, rule_up, left_up, right_up, b_up, **kwargs):
+    """Compacter: the bottleneck adapter of the PHM weights."""
+    w_down = phm_weight(rule_down, left_down, right_down)
+    w_up = phm_weight(rule_up, left_up, right_up)
+    return adapter(x, w_down, b_down, w_up, b_up, **kwargs)
+
+
+def ia3_linear(x, weight, bias, ia3_scale, scale_input):
+    """(IA)³ as peft computes it: ``F.linear(x * l, W, b)`` for a feed-forward (input) scale, else
+    ``F.linear(x, W, b) * l`` (the bias scaled with the output)."""
+    if scale_input:
+        return F.linear(x * ia3_scale, weight, bias)
+    return F.linear(x, weight, bias) * ia3_scale

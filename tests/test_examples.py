@@ -20,7 +20,21 @@ def _finetune():
 
 
 @pytest.mark.parametrize(
-    "method", ["adapter", "lora", "mask", "bitfit", "prefix", "ptuning-v2", "prompt", "ptuning"]
+    "method",
+    [
+        "adapter",
+        "lora",
+        "mask",
+        "bitfit",
+        "prefix",
+        "ptuning-v2",
+        "prompt",
+        "ptuning",
+        "ia3",
+        "adalora",
+        "krona",
+        "compacter",
+    ],
 )
 def test_finetune_example(method, tmp_path, capsys):
     _finetune().main(["--method", method, "--steps", "3", "--device", "cpu", "--out", str(tmp_path)])

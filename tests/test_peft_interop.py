@@ -2,6 +2,7 @@
 with random weights (nothing is downloaded)."""
 
 import collections
+import copy
 import subprocess
 import sys
 
@@ -639,3 +640,45 @@ def test_fresh_dora_adapters_leave_a_model_unchanged(arch):
         logits = model(input_ids=ids).logits
     assert set(call_counts(model)) == {"fused: DoRA"}
     assert torch.allclose(expected, logits), (logits - expected).abs().max()
+
+
+def test_load_peft_weights_lora_gives_peft_logits(tmp_path):
+    """A peft LoRA checkpoint (save_pretrained) read into peftkern's LoRAConfig on the same modules:
+    the logits are peft's; a checkpoint of another method, a missing tensor and a tensor the adapter
+    has no place for are refused by name before any value is copied."""
+    import peftkern
+    from peftkern.integrations.peft import load_peft_weights
+
+    torch.manual_seed(0)
+    base = tiny_models.bert()
+    reference = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
+    for n, t in reference.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(t)  # not peft's zeros: the update must show
+    reference.save_pretrained(tmp_path / "lora")
+    model = peftkern.inject(copy.deepcopy(base), peftkern.LoRAConfig(r=4, lora_alpha=8))
+    load_peft_weights(model, tmp_path / "lora")
+    ids = torch.randint(0, 97, (2, 9))
+    reference.eval(), model.eval()
+    with torch.no_grad():
+        assert_close(
+            model(input_ids=ids).last_hidden_state, reference(input_ids=ids).last_hidden_state, torch.float32
+        )
+
+    state = {k: v.clone() for k, v in reference.state_dict().items() if "lora_" in k}
+    state = {k.replace(".default", ""): v for k, v in state.items()}
+    first = sorted(state)[0]
+    with pytest.raises(ValueError, match="lacks the tensor for"):
+        load_peft_weights(model, {k: v for k, v in state.items() if k != first})
+    with pytest.raises(ValueError, match="has no place for"):
+        load_peft_weights(model, {**state, "base_model.model.pooler.dense.lora_A.weight": state[first]})
+    ia3 = peft.get_peft_model(
+        copy.deepcopy(base), peft.IA3Config(target_modules=["key"], feedforward_modules=[])
+    )
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ValueError, match="is a peft IA3 checkpoint"):
+        load_peft_weights(model, tmp_path / "ia3")
+    with pytest.raises(ValueError, match="holds no peftkern adapter"):
+        load_peft_weights(copy.deepcopy(base), tmp_path / "lora")

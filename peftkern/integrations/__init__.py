@@ -33,6 +33,7 @@ from .inject import (
     tasks,
     trainable_parameters,
 )
+from .methods.adalora import adalora_orth_loss, update_ranks
 from .unipelt import unipelt
 from .virtual_tokens import task_ids
 
@@ -62,6 +63,7 @@ __all__ = [
     "PromptConfig",
     "VPTConfig",
     "active",
+    "adalora_orth_loss",
     "adapters",
     "delete_adapter",
     "from_pretrained",
@@ -74,5 +76,6 @@ __all__ = [
     "task_ids",
     "tasks",
     "trainable_parameters",
+    "update_ranks",
     "unipelt",
 ]

@@ -166,6 +166,21 @@ class AdapterConfig(_Config):
               gate ``sigmoid(x @ w_g.T + b_g)`` of the adapter's input x (``Adapter(..., gate=True)``:
               a ``gate`` Linear(d_model, 1), saved as ``<site>.adapter.gate.weight`` / ``.bias``).
               Not with fusion or num_experts; not routed per sample in a mixed batch yet.
+
+    Compacter (Mahabadi et al. 2021):
+
+    ``phm_dim``          set (n): each adapter's down and up projections are PHM layers,
+                         ``W = Σ_{i<n} A_i ⊗ s_i t_iᵀ`` (A_i ``[n, n]``, s_i t_iᵀ of rank ``phm_rank``),
+                         each with a bias (``peftkern.nn.adapter.Compacter``), initialised as
+                         AdapterHub's CompacterConfig (rules ~ N(0, 1e-4²), Glorot-uniform factors, zero
+                         biases; ``init`` must stay "houlsby", it does not apply). n must divide d_model
+                         and the bottleneck. AdapterHub's Compacter is ``AdapterConfig(phm_dim=4,
+                         reduction_factor=32)`` (houlsby placement, gelu). Not with fusion or
+                         num_experts. ``peftkern.merge`` turns each into the plain adapter of its
+                         built weights.
+    ``phm_rank``         the rank of each s_i t_iᵀ (AdapterHub's factorized_phm_W).
+    ``shared_phm_rule``  True: one rule ``[n, n, n]`` for every PHM layer of the model (saved once as
+                         ``adapter_phm_rule``); False: each PHM layer its own.
     """
 
     bottleneck: Optional[int] = None
@@ -216,6 +231,16 @@ class AdapterConfig(_Config):
             self.phm_dim = _checks.dim("AdapterConfig", "phm_dim", self.phm_dim)
         self.phm_rank = _checks.dim("AdapterConfig", "phm_rank", self.phm_rank)
         self.shared_phm_rule = _bool("AdapterConfig", "shared_phm_rule", self.shared_phm_rule)
+        if self.phm_dim is not None and (self.fusion is not None or self.num_experts > 1):
+            raise ValueError(
+                "AdapterConfig: phm_dim (Compacter) builds single adapters; it cannot take "
+                + ("fusion" if self.fusion is not None else f"num_experts ({self.num_experts}) > 1")
+            )
+        if self.phm_dim is not None and self.init != "houlsby":
+            raise ValueError(
+                f"AdapterConfig: phm_dim (Compacter) has its own init (AdapterHub's); init must stay "
+                f"'houlsby'; got {self.init!r}"
+            )
 
     def bottleneck_for(self, d_model: int) -> int:
         return self.bottleneck or max(1, int(d_model // self.reduction_factor))
@@ -474,7 +499,8 @@ class IA3Config(_Config):
 
     def __post_init__(self):
         self._check_common()
-        self.feedforward_modules = _names("IA3Config", "feedforward_modules", self.feedforward_modules)
+        ff = self.feedforward_modules  # [] allowed, as peft's: no feed-forward site (mt5's preset)
+        self.feedforward_modules = [] if ff in ([], ()) else _names("IA3Config", "feedforward_modules", ff)
         self.init_ia3_weights = _bool("IA3Config", "init_ia3_weights", self.init_ia3_weights)
 
 
@@ -524,6 +550,8 @@ class AdaLoRAConfig(_Config):
                 raise ValueError(f"{name}: {field} must be in [0, 1); got {v}")
             setattr(self, field, v)
         self.orth_reg_weight = _real(name, "orth_reg_weight", self.orth_reg_weight)
+        if self.orth_reg_weight < 0:  # peft's check
+            raise ValueError(f"{name}: orth_reg_weight must be >= 0; got {self.orth_reg_weight}")
         if self.total_step is None:
             raise ValueError(f"{name}: total_step (the training's steps) is required; got None")
         self.total_step = _checks.dim(name, "total_step", self.total_step)
@@ -545,6 +573,11 @@ class KronAConfig(_Config):
     peft's LoKr ``factorization(dim, decompose_factor)``; peft's LoKr with full-rank factors
     (``lokr_w1``, ``lokr_w2``, scaling = alpha / r) is this form. Presets: LoRA's (the query and
     value projections).
+
+    ``decompose_factor``  as peft's LoKr: -1, the most balanced factors; else A's sides are the
+                          factor where it divides the dimension. ``scaling``: the update's scale (peft's
+                          alpha / r for a LoKr checkpoint). Init: as peft's LoKr, A zero and B
+                          Kaiming-uniform, so the model starts as its base.
     """
 
     decompose_factor: int = -1

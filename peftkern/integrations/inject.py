@@ -29,8 +29,11 @@ from .config import (
     config_from_dict,
 )
 from .methods import Method, copies, describe
+from .methods.adalora import AdaLoRA
 from .methods.adapter import AdapterMethod
 from .methods.bitfit import BitFit
+from .methods.ia3 import IA3
+from .methods.krona import KronA
 from .methods.lora import LoRA
 from .methods.mask import Mask
 from .methods.prefix import Prefix
@@ -39,7 +42,8 @@ from .methods.vpt import VPT
 
 _STATE = "_peftkern"  # the attribute inject sets on the model it changed
 METHODS: Dict[type, Method] = {
-    m.config_class: m for m in (LoRA(), Mask(), AdapterMethod(), BitFit(), Prefix(), Prompt(), VPT())
+    m.config_class: m
+    for m in (LoRA(), AdaLoRA(), Mask(), AdapterMethod(), BitFit(), Prefix(), Prompt(), VPT(), KronA(), IA3())
 }
 DEFAULT_NAME = "default"
 _ROUTE_TOKENS = virtual_tokens.CallStack("peftkern_route_tokens")

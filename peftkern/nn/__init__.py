@@ -3,7 +3,9 @@
 from . import routing
 from .adamix import AdaMixAdapter, adamix_consistency_loss
 from .adapted_linear import AdaptedLinear
-from .adapter import Adapter, AdapterFusion, MultiAdapter
+from .adapter import Adapter, AdapterFusion, Compacter, MultiAdapter, PHMLinear
+from .ia3 import IA3Linear
+from .krona import KronALinear
 from .lora import LoRALinear
 from .mask import MaskedLinear
 from .prefix_attention import PrefixGate, PrefixKV, PrefixSelfAttention, SoftPrompt, VisualPrompt
@@ -25,4 +27,8 @@ __all__ = [
     "SoftPrompt",
     "VisualPrompt",
     "SideTuning",
+    "IA3Linear",
+    "KronALinear",
+    "Compacter",
+    "PHMLinear",
 ]

@@ -55,12 +55,16 @@ class Method:
     # the peft_type of Hugging Face peft's checkpoints of this method ("" when it has none)
     peft_type = ""
 
-    def from_peft(self, model: nn.Module, plan, config, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def from_peft(
+        self, model: nn.Module, plan, config, state: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """{saved name: tensor} of every parameter ``expected_shapes`` names, from the state dict of a
         peft checkpoint of this method (``state``: its keys without peft's ``base_model.model.``, the
         module names of `model`, e.g. ``bert.encoder.layer.0.attention.self.query.lora_A.weight``).
         Pops the keys it reads, so the caller can name those left over."""
-        raise ValueError(f"{type(self).__name__}: peftkern reads no Hugging Face peft checkpoint of this method")
+        raise ValueError(
+            f"{type(self).__name__}: peftkern reads no Hugging Face peft checkpoint of this method"
+        )
 
 
 def module_names(model: nn.Module) -> Dict[str, nn.Module]:
@@ -134,6 +138,25 @@ def linears(model, config, pattern, what, kinds=None):
                 f"nn.Linear; name linear layers only"
             )
     return found
+
+
+def parameter_uses(model: nn.Module) -> Dict[int, int]:
+    """id(tensor) -> how many parameter names hold it (above 1: tied, e.g. an LM head's weight)."""
+    uses: Dict[int, int] = {}
+    for _, t in model.named_parameters(remove_duplicate=False):
+        uses[id(t)] = uses.get(id(t), 0) + 1
+    return uses
+
+
+def remove_linear_adapter(model: nn.Module, sites, name: str) -> None:
+    """Removes adapter `name` from each site's peftkern linear layer (AdaptedLinear, IA3Linear,
+    KronALinear); a layer left with none becomes the plain nn.Linear again."""
+    modules = module_names(model)
+    for s in sites:
+        m = modules[s]
+        m.remove(name)
+        if not m.names():
+            m.restore()
 
 
 def add_to_dict_child(module: nn.Module, attr: str, name: str, new: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from ...nn import AdaptedLinear
 from ..config import LoRAConfig
 from ..targets import preset_for
-from . import GATED_REFUSAL, Method, linears, module_names
+from . import GATED_REFUSAL, Method, linears, module_names, parameter_uses, remove_linear_adapter
 
 
 @dataclass
@@ -94,22 +94,11 @@ class LoRA(Method):
         }
 
 
-def remove_linear_adapter(model, sites, name):
-    modules = module_names(model)
-    for s in sites:
-        m = modules[s]
-        m.remove(name)
-        if not m.names():
-            m.restore()
-
-
 @torch.no_grad()
 def merge_into_weights(model, sites, name):
     """Applies adapter `name` to each site's weight (a tied weight, an LM head's, into a copy) and
     removes it."""
-    uses = {}
-    for _, t in model.named_parameters(remove_duplicate=False):
-        uses[id(t)] = uses.get(id(t), 0) + 1
+    uses = parameter_uses(model)
     modules = module_names(model)
     for s in sites:
         m = modules[s]

@@ -15,8 +15,8 @@ import torch
 from ...nn import AdaptedLinear
 from ..config import MaskConfig
 from ..targets import preset_for
-from . import Method, linears, module_names
-from .lora import merge_into_weights, remove_linear_adapter
+from . import Method, linears, module_names, remove_linear_adapter
+from .lora import merge_into_weights
 
 
 @dataclass
