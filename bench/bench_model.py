@@ -20,6 +20,8 @@ each method, peftkern (peftkern.inject) against what users run without it:
   krona     peft's LoKrConfig with full-rank factors (r 16, alpha 16), which forms kron(w1, w2)
             [out, in] and runs a second full GEMM (and its weight gradient) every step; peftkern's
             KronA computes A X B^T on the reshaped input, never forming [out, in]
+  compacter the same injected model with each Compacter computed eagerly (its PHM weights built, then
+            two F.linear, the activation, the scaled add: tests/reference.EagerAdapter)
 
 Models (random weights, bf16, sdpa attention): a BERT-base encoder with a classification head, and
 a Llama-style ~1.1B decoder (TinyLlama's shape: d 2048, 22 layers, 32 heads, 4 kv heads) with its
@@ -121,6 +123,8 @@ METHODS = {
     "adalora": lambda: peftkern.AdaLoRAConfig(init_r=12, target_r=8, lora_alpha=32, total_step=1000),
     # KronA = peft's LoKr with full-rank factors (r 16 >= half of every factor's size: peft's w2 full)
     "krona": lambda: peftkern.KronAConfig(scaling=1.0),
+    # Compacter (PHM adapters, phm_dim 4, rank 1, the rule shared), the adapter row's bottleneck
+    "compacter": lambda: peftkern.AdapterConfig(phm_dim=4, bottleneck=64),
 }
 BASELINE = {
     "lora": "peft",
@@ -130,6 +134,7 @@ BASELINE = {
     "ia3": "peft",
     "adalora": "peft",
     "krona": "peft",
+    "compacter": "eager",
 }
 NO_ATTENTION_DROPOUT = {"prefix"}  # methods whose models are built without attention dropout
 # prefix on decoders and BART only: peft's prefix tuning for sequence classification looks for a
