@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter
 from . import _checks
+from ._autocast import autocast_tensors
 from .adapter import ADAPTER_INITS, Adapter
 
 
@@ -121,11 +122,7 @@ class AdaMixAdapter(nn.Module):
         else:
             self.last_route = None
             weights = self._mean_experts()
-        tensors = [x, *weights, residual]
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            tensors = [None if t is None else t.to(dt) for t in tensors]
-        x, w_down, b_down, w_up, b_up, residual = tensors
+        x, w_down, b_down, w_up, b_up, residual = autocast_tensors(x, [x, *weights, residual])
         return adapter(
             x, w_down, b_down, w_up, b_up, activation=self.activation, scale=self.scale, residual=residual
         )

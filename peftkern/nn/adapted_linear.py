@@ -16,13 +16,7 @@ from torch import Tensor, nn
 from ..ops.lora import lora_linear, lora_linear_multi
 from ..ops.mask import masked_linear, masked_linear_multi, pack_mask
 from . import _checks, routing
-
-
-def _autocast(x: Tensor, tensors):
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return [None if t is None else t.to(dt) for t in tensors]
-    return list(tensors)
+from ._autocast import autocast_tensors
 
 
 class AdaptedLinear(nn.Linear):
@@ -278,7 +272,7 @@ class AdaptedLinear(nn.Linear):
 
     def _gate(self, name: str, x: Tensor) -> Tensor:
         """``sigmoid(x @ w_g.T + b_g)``, shape ``x.shape[:-1]``, x's dtype."""
-        w, b = _autocast(x, [self.lora_gate_weight[name], self.lora_gate_bias[name]])
+        w, b = autocast_tensors(x, [self.lora_gate_weight[name], self.lora_gate_bias[name]])
         return torch.sigmoid(F.linear(x, w, b)).squeeze(-1)
 
     @torch.no_grad()
@@ -310,7 +304,7 @@ class AdaptedLinear(nn.Linear):
         masks = [n for n in names if n in self.scores]
         if len(masks) > 1:
             raise ValueError(f"AdaptedLinear: masks {masks} cannot apply together on one weight")
-        x, weight, bias = _autocast(x, [x, self.weight, self.bias])
+        x, weight, bias = autocast_tensors(x, [x, self.weight, self.bias])
         if masks:
             scores = self.scores[masks[0]]
             scores = scores if scores.dtype in (torch.float32, weight.dtype) else scores.float()
@@ -339,9 +333,9 @@ class AdaptedLinear(nn.Linear):
             if kept is not None:
                 kept = kept.to(A.device)  # no copy unless the layer moved since the pattern was set
                 A, B = A.index_select(0, kept), B.index_select(1, kept)
-            A, B = _autocast(like, [A, B])
+            A, B = autocast_tensors(like, [A, B])
             return A, B
-        A, B = _autocast(like, [self.lora_A[name], self.lora_B[name]])
+        A, B = autocast_tensors(like, [self.lora_A[name], self.lora_B[name]])
         return A, B
 
     def _together(self, loras, x):
@@ -368,7 +362,7 @@ class AdaptedLinear(nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        x2, weight, bias = _autocast(x2, [x2, self.weight, self.bias])
+        x2, weight, bias = autocast_tensors(x2, [x2, self.weight, self.bias])
         loras = [n for n in self.lora_A.keys() if any(n in s for s in route.samples)]
         masks = [n for n in self.scores.keys() if any(n in s for s in route.samples)]
         gated = [n for n in loras if self.gated(n)]

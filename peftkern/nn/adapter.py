@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.adapter import ADAPTER_ACTIVATIONS, adapter, adapter_multi, adapter_stack
 from . import _checks
+from ._autocast import autocast_tensors
 
 ADAPTER_INITS = ("houlsby", "lora")
 
@@ -269,14 +270,6 @@ class Compacter(Adapter):
         )
 
 
-def _autocast(x: Tensor, tensors):
-    """The tensors in the autocast dtype where autocast is on for x's device (as nn.Linear computes)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return [None if t is None else t.to(dt) for t in tensors]
-    return list(tensors)
-
-
 def _check_init(module: str, activation: str, init: str) -> None:
     if activation not in ADAPTER_ACTIVATIONS:
         raise ValueError(f"{module}: activation must be one of {ADAPTER_ACTIVATIONS}; got {activation!r}")
@@ -410,7 +403,7 @@ class MultiAdapter(nn.Module):
             adapter_ids = adapter_ids[:, None].expand(x.shape[:-1])  # one id per sample
         if isinstance(x, Tensor) and x.dim() >= 1 and adapter_ids.shape == x.shape[:-1]:
             adapter_ids = adapter_ids.reshape(-1)
-        x, w_down, b_down, w_up, b_up, residual = _autocast(
+        x, w_down, b_down, w_up, b_up, residual = autocast_tensors(
             x, [x, self.down_weight, self.down_bias, self.up_weight, self.up_bias, residual]
         )
         return adapter_multi(
@@ -539,7 +532,7 @@ class AdapterFusion(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         m = self.adapters
-        x, w_down, b_down, w_up, b_up, res = _autocast(
+        x, w_down, b_down, w_up, b_up, res = autocast_tensors(
             x, [x, m.down_weight, m.down_bias, m.up_weight, m.up_bias, residual]
         )
         a = adapter_stack(

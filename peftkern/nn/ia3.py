@@ -20,13 +20,7 @@ from torch import Tensor, nn
 
 from ..ops.ia3 import ia3_linear
 from . import routing
-
-
-def _autocast(x: Tensor, tensors):
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return [None if t is None else t.to(dt) for t in tensors]
-    return list(tensors)
+from ._autocast import autocast_tensors
 
 
 class IA3Linear(nn.Linear):
@@ -116,7 +110,7 @@ class IA3Linear(nn.Linear):
         names, route = routing.resolve(self, self.names(), self._peftkern_active)
         if route is not None:
             return self._mixed(x, route)
-        x, weight, bias = _autocast(x, [x, self.weight, self.bias])
+        x, weight, bias = autocast_tensors(x, [x, self.weight, self.bias])
         outs = [self.ia3_l[n] for n in names if not self.feedforward[n]]
         ins = [self.ia3_l[n] for n in names if self.feedforward[n]]
         if not outs and not ins:
@@ -140,7 +134,7 @@ class IA3Linear(nn.Linear):
         who = "IA3Linear"
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        x2, weight, bias = _autocast(x2, [x2, self.weight, self.bias])
+        x2, weight, bias = autocast_tensors(x2, [x2, self.weight, self.bias])
         used = [n for n in self.names() if any(n in s for s in route.samples)]
         if not used:
             return F.linear(x2, weight, bias).reshape(*lead, self.out_features)

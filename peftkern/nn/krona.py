@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.kron import kron_delta, krona_linear
 from . import _checks, routing
+from ._autocast import autocast_tensors
 
 
 def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
@@ -29,13 +30,6 @@ def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
             break
         m = d
     return tuple(sorted((m, dimension // m)))
-
-
-def _autocast(x: Tensor, tensors):
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        return [None if t is None else t.to(dt) for t in tensors]
-    return list(tensors)
 
 
 class KronALinear(nn.Linear):
@@ -130,13 +124,13 @@ class KronALinear(nn.Linear):
         names, route = routing.resolve(self, self.names(), self._peftkern_active)
         if route is not None:
             return self._mixed(x, route)
-        x, weight, bias = _autocast(x, [x, self.weight, self.bias])
+        x, weight, bias = autocast_tensors(x, [x, self.weight, self.bias])
         if not names:
             return F.linear(x, weight, bias)
-        A, B = _autocast(x, [self.kron_A[names[0]], self.kron_B[names[0]]])
+        A, B = autocast_tensors(x, [self.kron_A[names[0]], self.kron_B[names[0]]])
         out = krona_linear(x, weight, bias, A, B, scaling=self.krona_scaling[names[0]])
         for n in names[1:]:
-            A, B = _autocast(x, [self.kron_A[n], self.kron_B[n]])
+            A, B = autocast_tensors(x, [self.kron_A[n], self.kron_B[n]])
             out = out + kron_delta(x, A, B, self.krona_scaling[n])
         return out
 
@@ -145,13 +139,13 @@ class KronALinear(nn.Linear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        x2, weight, bias = _autocast(x2, [x2, self.weight, self.bias])
+        x2, weight, bias = autocast_tensors(x2, [x2, self.weight, self.bias])
         out = F.linear(x2, weight, bias)
         for n in self.names():
             if not any(n in s for s in route.samples):
                 continue
             idx = route.rows(n, rows, x.device, who)
-            A, B = _autocast(x2, [self.kron_A[n], self.kron_B[n]])
+            A, B = autocast_tensors(x2, [self.kron_A[n], self.kron_B[n]])
             out = out.index_add(0, idx, kron_delta(x2.index_select(0, idx), A, B, self.krona_scaling[n]))
         return out.reshape(*lead, self.out_features)
 

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.lora import lora_linear
 from . import _checks
+from ._autocast import autocast_tensors
 from ._frozen_base import init_like_linear_, share_frozen_base
 
 
@@ -129,11 +130,9 @@ class LoRALinear(nn.Module):
         self._merged = False
 
     def forward(self, x: Tensor) -> Tensor:
-        tensors = [x, self.weight, self.bias, self.lora_A, self.lora_B]
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            tensors = [None if t is None else t.to(dt) for t in tensors]
-        x, weight, bias, lora_A, lora_B = tensors
+        x, weight, bias, lora_A, lora_B = autocast_tensors(
+            x, [x, self.weight, self.bias, self.lora_A, self.lora_B]
+        )
         if self._merged:
             return nn.functional.linear(x, weight, bias)
         return lora_linear(

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from ..ops.mask import masked_linear, pack_mask
 from . import _checks
+from ._autocast import autocast_tensors
 from ._frozen_base import init_like_linear_, share_frozen_base
 
 # Piggyback (Mallya et al. 2018) initialises the real-valued mask at 1e-2 and binarises it at
@@ -105,11 +106,7 @@ class MaskedLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
+        x, weight, bias = autocast_tensors(x, [x, self.weight, self.bias])
         scores = self.scores if self.scores.dtype in (torch.float32, weight.dtype) else self.scores.float()
         return masked_linear(x, weight, bias, scores, threshold=self.threshold)
 

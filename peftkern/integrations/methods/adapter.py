@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn import AdaMixAdapter, Adapter, AdapterFusion, routing
-from ...nn.adapter import PHM_INIT_RANGE, Compacter, _autocast
+from ...nn._autocast import autocast_tensors
+from ...nn.adapter import PHM_INIT_RANGE, Compacter
 from ...ops.adapter import adapter_multi
 from ..config import AdapterConfig
 from ..targets import preset_for
@@ -358,7 +359,7 @@ def _stacked(adapters, x):
     r = max(a.bottleneck for a in adapters)
     parts = []
     for a in adapters:
-        wd, bd, wu, bu = _autocast(x, [a.down.weight, a.down.bias, a.up.weight, a.up.bias])
+        wd, bd, wu, bu = autocast_tensors(x, [a.down.weight, a.down.bias, a.up.weight, a.up.bias])
         pad = r - a.bottleneck
         parts.append(
             (F.pad(wd, (0, 0, 0, pad)), F.pad(bd, (0, pad)), F.pad(wu, (0, pad)) * a.scale, bu * a.scale)
