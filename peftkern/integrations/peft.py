@@ -154,8 +154,8 @@ def _active(layer):
     return [n for n in layer.active_adapters if n in layer.lora_A]  # peft skips the others too
 
 
-def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
-    """Why this forward call of `layer` goes to peft's own path, or None (it computes fused)."""
+def _layer_call_reason(layer, args, kwargs) -> Optional[str]:
+    """What sends any peft layer's call (LoRA's, IA3's) to peft's own path whatever its adapters are."""
     if args or any(v is not None for v in kwargs.values()):
         return "extra forward arguments"
     static = unsupported_reason(layer) or _nested_reason(layer)
@@ -163,6 +163,14 @@ def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
         return static
     if layer.disable_adapters:
         return "adapters disabled: base layer only"
+    return None
+
+
+def _call_reason(layer, x, args, kwargs, adapter_names) -> Optional[str]:
+    """Why this forward call of `layer` goes to peft's own path, or None (it computes fused)."""
+    reason = _layer_call_reason(layer, args, kwargs)
+    if reason is not None:
+        return reason
     if adapter_names is not None:
         if x is None or x.dim() < 2:
             return "adapter_names with an input of fewer than 2 dimensions"
@@ -301,13 +309,9 @@ def _ia3_active(layer):
 
 def _ia3_call_reason(layer, x, args, kwargs) -> Optional[str]:
     """Why this forward call of peft IA3 `layer` goes to peft's own path, or None (it computes fused)."""
-    if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments"
-    static = unsupported_reason(layer) or _nested_reason(layer)
-    if static is not None:
-        return static
-    if layer.disable_adapters:
-        return "adapters disabled: base layer only"
+    reason = _layer_call_reason(layer, args, kwargs)
+    if reason is not None:
+        return reason
     if layer.merged:
         return "adapters merged into the weight: base layer only"
     if not _ia3_active(layer):
