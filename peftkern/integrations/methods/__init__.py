@@ -140,6 +140,17 @@ def linears(model, config, pattern, what, kinds=None):
     return found
 
 
+def target_linears(model, config, preset_field: str, kinds=None) -> List[str]:
+    """The names of the linear layers ``config.target_modules`` matches, or, when it is None, the
+    preset's `preset_field` for the model's architecture (``Preset.lora``, ``Preset.linears``)."""
+    from ..targets import preset_for
+
+    pattern = config.target_modules
+    if pattern is None:
+        pattern = getattr(preset_for(model, type(config).__name__), preset_field)
+    return [n for n, _ in linears(model, config, pattern, "target_modules", kinds)]
+
+
 def parameter_uses(model: nn.Module) -> Dict[int, int]:
     """id(tensor) -> how many parameter names hold it (above 1: tied, e.g. an LM head's weight)."""
     uses: Dict[int, int] = {}

@@ -46,8 +46,7 @@ from torch import nn
 
 from ...nn import AdaptedLinear
 from ..config import AdaLoRAConfig
-from ..targets import preset_for
-from . import Method, linears, module_names, remove_linear_adapter
+from . import Method, module_names, remove_linear_adapter, target_linears
 from .lora import merge_into_weights
 
 _STATE = "_peftkern_adalora"  # on the model: {adapter name: _Allocator}
@@ -255,10 +254,7 @@ class AdaLoRA(Method):
     config_class = AdaLoRAConfig
 
     def plan(self, model, config):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = preset_for(model, type(config).__name__).lora
-        return AdaLoRAPlan([n for n, _ in linears(model, config, pattern, "target_modules")])
+        return AdaLoRAPlan(target_linears(model, config, "lora"))
 
     def expected_shapes(self, model, plan, config):
         modules, r, shapes = module_names(model), config.init_r, {}

@@ -21,8 +21,7 @@ from torch import nn
 
 from ...nn.krona import KronALinear, factorization
 from ..config import KronAConfig
-from ..targets import preset_for
-from . import Method, linears, module_names, parameter_uses, remove_linear_adapter
+from . import Method, module_names, parameter_uses, remove_linear_adapter, target_linears
 
 LOW_RANK_KEYS = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -43,11 +42,7 @@ class KronA(Method):
     config_class = KronAConfig
 
     def plan(self, model, config):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = preset_for(model, type(config).__name__).lora
-        found = linears(model, config, pattern, "target_modules", kinds=(KronALinear,))
-        return KronAPlan([n for n, _ in found])
+        return KronAPlan(target_linears(model, config, "lora", kinds=(KronALinear,)))
 
     def expected_shapes(self, model, plan, config):
         modules, shapes = module_names(model), {}

@@ -16,8 +16,14 @@ from torch import nn
 
 from ...nn import AdaptedLinear
 from ..config import LoRAConfig
-from ..targets import preset_for
-from . import GATED_REFUSAL, Method, linears, module_names, parameter_uses, remove_linear_adapter
+from . import (
+    GATED_REFUSAL,
+    Method,
+    module_names,
+    parameter_uses,
+    remove_linear_adapter,
+    target_linears,
+)
 
 
 @dataclass
@@ -29,10 +35,7 @@ class LoRA(Method):
     config_class = LoRAConfig
 
     def plan(self, model, config):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = preset_for(model, type(config).__name__).lora
-        return LoRAPlan([n for n, _ in linears(model, config, pattern, "target_modules")])
+        return LoRAPlan(target_linears(model, config, "lora"))
 
     def expected_shapes(self, model, plan, config):
         modules, r, shapes = module_names(model), config.r, {}

@@ -14,8 +14,7 @@ import torch
 
 from ...nn import AdaptedLinear
 from ..config import MaskConfig
-from ..targets import preset_for
-from . import Method, linears, module_names, remove_linear_adapter
+from . import Method, module_names, remove_linear_adapter, target_linears
 from .lora import merge_into_weights
 
 
@@ -28,10 +27,7 @@ class Mask(Method):
     config_class = MaskConfig
 
     def plan(self, model, config):
-        pattern = config.target_modules
-        if pattern is None:
-            pattern = preset_for(model, type(config).__name__).linears
-        return MaskPlan([n for n, _ in linears(model, config, pattern, "target_modules")])
+        return MaskPlan(target_linears(model, config, "linears"))
 
     def expected_shapes(self, model, plan, config):
         modules = module_names(model)
