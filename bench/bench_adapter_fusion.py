@@ -7,6 +7,11 @@ the softmax) as nn.Linear; matmul scores, softmax, matmul mix, residual) vs peft
 (ops.adapter_stack: x read once for all N adapters, each output written once into the stack; value
 applied once to the mix).
 
+Pruning (AdapterDrop, Rücklé et al. 2021: a fusion of 8 adapters pruned to the 2 it weights most
+keeps its results at +68% inference speed): the rows ``adapters=8 kept=2`` are the fusion over 8
+adapters after ``AdapterFusion.keep`` of 2 (both providers then run over the 2 kept ones); the 8 -> 2
+speedup is the ``adapters=8`` peftkern row's time over the ``adapters=8 kept=2`` one's.
+
 Cost of one step, T tokens, es = element size: the products dominate,
   flops   forward   4*T*d*r*N (adapters) + 2*T*d*d*(N + 2) (key on N outputs, query, value) + 4*T*N*d
           full      3x the forward, less the adapters' weight gradients (frozen)
@@ -57,8 +62,9 @@ class AdapterHubFusion(torch.nn.Module):
         )
 
 
-def build(provider, d, N, r, dtype, device, seed=0):
-    """The module of a provider: a fusion over N frozen random adapters, projections trainable."""
+def build(provider, d, N, r, dtype, device, seed=0, kept=None):
+    """The module of a provider: a fusion over N frozen random adapters, projections trainable;
+    `kept` set: the same fusion pruned to its first `kept` adapters (``AdapterFusion.keep``)."""
     import peftkern
 
     torch.manual_seed(seed)
@@ -67,12 +73,14 @@ def build(provider, d, N, r, dtype, device, seed=0):
         for p in fusion.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
     fusion.adapters.requires_grad_(False)
+    if kept is not None:
+        fusion.keep(list(range(kept)))
     return AdapterHubFusion(fusion) if provider == "eager" else fusion
 
 
-def _work(provider, mode, T, d, N, r, dtype, device="cuda"):
+def _work(provider, mode, T, d, N, r, dtype, device="cuda", kept=None):
     def make():
-        module = build(provider, d, N, r, dtype, device)
+        module = build(provider, d, N, r, dtype, device, kept=kept)
         es = torch.finfo(dtype).bits // 8
         n = input_sets_for(2 * T * d * es)
         train = mode != "inference"
@@ -92,39 +100,35 @@ def step_cost(mode, T, d, N, r, es):
     return bytes_, {"inference": fwd, "forward": fwd, "full": full}[mode]
 
 
-def cases(quick=False):
-    shapes = [(TOKENS, 768, 48, N) for N in (2, 4, 8)]  # BERT-base, AdapterHub's reduction factor 16
-    if not quick:
-        shapes += [(TOKENS, 4096, 256, N) for N in (2, 4, 8)]
-    for (T, d, r, N), mode, provider in itertools.product(
-        shapes, ("inference", "forward", "full"), ("eager", "peftkern")
-    ):
-        dtype = torch.bfloat16
-        ideal, fl = step_cost(mode, T, d, N, r, torch.finfo(dtype).bits // 8)
+def _cases(shapes, modes, dtype, device):
+    """shapes: (T, d, r, N, kept or None); both providers in each mode."""
+    for (T, d, r, N, kept), mode, provider in itertools.product(shapes, modes, ("eager", "peftkern")):
+        ideal, fl = step_cost(mode, T, d, N if kept is None else kept, r, torch.finfo(dtype).bits // 8)
+        shape = dict(tokens=T, d=d, r=r, adapters=N, **({} if kept is None else dict(kept=kept)))
         yield Case(
             FAMILY,
-            dict(tokens=T, d=d, r=r, adapters=N),
+            shape,
             dtype,
             mode,
             provider,
-            _work(provider, mode, T, d, N, r, dtype),
+            _work(provider, mode, T, d, N, r, dtype, device, kept),
             ideal,
             fl,
         )
+
+
+def cases(quick=False):
+    shapes = [(TOKENS, 768, 48, N, None) for N in (2, 4, 8)]  # BERT-base, AdapterHub's reduction factor 16
+    if not quick:
+        shapes += [(TOKENS, 4096, 256, N, None) for N in (2, 4, 8)]
+    yield from _cases(shapes, ("inference", "forward", "full"), torch.bfloat16, "cuda")
+    # AdapterDrop's pruning: the fusion of 8 pruned to 2, at inference and in the training forward
+    yield from _cases([(TOKENS, 768, 48, 8, 2)], ("inference", "forward"), torch.bfloat16, "cuda")
 
 
 def cpu_cases():
-    """The CPU table (bench.run without a GPU): a fusion of 4 MiniLM-sized adapters, float32."""
-    T, d, r, N, dtype = 1024, 384, 24, 4, torch.float32
-    for mode, provider in itertools.product(("inference", "full"), ("eager", "peftkern")):
-        ideal, fl = step_cost(mode, T, d, N, r, 4)
-        yield Case(
-            FAMILY,
-            dict(tokens=T, d=d, r=r, adapters=N),
-            dtype,
-            mode,
-            provider,
-            _work(provider, mode, T, d, N, r, dtype, "cpu"),
-            ideal,
-            fl,
-        )
+    """The CPU table (bench.run without a GPU): a fusion of 4 MiniLM-sized adapters, float32; and the
+    fusion of 8 against the same pruned to 2, at inference."""
+    T, d, r = 1024, 384, 24
+    yield from _cases([(T, d, r, 4, None)], ("inference", "full"), torch.float32, "cpu")
+    yield from _cases([(T, d, r, 8, None), (T, d, r, 8, 2)], ("inference",), torch.float32, "cpu")

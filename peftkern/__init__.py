@@ -42,6 +42,7 @@ from .integrations import (  # noqa: E402
     load_adapter,
     merge,
     print_trainable_parameters,
+    prune_fusion,
     save_pretrained,
     set_active,
     task_ids,

@@ -300,3 +300,285 @@ def test_cuda_fusion_matches_the_cpu_module():
     assert_close(x_cuda.grad, x.grad, torch.float32, "grad x")
     for (name, p), p_cuda in zip(fusion.named_parameters(), fusion_cuda.parameters()):
         assert_close(p_cuda.grad, p.grad, torch.float32, f"grad {name}")
+
+
+# ---------------------------------------------------------------- pruning (AdapterDrop, Rücklé et al. 2021)
+
+
+def fusion_weights_reference(fusion, x64):
+    """The fusion's attention weights [..., N], written out in float64 from its parameters."""
+    p64 = {n: ref.f64(p).detach() for n, p in fusion.named_parameters()}
+    m = fusion.adapters
+    stack = ref.adapter_stack(
+        x64,
+        p64["adapters.down_weight"],
+        p64["adapters.down_bias"],
+        p64["adapters.up_weight"],
+        p64["adapters.up_bias"],
+        m.activation,
+        m.scale,
+    )
+    q = (
+        x64
+        if fusion.query is None
+        else torch.nn.functional.linear(x64, p64["query.weight"], p64["query.bias"])
+    )
+    k = stack if fusion.key is None else torch.nn.functional.linear(stack, p64["key.weight"], p64["key.bias"])
+    scores = (k * q.unsqueeze(-2)).sum(-1)
+    return torch.softmax(scores / fusion.temperature, dim=-1)
+
+
+@pytest.mark.parametrize("kept", [[3, 0], [1], [0, 1, 2, 3, 4], [4, 2, 1]])
+def test_fusion_keep_is_the_fusion_over_the_kept_adapters(kept):
+    fusion = random_fusion(48, 5, 8, temperature=1.5)
+    original = {n: p.detach().clone() for n, p in fusion.named_parameters()}
+    fusion.keep(kept)
+    assert fusion.num_adapters == fusion.adapters.num_adapters == len(kept)
+    assert fusion.adapters.down_weight.shape == (len(kept), 8, 48)
+    x = randn(3, 7, 48, requires_grad=True)
+    out = fusion(x)
+    # the written-out fusion over the kept adapters only: its softmax runs over N = len(kept)
+    x64 = ref.f64(x)
+    stack = ref.adapter_stack(
+        x64,
+        *(
+            ref.f64(original[f"adapters.{n}"])[kept]
+            for n in ("down_weight", "down_bias", "up_weight", "up_bias")
+        ),
+        "gelu",
+        1.0,
+    )
+    p = {
+        n: ref.f64(original[n])
+        for n in ("query.weight", "query.bias", "key.weight", "key.bias", "value.weight")
+    }
+    want = ref.adapter_fusion(
+        x64,
+        stack,
+        p["query.weight"],
+        p["query.bias"],
+        p["key.weight"],
+        p["key.bias"],
+        p["value.weight"],
+        None,
+        1.5,
+    )
+    assert_close(out, want, torch.float32)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g.double())
+    assert_close(x.grad, x64.grad, torch.float32, "grad x")
+    for n in ("query.weight", "query.bias", "key.weight", "key.bias", "value.weight"):
+        assert torch.equal(fusion.get_parameter(n).detach(), original[n])  # the projections unchanged
+
+
+def test_fusion_records_its_weights_only_when_asked():
+    fusion = random_fusion(32, 4, 8, temperature=2.0)
+    x = randn(2, 5, 32)
+    fusion(x)
+    assert fusion.last_weights is None
+    fusion.record_weights = True
+    fusion(x)
+    want = fusion_weights_reference(fusion, ref.f64(x))
+    assert fusion.last_weights.shape == (2, 5, 4) and not fusion.last_weights.requires_grad
+    assert_close(fusion.last_weights, want, torch.float32)
+    fusion.keep([2, 0])
+    assert fusion.last_weights is None
+
+
+def test_fusion_keep_keeps_requires_grad_and_bad_indices():
+    fusion = random_fusion(16, 3, 4)
+    fusion.adapters.requires_grad_(False)
+    fusion.keep([2])
+    assert not fusion.adapters.down_weight.requires_grad and fusion.query.weight.requires_grad
+    fusion = random_fusion(16, 3, 4)
+    for bad, exc, message in [
+        ([], TypeError, "AdapterFusion.keep: indices must be a non-empty sequence"),
+        (1, TypeError, "AdapterFusion.keep: indices must be a non-empty sequence"),
+        ([True], TypeError, "AdapterFusion.keep: indices must be ints"),
+        ([0.0], TypeError, "AdapterFusion.keep: indices must be ints"),
+        ([3], ValueError, "AdapterFusion.keep: index 3 is out of range for 3 adapters"),
+        ([-1], ValueError, "AdapterFusion.keep: index -1 is out of range"),
+        ([1, 1], ValueError, "AdapterFusion.keep: indices must be distinct"),
+    ]:
+        with pytest.raises(exc, match=message):
+            fusion.keep(bad)
+    assert fusion.num_adapters == 3
+
+
+# ---------------------------------------------------------------- peftkern.prune_fusion on a model
+
+transformers = pytest.importorskip("transformers")
+
+
+def fused_bert(tmp_path, n=4):
+    """A tiny BERT with a fusion over n saved pfeiffer adapters (random), the fusion's projections
+    random (so the adapters' weights differ); {name: dir}."""
+    import peftkern
+
+    from .tiny_models import bert
+
+    dirs = {}
+    for i in range(n):
+        model = peftkern.inject(bert(), peftkern.AdapterConfig(bottleneck=5, placement="pfeiffer"))
+        randomize(model, 10 + i)
+        dirs[f"task{i}"] = str(tmp_path / f"task{i}")
+        peftkern.save_pretrained(model, dirs[f"task{i}"])
+    model = peftkern.inject(bert(), peftkern.AdapterConfig(bottleneck=5, placement="pfeiffer", fusion=dirs))
+    randomize(model, 3, scale=0.6)
+    return model, dirs
+
+
+def randomize(model, seed, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.requires_grad:
+                t.copy_(torch.randn(t.shape, generator=g) * scale)
+
+
+def batches():
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for lengths in ([9, 4, 6], [2, 9]):
+        ids = torch.randint(0, 97, (len(lengths), 9), generator=g)
+        mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()
+        out.append(dict(input_ids=ids, attention_mask=mask))
+    return out
+
+
+def fusion_sites(model):
+    from peftkern.nn import AdapterFusion
+
+    return {
+        n: m.adapter["default"]
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "adapter", None), torch.nn.ModuleDict)
+        and isinstance(m.adapter["default"], AdapterFusion)
+    }
+
+
+def test_prune_fusion_keeps_the_adapters_weighted_most(tmp_path):
+    import peftkern
+
+    model, dirs = fused_bert(tmp_path)
+    sites = fusion_sites(model)
+    assert len(sites) == 2 and all(f.num_adapters == 4 for f in sites.values())
+    # the reference: each site's input captured, its weights written out, the padding left out
+    inputs = {s: [] for s in sites}
+    hooks = [
+        f.register_forward_pre_hook(lambda f, a, s=s: inputs[s].append(a[0].detach()))
+        for s, f in sites.items()
+    ]
+    with torch.no_grad():
+        for b in batches():
+            model(**b)
+    for h in hooks:
+        h.remove()
+    site_means = {}
+    for s, f in sites.items():
+        total, count = torch.zeros(4, dtype=torch.float64), 0.0
+        for x, b in zip(inputs[s], batches()):
+            p = fusion_weights_reference(f, ref.f64(x))
+            m = b["attention_mask"].double()
+            total += (p * m[..., None]).sum((0, 1))
+            count += m.sum().item()
+        site_means[s] = total / count
+    score = torch.stack(list(site_means.values())).mean(0)
+    best = sorted(sorted(range(4), key=lambda i: -score[i].item())[:2])
+    x = batches()[0]
+    with torch.no_grad():
+        full = model(**x).last_hidden_state
+    result = peftkern.prune_fusion(model, batches(), 2)
+    assert result.kept == [f"task{i}" for i in best]
+    for i in range(4):
+        assert abs(result.weights[f"task{i}"] - score[i].item()) <= 1e-5 * score[i].item()
+    for s in sites:
+        assert_close(torch.tensor(result.site_weights[s]), site_means[s], torch.float32)
+    assert all(f.num_adapters == 2 for f in fusion_sites(model).values())
+    assert list(peftkern.adapters(model)["default"].fusion) == result.kept
+    assert not model.training and not any(f.record_weights for f in sites.values())
+    # the pruned model is the fusion built over the kept adapters alone, with the same projections
+    kept_dirs = {n: dirs[n] for n in result.kept}
+    from .tiny_models import bert
+
+    twin = peftkern.inject(
+        bert(), peftkern.AdapterConfig(bottleneck=5, placement="pfeiffer", fusion=kept_dirs)
+    )
+    twin_params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for n, t in model.named_parameters():
+            if t.requires_grad:
+                twin_params[n].copy_(t)
+        got, want = model(**x).last_hidden_state, twin(**x).last_hidden_state
+    assert_close(got, want.double(), torch.float32)
+    assert rel_err(got, full) > 1e-4  # pruning changed the model (two adapters left of four)
+    # save and load: the checkpoint holds the kept adapters, from_pretrained builds fusions of 2
+    peftkern.save_pretrained(model, tmp_path / "pruned")
+    loaded = peftkern.from_pretrained(bert(), tmp_path / "pruned")
+    assert list(peftkern.adapters(loaded)["default"].fusion) == result.kept
+    assert all(f.num_adapters == 2 for f in fusion_sites(loaded).values())
+    with torch.no_grad():
+        assert_close(loaded(**x).last_hidden_state, want.double(), torch.float32)
+
+
+def test_prune_fusion_tensor_batches_count_every_token(tmp_path):
+    import peftkern
+
+    model, _ = fused_bert(tmp_path, n=3)
+    sites = fusion_sites(model)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(9))
+    inputs = {}
+    hooks = [
+        f.register_forward_pre_hook(lambda f, a, s=s: inputs.setdefault(s, a[0].detach()))
+        for s, f in sites.items()
+    ]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    score = torch.stack(
+        [fusion_weights_reference(f, ref.f64(inputs[s])).mean((0, 1)) for s, f in sites.items()]
+    ).mean(0)
+    result = peftkern.prune_fusion(model, [ids], 3)  # k = N: nothing dropped, the weights reported
+    assert result.kept == ["task0", "task1", "task2"]
+    for i in range(3):
+        assert abs(result.weights[f"task{i}"] - score[i].item()) <= 1e-5 * score[i].item()
+
+
+def test_prune_fusion_bad_input(tmp_path):
+    import peftkern
+
+    from .tiny_models import bert
+
+    with pytest.raises(ValueError, match="prune_fusion: the model holds no peftkern adapter"):
+        peftkern.prune_fusion(bert(), batches(), 1)
+    plain = peftkern.inject(bert(), peftkern.AdapterConfig(bottleneck=5))
+    with pytest.raises(ValueError, match=r"prune_fusion: the model holds 0 AdapterFusion adapters"):
+        peftkern.prune_fusion(plain, batches(), 1)
+    model, _ = fused_bert(tmp_path, n=3)
+    cases = [
+        (dict(k=0), ValueError, r"prune_fusion: k must be in \[1, 3\]"),
+        (dict(k=4), ValueError, r"prune_fusion: k must be in \[1, 3\]"),
+        (dict(k=True), TypeError, "prune_fusion: k must be an int"),
+        (dict(k=2.0), TypeError, "prune_fusion: k must be an int"),
+        (dict(name="other"), ValueError, "prune_fusion: 'other' is no AdapterFusion adapter"),
+        (dict(data=batches()[0]), TypeError, "prune_fusion: data must be an iterable of batches"),
+        (dict(data=[]), ValueError, "prune_fusion: data held no batch"),
+        (dict(data=[[1, 2]]), TypeError, "prune_fusion: a batch must be a dict of model arguments"),
+    ]
+    for kw, exc, message in cases:
+        args = {"data": batches(), "k": 2, **kw}
+        with pytest.raises(exc, match=message):
+            peftkern.prune_fusion(model, args.pop("data"), args.pop("k"), **args)
+    all_padding = [
+        dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.zeros(2, 4, dtype=torch.long))
+    ]
+    with pytest.raises(ValueError, match="prune_fusion: the fusion at .* saw no token"):
+        peftkern.prune_fusion(model, all_padding, 2)
+    assert all(f.num_adapters == 3 for f in fusion_sites(model).values())  # refused: unchanged
+    with (
+        peftkern.tasks(["default", None]),
+        pytest.raises(ValueError, match="prune_fusion: a mixed batch is set"),
+    ):
+        peftkern.prune_fusion(model, batches(), 2)

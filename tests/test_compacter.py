@@ -139,7 +139,8 @@ def test_inject_trainable_count_save_load_and_tied_rule(shared, tmp_path):
     d, r, n, k = 32, 8, 4, 1
     per_site = 2 * n * (d // n + r // n) * k + r + d  # factors of down and up, their biases
     rule_count = n**3 * (1 if shared else 2 * sites)
-    assert peftkern.trainable_parameters(model)[0] == sites * per_site + rule_count
+    norms = 2 * 2 * 2 * d  # houlsby's default: each block's two LayerNorms, weight and bias
+    assert peftkern.trainable_parameters(model)[0] == sites * per_site + rule_count + norms
     assert len(rules(model)) == (1 if shared else 2 * sites)
     ids = torch.randint(0, 97, (2, 9))
     out = model(input_ids=ids).last_hidden_state
@@ -197,8 +198,9 @@ def test_minilm_fine_tune_lowers_the_loss():
     D, LAYERS = minilm_tests.D, minilm_tests.LAYERS
     encoder = copy.deepcopy(minilm_tests._base())
     torch.manual_seed(1)
-    # AdapterHub's Compacter: reduction_factor 32, phm_dim 4, rank 1, shared rule, houlsby, gelu
-    peftkern.inject(encoder, peftkern.AdapterConfig(phm_dim=4, reduction_factor=32))
+    # AdapterHub's Compacter: reduction_factor 32, phm_dim 4, rank 1, shared rule, houlsby, gelu, and
+    # the norms frozen (the houlsby placement's default would train them)
+    peftkern.inject(encoder, peftkern.AdapterConfig(phm_dim=4, reduction_factor=32, train_layer_norms=False))
     r, n = D // 32, 4
     per_site = 2 * n * (D // n + r // n) + r + D
     assert peftkern.trainable_parameters(encoder)[0] == LAYERS * 2 * per_site + n**3

@@ -84,7 +84,9 @@ def test_bert_adapter_placements(placement, expected):
     model = peftkern.inject(tiny_bert(), peftkern.AdapterConfig(placement=placement, bottleneck=5))
     assert adapter_sites(model) == sorted(e.format(i=i) for i in range(2) for e in expected)
     trainable, _ = peftkern.trainable_parameters(model)
-    assert trainable == len(adapter_sites(model)) * (2 * 32 * 5 + 5 + 32)
+    # houlsby's default also trains each block's two LayerNorms (weight and bias of 32), as the paper
+    norms = 2 * 2 * (2 * 32) if placement == "houlsby" else 0
+    assert trainable == len(adapter_sites(model)) * (2 * 32 * 5 + 5 + 32) + norms
 
 
 def test_llama_presets():
@@ -445,7 +447,8 @@ def _unchanged(model, reference_model):
 
 
 def test_from_pretrained_refuses_a_mismatched_base(tmp_path):
-    model = randomize_peft_params(peftkern.inject(tiny_bert(), peftkern.AdapterConfig(bottleneck=5)))
+    config = peftkern.AdapterConfig(bottleneck=5, train_layer_norms=False)  # the adapters' keys alone
+    model = randomize_peft_params(peftkern.inject(tiny_bert(), config))
     peftkern.save_pretrained(model, tmp_path)
     wider = tiny_bert(hidden_size=48, num_attention_heads=4)
     with pytest.raises(
@@ -646,6 +649,7 @@ def run_logged(model, x):
 
 
 def drop_model(kind="bert", placement="houlsby", drop_prob=0.5, **config):
+    config.setdefault("train_layer_norms", False)  # a dropped adapter alone leaves the base
     return randomize_peft_params(
         peftkern.inject(
             TINY[kind](),
@@ -670,7 +674,9 @@ def test_drop_layers_removes_the_lowest_blocks_adapters(kind, placement):
     layers, bottleneck = 4, 3
     per_adapter = 2 * 32 * bottleneck + bottleneck + 32  # down and up weights, their biases
     for n in range(layers):
-        config = peftkern.AdapterConfig(bottleneck=bottleneck, placement=placement, drop_layers=n)
+        config = peftkern.AdapterConfig(
+            bottleneck=bottleneck, placement=placement, drop_layers=n, train_layer_norms=False
+        )
         model = peftkern.inject(TINY[kind](num_hidden_layers=layers), config)
         want = sorted(s.format(i=i) for i in range(n, layers) for s in DROP_SITES[kind, placement])
         assert adapter_sites(model) == want, n
@@ -907,7 +913,8 @@ def test_adapterdrop_round_trips(tmp_path):
 
 
 def test_adamix_sites_train_as_the_eager_twin():
-    model = peftkern.inject(tiny_bert(), peftkern.AdapterConfig(bottleneck=5, num_experts=3))
+    config = peftkern.AdapterConfig(bottleneck=5, num_experts=3, train_layer_norms=False)
+    model = peftkern.inject(tiny_bert(), config)
     assert adapter_sites(model, AdaMixAdapter) == adapter_sites(model) and len(adapter_sites(model)) == 4
     assert peftkern.trainable_parameters(model)[0] == 4 * 3 * (2 * 32 * 5 + 5 + 32)
     model = randomize_peft_params(model).train()

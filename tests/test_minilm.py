@@ -51,13 +51,14 @@ NEGATIVE = [
     "what a miserable place to spend a weekend",
 ]
 D, LAYERS, FFN = 384, 6, 1536
+NORMS = 2 * 2 * D  # houlsby's default also trains each block's two LayerNorms (weight and bias)
 
 # method -> (config, trainable parameters by the method's formula, AdamW learning rate, starts as identity)
 METHODS = {
     "lora": (peftkern.LoRAConfig(r=8, lora_alpha=16), LAYERS * 2 * 8 * (D + D), 1e-3, True),
     "adapter": (
         peftkern.AdapterConfig(bottleneck=32, init="lora"),
-        LAYERS * 2 * (2 * D * 32 + 32 + D),
+        LAYERS * (2 * (2 * D * 32 + 32 + D) + NORMS),
         1e-3,
         True,
     ),
@@ -66,14 +67,14 @@ METHODS = {
     # tiny second moments amplify float32 rounding past the twin check's 1e-4, so a lower rate
     "adapterdrop": (
         peftkern.AdapterConfig(bottleneck=32, init="lora", drop_layers=2, drop_prob=0.1),
-        (LAYERS - 2) * 2 * (2 * D * 32 + 32 + D),
+        (LAYERS - 2) * (2 * (2 * D * 32 + 32 + D) + NORMS),
         3e-4,
         True,
     ),
     # AdaMix: 4 experts per site, a random down and up expert per site and training forward
     "adamix": (
         peftkern.AdapterConfig(bottleneck=32, init="lora", num_experts=4),
-        LAYERS * 2 * 4 * (2 * D * 32 + 32 + D),
+        LAYERS * (2 * 4 * (2 * D * 32 + 32 + D) + NORMS),
         1e-3,
         True,
     ),

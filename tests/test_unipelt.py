@@ -27,7 +27,8 @@ R, ALPHA, BOTTLENECK, P, SCALE = 4, 12.0, 5, 3, 0.7
 def configs(gate=True):
     return (
         peftkern.LoRAConfig(r=R, lora_alpha=ALPHA, gate=gate),
-        peftkern.AdapterConfig(bottleneck=BOTTLENECK, scale=SCALE, gate=gate),  # houlsby: 2 sites a layer
+        # houlsby: 2 sites a layer; UniPELT trains its submodules and gates, not the norms
+        peftkern.AdapterConfig(bottleneck=BOTTLENECK, scale=SCALE, gate=gate, train_layer_norms=False),
         peftkern.PrefixConfig(num_virtual_tokens=P, gate=gate),
     )
 

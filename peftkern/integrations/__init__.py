@@ -34,6 +34,7 @@ from .inject import (
     trainable_parameters,
 )
 from .methods.adalora import adalora_orth_loss, update_ranks
+from .methods.adapter import FusionPruning, prune_fusion
 from .unipelt import unipelt
 from .virtual_tokens import task_ids
 
@@ -55,6 +56,7 @@ __all__ = [
     "AdaLoRAConfig",
     "AdapterConfig",
     "BitFitConfig",
+    "FusionPruning",
     "IA3Config",
     "KronAConfig",
     "LoRAConfig",
@@ -71,6 +73,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "print_trainable_parameters",
+    "prune_fusion",
     "save_pretrained",
     "set_active",
     "task_ids",

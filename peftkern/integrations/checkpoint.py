@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -181,8 +182,14 @@ def fused_adapter_weights(model: nn.Module, p) -> dict:
                 raise ValueError(
                     f"{who} has {field}={getattr(source, field)!r}, the fusion {getattr(config, field)!r}"
                 )
+        if source.trains_layer_norms():  # AdapterFusion's adapters are Pfeiffer's, which train no norm
+            warnings.warn(
+                f"{who} trained its blocks' layer norms (train_layer_norms); the fusion reads its adapters "
+                "only, over the base's norms",
+                stacklevel=3,
+            )
         try:  # its modules_to_save (a task head, say) are not the fusion's: only its adapters are read
-            sp = plan(model, dataclasses.replace(source, modules_to_save=None))
+            sp = plan(model, dataclasses.replace(source, modules_to_save=None, train_layer_norms=False))
         except ValueError as e:
             raise ValueError(f"{who} does not fit this model: {e}") from None
         sites, ours = ({s.name: _reads(s) for s in q.sites.sites} for q in (sp, p))

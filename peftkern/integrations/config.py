@@ -181,6 +181,34 @@ class AdapterConfig(_Config):
     ``phm_rank``         the rank of each s_i t_iᵀ (AdapterHub's factorized_phm_W).
     ``shared_phm_rule``  True: one rule ``[n, n, n]`` for every PHM layer of the model (saved once as
                          ``adapter_phm_rule``); False: each PHM layer its own.
+
+    ``train_layer_norms``  True: the layer norms (LayerNorm / RMSNorm modules) inside the transformer
+              blocks that hold the adapter's sites train with it. Each adapter name holds its own
+              copy of their affine parameters (``<norm>.adapter_norm.<name>.weight`` / ``.bias``,
+              saved as ``<norm>.adapter_norm.weight``), initialised from the base's and used when
+              that adapter is active; the base's stay frozen and untouched (``delete_adapter``
+              restores the base exactly, ``peftkern.merge`` copies them into the base's norms). In
+              a mixed batch each sample's rows take their adapter's affine (the base's for samples
+              of none); two adapters with copies on one norm cannot apply to one sample together.
+              The model's final norm and the embeddings' lie in no block and stay the base's (the
+              papers' models, BERT, have none outside the blocks but the embeddings'); with True a
+              site in no block is refused, by default it trains no norm. The papers: houlsby trains
+              them (Houlsby et al. 2019, Figure 2: "the adapter, the layer normalization parameters,
+              and the final classification layer" train); pfeiffer does not (Pfeiffer et al. 2021 train
+              the adapters only, AdapterHub's PfeifferConfig likewise); parallel does not (He et al.
+              2022 train the added modules only); a fusion does not (its second stage trains only
+              the fusion: True is refused). None (the default): the placement's paper's choice,
+              True for houlsby (Compacter's houlsby placement too), False for the others and a fusion;
+              where the default meets a norm whose formula peftkern does not know (Gemma's 1 + w), that
+              norm stays the base's, with a warning. A checkpoint saved before this field existed
+              trained no norm and loads as such (``config_from_dict`` reads a missing field as False).
+
+    Placements' sources: ``pfeiffer`` is AdapterHub's ``PfeifferConfig`` (``mh_adapter=False``,
+    ``output_adapter=True``: one adapter per block, in the FFN's sub-layer; the config cites Pfeiffer
+    et al. 2021, arXiv 2005.00247, whose Figure 2 and MAD-X's §2.2 (Pfeiffer et al. 2020) put the
+    adapter after the feed-forward's output, reading it after the FFN's add & norm). Surveys' wording
+    "after the self-attention layer, after normalisation" does not match that paper; peftkern follows
+    the paper and AdapterHub, which agree.
     """
 
     bottleneck: Optional[int] = None
@@ -199,6 +227,7 @@ class AdapterConfig(_Config):
     phm_dim: Optional[int] = None
     phm_rank: int = 1
     shared_phm_rule: bool = True
+    train_layer_norms: Optional[bool] = None
     method = "adapter"
 
     def __post_init__(self):
@@ -241,6 +270,19 @@ class AdapterConfig(_Config):
                 f"AdapterConfig: phm_dim (Compacter) has its own init (AdapterHub's); init must stay "
                 f"'houlsby'; got {self.init!r}"
             )
+        if self.train_layer_norms is not None:
+            self.train_layer_norms = _bool("AdapterConfig", "train_layer_norms", self.train_layer_norms)
+        if self.train_layer_norms and self.fusion is not None:
+            raise ValueError(
+                "AdapterConfig: fusion trains only the fusion's query, key and value (AdapterFusion's second "
+                "stage); it cannot take train_layer_norms=True"
+            )
+
+    def trains_layer_norms(self) -> bool:
+        """train_layer_norms; None: the placement's paper's choice (houlsby trains them)."""
+        if self.train_layer_norms is not None:
+            return self.train_layer_norms
+        return self.placement == "houlsby" and self.fusion is None
 
     def bottleneck_for(self, d_model: int) -> int:
         return self.bottleneck or max(1, int(d_model // self.reduction_factor))
@@ -622,6 +664,8 @@ def config_from_dict(d: dict) -> _Config:
     if not isinstance(d, dict) or d.get("method") not in CONFIGS:
         raise ValueError(f"not a peftkern config: 'method' must be one of {sorted(CONFIGS)}; got {d!r:.120}")
     cls = CONFIGS[d["method"]]
+    if d["method"] == "adapter" and "train_layer_norms" not in d:  # saved before the field: no norm trained
+        d = {**d, "train_layer_norms": False}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields - {"method"})
     if unknown:

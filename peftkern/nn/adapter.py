@@ -277,6 +277,22 @@ def _check_init(module: str, activation: str, init: str) -> None:
         raise ValueError(f"{module}: init must be one of {ADAPTER_INITS}; got {init!r}")
 
 
+def _check_indices(module: str, indices, n: int) -> list:
+    """A non-empty list of distinct ints in [0, n)."""
+    if isinstance(indices, Tensor):
+        indices = indices.tolist()
+    if not isinstance(indices, (list, tuple)) or not indices:
+        raise TypeError(f"{module}.keep: indices must be a non-empty sequence of ints; got {indices!r:.60}")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"{module}.keep: indices must be ints; got {type(i).__name__} {i!r:.40}")
+        if not 0 <= i < n:
+            raise ValueError(f"{module}.keep: index {i} is out of range for {n} adapters")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"{module}.keep: indices must be distinct; got {list(indices)}")
+    return list(indices)
+
+
 # a MultiAdapter's stacked parameter -> the Adapter parameter it stacks
 STACKED_PARAMS = {
     "down_weight": "down.weight",
@@ -394,6 +410,18 @@ class MultiAdapter(nn.Module):
                 a.get_parameter(name).copy_(self.get_parameter(stacked)[i])
         return a
 
+    @torch.no_grad()
+    def keep(self, indices) -> None:
+        """Keeps adapters ``indices`` (distinct, in that order) and drops the rest, in place: each
+        stacked parameter becomes a new Parameter of those rows (its requires_grad kept), so an
+        optimizer built before holds the old ones. ``num_adapters`` becomes ``len(indices)``."""
+        indices = _check_indices(type(self).__name__, indices, self.num_adapters)
+        index = torch.tensor(indices, dtype=torch.int64, device=self.down_weight.device)
+        for stacked in STACKED_PARAMS:
+            old = self.get_parameter(stacked)
+            setattr(self, stacked, nn.Parameter(old.index_select(0, index), requires_grad=old.requires_grad))
+        self.num_adapters = len(indices)
+
     def forward(self, x: Tensor, adapter_ids: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not isinstance(adapter_ids, Tensor):
             raise TypeError(
@@ -447,6 +475,12 @@ class AdapterFusion(nn.Module):
     two-stage recipe: train the adapters (one task each), build the fusion with ``from_adapters``,
     then train only the fusion: ``fusion.adapters.requires_grad_(False)`` (``from_adapters`` does
     this by default).
+
+    Pruning (AdapterDrop, Rücklé et al. 2021): with ``record_weights = True`` each forward keeps
+    its attention weights p ``[..., N]`` (detached) in ``last_weights``; off by default, so the
+    normal forward stores nothing. ``keep(indices)`` then drops the other adapters in place: the
+    kept adapters' weights and query / key / value are unchanged, and the softmax runs over the
+    kept adapters only (``adapter_stack`` over N = len(indices)).
     """
 
     def __init__(
@@ -495,6 +529,7 @@ class AdapterFusion(nn.Module):
         self.query = nn.Linear(d_model, d_model, **factory) if query else None
         self.key = nn.Linear(d_model, d_model, **factory) if key else None
         self.value = nn.Linear(d_model, d_model, bias=False, **factory) if value else None
+        self.record_weights, self.last_weights = False, None  # pruning's statistics, on request
         self.reset_fusion_parameters()
 
     def reset_fusion_parameters(self) -> None:
@@ -542,11 +577,21 @@ class AdapterFusion(nn.Module):
         k = a if self.key is None else self.key(a)
         scores = torch.matmul(k, q.unsqueeze(-1)).squeeze(-1)  # [..., N]
         math_dtype = torch.promote_types(scores.dtype, torch.float32)  # float32, float64 for float64
-        p = torch.softmax(scores.to(math_dtype) / self.temperature, dim=-1).to(a.dtype)
+        p = torch.softmax(scores.to(math_dtype) / self.temperature, dim=-1)
+        if self.record_weights:
+            self.last_weights = p.detach()
+        p = p.to(a.dtype)
         mixed = torch.matmul(p.unsqueeze(-2), a).squeeze(-2)  # [..., d]
         if self.value is not None:
             mixed = self.value(mixed)
         return (x if res is None else res) + mixed
+
+    def keep(self, indices) -> None:
+        """Keeps adapters ``indices`` (distinct; the stack's new order) and drops the rest, in place
+        (``MultiAdapter.keep``); the query, key and value stay as they are. Clears
+        ``last_weights``."""
+        self.adapters.keep(_check_indices(type(self).__name__, indices, self.num_adapters))
+        self.num_adapters, self.last_weights = self.adapters.num_adapters, None
 
     def extra_repr(self) -> str:
         flags = [n for n in ("query", "key", "value") if getattr(self, n) is not None]
