@@ -51,6 +51,7 @@ from .integrations import (  # noqa: E402
     unipelt,
     update_ranks,
 )
+from .nn.adamix import adamix_pair  # noqa: E402
 
 
 def build_info() -> dict:
@@ -90,5 +91,7 @@ __all__ = [
     "delete_adapter",
     "load_adapter",
     "unipelt",
+    "adamix_pair",
+    "prune_fusion",
 ]
 __version__ = "0.1.0"

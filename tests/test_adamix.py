@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import peftkern
 from peftkern.nn import AdaMixAdapter, Adapter, adamix_consistency_loss
 from peftkern.ops import ADAPTER_ACTIVATIONS
 
@@ -409,6 +410,207 @@ def test_consistency_training_pulls_the_routes_together():
         loss.backward()
         opt.step()
     assert spread() < 0.4 * before
+
+
+# ---------------------------------------------------------------- adamix_pair: the paired second pass
+
+
+class Stack(nn.Module):
+    """Three mixtures of different expert counts between linear layers (an MLP of adapters)."""
+
+    def __init__(self, d=24, dtype=torch.float32):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=dtype)
+        self.mixes = nn.ModuleList([make(d, 5, E, dtype, scale=0.8) for E in (2, 3, 5)])
+
+    def forward(self, x):
+        h = self.lin(x)
+        for m in self.mixes:
+            h = m(h)
+        return h
+
+
+def stack_reference(model, x, routes):
+    """The stack written out in float64 through the given routes (ref.adamix on each mixture)."""
+    h = F.linear(ref.f64(x), ref.f64(model.lin.weight), ref.f64(model.lin.bias))
+    for m, route in zip(model.mixes, routes):
+        w = [ref.f64(getattr(m, n)) for n in PARAMS]
+        h = ref.adamix(h, *w, route=route, activation=m.activation, scale=m.scale)
+    return h
+
+
+def test_pair_routes_differ_at_every_adapter_and_outputs_are_the_routed_experts():
+    model = Stack().train()
+    x = torch.randn(4, 7, 24)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out_a = model(x)
+        first = [m.last_route for m in model.mixes]
+        with peftkern.adamix_pair(model):
+            out_b = model(x)
+        second = [m.last_route for m in model.mixes]
+        for (i, j), (i2, j2), m in zip(first, second, model.mixes):
+            assert i2 != i and j2 != j, (first, second)  # both experts differ
+            assert 0 <= i2 < m.num_experts and 0 <= j2 < m.num_experts
+        assert [m._pair_first for m in model.mixes] == [None] * 3  # the block's flag is cleared
+        with torch.no_grad():
+            assert_close(out_a, stack_reference(model, x, first), torch.float32, "first pass")
+            assert_close(out_b, stack_reference(model, x, second), torch.float32, "paired pass")
+    # two experts: the paired route is the first one's complement on both sides
+    m = model.mixes[0]
+    torch.manual_seed(0)
+    m(x)
+    i, j = m.last_route
+    with peftkern.adamix_pair(m):
+        m(x)
+    assert m.last_route == (1 - i, 1 - j)
+
+
+def test_pair_routes_are_uniform_over_the_other_experts():
+    E, draws = 4, 1800
+    m = make(8, 2, E).train()
+    x = torch.randn(1, 8)
+    torch.manual_seed(5)
+    counts = {}
+    with torch.no_grad():
+        for _ in range(draws):
+            m.last_route = (1, 2)  # as if the first pass had drawn it
+            with peftkern.adamix_pair(m):
+                m(x)
+            counts[m.last_route] = counts.get(m.last_route, 0) + 1
+    allowed = {(i, j) for i in range(E) for j in range(E) if i != 1 and j != 2}
+    assert set(counts) == allowed  # never the first's down or up expert
+    expected = draws / len(allowed)  # 200 each; the standard deviation is about 13
+    assert all(abs(c - expected) < 60 for c in counts.values()), counts
+    for side, first in ((0, 1), (1, 2)):
+        per = {}
+        for route, c in counts.items():
+            per[route[side]] = per.get(route[side], 0) + c
+        assert sorted(per) == [e for e in range(E) if e != first]
+        assert all(abs(c - draws / 3) < 90 for c in per.values()), per  # sd about 20
+
+
+def test_pair_consumes_the_generator_as_an_independent_draw_and_leaves_later_draws_alone():
+    model = Stack().train()
+    x = torch.randn(3, 24)
+    torch.manual_seed(11)
+    model(x)
+    state = torch.random.get_rng_state()
+    with peftkern.adamix_pair(model):
+        model(x)
+    after_pair = torch.random.get_rng_state()
+    torch.random.set_rng_state(state)
+    model(x)
+    assert torch.equal(torch.random.get_rng_state(), after_pair)  # the same two numbers per adapter
+    # after the block: independent draws again, the same sequence as a model that never paired
+    fresh = Stack().train()
+    torch.manual_seed(3)
+    paired_routes = []
+    for _ in range(30):
+        model(x)
+        paired_routes.append([m.last_route for m in model.mixes])
+    torch.manual_seed(3)
+    fresh_routes = []
+    for _ in range(30):
+        fresh(x)
+        fresh_routes.append([m.last_route for m in fresh.mixes])
+    assert paired_routes == fresh_routes
+    assert any(r[0][0] == first[0][0] for r, first in zip(paired_routes[1:], paired_routes))  # repeats occur
+
+
+def test_pair_in_eval_mode_draws_nothing():
+    model = Stack().train()
+    x = torch.randn(2, 24)
+    model(x)
+    model.eval()
+    state = torch.random.get_rng_state()
+    with peftkern.adamix_pair(model):
+        out = model(x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(m.last_route is None for m in model.mixes)
+    with torch.no_grad():
+        assert_close(out, stack_reference(model, x, [None] * 3), torch.float32, "eval")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_pair_under_activation_checkpointing_recomputes_the_paired_route(use_reentrant):
+    """The paired pass checkpointed, its backward after the block: the recompute takes the paired
+    route again, so the gradients are those of the routes the forwards took."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = Stack(dtype=torch.float64).train()
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(21)
+    out_a = checkpoint(model, x, use_reentrant=use_reentrant)
+    first = [m.last_route for m in model.mixes]
+    with peftkern.adamix_pair(model):
+        out_b = checkpoint(model, x, use_reentrant=use_reentrant)
+    second = [m.last_route for m in model.mixes]
+    assert all(i2 != i and j2 != j for (i, j), (i2, j2) in zip(first, second))
+    torch.manual_seed(99)  # the recompute restores the generator itself
+    loss = adamix_consistency_loss(out_a, out_b) + out_a.square().mean() + 0.5 * out_b.mean()
+    loss.backward()
+    params = [model.lin.weight, model.lin.bias, *(getattr(m, n) for m in model.mixes for n in PARAMS)]
+    got = [p.grad for p in params]
+    x_grad = x.grad
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    x64 = x.detach().clone().requires_grad_()
+
+    def written_out(x, routes):
+        h = F.linear(x, leaves[0], leaves[1])
+        for k, (m, route) in enumerate(zip(model.mixes, routes)):
+            wd, bd, wu, bu = leaves[2 + 4 * k : 6 + 4 * k]
+            h = ref.adamix(h, wd, bd, wu, bu, route=route, activation=m.activation, scale=m.scale)
+        return h
+
+    ra, rb = written_out(x64, first), written_out(x64, second)
+    expected = ref.symmetric_kl(ra, rb) + ra.square().mean() + 0.5 * rb.mean()
+    expected.backward()
+    assert_close(loss.detach(), expected.detach(), torch.float64, "loss")
+    assert_close(x_grad, x64.grad, torch.float64, "grad x")
+    for g, leaf in zip(got, leaves):
+        assert_close(g, leaf.grad, torch.float64, "grad")
+
+
+def test_pair_bad_uses():
+    x = torch.randn(2, 24)
+    with pytest.raises(TypeError, match=r"adamix_pair: model must be a torch.nn.Module; got list"):
+        with peftkern.adamix_pair([make(8, 2, 2)]):
+            pass
+    with pytest.raises(ValueError, match=r"adamix_pair: Linear holds no peftkern.nn.AdaMixAdapter"):
+        with peftkern.adamix_pair(nn.Linear(3, 3)):
+            pass
+    single = nn.Sequential(make(24, 2, 1), make(24, 2, 3)).train()
+    single(x)
+    with pytest.raises(ValueError, match=r"AdaMixAdapter '0' has num_experts=1, so no route differs"):
+        with peftkern.adamix_pair(single):
+            pass
+    model = Stack().train()
+    with pytest.raises(
+        ValueError, match=r"AdaMixAdapter 'mixes.0' has no first route \(last_route is None\)"
+    ):
+        with peftkern.adamix_pair(model):  # no first pass yet
+            pass
+    model.eval()(x)
+    with pytest.raises(ValueError, match=r"'mixes.0' has no first route"):  # the last pass was eval
+        with peftkern.adamix_pair(model):
+            pass
+    model.train()(x)
+    with pytest.raises(ValueError, match=r"adamix_pair: the AdaMixAdapter the model has no first route"):
+        with peftkern.adamix_pair(make(8, 2, 2)):
+            pass
+    with peftkern.adamix_pair(model):
+        with pytest.raises(RuntimeError, match=r"'mixes.0' is in an adamix_pair block already"):
+            with peftkern.adamix_pair(model):
+                pass
+        assert all(m._pair_first is not None for m in model.mixes)  # the outer block goes on
+    assert all(m._pair_first is None for m in model.mixes)
+    try:  # an exception in the block clears the flags too
+        with peftkern.adamix_pair(model):
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert all(m._pair_first is None for m in model.mixes)
 
 
 # ---------------------------------------------------------------- CUDA

@@ -406,6 +406,20 @@ class PrefixConfig(_Config):
               over prefix and sequence stays joint). Saved as ``<base>.peftkern_prefix.gate.weight``
               ``[num_layers, hidden]`` and ``.gate.bias`` ``[num_layers]``. Not with num_tasks > 1;
               not routed per sample in a mixed batch yet.
+
+    ``init_token_ids``  start each layer's prefix from real words (Li & Liang 2021, section 7.4): the
+                        ids, repeated or cut to num_virtual_tokens (as PromptConfig's), are run once
+                        through the frozen model as it stands at injection with every peftkern adapter
+                        off (eval, no grad), and each layer's prefix keys and values become the keys
+                        and values that layer computes for them, what it would keep as P past tokens
+                        (after the rotary embedding at positions 0..P-1 on RoPE models). On a causal
+                        decoder the model with that prefix so starts as the base model reading the
+                        words before each sequence. Encoder-decoders: the ids are the encoder's input
+                        and the decoder's (an ``"encoder"`` prefix: the encoder's self-attention keys,
+                        ``"decoder"``: the decoder's, ``"cross"``: the cross-attention's keys of the
+                        encoder's states). Every task starts from the same words. Ids must be in the
+                        model's vocabulary (checked at injection). Not with projection_dim (the
+                        reparametrisation's MLP cannot be set to given prefixes). None: random.
     """
 
     num_virtual_tokens: int = 20
@@ -414,6 +428,7 @@ class PrefixConfig(_Config):
     modules_to_save: Targets = None
     gate: bool = False
     sites: Optional[List[str]] = None
+    init_token_ids: Optional[List[int]] = None
     method = "prefix"
 
     def __post_init__(self):
@@ -428,6 +443,13 @@ class PrefixConfig(_Config):
             raise ValueError(
                 "PrefixConfig: gate (UniPELT) gates one prefix; it cannot take num_tasks "
                 f"({self.num_tasks}) > 1"
+            )
+        self.init_token_ids = _token_ids("PrefixConfig", "init_token_ids", self.init_token_ids)
+        if self.init_token_ids is not None and self.projection_dim is not None:
+            raise ValueError(
+                "PrefixConfig: init_token_ids sets the prefixes themselves; with projection_dim "
+                f"({self.projection_dim}) they come from the reparametrisation's MLP, which cannot start "
+                "from given prefixes"
             )
 
 

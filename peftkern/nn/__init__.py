@@ -1,7 +1,7 @@
 """Drop-in torch.nn modules built on peftkern.ops."""
 
 from . import routing
-from .adamix import AdaMixAdapter, adamix_consistency_loss
+from .adamix import AdaMixAdapter, adamix_consistency_loss, adamix_pair
 from .adapted_linear import AdaptedLinear
 from .adapter import Adapter, AdapterFusion, Compacter, MultiAdapter, PHMLinear
 from .ia3 import IA3Linear
@@ -16,6 +16,7 @@ __all__ = [
     "routing",
     "AdaMixAdapter",
     "adamix_consistency_loss",
+    "adamix_pair",
     "Adapter",
     "AdapterFusion",
     "MultiAdapter",

@@ -1,9 +1,10 @@
 """peftkern.nn.AdaMixAdapter: a mixture of bottleneck adapter experts (Wang et al. 2022, AdaMix)
 on the fused adapter op, and AdaMix's consistency regulariser."""
 
+import contextlib
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,21 @@ def _draw_route(num_experts: int) -> Tuple[int, int]:
     return i, j
 
 
+@torch.compiler.disable
+def _draw_other_route(num_experts: int, first: Tuple[int, int]) -> Tuple[int, int]:
+    """(i2, j2) with i2 != i and j2 != j for first = (i, j): each uniform over the other
+    num_experts - 1 experts, as (i + 1 + a) % E and (j + 1 + b) % E for two independent uniform
+    draws a, b in [0, E - 1) from the default CPU generator (two numbers, as _draw_route takes)."""
+    a, b = torch.randint(num_experts - 1, (2,), device="cpu").tolist()
+    return (first[0] + 1 + a) % num_experts, (first[1] + 1 + b) % num_experts
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running us: a forward called then is activation checkpointing's
+    recompute (reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class AdaMixAdapter(nn.Module):
     """A mixture of ``num_experts`` bottleneck adapters (AdaMix, Wang et al. 2022), one fused op per call.
 
@@ -60,7 +76,9 @@ class AdaMixAdapter(nn.Module):
     except where threads share the generator (nn.DataParallel's replicas: use DistributedDataParallel).
 
     Train with ``adamix_consistency_loss`` between two forward passes of the same batch (two routes)
-    to keep the experts close, as the paper does, so that their average stays a good model.
+    to keep the experts close, as the paper does, so that their average stays a good model. Inside
+    ``with adamix_pair(model):`` a training-mode forward draws a route of other experts than the one
+    its module drew on the pass before the block (the paired second pass; see ``adamix_pair``).
     Under autocast the module computes in the autocast dtype, as nn.Linear would.
     """
 
@@ -96,6 +114,11 @@ class AdaMixAdapter(nn.Module):
         self.up_weight = nn.Parameter(torch.empty(E, d, r, **factory))
         self.up_bias = nn.Parameter(torch.empty(E, d, **factory))
         self.last_route: Optional[Tuple[int, int]] = None
+        # adamix_pair: the first pass's route while the block runs (None outside it), and the CPU
+        # generator's state before the latest paired draw with the route it gave, so a checkpointed
+        # recompute (which restores that state) takes the same paired route after the block ended
+        self._pair_first: Optional[Tuple[int, int]] = None
+        self._paired_draw: Optional[Tuple[Tensor, Tuple[int, int]]] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -110,13 +133,30 @@ class AdaMixAdapter(nn.Module):
             nn.init.zeros_(self.up_weight)
             nn.init.zeros_(self.up_bias)
 
+    @torch.compiler.disable  # eager, as the draws themselves: one graph break per training call
+    def _route(self) -> Tuple[int, int]:
+        """This training forward's route: independent draws, or inside adamix_pair other experts than
+        the first pass's; a recompute under backward repeats the paired draw whose generator state
+        it restored (outside the block too)."""
+        if self._pair_first is not None:
+            state = torch.random.get_rng_state()
+            route = _draw_other_route(self.num_experts, self._pair_first)
+            self._paired_draw = (state, route)
+            return route
+        if self._paired_draw is not None and _in_backward():
+            state, route = self._paired_draw
+            if torch.equal(torch.random.get_rng_state(), state):
+                _draw_other_route(self.num_experts, route)  # the same two numbers as the forward took
+                return route
+        return _draw_route(self.num_experts)
+
     def _mean_experts(self):
         """(w_down, b_down, w_up, b_up) averaged over the experts (differentiable)."""
         return tuple(t.mean(0) for t in (self.down_weight, self.down_bias, self.up_weight, self.up_bias))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.training:
-            i, j = _draw_route(self.num_experts)
+            i, j = self._route()
             self.last_route = (i, j)
             weights = (self.down_weight[i], self.down_bias[i], self.up_weight[j], self.up_bias[j])
         else:
@@ -175,13 +215,17 @@ def adamix_consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     dtype; gradients flow to both inputs. It is zero when the two distributions are equal and
     positive otherwise; an empty batch gives 0.
 
-    Use: run the same batch twice in training mode (each AdaMixAdapter draws another route per
-    call), then::
+    Use: run the same batch twice in training mode, the second pass inside ``adamix_pair`` so that
+    every AdaMixAdapter routes it through other experts than the first (AdaMix's two passes of
+    different adaptation modules, Wang et al. 2022, section 3.2), then::
 
-        logits_a, logits_b = model(batch), model(batch)
+        logits_a = model(batch)
+        with peftkern.adamix_pair(model):
+            logits_b = model(batch)
         loss = task_loss(logits_a, labels) + lam * adamix_consistency_loss(logits_a, logits_b)
 
-    (the paper takes the task loss of one pass or of both; ``lam`` weighs the regulariser).
+    (the paper takes the task loss of one pass or of both; ``lam`` weighs the regulariser). Without
+    the block the second pass draws its routes independently, and may repeat the first's.
     """
     for name, t in (("logits_a", logits_a), ("logits_b", logits_b)):
         if not isinstance(t, Tensor):
@@ -209,3 +253,57 @@ def adamix_consistency_loss(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     log_b = torch.log_softmax(logits_b.to(dt), dim=-1)
     per_row = ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(-1)
     return per_row.sum() / max(per_row.numel(), 1)
+
+
+@contextlib.contextmanager
+def adamix_pair(model: nn.Module):
+    """AdaMix's paired second pass (Wang et al. 2022, section 3.2: the consistency loss compares two
+    passes through different adaptation modules)::
+
+        logits_a = model(batch)                  # the first pass: independent routes
+        with peftkern.adamix_pair(model):
+            logits_b = model(batch)              # every adapter: other experts than in logits_a
+
+    Inside the block, each training-mode forward of every ``AdaMixAdapter`` in ``model`` (the model
+    itself included) draws both a down-projection expert and an up-projection expert other than the
+    ones of the route it drew last before the block, ``(i, j) = last_route``: ``i2`` uniform over the
+    E - 1 experts other than i, ``j2`` uniform over those other than j, independently, from torch's
+    default CPU generator (so the two passes share no expert, and ``torch.manual_seed`` fixes both).
+    A module called twice in the block draws both times against the same first route. Eval mode
+    draws nothing, as always. Activation checkpointing's recompute of a paired pass (during backward,
+    after the block) takes the same paired route: it restores the CPU generator, and the module
+    recognises the state its paired draw started from. Outside the block routes are drawn as ever.
+
+    Raises ValueError when ``model`` holds no AdaMixAdapter, when one has a single expert (no other
+    route exists), or when one has no first route (``last_route`` is None: no training-mode forward
+    since it was built, or its last forward was in eval mode); RuntimeError when the block is entered
+    again for a module already in one (nested use). The flag is per module, set and cleared here.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adamix_pair: model must be a torch.nn.Module; got {type(model).__name__}")
+    mixtures: List[Tuple[str, AdaMixAdapter]] = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, AdaMixAdapter)
+    ]
+    if not mixtures:
+        raise ValueError(f"adamix_pair: {type(model).__name__} holds no peftkern.nn.AdaMixAdapter")
+    for n, m in mixtures:
+        where = repr(n) if n else "the model"
+        if m._pair_first is not None:
+            raise RuntimeError(f"adamix_pair: the AdaMixAdapter {where} is in an adamix_pair block already")
+        if m.num_experts == 1:
+            raise ValueError(
+                f"adamix_pair: the AdaMixAdapter {where} has num_experts=1, so no route differs from "
+                "its first"
+            )
+        if m.last_route is None:
+            raise ValueError(
+                f"adamix_pair: the AdaMixAdapter {where} has no first route (last_route is None): run the "
+                "first pass in training mode before the block"
+            )
+    try:
+        for _, m in mixtures:
+            m._pair_first = m.last_route
+        yield
+    finally:
+        for _, m in mixtures:
+            m._pair_first = None

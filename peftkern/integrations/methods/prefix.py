@@ -31,8 +31,14 @@ it joins the mask, and the prefix keys get ``prefix_bias`` from the stack's bias
 before the sequence (``compute_bias`` with P more past tokens), as peft's cache gives them. BART's
 decoder positions start at P: a forward hook on the decoder's ``embed_positions`` looks them up
 again shifted (per sample in a mixed batch).
+
+``PrefixConfig(init_token_ids=...)``: after the surgery, one eval forward of the model with every
+peftkern adapter off on those tokens (and, on an encoder-decoder, the same tokens as the decoder's
+input) through peftkern's attention with no prefix, which records the keys and values each attention
+call is given (post-rotary, as a cache keeps them) into the new prefix's layers.
 """
 
+import contextvars
 import functools
 import re
 import warnings
@@ -70,6 +76,8 @@ ATTENTION_NAME = "peftkern_prefix"  # the name registered with transformers' Att
 ATTR = "peftkern_prefix"
 _PREFIX_KWARG = "peftkern_prefix"  # the keyword argument the base's pre-hook adds for the attention function
 _GATE_KWARG = "peftkern_prefix_gate"  # the one an attention module's pre-hook adds: a gated prefix's gate
+# init_token_ids: while set, {prefix layer: (key, value)} the attention function records (one model call)
+_CAPTURE = contextvars.ContextVar("peftkern_prefix_capture", default=None)
 
 
 @dataclass
@@ -112,6 +120,12 @@ class Prefix(Method):
     def plan(self, model, config):
         cname = type(config).__name__
         hf = hf_config(model, cname)
+        if config.init_token_ids is not None:
+            _check_vocabulary(model, config.init_token_ids, cname)
+            if routing.current() is not None:
+                raise ValueError(
+                    f"{cname}: init_token_ids runs the model once; inject outside peftkern.tasks"
+                )
         try:
             import transformers  # noqa: F401
         except ImportError:  # pragma: no cover - the test environment has transformers
@@ -199,6 +213,8 @@ class Prefix(Method):
             m = model.get_submodule(n)
             if not hasattr(m, "_peftkern_prefix_gate_hook"):  # stays, as the base's hook: no gate, no-op
                 m._peftkern_prefix_gate_hook = m.register_forward_pre_hook(_gate_pre_hook, with_kwargs=True)
+        if config.init_token_ids is not None:
+            _init_from_tokens(model, plan, config, new)
         p = self._prefix(plan)
         return {f"{p}.{n}": f"{p}.{name}.{n}" for n, _ in new.named_parameters()}
 
@@ -225,6 +241,64 @@ class Prefix(Method):
         return (
             f"it holds {config.num_tasks} task prefixes (chosen by task_ids)" if config.num_tasks > 1 else ""
         )
+
+
+def _check_vocabulary(model, ids, cname) -> None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None:
+        raise ValueError(
+            f"{cname}: init_token_ids needs the model's input embedding; {type(model).__name__} has none"
+        )
+    for i, t in enumerate(ids):
+        if t >= size:
+            raise ValueError(
+                f"{cname}: init_token_ids[{i}] = {t} is not in {type(model).__name__}'s vocabulary of "
+                f"{size} tokens"
+            )
+
+
+@torch.no_grad()
+def _init_from_tokens(model, plan: PrefixPlan, config, prefix: PrefixKV) -> None:
+    """The prefix's keys and values from real words: the model's own, for the ids repeated or cut to
+    P, with every peftkern adapter off (prefixes included), in eval mode; modes and active adapters
+    are restored after."""
+    P, ids = config.num_virtual_tokens, config.init_token_ids
+    ids = (ids * -(-P // len(ids)))[:P]
+    table = model.get_input_embeddings().weight
+    ids = torch.tensor([ids], dtype=torch.int64, device=table.device)
+    active = [(m, m._peftkern_active) for m in model.modules() if hasattr(m, "_peftkern_active")]
+    modes = [(m, m.training) for m in model.modules()]
+    store: Dict[int, Tuple[Tensor, Tensor]] = {}
+    token = _CAPTURE.set(store)
+    try:
+        for m, _ in active:
+            m._peftkern_active = ()
+        model.eval()
+        kwargs = dict(input_ids=ids, use_cache=False)
+        if plan.sites is not None:
+            kwargs["decoder_input_ids"] = ids
+        model(**kwargs)
+    finally:
+        _CAPTURE.reset(token)
+        for m, names in active:
+            m._peftkern_active = names
+        for m, training in modes:
+            m.training = training
+    shape = (prefix.num_kv_heads, P, prefix.head_dim)
+    for layer in range(plan.num_layers):
+        if layer not in store:
+            raise RuntimeError(
+                f"PrefixConfig: init_token_ids: the model's forward did not reach the attention of prefix "
+                f"layer {layer} through peftkern's attention function"
+            )
+        for kv, t in enumerate(store[layer]):
+            if tuple(t.shape) != (1, *shape):
+                raise RuntimeError(
+                    f"PrefixConfig: init_token_ids: layer {layer}'s {'kv'[kv]} is {tuple(t.shape)}, the "
+                    f"prefix's [1, {', '.join(map(str, shape))}]"
+                )
+            prefix.prefix[:, layer, kv] = t[0].to(prefix.prefix.dtype)  # every task the same words
 
 
 def _attention_modules(model, num_layers, cname) -> List[str]:
@@ -554,6 +628,9 @@ def prefix_attention_forward(
     layer = _prefix_layer(module)
     if layer is None:
         raise RuntimeError(f"peftkern's prefix attention: {type(module).__name__} has no layer_idx")
+    capture = _CAPTURE.get()
+    if capture is not None and layer >= 0:  # init_token_ids: the layer's own keys and values
+        capture[layer] = (key.detach().clone(), value.detach().clone())
     if layer < 0:  # an encoder-decoder's attention of a site without a prefix
         groups = [PrefixGroup(None, [], None)]
     for name in ("softcap", "s_aux"):
