@@ -492,6 +492,14 @@ class PromptConfig(_Config):
                               (repeated or cut to num_virtual_tokens, as peft's ``prompt_tuning_init_text``
                               tokenized); None: random.
     ``num_tasks``             above 1: a prompt per task, chosen per sample by ``task_ids [B]``.
+    ``placeholder_token_id``  None: the prompts are prepended. An id: P-tuning's template (Liu et al.
+                              2021, §3, ``[P_0:i], x, [P_i+1:m], y``): nothing is prepended; each
+                              sample's input_ids hold this id at its template's positions, and the
+                              k-th of them (in sequence order) takes the k-th prompt row; a sample
+                              holds exactly num_virtual_tokens of them or none (generate()'s decode
+                              steps). The sequence length, mask, labels and positions are the
+                              input's. The id may lie outside the vocabulary (looked up as 0 before
+                              the rows replace it); it must not be the model's pad token.
     """
 
     num_virtual_tokens: int = 20
@@ -500,6 +508,7 @@ class PromptConfig(_Config):
     encoder_num_layers: int = 2
     init_token_ids: Optional[List[int]] = None
     num_tasks: int = 1
+    placeholder_token_id: Optional[int] = None
     modules_to_save: Targets = None
     method = "prompt"
 
@@ -513,6 +522,10 @@ class PromptConfig(_Config):
         self.encoder_num_layers = _checks.dim(name, "encoder_num_layers", self.encoder_num_layers)
         self.init_token_ids = _token_ids(name, "init_token_ids", self.init_token_ids)
         self.num_tasks = _checks.dim(name, "num_tasks", self.num_tasks)
+        if self.placeholder_token_id is not None:
+            self.placeholder_token_id = _checks.dim(
+                name, "placeholder_token_id", self.placeholder_token_id, minimum=0
+            )
         if self.init_token_ids is not None and self.encoder is not None:
             raise ValueError(
                 f"{name}: init_token_ids starts plain prompts (encoder=None); P-tuning's encoder "

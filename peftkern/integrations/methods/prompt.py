@@ -18,6 +18,15 @@ self-attention and the decoder's cross-attention; the decoder and its labels are
 encoder's outputs keep the prompts' states (the decoder attends to them). A pre-hook on the encoder
 prepends them (generate() calls the encoder alone) and a pre-hook on the base model extends the mask
 the decoder gets. A mixed batch on BART (learned positions) needs prompts of one length.
+
+P-tuning's template (``PromptConfig(placeholder_token_id=...)``; Liu et al. 2021, §3): nothing is
+prepended. The pre-hook (the encoder's on an encoder-decoder: the decoder's inputs never get rows)
+looks the input_ids up with each placeholder read as id 0 and puts row k of the sample's prompt
+(its task's, with task_ids) where its k-th placeholder stands, then calls the model with those
+inputs_embeds; the mask, labels, position ids and outputs are the call's own. A call whose samples
+hold no placeholder (generate()'s decode steps) runs as it came. Checking each sample's count costs
+one host sync per call. A model that derives its positions from input_ids (RoBERTa: padding-aware)
+gets those positions from the original ids. Not in a mixed batch of named prompts (peftkern.tasks).
 """
 
 import functools
@@ -71,6 +80,12 @@ class Prompt(Method):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(emb, nn.Embedding):
             raise ValueError(f"{cname}: {type(model).__name__} has no input embedding (get_input_embeddings)")
+        pad = getattr(hf, "pad_token_id", None)
+        if config.placeholder_token_id is not None and config.placeholder_token_id == pad:
+            raise ValueError(
+                f"{cname}: placeholder_token_id {pad} is the model's pad_token_id; padding would be taken "
+                "for template positions: choose an id of its own (outside the vocabulary will do)"
+            )
         if config.init_token_ids is not None and max(config.init_token_ids) >= emb.num_embeddings:
             raise ValueError(
                 f"{cname}: init_token_ids holds {max(config.init_token_ids)}, beyond the model's vocabulary "
@@ -98,6 +113,7 @@ class Prompt(Method):
 
     def apply(self, model, plan, config, name):
         new = self._build(plan, config, factory(model, model)).train(model.training)
+        new.placeholder_token_id = config.placeholder_token_id  # the hooks read it per call
         if config.init_token_ids is not None:
             _init_from_tokens(new, model, config)
         first = not hasattr(model, ATTR)
@@ -139,6 +155,8 @@ class Prompt(Method):
         return [("", "virtual tokens!")]
 
     def mixed_refusal(self, plan, config):
+        if config.placeholder_token_id is not None:
+            return "its prompt fills a template (placeholder_token_id), which is not routed per sample"
         return (
             f"it holds {config.num_tasks} task prompts (chosen by task_ids)" if config.num_tasks > 1 else ""
         )
@@ -165,12 +183,20 @@ def _plan_call(module, kwargs, batch, device):
             return 0, None, None
         prompt = prompts[names[0]]
         ids = task_ids_of(kwargs, prompt.num_tasks, batch, device, "PromptConfig")
+        if _placeholder(prompt) is not None:
+            return 0, None, _Template(prompt, ids)
         return prompt.num_tokens, None, lambda embeds, mask: prompt(embeds, mask, ids)
     kwargs.pop("task_ids", None)
     kind = getattr(getattr(module, "config", None), "model_type", None)
     if kind in ("roberta", "xlm-roberta"):  # its positions start at padding_idx + 1, not 0
         raise ValueError(f"PromptConfig: a batch of mixed prompts is not supported on {kind} models")
     chosen = [s[0] if s else None for s in route.project(prompts.keys())]
+    templates = sorted({n for n in chosen if n and _placeholder(prompts[n]) is not None})
+    if templates:
+        raise ValueError(
+            f"PromptConfig: prompts {templates} fill a template (placeholder_token_id); a mixed batch of "
+            "them (peftkern.tasks) is not supported"
+        )
     if batch % len(chosen):
         raise ValueError(
             f"PromptConfig: {batch} rows do not split over the {len(chosen)} samples of peftkern.tasks"
@@ -197,6 +223,65 @@ def _plan_call(module, kwargs, batch, device):
     return N, lengths, build
 
 
+def _placeholder(prompt) -> Optional[int]:
+    return getattr(prompt, "placeholder_token_id", None)
+
+
+class _Template:
+    """One call's template filling: ``fill(holder, kwargs)`` swaps the call's input_ids for its
+    inputs_embeds, ``E[b, l] = P[b, k]`` where input_ids[b, l] is the k-th placeholder of sample b (P
+    its prompt rows [N, E]), else the token's embedding."""
+
+    def __init__(self, prompt: SoftPrompt, task_ids: Optional[Tensor]):
+        self.prompt, self.task_ids = prompt, task_ids
+
+    def fill(self, holder, kwargs, past: int = 0) -> None:
+        pid, N = _placeholder(self.prompt), self.prompt.num_tokens
+        who = f"PromptConfig(placeholder_token_id={pid})"
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError(
+                f"{who}: the template's positions are read from input_ids; this call gave inputs_embeds "
+                "(pass input_ids holding the placeholders)"
+            )
+        if ids.dim() != 2:
+            raise ValueError(f"{who}: input_ids must be [B, L]; got {tuple(ids.shape)}")
+        found = ids == pid
+        counts = found.sum(1)
+        bad = (counts != 0) & (counts != N)
+        any_bad, any_found = torch.stack([bad.any(), found.any()]).tolist()  # the call's one host sync
+        if any_bad:
+            raise ValueError(
+                f"{who}: each sample's input_ids must hold the placeholder num_virtual_tokens={N} times "
+                f"(its template) or not at all; the samples hold it {counts.tolist()} times"
+            )
+        if not any_found:
+            return
+        if kwargs.get("position_ids") is None:
+            positions = _positions_from_ids(holder, ids, past)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        embeds = holder.get_input_embeddings()(ids.masked_fill(found, 0))  # the id may be out of the table
+        rows = self.prompt.prompts()
+        rows = rows[0].expand(ids.shape[0], -1, -1) if self.task_ids is None else rows[self.task_ids]
+        k = (found.cumsum(1) - 1).clamp_(0, N - 1)  # each placeholder's rank in its sample
+        picked = rows.to(embeds.dtype).gather(1, k[..., None].expand(-1, -1, embeds.shape[-1]))
+        kwargs["inputs_embeds"] = torch.where(found[..., None], picked, embeds)
+        kwargs["input_ids"] = None
+
+
+def _positions_from_ids(holder, ids, past):
+    """The positions a model that derives them from input_ids (RoBERTa's padding-aware ones, in its
+    ``*Embeddings`` module and its copies') would take, which it cannot from inputs_embeds; None for
+    any other model."""
+    for m in holder.modules():
+        make = getattr(m, "create_position_ids_from_input_ids", None)
+        named = type(m).__name__.endswith("Embeddings")
+        if make is not None and named and isinstance(getattr(m, "padding_idx", None), int):
+            return make(ids, m.padding_idx, past)
+    return None
+
+
 def _front_mask(lengths, N, like):
     """[rows, N]: 1 on each row's prompt (the last lengths[i] columns), 0 on the padding before it."""
     slots = torch.arange(N, device=like.device)[None]
@@ -208,6 +293,9 @@ def _prompt_pre_hook(module, args, kwargs):
     kwargs = bound(module, args, kwargs)
     batch, length, device = batch_and_length(kwargs)
     N, lengths, build = _plan_call(module, kwargs, batch, device)
+    if isinstance(build, _Template):
+        build.fill(module, kwargs, past_length(kwargs))
+        return (), kwargs
     if N == 0:
         return (), kwargs
     mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -273,6 +361,10 @@ def _seq2seq_pre_hook(holder, module, args, kwargs):
     kwargs = bound(module, args, kwargs)
     batch, device = seq2seq_rows(kwargs)
     N, lengths, build = _plan_call(holder, kwargs, batch, device)
+    if isinstance(build, _Template):  # the source keeps its length: only the encoder's pre-hook acts
+        if kwargs.get("encoder_outputs") is None:
+            kwargs[_PLAN_KWARG] = (N, lengths, build)
+        return (), kwargs
     if N == 0:
         return (), kwargs
     encoder_outputs = kwargs.get("encoder_outputs")
@@ -296,6 +388,9 @@ def _encoder_pre_hook(holder, module, args, kwargs):
     plan = kwargs.pop(_PLAN_KWARG, None)
     batch, length, device = batch_and_length(kwargs)
     N, lengths, build = plan if plan is not None else _plan_call(holder, kwargs, batch, device)
+    if isinstance(build, _Template):
+        build.fill(holder, kwargs)
+        return (), kwargs
     if N == 0:
         return (), kwargs
     embeds = kwargs.get("inputs_embeds")
