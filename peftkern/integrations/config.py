@@ -677,6 +677,39 @@ class KronAConfig(_Config):
         self.scaling = _real("KronAConfig", "scaling", self.scaling)
 
 
+@dataclass
+class LSTConfig(_Config):
+    """Ladder side-tuning (Sung, Cho, Bansal 2022, LST, §3): a small side network
+    (``peftkern.nn.LadderSideNetwork``) beside the frozen backbone, fed by each backbone block's
+    output through a learned downsampler and gate; its last state, upsampled, replaces the
+    backbone's last hidden state before the model's head. The backbone runs under no_grad, so none
+    of its activations is kept for the backward pass.
+
+    ``reduction_factor``  r (the paper's 8 by default): the side blocks are the backbone's own block
+                          class at hidden size d / r, FFN size / r and head dim / r (the head count
+                          kept, as the paper's T5 side networks), initialised by pruning the
+                          backbone's weights (magnitude criterion; see methods/lst.py). r must
+                          divide the hidden size, the FFN size and the head dim.
+    ``gate``              True: the paper's gated ladder, ``mu_i = sigmoid(alpha_i / 0.1)``; False: a
+                          plain sum of the side state and the downsampled backbone state.
+
+    Trains the side blocks, downsamplers, gates, upsampler and final side norm (plus
+    ``modules_to_save``, a new task head say, outside the backbone's blocks and embeddings).
+    ``target_modules`` is not used (LST takes every block). Not routed per sample in a mixed batch;
+    no cached decoding (``generate(..., use_cache=False)``); encoder-decoders are refused.
+    """
+
+    reduction_factor: int = 8
+    gate: bool = True
+    modules_to_save: Targets = None
+    method = "lst"
+
+    def __post_init__(self):
+        self.modules_to_save = _names("LSTConfig", "modules_to_save", self.modules_to_save)
+        self.reduction_factor = _checks.dim("LSTConfig", "reduction_factor", self.reduction_factor)
+        self.gate = _bool("LSTConfig", "gate", self.gate)
+
+
 CONFIGS = {
     c.method: c
     for c in (
@@ -690,6 +723,7 @@ CONFIGS = {
         IA3Config,
         AdaLoRAConfig,
         KronAConfig,
+        LSTConfig,
     )
 }
 

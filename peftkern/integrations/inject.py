@@ -35,6 +35,7 @@ from .methods.bitfit import BitFit
 from .methods.ia3 import IA3
 from .methods.krona import KronA
 from .methods.lora import LoRA
+from .methods.lst import LST
 from .methods.mask import Mask
 from .methods.prefix import Prefix
 from .methods.prompt import Prompt
@@ -45,6 +46,7 @@ METHODS: Dict[type, Method] = {
     m.config_class: m
     for m in (LoRA(), AdaLoRA(), Mask(), AdapterMethod(), BitFit(), Prefix(), Prompt(), VPT(), KronA(), IA3())
 }
+METHODS[LST.config_class] = LST()
 DEFAULT_NAME = "default"
 _ROUTE_TOKENS = virtual_tokens.CallStack("peftkern_route_tokens")
 
@@ -99,7 +101,8 @@ def plan(model: nn.Module, config: _Config) -> Plan:
     if not isinstance(config, _Config):
         raise TypeError(
             "inject: config must be an AdapterConfig, LoRAConfig, MaskConfig, BitFitConfig, PrefixConfig, "
-            f"PromptConfig, VPTConfig, IA3Config, AdaLoRAConfig or KronAConfig; got {type(config).__name__}"
+            "PromptConfig, VPTConfig, IA3Config, AdaLoRAConfig, KronAConfig or LSTConfig; got "
+            f"{type(config).__name__}"
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject: model must be a torch.nn.Module; got {type(model).__name__}")

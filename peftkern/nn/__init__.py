@@ -6,6 +6,7 @@ from .adapted_linear import AdaptedLinear
 from .adapter import Adapter, AdapterFusion, Compacter, MultiAdapter, PHMLinear
 from .ia3 import IA3Linear
 from .krona import KronALinear
+from .ladder import LadderSideEncoderDecoder, LadderSideNetwork
 from .lora import LoRALinear
 from .mask import MaskedLinear
 from .prefix_attention import PrefixGate, PrefixKV, PrefixSelfAttention, SoftPrompt, VisualPrompt
@@ -28,6 +29,8 @@ __all__ = [
     "SoftPrompt",
     "VisualPrompt",
     "SideTuning",
+    "LadderSideNetwork",
+    "LadderSideEncoderDecoder",
     "IA3Linear",
     "KronALinear",
     "Compacter",
