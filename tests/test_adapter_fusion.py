@@ -159,12 +159,10 @@ def random_fusion(d, N, r, dtype=torch.float32, **kw):
     return fusion
 
 
-def fusion_reference(fusion, x64, residual64=None):
-    """The module's parameters in float64 through the eager formulas (x64, residual64: float64
-    leaves); returns (out, params64)."""
+def stack_reference(fusion, p64, x64):
+    """Every adapter of the fusion on x64, [..., N, d], from its float64 parameters p64."""
     m = fusion.adapters
-    p64 = {n: ref.f64(p) for n, p in fusion.named_parameters()}
-    stack = ref.adapter_stack(
+    return ref.adapter_stack(
         x64,
         p64["adapters.down_weight"],
         p64["adapters.down_bias"],
@@ -173,6 +171,13 @@ def fusion_reference(fusion, x64, residual64=None):
         m.activation,
         m.scale,
     )
+
+
+def fusion_reference(fusion, x64, residual64=None):
+    """The module's parameters in float64 through the eager formulas (x64, residual64: float64
+    leaves); returns (out, params64)."""
+    p64 = {n: ref.f64(p) for n, p in fusion.named_parameters()}
+    stack = stack_reference(fusion, p64, x64)
     out = ref.adapter_fusion(
         x64,
         stack,
@@ -308,16 +313,7 @@ def test_cuda_fusion_matches_the_cpu_module():
 def fusion_weights_reference(fusion, x64):
     """The fusion's attention weights [..., N], written out in float64 from its parameters."""
     p64 = {n: ref.f64(p).detach() for n, p in fusion.named_parameters()}
-    m = fusion.adapters
-    stack = ref.adapter_stack(
-        x64,
-        p64["adapters.down_weight"],
-        p64["adapters.down_bias"],
-        p64["adapters.up_weight"],
-        p64["adapters.up_bias"],
-        m.activation,
-        m.scale,
-    )
+    stack = stack_reference(fusion, p64, x64)
     q = (
         x64
         if fusion.query is None

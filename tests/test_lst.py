@@ -286,6 +286,18 @@ def test_backbone_activations_are_not_saved():
     assert lst < lora_bytes
 
 
+def train_side(model, side, steps, **batch):
+    """Adam on the side parameters over one batch; the losses."""
+    opt, losses = torch.optim.Adam(side, lr=5e-2), []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_training_step_trains_only_the_side():
     torch.manual_seed(0)
     model = inject(tiny_models.llama()).train()
@@ -294,15 +306,8 @@ def test_training_step_trains_only_the_side():
     side = [p for n, p in model.named_parameters() if "peftkern_lst" in n]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("peftkern_lst" in n for n in trainable if n != "model.layers.0.self_attn.q_proj.weight")
-    opt = torch.optim.Adam(side, lr=5e-2)
     ids, mask = batch(4, 12, pad=False)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_side(model, side, 8, input_ids=ids, attention_mask=mask, labels=ids)
     assert losses[-1] < losses[0] - 0.1
     assert backbone.grad is None
     assert all(p.grad is not None for p in side if p.requires_grad)
@@ -557,15 +562,8 @@ def test_encoder_decoder_training_step_trains_only_the_side(kind):
     )
     backbone.requires_grad_(True)  # unfrozen by hand: the backbone still runs without gradient
     side = [p for n, p in model.named_parameters() if "peftkern_lst" in n]
-    opt = torch.optim.Adam(side, lr=5e-2)
     ids, mask, dec = seq2seq_batch()
-    losses = []
-    for _ in range(6):
-        loss = model(input_ids=ids, attention_mask=mask, labels=dec).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_side(model, side, 6, input_ids=ids, attention_mask=mask, labels=dec)
     assert losses[-1] < losses[0] - 0.1
     assert backbone.grad is None
     assert all(p.grad is not None for p in side)
