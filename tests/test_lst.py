@@ -440,18 +440,28 @@ def seq2seq_batch(B=3, S=7, T=5):
     return ids, mask, torch.randint(3, 97, (B, T))
 
 
+def seq2seq_masks(mask, T):
+    """Additive masks of an encoder-decoder call: the encoder's padding, the decoder's causal one over
+    T positions, and the cross-attention's (decoder queries over the encoder's unpadded keys)."""
+    B, S = mask.shape
+    m_cross = torch.zeros(B, 1, T, S).masked_fill(
+        ~mask[:, None, None, :].bool(), torch.finfo(torch.float32).min
+    )
+    return (
+        additive_mask(mask, causal=False),
+        additive_mask(torch.ones(B, T, dtype=torch.long), causal=True),
+        m_cross,
+    )
+
+
 def t5_reference(model, ids, mask, dec, scale):
     """The paper's T5 LST written out: backbone blocks without gradient, the ladders, side blocks with
     their own first block's relative position bias, the side decoder cross-attending to the side
     encoder's normed output, up(norm(s^dec_L)) (times d_model**-0.5 where T5 scales) to lm_head."""
     pair = net_of(model)
     enc, decn = pair.encoder, pair.decoder
-    (B, S), T_ = ids.shape, dec.shape[1]
-    m_enc = additive_mask(mask, causal=False)
-    m_dec = additive_mask(torch.ones(B, T_, dtype=torch.long), causal=True)
-    m_cross = torch.zeros(B, 1, T_, S).masked_fill(
-        ~mask[:, None, None, :].bool(), torch.finfo(torch.float32).min
-    )
+    S, T_ = ids.shape[1], dec.shape[1]
+    m_enc, m_dec, m_cross = seq2seq_masks(mask, T_)
 
     def stack(big_blocks, net, h, m, n, **cross):
         big_bias = big_blocks[0].layer[0].SelfAttention.compute_bias(n, n)
@@ -616,12 +626,8 @@ def bart_reference(model, ids, mask, dec):
     encoder's last state (BART has no final norm), lm_head(up(s^dec_L)) + final_logits_bias."""
     pair = net_of(model)
     enc, decn = pair.encoder, pair.decoder
-    (B, S), T_ = ids.shape, dec.shape[1]
-    m_enc = additive_mask(mask, causal=False)
-    m_dec = additive_mask(torch.ones(B, T_, dtype=torch.long), causal=True)
-    m_cross = torch.zeros(B, 1, T_, S).masked_fill(
-        ~mask[:, None, None, :].bool(), torch.finfo(torch.float32).min
-    )
+    T_ = dec.shape[1]
+    m_enc, m_dec, m_cross = seq2seq_masks(mask, T_)
 
     def first(x):
         return x[0] if isinstance(x, tuple) else x

@@ -13,6 +13,7 @@ import torch
 import peftkern
 from peftkern.nn import SoftPrompt
 from tests import tiny_models
+from tests.test_virtual_tokens import module_of, randomize, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,24 +21,8 @@ N = 4  # prompt rows
 PH = 200  # a placeholder outside the tiny models' vocabulary (97)
 
 
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def the_prompt(model):
-    found = [m for m in model.modules() if isinstance(m, SoftPrompt)]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def randomize(module, seed=3, std=0.5):
-    """Trained-looking values (the init is near zero, which would hide a misplaced row)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for t in module.parameters():
-            t.normal_(0, std)
+    return module_of(model, SoftPrompt)
 
 
 def templated(base_fn, ph=PH, encoder=None, **config):
@@ -49,7 +34,7 @@ def templated(base_fn, ph=PH, encoder=None, **config):
         **config,
     )
     model = peftkern.inject(base_fn(), cfg)
-    randomize(the_prompt(model))
+    randomize(the_prompt(model), std=0.5)
     return model
 
 
