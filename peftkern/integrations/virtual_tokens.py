@@ -28,6 +28,26 @@ def hf_config(model, cname):
     return config
 
 
+def check_vocabulary(model, ids, cname, field="init_token_ids") -> None:
+    """Each of a config's token ids ``ids`` is a row of the model's input embedding."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if size is None:
+        raise ValueError(
+            f"{cname}: {field} needs the model's input embedding; {type(model).__name__} has none"
+        )
+    for i, t in enumerate(ids):
+        if t >= size:
+            raise ValueError(
+                f"{cname}: {field}[{i}] = {t} is not in {type(model).__name__}'s vocabulary of {size} tokens"
+            )
+
+
+def repeated_to(ids, n: int) -> list:
+    """Token ids repeated, then cut, to n (as peft starts prompts from words)."""
+    return (list(ids) * -(-n // len(ids)))[:n]
+
+
 def base_name(model) -> str:
     """The name of model.base_model among model's modules ("" when the model is its own base)."""
     base = getattr(model, "base_model", model)

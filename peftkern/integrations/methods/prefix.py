@@ -57,8 +57,10 @@ from ..virtual_tokens import (
     base_name,
     batch_and_length,
     bound,
+    check_vocabulary,
     hf_config,
     past_length,
+    repeated_to,
     seq2seq_rows,
     task_ids_of,
 )
@@ -121,7 +123,7 @@ class Prefix(Method):
         cname = type(config).__name__
         hf = hf_config(model, cname)
         if config.init_token_ids is not None:
-            _check_vocabulary(model, config.init_token_ids, cname)
+            check_vocabulary(model, config.init_token_ids, cname)
             if routing.current() is not None:
                 raise ValueError(
                     f"{cname}: init_token_ids runs the model once; inject outside peftkern.tasks"
@@ -243,28 +245,13 @@ class Prefix(Method):
         )
 
 
-def _check_vocabulary(model, ids, cname) -> None:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    size = getattr(embeddings, "num_embeddings", None)
-    if size is None:
-        raise ValueError(
-            f"{cname}: init_token_ids needs the model's input embedding; {type(model).__name__} has none"
-        )
-    for i, t in enumerate(ids):
-        if t >= size:
-            raise ValueError(
-                f"{cname}: init_token_ids[{i}] = {t} is not in {type(model).__name__}'s vocabulary of "
-                f"{size} tokens"
-            )
-
-
 @torch.no_grad()
 def _init_from_tokens(model, plan: PrefixPlan, config, prefix: PrefixKV) -> None:
     """The prefix's keys and values from real words: the model's own, for the ids repeated or cut to
     P, with every peftkern adapter off (prefixes included), in eval mode; modes and active adapters
     are restored after."""
-    P, ids = config.num_virtual_tokens, config.init_token_ids
-    ids = (ids * -(-P // len(ids)))[:P]
+    P = config.num_virtual_tokens
+    ids = repeated_to(config.init_token_ids, P)
     table = model.get_input_embeddings().weight
     ids = torch.tensor([ids], dtype=torch.int64, device=table.device)
     active = [(m, m._peftkern_active) for m in model.modules() if hasattr(m, "_peftkern_active")]

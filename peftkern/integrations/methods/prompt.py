@@ -43,8 +43,10 @@ from ..virtual_tokens import (
     base_name,
     batch_and_length,
     bound,
+    check_vocabulary,
     hf_config,
     past_length,
+    repeated_to,
     seq2seq_rows,
     task_ids_of,
 )
@@ -86,11 +88,8 @@ class Prompt(Method):
                 f"{cname}: placeholder_token_id {pad} is the model's pad_token_id; padding would be taken "
                 "for template positions: choose an id of its own (outside the vocabulary will do)"
             )
-        if config.init_token_ids is not None and max(config.init_token_ids) >= emb.num_embeddings:
-            raise ValueError(
-                f"{cname}: init_token_ids holds {max(config.init_token_ids)}, beyond the model's vocabulary "
-                f"({emb.num_embeddings} tokens)"
-            )
+        if config.init_token_ids is not None:
+            check_vocabulary(model, config.init_token_ids, cname)
         if not seq2seq:
             return PromptPlan(emb.embedding_dim)
         names = {m: n for n, m in model.named_modules()}
@@ -166,9 +165,7 @@ class Prompt(Method):
 def _init_from_tokens(prompt: SoftPrompt, model, config) -> None:
     """Prompt tuning's init from words: the tokens' embeddings, repeated or cut to N (as peft)."""
     table = model.get_input_embeddings().weight
-    ids = torch.tensor(config.init_token_ids, device=table.device)
-    N = config.num_virtual_tokens
-    ids = ids.repeat((N + len(ids) - 1) // len(ids))[:N]
+    ids = torch.tensor(repeated_to(config.init_token_ids, config.num_virtual_tokens), device=table.device)
     words = table[ids].to(prompt.prompt.device, prompt.prompt.dtype)
     prompt.prompt.copy_(words.expand_as(prompt.prompt))
 
