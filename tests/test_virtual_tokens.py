@@ -744,3 +744,19 @@ def test_prefix_generate_on_cuda():
     ref, ref_logits = reference.prefix_greedy(tiny_models.llama().cuda(), prefix, ids, mask, 8)
     assert torch.equal(tokens, ref)
     assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_forward_signature_cached_per_class_and_read_anew_when_patched():
+    """The cached signature is the bound forward's; a forward set on the instance is not the class's."""
+    import inspect
+
+    from peftkern.integrations.virtual_tokens import bound, forward_signature
+
+    model = tiny_models.llama()
+    block = model.model.layers[0]
+    assert str(forward_signature(block)) == str(inspect.signature(block.forward))
+    other = model.model.layers[1]
+    other.forward = lambda y, scale=1.0: y * scale  # as accelerate's hooks replace it
+    assert list(forward_signature(other).parameters) == ["y", "scale"]
+    assert bound(other, (torch.ones(1),), {"scale": 2.0}).keys() == {"y", "scale"}
+    assert list(forward_signature(block).parameters)[0] == "hidden_states"

@@ -8,6 +8,7 @@ nn.DataParallel do not see: pass them to the forward there (or use DistributedDa
 
 import contextlib
 import contextvars
+import functools
 import inspect
 from typing import Optional
 
@@ -100,11 +101,27 @@ def task_ids_of(kwargs, num_tasks: int, batch: int, device, cname: str) -> Optio
     return ids if ids.numel() == batch else ids.repeat_interleave(batch // ids.numel())
 
 
+@functools.lru_cache(maxsize=None)
+def _method_signature(func) -> inspect.Signature:
+    signature = inspect.signature(func)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
+
+
+def forward_signature(module) -> inspect.Signature:
+    """``inspect.signature(module.forward)``, cached per class: hooks read it on every block call (LST),
+    where building it anew costs about as much as a small block's own host time. A forward set on the
+    instance (accelerate's hooks, say) is read anew each time."""
+    forward = module.forward
+    if getattr(forward, "__self__", None) is module and type(module).forward is forward.__func__:
+        return _method_signature(forward.__func__)
+    return inspect.signature(forward)
+
+
 def bound(module, args, kwargs) -> dict:
     """The call's arguments, all by name (models call their base positionally: BERT's heads)."""
     if not args:
         return dict(kwargs)
-    signature = inspect.signature(module.forward)
+    signature = forward_signature(module)
     arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
     for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:

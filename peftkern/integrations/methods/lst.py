@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from ...nn import routing
 from ...nn.ladder import LadderSideEncoderDecoder, LadderSideNetwork
 from ..config import LSTConfig
-from ..virtual_tokens import CallStack, base_name, bound, hf_config, past_length
+from ..virtual_tokens import CallStack, base_name, bound, forward_signature, hf_config, past_length
 from . import Method, active_of, add_to_dict_child, copies, factory, remove_from_dict_child
 
 ATTR = "peftkern_lst"
@@ -632,7 +632,7 @@ class _BaseEnd:
 
 
 def _hidden_name(block) -> str:
-    return next(iter(inspect.signature(block.forward).parameters))
+    return next(iter(forward_signature(block).parameters))
 
 
 class _SideStart:
