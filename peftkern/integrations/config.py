@@ -695,8 +695,10 @@ class LSTConfig(_Config):
 
     Trains the side blocks, downsamplers, gates, upsampler and final side norm (plus
     ``modules_to_save``, a new task head say, outside the backbone's blocks and embeddings).
-    ``target_modules`` is not used (LST takes every block). Not routed per sample in a mixed batch;
-    no cached decoding (``generate(..., use_cache=False)``); encoder-decoders are refused.
+    ``target_modules`` is not used (LST takes every block). Models: BERT-style and Llama-style
+    stacks, and T5 and BART (a side network beside each stack, the side decoder cross-attending to
+    the side encoder); mBART and BART with layerdrop are refused. Not routed per sample in a mixed
+    batch; no cached decoding (``generate(..., use_cache=False)``), no beam search.
     """
 
     reduction_factor: int = 8
